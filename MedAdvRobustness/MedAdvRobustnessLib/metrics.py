@@ -1,0 +1,35 @@
+"""Segmentation agreement (MONAI's Dice) and perturbation size metrics."""
+import math
+
+import torch
+
+
+def dice_per_label(prediction, reference, label_count):
+    """Dice of each foreground label (1..label_count-1) between two integer label maps of one grid.
+
+    A label absent from both maps scores 1, absent from one only 0 (MONAI's ``ignore_empty=False``).
+    """
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+    if prediction.shape != reference.shape:
+        raise ValueError("label maps differ in shape: {} vs {}".format(tuple(prediction.shape),
+                                                                       tuple(reference.shape)))
+    as_one_hot = [one_hot(labels.long().clamp(0, label_count - 1)[None, None], label_count)
+                  for labels in (prediction, reference)]
+    scores = compute_dice(as_one_hot[0], as_one_hot[1], include_background=False, ignore_empty=False)[0]
+    return {value: float(score) for value, score in enumerate(scores.tolist(), start=1)}
+
+
+def mean_dice(scores):
+    return sum(scores.values()) / len(scores) if scores else float("nan")
+
+
+def perturbation_metrics(original, adversarial, intensity_range):
+    """L-infinity and L2 norms of the perturbation, in intensity units and as fractions of the range, and PSNR."""
+    delta = adversarial.double() - original.double()
+    linf = float(delta.abs().max())
+    l2 = float(torch.linalg.vector_norm(delta))
+    rmse = float(delta.pow(2).mean().sqrt())
+    psnr = 20.0 * math.log10(intensity_range / rmse) if rmse > 0 else None
+    return {"linf": linf, "l2": l2, "linf_fraction": linf / intensity_range, "l2_fraction": l2 / intensity_range,
+            "psnr": psnr}

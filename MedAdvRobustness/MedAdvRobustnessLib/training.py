@@ -1,0 +1,111 @@
+"""Reproducible training of the demo tissue segmentation network on the embedded sample.
+
+One subject (the MNI152 template) with strong augmentation: affine and flips, bias field, gamma, noise,
+blur, random 64^3 patches. ``medadv train --out DIR`` runs it; the committed demo weights came from
+``medadv train --out MedAdvRobustness/MedAdvRobustnessLib/Resources/Models/demo-unet`` (see its model.json).
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .models import Label, ModelDescription, SegmentationModel, build_network
+from .sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
+
+ARCHITECTURE = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4,
+                                         "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
+                                         "num_res_units": 2}}
+TISSUE_COLORS = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55)]
+INTENSITY = {"type": "percentile", "lower": 0.0, "upper": 99.5}
+PATCH = (64, 64, 64)
+
+
+def demo_description(name="demo-unet", architecture=ARCHITECTURE):
+    labels = [Label(value, name, color) for value, (name, color) in enumerate(zip(TISSUE_LABELS, TISSUE_COLORS))]
+    return ModelDescription(name=name, labels=labels, output_activation="logits", intensity=dict(INTENSITY),
+                            window={"roi_size": [96, 96, 96], "overlap": 0.25}, architecture=architecture,
+                            spacing=[2.0, 2.0, 2.0],
+                            notes="Brain tissue segmentation (CSF, grey matter, white matter) trained by "
+                                  "MedAdvRobustnessLib.training on the MNI152 2009 T1 template at 2 mm.")
+
+
+def augmentations(seed):
+    """Random transforms of the whole raw volume, then the model's normalisation, then patches."""
+    from monai import transforms as T
+    keys = ("image", "label")
+    pipeline = T.Compose([
+        T.RandAffined(keys, prob=0.9, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
+                      translate_range=(6, 6, 6), mode=("bilinear", "nearest"), padding_mode="zeros"),
+        T.RandFlipd(keys, prob=0.5, spatial_axis=0),
+        T.RandBiasFieldd("image", prob=0.6, coeff_range=(0.0, 0.4)),
+        T.Lambdad("image", lambda image: normalize_like_model(image)),
+        T.RandAdjustContrastd("image", prob=0.5, gamma=(0.6, 1.6)),
+        T.RandGaussianSmoothd("image", prob=0.25, sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0)),
+        T.RandGaussianNoised("image", prob=0.6, std=0.06),
+        T.RandSpatialCropSamplesd(keys, roi_size=PATCH, num_samples=2, random_size=False),
+    ])
+    pipeline.set_random_state(seed=seed)
+    return pipeline
+
+
+def normalize_like_model(image):
+    from .preprocessing import normalize_intensity
+    return normalize_intensity(torch.as_tensor(image)[None].float(), INTENSITY)[0]
+
+
+def load_sample_as_network_input():
+    """Sample volume and labels as MONAI presents them: channel first, RAS-oriented (network convention)."""
+    from monai import transforms as T
+    keys = ("image", "label")
+    load = T.Compose([T.LoadImaged(keys), T.EnsureChannelFirstd(keys), T.Orientationd(keys, axcodes="RAS")])
+    return load({"image": str(SAMPLE_VOLUME), "label": str(SAMPLE_LABELS)})
+
+
+def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARCHITECTURE, name="demo-unet",
+          progress=print):
+    """Train, evaluate on the unaugmented sample, and write ``model.json``, ``model.pt``, ``training.json``."""
+    from monai.data import DataLoader, Dataset
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+    sample = load_sample_as_network_input()
+    dataset = Dataset([sample] * iterations, transform=augmentations(seed))
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=1)
+    network = build_network(architecture)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=iterations)
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+    losses, start = [], time.time()
+    network.train()
+    for step, batch in enumerate(loader, 1):
+        optimizer.zero_grad()
+        loss = criterion(network(batch["image"].as_tensor()), batch["label"].as_tensor())
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == iterations:
+            progress("step {}/{} loss {:.4f} ({:.0f} s)".format(step, iterations, sum(losses[-50:]) / len(losses[-50:]),
+                                                              time.time() - start))
+    description = demo_description(name, architecture)
+    dice = evaluate(SegmentationModel(network.eval(), description), sample)
+    progress("Dice on the sample: {}".format(dice))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), str(out_dir / description.weights))
+    description.to_json(out_dir / "model.json")
+    log = {"iterations": iterations, "seed": seed, "learning_rate": learning_rate, "seconds": time.time() - start,
+           "dice_on_sample": dice, "loss_every_50": losses[49::50], "torch": torch.__version__}
+    (out_dir / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    return dice
+
+
+def evaluate(model, sample):
+    """Dice per tissue label of the model's prediction on a network-convention sample."""
+    from .metrics import dice_per_label
+    prediction = model.predict(sample["image"].as_tensor()[None].float())[0]
+    reference = sample["label"].as_tensor()[0].long()
+    scores = dice_per_label(prediction, reference, len(TISSUE_LABELS))
+    return {TISSUE_LABELS[value]: round(score, 4) for value, score in scores.items()}
