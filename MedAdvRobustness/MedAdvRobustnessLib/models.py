@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .errors import InputError
 from .outputs import check_activation, label_count, predict_labels
 from .preprocessing import normalize_intensity
 
@@ -19,9 +20,6 @@ DESCRIPTION_FILE = "model.json"
 PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55), (0.45, 0.80, 0.45),
            (0.80, 0.45, 0.85), (0.40, 0.85, 0.85), (0.95, 0.65, 0.20), (0.60, 0.60, 0.60), (0.90, 0.30, 0.55)]
 
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or used, with a message for the user."""
 
 
 @dataclass
@@ -106,7 +104,7 @@ def load_model(source, output_activation=None):
         if path.is_dir():
             path = path / DESCRIPTION_FILE
         if not path.exists():
-            raise ModelError("model not found: {} (give a built-in name {}, a model folder or a TorchScript "
+            raise InputError("model not found: {} (give a built-in name {}, a model folder or a TorchScript "
                              "file)".format(source, sorted(BUILTIN_MODELS)))
         model = _load_described(path) if path.suffix == ".json" else _load_torchscript(path)
     if output_activation is not None:
@@ -120,20 +118,20 @@ def build_network(architecture):
     name = architecture["name"]
     network_class = getattr(nets, name, None)
     if not isinstance(network_class, type) or not issubclass(network_class, torch.nn.Module):
-        raise ModelError("unknown MONAI architecture {!r}".format(name))
+        raise InputError("unknown MONAI architecture {!r}".format(name))
     return network_class(**architecture.get("args", {}))
 
 
 def _load_described(description_path):
     description = ModelDescription.from_json(description_path)
     if not description.architecture:
-        raise ModelError("{} names no architecture".format(description_path))
+        raise InputError("{} names no architecture".format(description_path))
     network = build_network(description.architecture)
     weights = description_path.parent / description.weights
     try:
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelError("cannot load weights {} safely (weights_only=True): {}".format(weights, error))
+        raise InputError("cannot load weights {} safely (weights_only=True): {}".format(weights, error))
     network.load_state_dict(state)
     return SegmentationModel(network, description)
 
@@ -142,6 +140,6 @@ def _load_torchscript(path):
     try:
         network = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
-        raise ModelError("{} is not a TorchScript file ({}); export it with torch.jit.save or give a model "
+        raise InputError("{} is not a TorchScript file ({}); export it with torch.jit.save or give a model "
                          "folder with {}".format(path, str(error).splitlines()[0], DESCRIPTION_FILE))
     return SegmentationModel(network, ModelDescription(name=path.stem))

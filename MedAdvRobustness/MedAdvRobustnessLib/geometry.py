@@ -1,0 +1,78 @@
+"""The network input convention and the way back to Slicer's voxel order.
+
+Slicer arrays are indexed (k, j, i). The network sees what MONAI's ``LoadImage`` + ``EnsureChannelFirst`` +
+``Orientation("RAS")`` give: axes permuted and flipped (never resampled) so that array axes 0, 1, 2 point
+closest to R, A, S. The axis matching follows the closest orthogonal matrix to the direction cosines, strongest
+axis first, as nibabel's ``io_orientation`` (which MONAI uses) does.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GridOrientation:
+    """How a (k, j, i) Slicer array maps to the network's RAS-oriented (x, y, z) array."""
+    shape_kji: Tuple[int, int, int]
+    ijk_axes: Tuple[int, int, int]
+    flips: Tuple[bool, bool, bool]
+
+    @classmethod
+    def from_ijk_to_ras(cls, ijk_to_ras, shape_kji):
+        axes, flips = ras_axes(ijk_to_ras)
+        return cls(tuple(int(n) for n in shape_kji), axes, flips)
+
+    @property
+    def shape_xyz(self):
+        shape_ijk = self.shape_kji[::-1]
+        return tuple(shape_ijk[axis] for axis in self.ijk_axes)
+
+    def to_network(self, array_kji):
+        """(k, j, i) array → (x, y, z) RAS-oriented array."""
+        self._check(array_kji.shape, self.shape_kji)
+        oriented = np.transpose(array_kji, (2, 1, 0)).transpose(self.ijk_axes)
+        return np.ascontiguousarray(np.flip(oriented, axis=self._flipped_axes()))
+
+    def to_slicer(self, array_xyz):
+        """(x, y, z) RAS-oriented array → (k, j, i) array on the node's grid."""
+        self._check(array_xyz.shape, self.shape_xyz)
+        unflipped = np.flip(array_xyz, axis=self._flipped_axes())
+        array_ijk = np.transpose(unflipped, np.argsort(self.ijk_axes))
+        return np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0)))
+
+    def network_affine(self, ijk_to_ras):
+        """Voxel-to-RAS matrix of the oriented (x, y, z) grid."""
+        shape_ijk = self.shape_kji[::-1]
+        xyz_to_ijk = np.zeros((4, 4))
+        xyz_to_ijk[3, 3] = 1.0
+        for x_axis, (ijk_axis, flip) in enumerate(zip(self.ijk_axes, self.flips)):
+            xyz_to_ijk[ijk_axis, x_axis] = -1.0 if flip else 1.0
+            xyz_to_ijk[ijk_axis, 3] = shape_ijk[ijk_axis] - 1 if flip else 0.0
+        return np.asarray(ijk_to_ras, dtype=np.float64) @ xyz_to_ijk
+
+    def _flipped_axes(self):
+        return tuple(axis for axis, flip in enumerate(self.flips) if flip)
+
+    @staticmethod
+    def _check(shape, expected):
+        if tuple(shape) != tuple(expected):
+            raise ValueError("array shape {} does not match the grid {}".format(tuple(shape), tuple(expected)))
+
+
+def ras_axes(ijk_to_ras):
+    """For R, A, S in turn: which of i, j, k points closest to it, and whether it points the opposite way."""
+    directions = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(directions, axis=0)
+    if np.any(norms == 0):
+        raise ValueError("degenerate IJK-to-RAS matrix (a zero spacing)")
+    u, _, vt = np.linalg.svd(directions / norms)
+    closest = u @ vt
+    axes, flips = [None] * 3, [False] * 3
+    strongest_first = np.argsort(-np.max(closest ** 2, axis=0), kind="stable")
+    for ijk_axis in strongest_first:
+        column = np.abs(closest[:, ijk_axis])
+        column[[axis for axis in range(3) if axes[axis] is not None]] = -1.0
+        ras_axis = int(np.argmax(column))
+        axes[ras_axis], flips[ras_axis] = int(ijk_axis), bool(closest[ras_axis, ijk_axis] < 0)
+    return tuple(axes), tuple(flips)

@@ -1,0 +1,157 @@
+"""Adapters between MRML nodes and arrays in the network convention, keeping the node's exact geometry."""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from slicer import util
+
+from .errors import InputError
+from .geometry import GridOrientation
+
+GRID_TOLERANCE = 1e-4
+
+
+@dataclass
+class Volume:
+    """A scalar volume as the network sees it, with what is needed to write results back on its grid."""
+    name: str
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    orientation: GridOrientation
+    transform_node_id: str = None
+
+    @property
+    def intensity_range(self):
+        return float(self.array.min()), float(self.array.max())
+
+    @property
+    def affine(self):
+        """Voxel-to-RAS matrix of the network-convention array."""
+        return self.orientation.network_affine(self.ijk_to_ras)
+
+    def as_tensor(self):
+        """(1, 1, X, Y, Z) float32 tensor of raw intensities."""
+        return torch.from_numpy(self.array.astype(np.float32, copy=False))[None, None]
+
+
+def volume_from_node(node):
+    """Read a scalar volume node as a :class:`Volume` (copies the voxels; the node is not modified)."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        kind = node.GetClassName() if node is not None else "nothing"
+        raise InputError("the input must be a scalar volume, got {}".format(kind))
+    image = node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise InputError("volume {} has no voxels".format(node.GetName()))
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError("volume {} has {} components per voxel; only scalar volumes can be attacked".format(
+            node.GetName(), image.GetNumberOfScalarComponents()))
+    array_kji = util.arrayFromVolume(node)
+    if not np.all(np.isfinite(array_kji)):
+        raise InputError("volume {} contains NaN or infinite values".format(node.GetName()))
+    ijk_to_ras = ijk_to_ras_of(node)
+    orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
+    return Volume(node.GetName(), orientation.to_network(array_kji).astype(np.float32), ijk_to_ras, orientation,
+                  node.GetTransformNodeID())
+
+
+def labels_from_node(node, like):
+    """Integer labels (X, Y, Z) of a label map node that must lie on the grid of the volume ``like``."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError("the reference must be a label map volume")
+    array_kji = util.arrayFromVolume(node)
+    same_grid = (array_kji.shape == like.orientation.shape_kji
+                 and np.allclose(ijk_to_ras_of(node), like.ijk_to_ras, atol=GRID_TOLERANCE))
+    if not same_grid:
+        raise InputError("reference {} is on another grid than volume {} (shape {} vs {}); resample it onto the "
+                         "volume first".format(node.GetName(), like.name, array_kji.shape[::-1],
+                                               like.orientation.shape_kji[::-1]))
+    if not np.all(np.equal(np.mod(array_kji, 1), 0)) or array_kji.min() < 0:
+        raise InputError("reference {} must hold non-negative integer labels".format(node.GetName()))
+    return like.orientation.to_network(array_kji).astype(np.int64)
+
+
+def ijk_to_ras_of(node):
+    import vtk
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return util.arrayFromVTKMatrix(matrix)
+
+
+def add_volume_node(scene, array_xyz, like, name, node_class="vtkMRMLScalarVolumeNode", display=True):
+    """A new volume node holding a network-convention array on the grid (and transform) of ``like``."""
+    node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name))
+    util.updateVolumeFromArray(node, like.orientation.to_slicer(np.asarray(array_xyz)))
+    node.SetIJKToRASMatrix(util.vtkMatrixFromArray(like.ijk_to_ras))
+    node.SetAndObserveTransformNodeID(like.transform_node_id)
+    if display:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def add_color_table(scene, labels, name):
+    """A colour table node with the labels' names and colours (background transparent)."""
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", scene.GenerateUniqueName(name))
+    table.SetTypeToUser()
+    table.SetNumberOfColors(max(label.value for label in labels) + 1)
+    for label in labels:
+        table.SetColor(label.value, label.name, *label.color, 0.0 if label.value == 0 else 1.0)
+    return table
+
+
+def add_label_map_node(scene, labels_xyz, like, name, labels, color_table=None):
+    """A label map node whose display uses the labels' colour table."""
+    node = add_volume_node(scene, np.asarray(labels_xyz).astype(np.int16), like, name,
+                           "vtkMRMLLabelMapVolumeNode")
+    color_table = color_table or add_color_table(scene, labels, name + " colors")
+    node.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
+    return node
+
+
+def add_segmentation_node(slicer_scene, label_map_node, name):
+    """A segmentation node with one named, coloured segment per label present in the label map."""
+    scene = slicer_scene.scene
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(label_map_node)
+    if not slicer_scene.segmentations_logic.ImportLabelmapToSegmentationNode(label_map_node, node, ""):
+        scene.RemoveNode(node)
+        raise RuntimeError("cannot convert label map {} to segments".format(label_map_node.GetName()))
+    node.SetAndObserveTransformNodeID(label_map_node.GetTransformNodeID())
+    return node
+
+
+def add_table_node(scene, rows, columns, name):
+    """A table node; numeric columns hold numbers (NaN where empty), others text."""
+    import vtk
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        numeric = all(value is None or isinstance(value, (int, float)) for value in values)
+        array = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
+        array.SetName(column)
+        for value in values:
+            if numeric:
+                array.InsertNextValue(math.nan if value is None else float(value))
+            else:
+                array.InsertNextValue("" if value is None else str(value))
+        table.AddColumn(array)
+    return table
+
+
+def add_line_chart(scene, table, x_column, series, name, x_title, y_title):
+    """A chart node with one line series per (column, colour) of ``series`` against ``x_column``."""
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(name))
+    for column, color in series:
+        plot = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(column))
+        plot.SetAndObserveTableNodeID(table.GetID())
+        plot.SetXColumnName(x_column)
+        plot.SetYColumnName(column)
+        plot.SetPlotType(plot.PlotTypeScatter)
+        plot.SetMarkerStyle(plot.MarkerStyleCircle)
+        plot.SetColor(*color)
+        chart.AddAndObservePlotSeriesNodeID(plot.GetID())
+    chart.SetTitle(name)
+    chart.SetXAxisTitle(x_title)
+    chart.SetYAxisTitle(y_title)
+    return chart

@@ -1,0 +1,44 @@
+"""The whole job: scene nodes in, result nodes out (Slicer module), or files in, results folder out (CLI)."""
+from .attacks import make_attack
+from .models import load_model
+from .nodes import labels_from_node, volume_from_node
+from .report import write_report
+from .results import StagedOutput, add_result_nodes, write_result_files
+from .runner import check_epsilons, run_attack_sweep
+from .scene import SlicerScene
+
+
+def run_on_nodes(slicer_scene, volume_node, model, attack, epsilons, reference_node=None, progress=None,
+                 is_cancelled=None):
+    """Attack the volume of ``volume_node`` and add the result nodes; on failure or cancel no new node is left."""
+    volume = volume_from_node(volume_node)
+    reference = labels_from_node(reference_node, volume) if reference_node is not None else None
+    result = run_attack_sweep(model, volume, attack, epsilons, reference, progress, is_cancelled)
+    scene = slicer_scene.scene
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    try:
+        nodes = add_result_nodes(slicer_scene, result)
+    except BaseException:
+        for index in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(index)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
+    return result, nodes
+
+
+def run_on_files(volume_path, model_source, attack_name, epsilons, out_dir, reference_path=None, steps=10, seed=0,
+                 output_activation=None, progress=None):
+    """Read the files, attack, and write the results folder: all of it, or nothing if anything fails."""
+    epsilons = check_epsilons(epsilons)
+    attack = make_attack(attack_name, steps=steps, seed=seed)
+    with StagedOutput(out_dir) as staging:
+        slicer_scene = SlicerScene.standalone()
+        volume_node = slicer_scene.load_volume(volume_path)
+        reference_node = slicer_scene.load_volume(reference_path, label_map=True) if reference_path else None
+        model = load_model(model_source, output_activation)
+        result, _ = run_on_nodes(slicer_scene, volume_node, model, attack, epsilons, reference_node, progress)
+        write_result_files(result, staging)
+        write_report(result, staging / "report.png")
+        slicer_scene.write_mrb(staging / "scene.mrb")
+    return result

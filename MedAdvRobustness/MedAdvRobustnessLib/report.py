@@ -1,0 +1,89 @@
+"""``report.png``: clean vs attacked slices with segmentation overlays and the perturbation, and the Dice curve."""
+import numpy as np
+
+from .results import dice_curve_rows, epsilon_text
+
+VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+
+
+def write_report(result, path):
+    """Save the figure for the strongest epsilon of ``result`` to ``path`` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    attacked = result.outcomes[-1]
+    clean = result.clean
+    volume = result.volume
+    zooms = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    colors = ListedColormap([label.color for label in result.labels])
+    low, high = volume.intensity_range
+    limit = max(float(np.abs(attacked.adversarial - volume.array).max()), 1e-12)
+
+    figure = plt.figure(figsize=(16, 11), constrained_layout=True)
+    grid = figure.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.3])
+    for row, (view, axis) in enumerate(VIEWS):
+        index = most_changed_slice(clean.prediction, attacked.prediction, axis)
+        aspect = _aspect(zooms, axis)
+        panels = ((clean.adversarial, clean.prediction, "clean"),
+                  (attacked.adversarial, attacked.prediction, "{} eps {}".format(result.attack_name,
+                                                                                  epsilon_text(attacked.epsilon))))
+        for column, (image, prediction, title) in enumerate(panels):
+            ax = figure.add_subplot(grid[row, column])
+            ax.imshow(display_slice(image, axis, index), cmap="gray", vmin=low, vmax=high, aspect=aspect)
+            labels = display_slice(prediction, axis, index)
+            ax.imshow(np.ma.masked_equal(labels, 0), cmap=colors, vmin=-0.5, vmax=len(result.labels) - 0.5,
+                      alpha=0.45, interpolation="nearest", aspect=aspect)
+            ax.set_title("{} ({} {})".format(title, view, index), fontsize=10)
+            ax.axis("off")
+        ax = figure.add_subplot(grid[row, 2])
+        shown = ax.imshow(display_slice(attacked.adversarial - volume.array, axis, index), cmap="RdBu_r",
+                          vmin=-limit, vmax=limit, aspect=aspect)
+        ax.set_title("perturbation (intensity units)", fontsize=10)
+        ax.axis("off")
+        figure.colorbar(shown, ax=ax, shrink=0.8)
+    _plot_curve(figure.add_subplot(grid[:, 3]), result)
+    figure.suptitle("{} on {}: {} attack (clean mean Dice {})".format(
+        result.model_name, volume.name, result.attack_name.upper(), _clean_dice_text(result)), fontsize=13)
+    figure.savefig(str(path), dpi=80)
+    plt.close(figure)
+
+
+def most_changed_slice(clean, attacked, axis):
+    """Index along ``axis`` of the slice where most clean foreground voxels changed label under attack."""
+    changed = ((clean != attacked) & (clean > 0)).sum(axis=tuple(a for a in range(3) if a != axis))
+    if changed.max() == 0:
+        changed = (clean > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+    return int(np.argmax(changed))
+
+
+def display_slice(array_xyz, axis, index):
+    """A slice of an RAS-oriented array, superior/anterior up and patient right on screen left (radiological)."""
+    plane = np.take(array_xyz, index, axis=axis).T[::-1]
+    return plane[:, ::-1] if axis != 0 else plane
+
+
+def _aspect(zooms, axis):
+    """Pixel height / width of a :func:`display_slice` along ``axis``, from the voxel sizes."""
+    rows, columns = {2: (1, 0), 1: (2, 0), 0: (2, 1)}[axis]
+    return zooms[rows] / zooms[columns]
+
+
+def _plot_curve(ax, result):
+    rows, against = dice_curve_rows(result)
+    epsilons = [row["epsilon"] for row in rows]
+    for label in result.labels[1:]:
+        ax.plot(epsilons, [row[label.name] for row in rows], "o-", color=label.color, label=label.name)
+    ax.plot(epsilons, [row["mean"] for row in rows], "s-", color="black", linewidth=2.5, label="mean")
+    ax.set_xlabel("epsilon (fraction of intensity range)")
+    ax.set_ylabel("Dice against {}".format("reference" if against == "reference" else "clean prediction"))
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Dice vs epsilon")
+
+
+def _clean_dice_text(result):
+    value = result.mean_dice(0.0, "reference") if result.reference is not None else None
+    return "{:.3f} vs reference".format(value) if value is not None else "n/a (no reference)"

@@ -1,0 +1,131 @@
+"""Write a :class:`~.runner.RobustnessResult` into an MRML scene and into a results folder."""
+import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import slicer
+
+from .errors import InputError
+from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
+    add_volume_node
+from .runner import METRIC_COLUMNS
+
+MEAN_COLOR = (0.1, 0.1, 0.1)
+
+
+def epsilon_text(epsilon):
+    return "{:g}".format(epsilon)
+
+
+def add_result_nodes(slicer_scene, result):
+    """Adversarial volume, perturbation and segmentation per epsilon, clean segmentation, metrics and chart.
+
+    Returns the new nodes by role (``adversarial``/``perturbation``/``segmentation`` map epsilon to a node).
+    """
+    scene, volume = slicer_scene.scene, result.volume
+    title = "{} {} {}".format(volume.name, result.model_name, result.attack_name)
+    colors = add_color_table(scene, result.labels, "{} {} labels".format(volume.name, result.model_name))
+    nodes = {"adversarial": {}, "perturbation": {}, "segmentation": {}, "colors": colors}
+    for outcome in result.outcomes:
+        suffix = "clean" if outcome.epsilon == 0 else "{} eps {}".format(result.attack_name, epsilon_text(outcome.epsilon))
+        if outcome.epsilon > 0:
+            nodes["adversarial"][outcome.epsilon] = add_volume_node(
+                scene, outcome.adversarial, volume, "{} adversarial {}".format(volume.name, suffix))
+            nodes["perturbation"][outcome.epsilon] = add_volume_node(
+                scene, outcome.adversarial - volume.array, volume, "{} perturbation {}".format(volume.name, suffix))
+        label_map = add_label_map_node(scene, outcome.prediction, volume, "{} segmentation {}".format(volume.name, suffix),
+                                       result.labels, colors)
+        nodes["segmentation"][outcome.epsilon] = add_segmentation_node(slicer_scene, label_map, label_map.GetName())
+        scene.RemoveNode(label_map)
+    nodes["metrics"] = add_table_node(scene, result.rows, METRIC_COLUMNS, title + " metrics")
+    nodes["curve"], nodes["chart"] = add_dice_curve(scene, result, title)
+    return nodes
+
+
+def dice_curve_rows(result):
+    """Rows of epsilon and Dice per label and mean (against the reference if given, else the clean prediction)."""
+    against = "reference" if result.reference is not None else "clean"
+    curve = {}
+    for row in result.rows:
+        curve.setdefault(row["epsilon"], {"epsilon": row["epsilon"]})[row["label"]] = row["dice_" + against]
+    return [curve[epsilon] for epsilon in sorted(curve)], against
+
+
+def add_dice_curve(scene, result, title):
+    rows, against = dice_curve_rows(result)
+    columns = ["epsilon"] + [label.name for label in result.labels[1:]] + ["mean"]
+    table = add_table_node(scene, rows, columns, title + " Dice vs epsilon")
+    series = [(label.name, label.color) for label in result.labels[1:]] + [("mean", MEAN_COLOR)]
+    chart = add_line_chart(scene, table, "epsilon", series, title + " Dice vs epsilon",
+                           "epsilon (fraction of intensity range)", "Dice against {}".format(against))
+    return table, chart
+
+
+def write_metrics_csv(result, path):
+    with open(str(path), "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in METRIC_COLUMNS})
+
+
+def write_volume_file(array_xyz, like, path, label_map=False):
+    """Write a network-convention array on the grid of ``like`` with Slicer's writer (same geometry)."""
+    scratch = slicer.vtkMRMLScene()
+    node_class = "vtkMRMLLabelMapVolumeNode" if label_map else "vtkMRMLScalarVolumeNode"
+    array = array_xyz.astype("int16") if label_map else array_xyz
+    node = add_volume_node(scratch, array, like, "scratch", node_class, display=False)
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.WriteData(node):
+        raise OSError("cannot write {}".format(path))
+
+
+def write_result_files(result, out_dir):
+    """``adversarial_<eps>.nii.gz`` and ``prediction_<eps>.nii.gz`` per epsilon (0: clean) and ``metrics.csv``."""
+    out_dir = Path(out_dir)
+    for outcome in result.outcomes:
+        eps = epsilon_text(outcome.epsilon)
+        write_volume_file(outcome.adversarial, result.volume, out_dir / "adversarial_{}.nii.gz".format(eps))
+        write_volume_file(outcome.prediction, result.volume, out_dir / "prediction_{}.nii.gz".format(eps),
+                          label_map=True)
+    write_metrics_csv(result, out_dir / "metrics.csv")
+
+
+def check_output_dir(out_dir):
+    """The results folder must not exist yet, or be empty, so that nothing of the user's is overwritten."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError("output folder {} exists and is not empty".format(out_dir))
+    return out_dir
+
+
+class StagedOutput:
+    """Write into a hidden sibling folder; move it into place only when everything succeeded."""
+
+    def __init__(self, out_dir):
+        self.out_dir = check_output_dir(out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = None
+
+    def __enter__(self):
+        self.staging = Path(tempfile.mkdtemp(prefix="." + self.out_dir.name + ".partial-", dir=str(self.out_dir.parent)))
+        return self.staging
+
+    def __exit__(self, kind, error, trace):
+        if kind is None:
+            if self.out_dir.exists():
+                self.out_dir.rmdir()
+            os.chmod(str(self.staging), 0o777 & ~_umask())
+            self.staging.rename(self.out_dir)
+        else:
+            shutil.rmtree(str(self.staging), ignore_errors=True)
+        return False
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
