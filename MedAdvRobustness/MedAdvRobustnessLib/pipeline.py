@@ -14,17 +14,7 @@ def run_on_nodes(slicer_scene, volume_node, model, attack, epsilons, reference_n
     volume = volume_from_node(volume_node)
     reference = labels_from_node(reference_node, volume) if reference_node is not None else None
     result = run_attack_sweep(model, volume, attack, epsilons, reference, progress, is_cancelled)
-    scene = slicer_scene.scene
-    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
-    try:
-        nodes = add_result_nodes(slicer_scene, result)
-    except BaseException:
-        for index in reversed(range(scene.GetNumberOfNodes())):
-            node = scene.GetNthNode(index)
-            if node is not None and node.GetID() not in before:
-                scene.RemoveNode(node)
-        raise
-    return result, nodes
+    return result, add_nodes_or_nothing(slicer_scene, result)
 
 
 def run_on_files(volume_path, model_source, attack_name, epsilons, out_dir, reference_path=None, steps=10, seed=0,
@@ -34,11 +24,28 @@ def run_on_files(volume_path, model_source, attack_name, epsilons, out_dir, refe
     attack = make_attack(attack_name, steps=steps, seed=seed)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
-        volume_node = slicer_scene.load_volume(volume_path)
-        reference_node = slicer_scene.load_volume(reference_path, label_map=True) if reference_path else None
+        volume = volume_from_node(slicer_scene.load_volume(volume_path))
+        reference = None
+        if reference_path:
+            reference = labels_from_node(slicer_scene.load_volume(reference_path, label_map=True), volume)
         model = load_model(model_source, output_activation)
-        result, _ = run_on_nodes(slicer_scene, volume_node, model, attack, epsilons, reference_node, progress)
+        result = run_attack_sweep(model, volume, attack, epsilons, reference, progress)
+        add_nodes_or_nothing(slicer_scene, result)
         write_result_files(result, staging)
         write_report(result, staging / "report.png")
         slicer_scene.write_mrb(staging / "scene.mrb")
     return result
+
+
+def add_nodes_or_nothing(slicer_scene, result):
+    """Add the result nodes to the scene; if that fails midway, remove the ones already added."""
+    scene = slicer_scene.scene
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    try:
+        return add_result_nodes(slicer_scene, result)
+    except BaseException:
+        for index in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(index)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise

@@ -4,6 +4,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import slicer
 
 from .errors import InputError
@@ -52,6 +53,7 @@ class SlicerScene:
         path = Path(path)
         if not path.is_file():
             raise InputError("file not found: {}".format(path))
+        _refuse_multi_frame(path)
         name = name or _stem(path)
         node = self.volumes_logic.AddArchetypeVolume(str(path), name, 1 if label_map else 0)
         if node is None:
@@ -94,6 +96,20 @@ def _bind(logic, name, scene, application_logic):
     logic.SetMRMLApplicationLogic(application_logic)
     application_logic.SetModuleLogic(name, logic)
     return logic
+
+
+def _refuse_multi_frame(path):
+    """Slicer's reader keeps only the first frame of a 4D NIfTI: refuse it rather than lose data silently."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        import nibabel
+    except ImportError:
+        return
+    shape = nibabel.load(str(path)).shape
+    if len(shape) > 3 and any(size > 1 for size in shape[3:]):
+        raise InputError("{} has {} volumes or components per voxel (shape {}); give a single scalar volume".format(
+            path, int(np.prod(shape[3:])), shape))
 
 
 def _stem(path):

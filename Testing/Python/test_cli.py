@@ -1,0 +1,178 @@
+"""``medadv`` end to end on the embedded data, through the installed console command; bad input fails cleanly."""
+import csv
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from slicer import util
+
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
+from MedAdvRobustnessLib.scene import SlicerScene
+
+MEDADV = str(Path(sys.executable).with_name("medadv"))
+
+
+def medadv(*args):
+    return subprocess.run([MEDADV] + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "results"
+    before = digest(SAMPLE_VOLUME)
+    completed = medadv("demo", "--out", out, "--epsilon", "0.01", "0.03", "--steps", "2")
+    assert completed.returncode == 0, completed.stderr
+    assert digest(SAMPLE_VOLUME) == before
+    return out, completed
+
+
+def test_demo_writes_every_result_file(demo_run):
+    out, completed = demo_run
+    names = {path.name for path in out.iterdir()}
+    assert names == {"scene.mrb", "metrics.csv", "report.png", "adversarial_0.nii.gz", "adversarial_0.01.nii.gz",
+                     "adversarial_0.03.nii.gz", "prediction_0.nii.gz", "prediction_0.01.nii.gz",
+                     "prediction_0.03.nii.gz"}
+    assert "clean Dice against the reference" in completed.stdout
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_csv_rows_and_columns(demo_run):
+    out, _ = demo_run
+    with open(str(out / "metrics.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    assert list(rows[0]) == ["model", "attack", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
+                             "linf_fraction", "l2_fraction", "psnr"]
+    assert [(row["epsilon"], row["label"]) for row in rows] == [
+        (eps, label) for eps in ("0.0", "0.01", "0.03") for label in ("CSF", "grey matter", "white matter", "mean")]
+    clean = [row for row in rows if row["epsilon"] == "0.0"]
+    assert all(row["psnr"] == "" and float(row["linf"]) == 0 and float(row["dice_clean"]) == 1 for row in clean)
+    attacked = [row for row in rows if row["epsilon"] == "0.03"]
+    assert all(float(row["linf_fraction"]) == pytest.approx(0.03, rel=1e-5) for row in attacked)
+    mean = {row["epsilon"]: float(row["dice_reference"]) for row in rows if row["label"] == "mean"}
+    assert mean["0.03"] < mean["0.0"]
+
+
+def test_result_volumes_are_in_the_input_space(demo_run):
+    out, _ = demo_run
+    original = nib.load(str(SAMPLE_VOLUME))
+    reference = np.asarray(nib.load(str(SAMPLE_LABELS)).dataobj)
+    for name in ("adversarial_0.03.nii.gz", "prediction_0.nii.gz"):
+        image = nib.load(str(out / name))
+        assert image.shape == original.shape
+        assert np.allclose(image.affine, original.affine, atol=1e-5)
+    clean = np.asarray(nib.load(str(out / "adversarial_0.nii.gz")).dataobj)
+    assert np.array_equal(clean, np.asarray(original.dataobj))
+    adversarial = np.asarray(nib.load(str(out / "adversarial_0.03.nii.gz")).dataobj).astype(np.float64)
+    span = float(clean.max() - clean.min())
+    assert np.abs(adversarial - clean).max() <= 0.03 * span
+    prediction = np.asarray(nib.load(str(out / "prediction_0.nii.gz")).dataobj)
+    assert (prediction == reference).mean() > 0.9
+
+
+def test_scene_bundle_reloads_with_every_node(demo_run):
+    out, _ = demo_run
+    loaded = SlicerScene.read_mrb(out / "scene.mrb")
+    scene = loaded.scene
+
+    def named(class_name):
+        nodes = scene.GetNodesByClass(class_name)
+        return {nodes.GetItemAsObject(i).GetName(): nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())}
+
+    volumes = named("vtkMRMLScalarVolumeNode")
+    assert {"MNI152_T1_2mm", "MNI152_T1_2mm adversarial pgd eps 0.03", "MNI152_T1_2mm perturbation pgd eps 0.01"} \
+        <= set(volumes)
+    assert np.array_equal(util.arrayFromVolume(volumes["MNI152_T1_2mm"]),
+                          np.asanyarray(nib.load(str(SAMPLE_VOLUME)).dataobj).transpose(2, 1, 0))
+    adversarial = np.asarray(nib.load(str(out / "adversarial_0.03.nii.gz")).dataobj).transpose(2, 1, 0)
+    assert np.array_equal(util.arrayFromVolume(volumes["MNI152_T1_2mm adversarial pgd eps 0.03"]), adversarial)
+    segmentations = named("vtkMRMLSegmentationNode")
+    assert len(segmentations) == 3
+    clean = segmentations["MNI152_T1_2mm segmentation clean"].GetSegmentation()
+    names = {clean.GetNthSegment(i).GetName() for i in range(clean.GetNumberOfSegments())}
+    assert names == {"CSF", "grey matter", "white matter"}
+    tables = named("vtkMRMLTableNode")
+    assert any(table.GetNumberOfRows() == 12 for table in tables.values())
+    charts = named("vtkMRMLPlotChartNode")
+    assert len(charts) == 1 and list(charts.values())[0].GetNumberOfPlotSeriesNodes() == 4
+
+
+def test_torchscript_model_with_softmax_outputs(tmp_path):
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Softmax(dim=1))
+    model_path = tmp_path / "tiny.pt"
+    torch.jit.script(network).save(str(model_path))
+    out = tmp_path / "out"
+    completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", model_path, "--attack", "fgsm", "--epsilon",
+                       "0.02", "--output-activation", "softmax", "--out", out)
+    assert completed.returncode == 0, completed.stderr
+    with open(str(out / "metrics.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    assert {row["label"] for row in rows} == {"label 1", "label 2", "mean"}
+    assert all(row["dice_reference"] == "" for row in rows)
+
+
+def write_vector_volume(path):
+    scene = SlicerScene.standalone()
+    node = scene.scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "vector")
+    util.updateVolumeFromArray(node, np.random.rand(5, 6, 7, 3).astype(np.float32))
+    scene.save_node(node, path)
+    return path
+
+
+def write_shifted_labels(path):
+    image = nib.load(str(SAMPLE_LABELS))
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "file not found"),
+    ("vector", "only scalar volumes"),
+    ("four_d", "give a single scalar volume"),
+    ("reference_grid", "another grid"),
+    ("epsilon_zero", "0 < epsilon < 1"),
+    ("epsilon_one", "0 < epsilon < 1"),
+    ("model", "model not found"),
+])
+def test_bad_input_gives_one_clear_error_and_leaves_nothing(tmp_path, case, expected):
+    volume, reference, epsilon, model = SAMPLE_VOLUME, None, "0.01", "demo"
+    if case == "missing":
+        volume = tmp_path / "nope.nii.gz"
+    elif case == "vector":
+        volume = write_vector_volume(tmp_path / "vector.nrrd")
+    elif case == "four_d":
+        volume = tmp_path / "4d.nii.gz"
+        nib.save(nib.Nifti1Image(np.random.rand(5, 6, 7, 2).astype(np.float32), np.eye(4)), str(volume))
+    elif case == "reference_grid":
+        reference = write_shifted_labels(tmp_path / "labels.nii.gz")
+    elif case == "model":
+        model = tmp_path / "missing-model.pt"
+    else:
+        epsilon = "0" if case == "epsilon_zero" else "1"
+    out = tmp_path / "results"
+    args = ["run", "--volume", volume, "--model", model, "--attack", "fgsm", "--epsilon", epsilon, "--out", out]
+    completed = medadv(*(args + (["--reference", reference] if reference else [])))
+    assert completed.returncode != 0
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("medadv: error:")]
+    assert len(errors) == 1 and expected in errors[0], completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not out.exists()
+    assert not [path for path in tmp_path.iterdir() if ".partial-" in path.name]
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    completed = medadv("demo", "--out", out, "--epsilon", "0.01", "--attack", "fgsm")
+    assert completed.returncode == 2 and "not empty" in completed.stderr
+    assert [path.name for path in out.iterdir()] == ["precious.txt"]
