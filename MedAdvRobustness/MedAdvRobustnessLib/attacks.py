@@ -34,11 +34,15 @@ class AttackRecord:
 
 
 def project_linf(candidate, original, epsilon, bounds):
-    """Closest point to ``candidate`` with |x - original| <= epsilon and low <= x <= high, exactly in float."""
-    low, high = bounds
-    delta = (candidate - original).clamp(-epsilon, epsilon)
-    projected = (original + delta).clamp(low, high)
-    overshoot = (projected.double() - original.double()).abs() > epsilon
+    """Closest point to ``candidate`` with |x - original| <= epsilon and low <= x <= high, exactly in float.
+
+    Projected in float64, then rounded to the volume's dtype; a voxel that rounding pushed past epsilon
+    (by at most half a unit in the last place) steps one float back toward the original.
+    """
+    original64 = original.double()
+    delta = (candidate.double() - original64).clamp(-epsilon, epsilon)
+    projected = (original64 + delta).clamp(*bounds).to(candidate.dtype)
+    overshoot = (projected.double() - original64).abs() > epsilon
     return torch.where(overshoot, torch.nextafter(projected, original), projected)
 
 

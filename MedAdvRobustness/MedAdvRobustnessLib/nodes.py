@@ -113,11 +113,13 @@ def add_segmentation_node(slicer_scene, label_map_node, name):
     scene = slicer_scene.scene
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
     node.CreateDefaultDisplayNodes()
+    # Under the label map's transform before importing: otherwise the import hardens the transform into the
+    # segments and the transform would then apply twice.
+    node.SetAndObserveTransformNodeID(label_map_node.GetTransformNodeID())
     node.SetReferenceImageGeometryParameterFromVolumeNode(label_map_node)
     if not slicer_scene.segmentations_logic.ImportLabelmapToSegmentationNode(label_map_node, node, ""):
         scene.RemoveNode(node)
         raise RuntimeError("cannot convert label map {} to segments".format(label_map_node.GetName()))
-    node.SetAndObserveTransformNodeID(label_map_node.GetTransformNodeID())
     return node
 
 

@@ -35,9 +35,9 @@ def add_result_nodes(slicer_scene, result):
                 scene, outcome.adversarial, volume, "{} adversarial {}".format(volume.name, suffix))
             nodes["perturbation"][outcome.epsilon] = add_volume_node(
                 scene, outcome.adversarial - volume.array, volume, "{} perturbation {}".format(volume.name, suffix))
-        label_map = add_label_map_node(scene, outcome.prediction, volume, "{} segmentation {}".format(volume.name, suffix),
-                                       result.labels, colors)
-        nodes["segmentation"][outcome.epsilon] = add_segmentation_node(slicer_scene, label_map, label_map.GetName())
+        name = "{} segmentation {}".format(volume.name, suffix)
+        label_map = add_label_map_node(scene, outcome.prediction, volume, name + " label map", result.labels, colors)
+        nodes["segmentation"][outcome.epsilon] = add_segmentation_node(slicer_scene, label_map, name)
         scene.RemoveNode(label_map)
     nodes["metrics"] = add_table_node(scene, result.rows, METRIC_COLUMNS, title + " metrics")
     nodes["curve"], nodes["chart"] = add_dice_curve(scene, result, title)
@@ -56,7 +56,7 @@ def dice_curve_rows(result):
 def add_dice_curve(scene, result, title):
     rows, against = dice_curve_rows(result)
     columns = ["epsilon"] + [label.name for label in result.labels[1:]] + ["mean"]
-    table = add_table_node(scene, rows, columns, title + " Dice vs epsilon")
+    table = add_table_node(scene, rows, columns, title + " Dice vs epsilon table")
     series = [(label.name, label.color) for label in result.labels[1:]] + [("mean", MEAN_COLOR)]
     chart = add_line_chart(scene, table, "epsilon", series, title + " Dice vs epsilon",
                            "epsilon (fraction of intensity range)", "Dice against {}".format(against))

@@ -40,12 +40,25 @@ def sample(sample_nodes):
 
 
 def test_projection_is_exact_in_float():
-    original = torch.tensor([1000.1, -3.3, 7.7, 123456.78], dtype=torch.float32)
+    original = torch.tensor([1000.1, -3.3, 7.7, 123456.78, 10.0], dtype=torch.float32)
     epsilon = 0.1000000001
-    candidate = original + torch.tensor([1.0, -1.0, 0.05, 1.0])
+    candidate = original + torch.tensor([1.0, -1.0, 0.05, 1.0, -1.0])
     projected = project_linf(candidate, original, epsilon, (-10.0, 200000.0))
     assert torch.all((projected.double() - original.double()).abs() <= epsilon)
     assert projected[2] == candidate[2]
+
+
+def test_projection_is_exact_where_float32_epsilon_exceeds_epsilon():
+    """float32(9.68) > 9.68: 10 - 9.68 lands many float steps beyond the ball near 0.32."""
+    generator = torch.Generator().manual_seed(0)
+    original = torch.randint(0, 243, (100000,), generator=generator).float()
+    candidate = original + torch.randn(original.shape, generator=generator) * 20.0
+    for epsilon in (9.68, 7.26, 2.42):
+        projected = project_linf(candidate, original, epsilon, (0.0, 242.0))
+        distance = (projected.double() - original.double()).abs()
+        assert float(distance.max()) <= epsilon
+        assert float(distance.max()) > epsilon - 1e-5
+        assert float(projected.min()) >= 0.0 and float(projected.max()) <= 242.0
 
 
 @pytest.mark.parametrize("attack", [FGSM(), PGD(steps=3, seed=1)], ids=["fgsm", "pgd"])
@@ -137,7 +150,7 @@ def test_attacks_lower_dice_of_the_demo_network(demo, sample):
     fgsm = run_attack_sweep(demo, volume, FGSM(), [0.04], reference)
     assert fgsm.mean_dice(0.04, "reference") < clean - 0.05
     for outcome in result.outcomes[1:]:
-        epsilon = outcome.epsilon * (volume.array.max() - volume.array.min())
+        epsilon = outcome.epsilon * (float(volume.array.max()) - float(volume.array.min()))
         assert np.abs(outcome.adversarial.astype(np.float64) - volume.array).max() <= epsilon
 
 

@@ -74,8 +74,14 @@ def test_result_volumes_are_in_the_input_space(demo_run):
     adversarial = np.asarray(nib.load(str(out / "adversarial_0.03.nii.gz")).dataobj).astype(np.float64)
     span = float(clean.max() - clean.min())
     assert np.abs(adversarial - clean).max() <= 0.03 * span
-    prediction = np.asarray(nib.load(str(out / "prediction_0.nii.gz")).dataobj)
-    assert (prediction == reference).mean() > 0.9
+    with open(str(out / "metrics.csv")) as stream:
+        reported = {(row["epsilon"], row["label"]): float(row["dice_reference"]) for row in csv.DictReader(stream)}
+    for epsilon, eps_text in (("0", "0.0"), ("0.03", "0.03")):
+        prediction = np.asarray(nib.load(str(out / "prediction_{}.nii.gz".format(epsilon))).dataobj)
+        for value, name in enumerate(("CSF", "grey matter", "white matter"), start=1):
+            a, b = prediction == value, reference == value
+            dice = 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+            assert dice == pytest.approx(reported[(eps_text, name)], abs=1e-6)
 
 
 def test_scene_bundle_reloads_with_every_node(demo_run):
