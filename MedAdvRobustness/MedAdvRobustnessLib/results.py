@@ -106,7 +106,7 @@ class StagedOutput:
     """Write into a hidden sibling folder; move it into place only when everything succeeded."""
 
     def __init__(self, out_dir):
-        self.out_dir = check_output_dir(out_dir)
+        self.out_dir = check_output_dir(out_dir).absolute()
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.staging = None
 

@@ -69,7 +69,7 @@ class SlicerScene:
 
     def write_mrb(self, path):
         """Save the scene and all its data as a Medical Reality Bundle."""
-        if not self.scene.WriteToMRB(str(path)):
+        if not self.scene.WriteToMRB(str(Path(path).absolute())):
             raise InputError("cannot write scene bundle {}".format(path))
 
     @classmethod

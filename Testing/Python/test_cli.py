@@ -17,8 +17,8 @@ from MedAdvRobustnessLib.scene import SlicerScene
 MEDADV = str(Path(sys.executable).with_name("medadv"))
 
 
-def medadv(*args):
-    return subprocess.run([MEDADV] + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+def medadv(*args, cwd=None):
+    return subprocess.run([MEDADV] + [str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 def digest(path):
@@ -182,3 +182,9 @@ def test_existing_results_are_not_overwritten(tmp_path):
     completed = medadv("demo", "--out", out, "--epsilon", "0.01", "--attack", "fgsm")
     assert completed.returncode == 2 and "not empty" in completed.stderr
     assert [path.name for path in out.iterdir()] == ["precious.txt"]
+
+
+def test_relative_output_folder(tmp_path):
+    completed = medadv("demo", "--out", "results/run", "--epsilon", "0.01", "--attack", "fgsm", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "results" / "run" / "scene.mrb").is_file()
