@@ -48,10 +48,9 @@ def project_linf(candidate, original, epsilon, bounds):
 
 def loss_and_gradient(model, volume, labels):
     """Mean per-voxel cross-entropy of the model's outputs and its gradient with respect to the volume."""
-    volume = volume.detach().requires_grad_(True)
-    loss = voxel_loss(model(volume), labels, model.activation).mean()
-    gradient, = torch.autograd.grad(loss, volume)
-    return float(loss.detach()), gradient
+    loss, gradient, _ = model.loss_and_gradient(volume, lambda outputs: voxel_loss(outputs, labels,
+                                                                                  model.activation).mean())
+    return loss, gradient
 
 
 class FGSM:

@@ -84,6 +84,14 @@ class SegmentationModel(torch.nn.Module):
                                         predictor=self.network, overlap=window.get("overlap", 0.25),
                                         mode=window.get("mode", "gaussian"))
 
+    def loss_and_gradient(self, volume, loss_fn):
+        """``loss_fn(outputs)`` (a scalar), its gradient with respect to the raw volume, and the detached outputs."""
+        volume = volume.detach().requires_grad_(True)
+        outputs = self(volume)
+        loss = loss_fn(outputs)
+        gradient, = torch.autograd.grad(loss, volume)
+        return float(loss.detach()), gradient, outputs.detach()
+
     @torch.no_grad()
     def predict(self, volume):
         """Integer label map (B, X, Y, Z) for a raw-intensity volume."""
