@@ -19,3 +19,5 @@ echo "Setting up .venv (log: $log)"
 install --upgrade pip
 install "torch==2.13.0"
 install -e ".[test]"
+# Independent reference implementation for the attack tests; it needs no torchvision, so skip its pins.
+install --no-deps "torchattacks==3.5.1"

@@ -1,5 +1,6 @@
 """Segmentation agreement (MONAI's Dice) and perturbation size metrics."""
 import math
+import warnings
 
 import torch
 
@@ -10,14 +11,36 @@ def dice_per_label(prediction, reference, label_count):
     A label absent from both maps scores 1, absent from one only 0 (MONAI's ``ignore_empty=False``).
     """
     from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
     if prediction.shape != reference.shape:
         raise ValueError("label maps differ in shape: {} vs {}".format(tuple(prediction.shape),
                                                                        tuple(reference.shape)))
-    as_one_hot = [one_hot(labels.long().clamp(0, label_count - 1)[None, None], label_count)
-                  for labels in (prediction, reference)]
+    as_one_hot = [_one_hot(labels, label_count) for labels in (prediction, reference)]
     scores = compute_dice(as_one_hot[0], as_one_hot[1], include_background=False, ignore_empty=False)[0]
     return {value: float(score) for value, score in enumerate(scores.tolist(), start=1)}
+
+
+def surface_distances_per_label(prediction, reference, label_count, spacing):
+    """95th percentile Hausdorff and symmetric mean surface distance (mm) of each foreground label.
+
+    None where the label is absent from either map (the distances are undefined there).
+    """
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    maps = [_one_hot(labels, label_count) for labels in (prediction, reference)]
+    spacing = [float(s) for s in spacing]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hd95 = compute_hausdorff_distance(*maps, include_background=False, percentile=95, spacing=spacing)[0]
+        asd = compute_average_surface_distance(*maps, include_background=False, symmetric=True, spacing=spacing)[0]
+    return {value: {"hd95": _finite_or_none(h), "asd": _finite_or_none(a)}
+            for value, (h, a) in enumerate(zip(hd95.tolist(), asd.tolist()), start=1)}
+
+
+def structural_similarity(original, adversarial, intensity_range):
+    """SSIM (MONAI, Gaussian window) between two volumes of the same grid, over the volume's intensity range."""
+    from monai.metrics import SSIMMetric
+    spatial = original.dim()
+    metric = SSIMMetric(spatial_dims=spatial, data_range=float(intensity_range), win_size=7)
+    return float(metric(adversarial.float()[None, None], original.float()[None, None]).mean())
 
 
 def mean_dice(scores):
@@ -33,3 +56,12 @@ def perturbation_metrics(original, adversarial, intensity_range):
     psnr = 20.0 * math.log10(intensity_range / rmse) if rmse > 0 else None
     return {"linf": linf, "l2": l2, "linf_fraction": linf / intensity_range, "l2_fraction": l2 / intensity_range,
             "psnr": psnr}
+
+
+def _one_hot(labels, label_count):
+    from monai.networks.utils import one_hot
+    return one_hot(labels.long().clamp(0, label_count - 1)[None, None], label_count)
+
+
+def _finite_or_none(value):
+    return float(value) if math.isfinite(value) else None

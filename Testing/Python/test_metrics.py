@@ -1,0 +1,60 @@
+"""Metrics on hand-made label maps and volumes with known answers."""
+import math
+
+import pytest
+import torch
+
+from MedAdvRobustnessLib.metrics import dice_per_label, mean_dice, perturbation_metrics, structural_similarity, \
+    surface_distances_per_label
+
+
+def cube_labels():
+    labels = torch.zeros(30, 30, 30, dtype=torch.long)
+    labels[5:15, 5:15, 5:15] = 1
+    labels[20:25, 20:25, 20:25] = 2
+    return labels
+
+
+def test_dice_per_label_by_hand():
+    reference = cube_labels()
+    prediction = reference.clone()
+    prediction[5:10, 5:15, 5:15] = 0
+    scores = dice_per_label(prediction, reference, 4)
+    assert scores[1] == pytest.approx(2 * 500 / (500 + 1000))
+    assert scores[2] == 1.0
+    assert scores[3] == 1.0, "a label absent from both maps agrees"
+    assert mean_dice(scores) == pytest.approx((2 / 3 + 2) / 3)
+    prediction[prediction == 2] = 0
+    assert dice_per_label(prediction, reference, 4)[2] == 0.0
+
+
+def test_surface_distances_use_the_spacing():
+    reference = cube_labels()
+    shifted = torch.zeros_like(reference)
+    shifted[7:17, 5:15, 5:15] = 1
+    distances = surface_distances_per_label(shifted, reference, 3, spacing=(2.0, 1.0, 1.0))
+    assert distances[1]["hd95"] == pytest.approx(4.0)
+    assert 0.0 < distances[1]["asd"] < 4.0
+    assert distances[2] == {"hd95": None, "asd": None}
+    same = surface_distances_per_label(reference, reference, 3, spacing=(1.0, 1.0, 1.0))
+    assert same[1] == {"hd95": 0.0, "asd": 0.0}
+
+
+def test_perturbation_metrics_by_hand():
+    original = torch.zeros(10, 10, 10)
+    adversarial = original.clone()
+    adversarial[0, 0, :4] = torch.tensor([3.0, -4.0, 0.0, 0.0])
+    size = perturbation_metrics(original, adversarial, intensity_range=100.0)
+    assert size["linf"] == 4.0 and size["linf_fraction"] == 0.04
+    assert size["l2"] == pytest.approx(5.0) and size["l2_fraction"] == pytest.approx(0.05)
+    assert size["psnr"] == pytest.approx(20 * math.log10(100.0 / math.sqrt(25.0 / 1000)))
+    assert perturbation_metrics(original, original, 100.0)["psnr"] is None
+
+
+def test_ssim_falls_with_noise():
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.rand(24, 24, 24, generator=generator) * 100.0
+    assert structural_similarity(volume, volume, 100.0) == pytest.approx(1.0)
+    noisy = [structural_similarity(volume, volume + torch.randn(volume.shape, generator=generator) * sigma, 100.0)
+             for sigma in (1.0, 5.0, 20.0)]
+    assert 1.0 > noisy[0] > noisy[1] > noisy[2]
