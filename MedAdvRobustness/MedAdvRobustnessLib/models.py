@@ -1,25 +1,39 @@
-"""Segmentation networks with their preprocessing, loaded from the built-in demo, a model folder or TorchScript.
+"""Segmentation networks with their preprocessing: the built-in demo, a model folder, TorchScript, a MONAI bundle.
 
 A :class:`SegmentationModel` takes raw intensities in the network convention (B, C, X, Y, Z: RAS-oriented
-grid, channel first) and returns the network's outputs, so attacks get gradients in intensity space.
+grid, channel first) on the volume's own grid, and returns the network's outputs on that same grid: intensity
+normalisation, cropping, resampling to the network's spacing, sliding windows and the way back all happen inside,
+differentiably, so attacks get gradients in the volume's own intensities and grid.
 """
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .outputs import check_activation, label_count, predict_labels
-from .preprocessing import normalize_intensity
+from .preprocessing import (crop, divisible_padding, foreground_box, normalize_intensity, pad_outputs_back,
+                            resample, resampled_size, unpad)
+from .windowed import GRADIENT_MODES, WindowPlan, sliding_window_outputs, window_settings, window_vjp
 
 MODELS_DIR = Path(__file__).resolve().parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet"}
 DESCRIPTION_FILE = "model.json"
 PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55), (0.45, 0.80, 0.45),
            (0.80, 0.45, 0.85), (0.40, 0.85, 0.85), (0.95, 0.65, 0.20), (0.60, 0.60, 0.60), (0.90, 0.30, 0.55)]
+TRUST_HINT = ("load it only if you trust where it comes from, with --trust-checkpoint (trust_checkpoint=True "
+              "in Python)")
+CHECKPOINT_KEYS = ("state_dict", "model")
 
+
+class UnsafeCheckpoint(InputError):
+    """A checkpoint that only arbitrary unpickling could load, refused without ``trust_checkpoint``."""
 
 
 @dataclass
@@ -31,23 +45,55 @@ class Label:
 
 @dataclass
 class ModelDescription:
-    """What a user can write by hand next to the weights (``model.json``)."""
+    """What a user can write by hand next to the weights (``model.json``); every field but ``name`` is optional.
+
+    ``output_activation``: ``logits``, ``softmax`` or ``sigmoid``; None (what a model.json, TorchScript file or
+    bundle that does not say gets): detected from the outputs (see :func:`describe`), else logits.
+    ``intensity``: one step or a list (see :func:`~.preprocessing.normalize_intensity`).
+    ``spacing``: the network's voxel size in mm along x, y, z (the input is resampled to it and the outputs
+    back). ``window``: sliding-window inference (``roi_size``, ``overlap``, ``mode``, ``sigma_scale``,
+    ``padding_mode``, ``cval``, ``sw_batch_size``). ``crop``: crop to the foreground (``threshold`` on the
+    normalised volume, ``margin`` in voxels) and pad the outputs back with background. ``pad_divisible``: pad the
+    network input to multiples of this many voxels.
+    """
     name: str
     labels: List[Label] = field(default_factory=list)
-    output_activation: str = "logits"
+    output_activation: Optional[str] = "logits"
     in_channels: int = 1
-    intensity: dict = field(default_factory=lambda: {"type": "none"})
+    intensity: Union[dict, list] = field(default_factory=lambda: {"type": "none"})
     window: Optional[dict] = None
     architecture: Optional[dict] = None
     weights: str = "model.pt"
     spacing: Optional[List[float]] = None
+    crop: Optional[dict] = None
+    pad_divisible: Optional[int] = None
     notes: str = ""
 
     @classmethod
     def from_json(cls, path):
-        data = json.loads(Path(path).read_text())
-        data["labels"] = [Label(int(item["value"]), item["name"], tuple(item["color"]))
-                          for item in data.get("labels", [])]
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError("cannot read {}: {}".format(path, error))
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data, where="model description"):
+        if not isinstance(data, dict) or "name" not in data:
+            raise InputError("{} must be a JSON object with at least a \"name\"".format(where))
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError("{}: unknown field(s) {}; known fields: {}".format(where, ", ".join(unknown),
+                                                                               ", ".join(sorted(known))))
+        data = dict(data)
+        data["labels"] = parse_labels(data.get("labels", []), where)
+        data.setdefault("output_activation", None)  # not declared: detected from the outputs
+        if data.get("output_activation") is not None:
+            try:
+                check_activation(data["output_activation"])
+            except ValueError as error:
+                raise InputError("{}: {}".format(where, error))
         return cls(**data)
 
     def to_json(self, path):
@@ -61,37 +107,177 @@ class ModelDescription:
                 for value in range(count)]
 
 
-class SegmentationModel(torch.nn.Module):
-    """A network with its differentiable intensity preprocessing and (optionally) sliding-window inference."""
+def parse_labels(labels, where="labels"):
+    """Labels from ``[{"value", "name", "color"?}]``, ``["background", "liver", ...]`` or ``{"1": "liver"}``."""
+    if isinstance(labels, dict):
+        labels = [{"value": int(value), "name": name} for value, name in labels.items()]
+    parsed = []
+    for index, item in enumerate(labels or []):
+        if isinstance(item, str):
+            item = {"value": index, "name": item}
+        try:
+            value = int(item["value"])
+            color = tuple(float(c) for c in item.get("color", PALETTE[value % len(PALETTE)]))[:3]
+            parsed.append(Label(value, str(item["name"]), color))
+        except (KeyError, TypeError, ValueError):
+            raise InputError("{}: a label needs a value and a name, got {!r}".format(where, item))
+    return parsed
 
-    def __init__(self, network, description):
+
+def grid_spacing(spacing_or_affine):
+    """Voxel size along the network's x, y, z: given, or the column norms of a voxel-to-RAS matrix."""
+    if spacing_or_affine is None:
+        return None
+    if hasattr(spacing_or_affine, "affine"):
+        spacing_or_affine = spacing_or_affine.affine
+    array = np.asarray(spacing_or_affine, dtype=np.float64)
+    if array.ndim == 2:
+        return tuple(float(v) for v in np.linalg.norm(array[:3, :3], axis=0))
+    return tuple(float(v) for v in array)
+
+
+class SegmentationModel(torch.nn.Module):
+    """A network with its differentiable preprocessing, run on the input's own grid.
+
+    ``gradient_mode`` (windowed networks only): ``"windowed"`` (default) computes input gradients one window at a
+    time (memory of one window); ``"naive"`` is autograd through MONAI's sliding-window inference. Both give the
+    same gradient. ``input_spacing`` (mm along x, y, z; see :meth:`on_grid`) is the spacing of the volumes given
+    to the model; where it is unknown (None) the input is taken to be at the network's spacing.
+    """
+
+    def __init__(self, network, description, device="cpu", amp=False, gradient_mode=None, source=""):
         super().__init__()
         self.network = network
         self.description = description
-        check_activation(description.output_activation)
+        if description.output_activation is not None:
+            check_activation(description.output_activation)
+        if gradient_mode is not None and gradient_mode not in GRADIENT_MODES:
+            raise ValueError("gradient_mode must be one of {}".format(GRADIENT_MODES))
+        self.gradient_mode = gradient_mode or "windowed"
+        self.detected_activation = None
+        self.input_spacing = None
+        self.amp = bool(amp)
+        self.source = source
+        self.load_notes = []
+        self._fallback_device = torch.device(device)
+        self.network.to(self._fallback_device)
 
+    # ----------------------------------------------------------------------------------------------- settings
     @property
     def activation(self):
-        return self.description.output_activation
+        return self.description.output_activation or self.detected_activation or "logits"
 
+    @property
+    def device(self):
+        for tensor in list(self.network.parameters()) + list(self.network.buffers()):
+            return tensor.device
+        return self._fallback_device
+
+    def to_device(self, device):
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device {} was asked for but CUDA is not available here".format(device))
+        self._fallback_device = device
+        self.network.to(device)
+        return self
+
+    @contextmanager
+    def on_grid(self, spacing_or_affine):
+        """Within this block, inputs have this spacing (or the spacing of this voxel-to-RAS matrix / Volume)."""
+        previous = self.input_spacing
+        self.input_spacing = grid_spacing(spacing_or_affine)
+        try:
+            yield self
+        finally:
+            self.input_spacing = previous
+
+    # ------------------------------------------------------------------------------------------------ forward
     def forward(self, volume):
-        inputs = normalize_intensity(volume, self.description.intensity)
+        inputs, plan = self.prepare(volume)
+        return self.restore(self.infer(inputs), plan)
+
+    def prepare(self, volume):
+        """Raw volume on its grid → network input (normalised, cropped, resampled, padded) and the way back."""
+        channels = self.description.in_channels
+        if channels and volume.shape[1] != channels:
+            raise InputError("the network takes {} input channel(s) but the volume has {}".format(
+                channels, volume.shape[1]))
+        inputs = normalize_intensity(volume.to(self.device), self.description.intensity)
+        box = foreground_box(inputs, self.description.crop) if self.description.crop else None
+        inputs = crop(inputs, box)
+        cropped = tuple(inputs.shape[2:])
+        inputs = resample(inputs, resampled_size(cropped, self.input_spacing, self.description.spacing))
+        padding = divisible_padding(inputs.shape[2:], self.description.pad_divisible)
+        if padding is not None:
+            inputs = F.pad(inputs, padding)
+        plan = {"box": box, "full": tuple(volume.shape[2:]), "cropped": cropped, "padding": padding,
+                "device": volume.device, "network_size": tuple(inputs.shape[2:])}
+        return inputs, plan
+
+    def restore(self, outputs, plan):
+        """Network outputs → outputs on the input's grid (unpadded, resampled back, background outside the crop)."""
+        outputs = resample(unpad(outputs, plan["padding"]), plan["cropped"])
+        outputs = pad_outputs_back(outputs, plan["box"], plan["full"], self.activation)
+        return outputs.to(plan["device"])
+
+    def infer(self, inputs):
+        """Network outputs for a prepared input: the whole input at once, or window by window."""
         window = self.description.window
         if not window:
-            return self.network(inputs)
-        from monai.inferers import sliding_window_inference
-        return sliding_window_inference(inputs, roi_size=tuple(window["roi_size"]), sw_batch_size=1,
-                                        predictor=self.network, overlap=window.get("overlap", 0.25),
-                                        mode=window.get("mode", "gaussian"))
+            return self.run_network(inputs)
+        return sliding_window_outputs(self.run_network, inputs, window)
+
+    def run_network(self, inputs):
+        """The network on one input (or batch of windows), under autocast with ``amp``, outputs in input dtype."""
+        if self.amp:
+            kind = inputs.device.type
+            with torch.autocast(device_type=kind, dtype=torch.float16 if kind == "cuda" else torch.bfloat16):
+                outputs = self.network(inputs)
+        else:
+            outputs = self.network(inputs)
+        if isinstance(outputs, (list, tuple)):
+            outputs = outputs[0]
+        if not torch.is_tensor(outputs):
+            raise InputError("the network returned {}, not a tensor".format(type(outputs).__name__))
+        if tuple(outputs.shape[2:]) != tuple(inputs.shape[2:]):
+            raise InputError("the network returned outputs of size {} for an input of size {}; only networks "
+                             "whose outputs lie on their input grid are supported".format(
+                                 tuple(outputs.shape[2:]), tuple(inputs.shape[2:])))
+        return outputs if outputs.dtype == inputs.dtype else outputs.to(inputs.dtype)
+
+    # ---------------------------------------------------------------------------------------------- gradients
+    @property
+    def windowed_gradients(self):
+        return bool(self.description.window) and self.gradient_mode == "windowed"
 
     def loss_and_gradient(self, volume, loss_fn):
-        """``loss_fn(outputs)`` (a scalar), its gradient with respect to the raw volume, and the detached outputs."""
-        volume = volume.detach().requires_grad_(True)
-        outputs = self(volume)
-        loss = loss_fn(outputs)
-        gradient, = torch.autograd.grad(loss, volume)
-        return float(loss.detach()), gradient, outputs.detach()
+        """``loss_fn(outputs)`` (a scalar), its gradient with respect to the raw volume, and the detached outputs.
 
+        Windowed networks (``gradient_mode="windowed"``): the outputs are aggregated without autograd, the loss
+        gradient taken on them, and pushed back through the network one window at a time (:func:`window_vjp`),
+        then through the resampling and normalisation to the raw intensities: exact for any loss of the outputs.
+        """
+        volume = volume.detach().requires_grad_(True)
+        if not self.windowed_gradients:
+            outputs = self(volume)
+            loss = loss_fn(outputs)
+            gradient, = torch.autograd.grad(loss, volume)
+            return float(loss.detach()), gradient, outputs.detach()
+        inputs, plan = self.prepare(volume)
+        with torch.no_grad():
+            network_outputs = self.infer(inputs.detach())
+        network_outputs.requires_grad_(True)
+        outputs = self.restore(network_outputs, plan)
+        loss = loss_fn(outputs)
+        output_gradient, = torch.autograd.grad(loss, network_outputs)
+        input_gradient = window_vjp(self.run_network, inputs.detach(), output_gradient, self.description.window)
+        if inputs.requires_grad:
+            gradient, = torch.autograd.grad(inputs, volume, input_gradient)
+        else:
+            gradient = input_gradient
+        return float(loss.detach()), gradient.to(volume.device), outputs.detach()
+
+    # ------------------------------------------------------------------------------------------------ results
     @torch.no_grad()
     def predict(self, volume):
         """Integer label map (B, X, Y, Z) for a raw-intensity volume."""
@@ -102,21 +288,51 @@ class SegmentationModel(torch.nn.Module):
         return self.description.labels_for(label_count(outputs, self.activation))
 
 
-def load_model(source, output_activation=None):
-    """Load a built-in model name, a model folder (or its ``model.json``), or a TorchScript file."""
+# ------------------------------------------------------------------------------------------------------ loading
+def load_model(source, output_activation=None, trust_checkpoint=False, device="cpu", amp=False,
+               gradient_mode=None):
+    """Load a network with its preprocessing from any of:
+
+    - a built-in name (``demo``);
+    - a model folder holding ``model.json`` (or that file), with a state dict, a checkpoint dict or TorchScript;
+    - a TorchScript file (``.pt``/``.ts``; raw whole-volume input, outputs detected unless declared);
+    - a MONAI bundle, folder or ``.zip``, with ``configs/inference.json`` and ``models/model.pt`` or ``model.ts``;
+    - a pickled network or checkpoint, only with ``trust_checkpoint`` (unpickling can run code from the file).
+
+    Weights load with ``weights_only=True``; a file that needs more is refused unless ``trust_checkpoint``.
+    """
     source = str(source)
     if source in BUILTIN_MODELS:
-        model = _load_described(MODELS_DIR / BUILTIN_MODELS[source] / DESCRIPTION_FILE)
+        model = _load_described(MODELS_DIR / BUILTIN_MODELS[source] / DESCRIPTION_FILE, trust_checkpoint)
+        model.source = "built-in {}".format(BUILTIN_MODELS[source])
     else:
+        from . import bundles
         path = Path(source)
-        if path.is_dir():
-            path = path / DESCRIPTION_FILE
         if not path.exists():
-            raise InputError("model not found: {} (give a built-in name {}, a model folder or a TorchScript "
-                             "file)".format(source, sorted(BUILTIN_MODELS)))
-        model = _load_described(path) if path.suffix == ".json" else _load_torchscript(path)
+            raise InputError("model not found: {} (give a built-in name {}, a model folder, a MONAI bundle or a "
+                             "TorchScript file)".format(source, sorted(BUILTIN_MODELS)))
+        if path.is_dir():
+            if (path / DESCRIPTION_FILE).is_file():
+                model = _load_described(path / DESCRIPTION_FILE, trust_checkpoint)
+            elif bundles.bundle_root(path) is not None:
+                model = bundles.load_bundle(path, trust_checkpoint)
+            else:
+                raise InputError("{} holds neither {} nor a MONAI bundle (configs/inference.json and models/)"
+                                 .format(path, DESCRIPTION_FILE))
+        elif path.suffix == ".json":
+            model = _load_described(path, trust_checkpoint)
+        elif bundles.is_bundle_zip(path):
+            model = bundles.load_bundle(path, trust_checkpoint)
+        else:
+            model = _load_network_file(path, trust_checkpoint)
     if output_activation is not None:
         model.description.output_activation = check_activation(output_activation)
+    if gradient_mode is not None:
+        if gradient_mode not in GRADIENT_MODES:
+            raise InputError("gradient mode must be one of {}".format(GRADIENT_MODES))
+        model.gradient_mode = gradient_mode
+    model.amp = bool(amp)
+    model.to_device(device)
     return model.eval()
 
 
@@ -127,27 +343,224 @@ def build_network(architecture):
     network_class = getattr(nets, name, None)
     if not isinstance(network_class, type) or not issubclass(network_class, torch.nn.Module):
         raise InputError("unknown MONAI architecture {!r}".format(name))
-    return network_class(**architecture.get("args", {}))
+    try:
+        return network_class(**architecture.get("args", {}))
+    except TypeError as error:
+        raise InputError("cannot build {} with {}: {}".format(name, architecture.get("args", {}), error))
 
 
-def _load_described(description_path):
+def load_checkpoint(path, trust_checkpoint=False):
+    """``torch.load`` with ``weights_only=True``; what needs arbitrary unpickling only with ``trust_checkpoint``."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        text = str(error)
+        if "Weights only load failed" not in text:
+            raise InputError("cannot read {} as a PyTorch checkpoint: {}".format(path, text.splitlines()[0]))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if not trust_checkpoint:
+            reason = ("it contains {}, which is not plain weights".format(found.group(1)) if found
+                      else "it is not plain weights")
+            raise UnsafeCheckpoint("refusing to load {}: {}; loading it needs arbitrary unpickling "
+                                   "(weights_only=False), which can run code stored in the file; {}".format(
+                                       path, reason, TRUST_HINT))
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise InputError("cannot read {} even with --trust-checkpoint: {}".format(path, str(error).splitlines()[0]))
+
+
+def unwrap_checkpoint(checkpoint):
+    """A network (pickled nn.Module) or a state dict, out of a checkpoint dict's ``state_dict``/``model``."""
+    if isinstance(checkpoint, torch.nn.Module):
+        return checkpoint
+    if isinstance(checkpoint, dict):
+        for key in CHECKPOINT_KEYS:
+            inner = checkpoint.get(key)
+            if isinstance(inner, (dict, torch.nn.Module)):
+                return unwrap_checkpoint(inner)
+        if checkpoint and all(torch.is_tensor(value) for value in checkpoint.values()):
+            if all(str(key).startswith("module.") for key in checkpoint):  # saved from DataParallel
+                return {key[len("module."):]: value for key, value in checkpoint.items()}
+            return checkpoint
+    raise InputError("the checkpoint holds neither a state dict (tensors by name) nor one under {}, got {}".format(
+        "/".join(CHECKPOINT_KEYS), type(checkpoint).__name__))
+
+
+def network_with_weights(network, weights_path, trust_checkpoint=False):
+    """``network`` with the state dict of a checkpoint file, or the pickled network the file holds (trusted)."""
+    loaded = unwrap_checkpoint(load_checkpoint(weights_path, trust_checkpoint))
+    if isinstance(loaded, torch.nn.Module):
+        return loaded
+    if network is None:
+        raise InputError("{} holds weights (a state dict) but nothing says which network they belong to; name the "
+                         "architecture in {}".format(weights_path, DESCRIPTION_FILE))
+    try:
+        network.load_state_dict(loaded)
+    except RuntimeError as error:
+        raise InputError("the weights in {} do not fit the network: {}".format(
+            weights_path, " ".join(str(error).split())[:400]))
+    return network
+
+
+def _load_described(description_path, trust_checkpoint=False):
+    description_path = Path(description_path)
     description = ModelDescription.from_json(description_path)
-    if not description.architecture:
-        raise InputError("{} names no architecture".format(description_path))
-    network = build_network(description.architecture)
     weights = description_path.parent / description.weights
-    try:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError("cannot load weights {} safely (weights_only=True): {}".format(weights, error))
-    network.load_state_dict(state)
-    return SegmentationModel(network, description)
+    if not weights.is_file():
+        raise InputError("weights not found: {} (named by {})".format(weights, description_path))
+    if description.architecture:
+        network = network_with_weights(build_network(description.architecture), weights, trust_checkpoint)
+    else:
+        network = _torchscript(weights)
+        if network is None:
+            network = network_with_weights(None, weights, trust_checkpoint)
+    return SegmentationModel(network, description, source="model folder {}".format(description_path.parent))
 
 
-def _load_torchscript(path):
+def _torchscript(path):
     try:
-        network = torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:
-        raise InputError("{} is not a TorchScript file ({}); export it with torch.jit.save or give a model "
-                         "folder with {}".format(path, str(error).splitlines()[0], DESCRIPTION_FILE))
-    return SegmentationModel(network, ModelDescription(name=path.stem))
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        return None
+
+
+def _load_network_file(path, trust_checkpoint=False):
+    network = _torchscript(path)
+    if network is not None:
+        return SegmentationModel(network, ModelDescription(name=path.stem, output_activation=None),
+                                 source="TorchScript {}".format(path))
+    try:
+        loaded = unwrap_checkpoint(load_checkpoint(path, trust_checkpoint))
+    except UnsafeCheckpoint:
+        raise
+    except InputError as error:
+        raise InputError("{} is neither TorchScript nor a PyTorch checkpoint ({}); export it with torch.jit.save, "
+                         "or give a model folder with {} or a MONAI bundle".format(path, error, DESCRIPTION_FILE))
+    if not isinstance(loaded, torch.nn.Module):
+        raise InputError("{} holds weights (a state dict) but no network; give a model folder with {} naming the "
+                         "architecture, or export the network with torch.jit.save".format(path, DESCRIPTION_FILE))
+    return SegmentationModel(loaded, ModelDescription(name=path.stem, output_activation=None),
+                             source="pickled network {}".format(path))
+
+
+# ----------------------------------------------------------------------------------------------------- describe
+@dataclass
+class ModelReport:
+    """What :func:`describe` found: declared settings, and what the outputs on a volume show."""
+    name: str
+    source: str
+    in_channels: Optional[int]
+    network_in_channels: Optional[int]
+    out_channels: int
+    declared_activation: Optional[str]
+    detected_activation: str
+    activation: str
+    labels: List[Label]
+    intensity: Union[dict, list]
+    network_spacing: Optional[List[float]]
+    input_spacing: Optional[Tuple[float, ...]]
+    input_size: Tuple[int, ...]
+    network_size: Tuple[int, ...]
+    window: Optional[dict]
+    windows: int
+    gradient_mode: str
+    device: str
+    amp: bool
+    parameters: Optional[int]
+    notes: List[str]
+
+    def lines(self):
+        def size(values, unit=""):
+            return "x".join("{:g}".format(v) for v in values) + unit
+
+        out = ["model {} ({})".format(self.name, self.source)]
+        network = "network: {} output channel(s)".format(self.out_channels)
+        if self.parameters is not None:
+            network += ", {:.2f} M parameters".format(self.parameters / 1e6)
+        if self.network_in_channels is not None:
+            network += ", {} input channel(s)".format(self.network_in_channels)
+        out.append(network)
+        if self.declared_activation:
+            agree = "agree" if self.declared_activation == self.detected_activation else \
+                "look like {}: check the declaration".format(self.detected_activation)
+            out.append("outputs: {} (declared; the outputs on this volume {})".format(self.declared_activation,
+                                                                                      agree))
+        else:
+            out.append("outputs: {} (detected: not declared)".format(self.detected_activation))
+        out.append("labels: " + ", ".join("{} {}".format(label.value, label.name) for label in self.labels))
+        out.append("intensity: {}".format(json.dumps(self.intensity)))
+        if self.network_spacing:
+            if self.input_spacing is None:
+                out.append("spacing: network {}; volume spacing unknown, not resampled".format(
+                    size(self.network_spacing, " mm")))
+            else:
+                out.append("spacing: network {}, volume {}: {} voxels in, {} at the network".format(
+                    size(self.network_spacing, " mm"), size(self.input_spacing, " mm"), size(self.input_size),
+                    size(self.network_size)))
+        if self.window:
+            out.append("window: {} overlap {} ({}), {} window(s) on this volume; gradients {}".format(
+                size(self.window["roi_size"]), self.window["overlap"], self.window["mode"], self.windows,
+                "window by window" if self.gradient_mode == "windowed" else "through the whole sliding window "
+                                                                           "(naive)"))
+        out.append("device: {}{}".format(self.device, ", mixed precision" if self.amp else ""))
+        out.extend("note: " + note for note in self.notes)
+        return out
+
+
+def detect_activation(outputs, tolerance=1e-3):
+    """``softmax`` where outputs lie in [0, 1] and sum to 1 over channels, ``sigmoid`` where they lie in [0, 1]
+    otherwise, else ``logits``."""
+    outputs = outputs.detach().float()
+    low, high = float(outputs.min()), float(outputs.max())
+    if low < -tolerance or high > 1.0 + tolerance:
+        return "logits"
+    if outputs.shape[1] > 1 and float((outputs.sum(dim=1) - 1.0).abs().max()) <= tolerance:
+        return "softmax"
+    return "sigmoid"
+
+
+def network_in_channels(network):
+    """Input channels of the first convolution (or first 5-D weight, for TorchScript), if there is one."""
+    try:
+        for module in network.modules():
+            if isinstance(module, torch.nn.modules.conv._ConvNd):
+                return int(module.in_channels)
+    except Exception:
+        pass
+    for parameter in network.parameters():
+        if parameter.dim() >= 3:
+            return int(parameter.shape[1])
+    return None
+
+
+@torch.no_grad()
+def describe(model, volume):
+    """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.nodes.Volume`) and report what
+    it is: declared settings and what the outputs show. An undeclared output activation is detected from the
+    outputs and adopted by the model."""
+    spacing = model.input_spacing
+    if hasattr(volume, "as_tensor"):
+        spacing = grid_spacing(volume.affine)
+        volume = volume.as_tensor()
+    with model.on_grid(spacing):
+        inputs, plan = model.prepare(volume)
+        outputs = model.infer(inputs)
+    detected = detect_activation(outputs)
+    if model.description.output_activation is None:
+        model.detected_activation = detected
+    window = window_settings(model.description.window) if model.description.window else None
+    windows = len(WindowPlan(inputs.shape[2:], window)) if window else 1
+    try:
+        parameters = sum(p.numel() for p in model.network.parameters())
+    except Exception:
+        parameters = None
+    return ModelReport(
+        name=model.description.name, source=model.source or "in memory", in_channels=model.description.in_channels,
+        network_in_channels=network_in_channels(model.network), out_channels=int(outputs.shape[1]),
+        declared_activation=model.description.output_activation, detected_activation=detected,
+        activation=model.activation, labels=model.labels(outputs), intensity=model.description.intensity,
+        network_spacing=model.description.spacing, input_spacing=spacing, input_size=tuple(volume.shape[2:]),
+        network_size=plan["network_size"], window=window, windows=windows, gradient_mode=model.gradient_mode
+        if window else "autograd", device=str(model.device), amp=model.amp, parameters=parameters,
+        notes=list(model.load_notes))

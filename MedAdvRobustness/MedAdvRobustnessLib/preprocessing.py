@@ -1,15 +1,48 @@
-"""Differentiable intensity preprocessing: gradients flow from the network back to raw intensities."""
-import torch
+"""Differentiable preprocessing: gradients flow from the network back to the raw intensities on the input grid.
 
-INTENSITY_TYPES = ("none", "percentile", "zscore")
+A :class:`~.models.SegmentationModel` runs, on a raw (B, C, X, Y, Z) volume in the network convention:
+
+1. intensity normalisation (:func:`normalize_intensity`), one step or a list of steps applied in order;
+2. cropping to the foreground bounding box of the normalised volume (:func:`foreground_box`);
+3. resampling to the network's spacing (:func:`resample`, trilinear, differentiable);
+4. padding to a multiple of ``k`` voxels where the network needs it;
+
+then the network (whole or window by window), and the way back on the outputs: remove the padding, resample the
+outputs trilinearly to the cropped input size and pad them back to the input grid with background
+(:func:`pad_outputs_back`). Outputs are therefore always on the input grid, and argmax happens there.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax")
+SPACING_TOLERANCE = 1e-3
+# Outputs outside the cropped box: background. Logits: background 0, other channels this much lower.
+BACKGROUND_LOGIT_GAP = 100.0
 
 
 def normalize_intensity(volume, spec):
     """Normalise a raw (B, C, *spatial) volume as ``spec`` says, per image and channel, differentiably.
 
-    ``{"type": "none"}``; ``{"type": "percentile", "lower": 0, "upper": 99.5}`` maps those percentiles to
-    0 and 1 (no clipping); ``{"type": "zscore"}`` subtracts the mean and divides by the standard deviation.
+    ``spec`` is one step or a list of steps applied in order:
+
+    - ``{"type": "none"}``;
+    - ``{"type": "percentile", "lower": 0, "upper": 99.5, "b_min": 0, "b_max": 1, "clip": false}`` maps those
+      percentiles of the volume to ``b_min`` and ``b_max`` (MONAI's ``ScaleIntensityRangePercentiles``);
+    - ``{"type": "zscore", "nonzero": false, "mean": null, "std": null}`` subtracts the mean and divides by the
+      standard deviation (population, as MONAI's ``NormalizeIntensity``; over non-zero voxels only, which alone
+      are changed, with ``nonzero``; fixed values where ``mean``/``std`` are given);
+    - ``{"type": "range", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1, "clip": true}``: a fixed intensity
+      window mapped to [b_min, b_max], clipped (MONAI's ``ScaleIntensityRange``);
+    - ``{"type": "minmax", "min": 0, "max": 1}``: the volume's minimum and maximum mapped to ``min``, ``max``
+      (MONAI's ``ScaleIntensity``).
     """
+    if isinstance(spec, (list, tuple)):
+        for step in spec:
+            volume = normalize_intensity(volume, step)
+        return volume
+    spec = spec or {}
     kind = spec.get("type", "none")
     if kind == "none":
         return volume
@@ -18,9 +51,141 @@ def normalize_intensity(volume, spec):
         quantiles = torch.tensor([spec.get("lower", 0.0) / 100.0, spec.get("upper", 100.0) / 100.0],
                                  dtype=flat.dtype, device=flat.device)
         low, high = torch.quantile(flat, quantiles, dim=2, keepdim=True)
-        return ((flat - low) / (high - low).clamp_min(1e-8)).view_as(volume)
+        return _scale(flat, low, high, spec.get("b_min", 0.0), spec.get("b_max", 1.0),
+                      spec.get("clip", False)).view_as(volume)
+    if kind == "range":
+        low, high = float(spec["a_min"]), float(spec["a_max"])
+        return _scale(flat, low, high, spec.get("b_min", 0.0), spec.get("b_max", 1.0),
+                      spec.get("clip", True)).view_as(volume)
+    if kind == "minmax":
+        low = flat.amin(dim=2, keepdim=True)
+        high = flat.amax(dim=2, keepdim=True)
+        return _scale(flat, low, high, spec.get("min", 0.0), spec.get("max", 1.0), False).view_as(volume)
     if kind == "zscore":
-        mean = flat.mean(dim=2, keepdim=True)
-        std = flat.std(dim=2, keepdim=True)
-        return ((flat - mean) / std.clamp_min(1e-8)).view_as(volume)
+        return _zscore(flat, spec).view_as(volume)
     raise ValueError("unknown intensity preprocessing {!r}; expected one of {}".format(kind, INTENSITY_TYPES))
+
+
+def _scale(flat, low, high, b_min, b_max, clip):
+    span = high - low
+    if torch.is_tensor(span):
+        span = span.clamp_min(1e-8)
+    elif span == 0:
+        span = 1e-8
+    scaled = (flat - low) / span
+    if b_min is not None and b_max is not None:
+        scaled = scaled * (b_max - b_min) + b_min
+        if clip:
+            scaled = scaled.clamp(min(b_min, b_max), max(b_min, b_max))
+    return scaled
+
+
+def _zscore(flat, spec):
+    mean, std = spec.get("mean"), spec.get("std")
+    if spec.get("nonzero", False):
+        mask = (flat != 0).detach()
+        count = mask.sum(dim=2, keepdim=True).clamp_min(1)
+        masked = torch.where(mask, flat, torch.zeros_like(flat))
+        mean_ = masked.sum(dim=2, keepdim=True) / count if mean is None else mean
+        deviation = torch.where(mask, flat - mean_, torch.zeros_like(flat))
+        std_ = (deviation.square().sum(dim=2, keepdim=True) / count).sqrt() if std is None else std
+        std_ = std_.clamp_min(1e-8) if torch.is_tensor(std_) else (std_ or 1.0)
+        return torch.where(mask, (flat - mean_) / std_, flat)
+    mean_ = flat.mean(dim=2, keepdim=True) if mean is None else mean
+    std_ = flat.std(dim=2, keepdim=True, unbiased=False).clamp_min(1e-8) if std is None else (std or 1.0)
+    return (flat - mean_) / std_
+
+
+def foreground_box(volume, spec):
+    """Bounding box (list of (start, stop) per spatial axis) of voxels above ``spec["threshold"]`` (default 0)
+    in any channel and image, grown by ``spec["margin"]`` voxels; None where there is no foreground or it fills
+    the volume (MONAI's ``CropForeground`` with its default ``select_fn`` x > 0 on the normalised image)."""
+    with torch.no_grad():
+        mask = (volume.detach() > float(spec.get("threshold", 0.0))).flatten(0, 1).any(dim=0)
+        if not bool(mask.any()):
+            return None
+        margin = spec.get("margin", 0)
+        margins = [int(margin)] * mask.dim() if isinstance(margin, (int, float)) else [int(m) for m in margin]
+        box = []
+        for axis in range(mask.dim()):
+            other = tuple(a for a in range(mask.dim()) if a != axis)
+            present = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
+            start = max(int(present[0]) - margins[axis], 0)
+            stop = min(int(present[-1]) + 1 + margins[axis], mask.shape[axis])
+            box.append((start, stop))
+    if all(start == 0 and stop == size for (start, stop), size in zip(box, mask.shape)):
+        return None
+    return box
+
+
+def crop(volume, box):
+    if box is None:
+        return volume
+    return volume[(slice(None), slice(None)) + tuple(slice(start, stop) for start, stop in box)]
+
+
+def pad_outputs_back(outputs, box, full_shape, activation):
+    """Outputs on the cropped box → outputs on the full grid, background outside the box."""
+    if box is None:
+        return outputs
+    background = torch.zeros((outputs.shape[0], outputs.shape[1]) + tuple(full_shape), dtype=outputs.dtype,
+                             device=outputs.device)
+    if activation == "softmax":
+        background[:, 0] = 1.0
+    elif activation == "logits" or activation is None:
+        background[:, 1:] = -BACKGROUND_LOGIT_GAP
+    # sigmoid: every foreground probability 0
+    mask = torch.zeros(tuple(full_shape), dtype=torch.bool, device=outputs.device)
+    mask[tuple(slice(start, stop) for start, stop in box)] = True
+    padding = []
+    for (start, stop), size in reversed(list(zip(box, full_shape))):
+        padding += [start, size - stop]
+    padded = F.pad(outputs, padding)
+    return torch.where(mask, padded, background)
+
+
+def resampled_size(shape, spacing, target_spacing):
+    """The voxel counts covering the same field of view at ``target_spacing`` (same as the input where the
+    spacings agree within 0.1 %)."""
+    if spacing is None or target_spacing is None:
+        return tuple(shape)
+    size = []
+    for count, have, want in zip(shape, spacing, target_spacing):
+        if want is None or want <= 0 or abs(have - want) <= SPACING_TOLERANCE * want:
+            size.append(int(count))
+        else:
+            size.append(max(1, int(round(count * have / want))))
+    return tuple(size)
+
+
+def resample(tensor, size):
+    """Trilinear resampling of a (B, C, *spatial) tensor to ``size``, voxel edges aligned (the field of view is
+    kept); the identity where the size is unchanged. Differentiable."""
+    size = tuple(int(s) for s in size)
+    if tuple(tensor.shape[2:]) == size:
+        return tensor
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(tensor, size=size, mode=mode, align_corners=False)
+
+
+def divisible_padding(shape, k):
+    """F.pad amounts (last axis first) that pad ``shape`` symmetrically to multiples of ``k`` (as MONAI's
+    ``DivisiblePad``), or None."""
+    if not k:
+        return None
+    ks = [int(k)] * len(shape) if isinstance(k, (int, float)) else [int(v) for v in k]
+    pads = []
+    for size, multiple in zip(shape, ks):
+        extra = (math.ceil(size / multiple) * multiple - size) if multiple > 1 else 0
+        pads.append((extra // 2, extra - extra // 2))
+    if not any(a or b for a, b in pads):
+        return None
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def unpad(tensor, padding):
+    if padding is None:
+        return tensor
+    pairs = list(zip(padding[0::2], padding[1::2]))[::-1]
+    index = tuple(slice(before, tensor.shape[2 + axis] - after) for axis, (before, after) in enumerate(pairs))
+    return tensor[(slice(None), slice(None)) + index]

@@ -1,0 +1,389 @@
+"""MONAI bundles (folder or zip) as a :class:`~.models.SegmentationModel`, read with MONAI's ``ConfigParser``.
+
+From ``configs/inference.json`` (or ``.yaml``): ``network_def`` is instantiated by the parser; the
+``preprocessing`` transforms that act on the image are read (their arguments resolved by the parser, defaults
+from the transform's signature) and mapped, transform by transform, onto the differentiable preprocessing
+(intensity scaling and normalisation, spacing, foreground crop, divisible padding); the ``inferer``
+(``SlidingWindowInferer``) becomes the window; an ``Activations`` transform in ``postprocessing`` says whether the
+outputs are softmax logits or sigmoid logits. ``configs/metadata.json`` gives the label names (the channel
+definition of the network's output) and the input channels. Weights: ``models/model.pt`` (a state dict, loaded
+with ``weights_only=True``) or ``models/model.ts`` (TorchScript).
+
+A bundle config is code: ``$`` expressions run Python and ``_target_`` can name any callable. Without
+``trust_checkpoint`` only configs whose every item this reads is plain data, with targets among MONAI's
+components or ``torch.nn``, are accepted.
+"""
+import inspect
+import json
+import pydoc
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from .errors import InputError
+from .models import (TRUST_HINT, ModelDescription, SegmentationModel, _torchscript, network_with_weights,
+                     parse_labels)
+
+CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+# Transforms that do not change what the network sees in the network convention (loading, channel first, types).
+NEUTRAL = {"LoadImage", "EnsureChannelFirst", "AsChannelFirst", "AddChannel", "EnsureType", "ToTensor",
+           "CastToType", "ToDevice", "Identity", "CopyItems", "DeleteItems", "SelectItems", "SaveImage",
+           "ToNumpy", "FromMetaTensor", "ToMetaTensor", "EnsureTyped"}
+
+
+def bundle_root(folder):
+    """The bundle folder (holding ``configs/inference.*``): ``folder`` or its only subfolder; None if neither."""
+    folder = Path(folder)
+    candidates = [folder] + sorted(path for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else []
+    for candidate in candidates:
+        if any((candidate / "configs" / name).is_file() for name in CONFIG_NAMES):
+            return candidate
+    return None
+
+
+def is_bundle_zip(path):
+    """A zip archive with ``configs/inference.*`` (at its top or in one folder) and no TorchScript code."""
+    if not zipfile.is_zipfile(str(path)):
+        return False
+    with zipfile.ZipFile(str(path)) as archive:
+        names = archive.namelist()
+    return any(re.search(r"(^|/)configs/inference\.(json|ya?ml)$", name) for name in names)
+
+
+def load_bundle(path, trust_checkpoint=False):
+    """A :class:`~.models.SegmentationModel` from a bundle folder or zip."""
+    path = Path(path)
+    if path.is_dir():
+        root = bundle_root(path)
+        if root is None:
+            raise InputError("{} is not a MONAI bundle (no configs/inference.json)".format(path))
+        return _load_root(root, trust_checkpoint, str(path))
+    scratch = Path(tempfile.mkdtemp(prefix="medadv-bundle-"))
+    try:
+        _extract(path, scratch)
+        root = bundle_root(scratch)
+        if root is None:
+            raise InputError("{} is not a MONAI bundle (no configs/inference.json)".format(path))
+        return _load_root(root, trust_checkpoint, str(path))
+    finally:
+        shutil.rmtree(str(scratch), ignore_errors=True)
+
+
+def _extract(archive_path, target):
+    """Unzip, refusing members that would land outside ``target``."""
+    with zipfile.ZipFile(str(archive_path)) as archive:
+        for member in archive.infolist():
+            name = PurePosixPath(member.filename)
+            if name.is_absolute() or ".." in name.parts:
+                raise InputError("{} holds an unsafe path {!r}".format(archive_path, member.filename))
+        archive.extractall(str(target))
+
+
+def _load_root(root, trust_checkpoint, where):
+    from monai.bundle import ConfigParser
+    config_file = next(root / "configs" / name for name in CONFIG_NAMES if (root / "configs" / name).is_file())
+    metadata_file = root / "configs" / "metadata.json"
+    metadata = {}
+    if metadata_file.is_file():
+        try:
+            metadata = json.loads(metadata_file.read_text())
+        except ValueError as error:
+            raise InputError("cannot read {}: {}".format(metadata_file, error))
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config_file))
+        if metadata:
+            parser.read_meta(str(metadata_file))
+        parser["bundle_root"] = str(root)
+        parser.parse()
+    except Exception as error:
+        raise InputError("cannot read {}: {}".format(config_file, error))
+    config = parser.get()
+    reader = _Reader(parser, trust_checkpoint, where)
+    notes = []
+    inputs_format, outputs_format = _data_format(metadata)
+    image_key = next(iter(inputs_format), "image")
+    reader.output_key = next(iter(outputs_format), "pred")
+
+    network = _bundle_network(root, parser, config, reader, trust_checkpoint, where)
+    description = ModelDescription(name=str(metadata.get("name") or root.name), output_activation=None)
+    if inputs_format.get(image_key, {}).get("num_channels"):
+        description.in_channels = int(inputs_format[image_key]["num_channels"])
+    intensity = []
+    for name, args in reader.transforms("preprocessing", image_key, MAPPED):
+        _map_preprocessing(name, args, description, intensity, notes)
+    description.intensity = intensity if len(intensity) != 1 else intensity[0]
+    if not intensity:
+        description.intensity = {"type": "none"}
+    description.window = _window(reader, config, notes)
+    activation, sigmoid_logits = _activation(reader)
+    if sigmoid_logits:
+        network = torch.nn.Sequential(network, torch.nn.Sigmoid())
+        notes.append("postprocessing applies a sigmoid: it is part of the network here")
+    description.output_activation = activation
+    description.labels = _labels(outputs_format, activation, where)
+    version = metadata.get("version")
+    description.notes = "MONAI bundle {}{}".format(description.name, " version {}".format(version) if version else "")
+    model = SegmentationModel(network, description, source="MONAI bundle {}".format(where))
+    model.load_notes = notes
+    return model
+
+
+def _bundle_network(root, parser, config, reader, trust_checkpoint, where):
+    weights, script = root / "models" / "model.pt", root / "models" / "model.ts"
+    if weights.is_file() and "network_def" in config:
+        reader.check("network_def")
+        try:
+            network = parser.get_parsed_content("network_def")
+        except Exception as error:
+            raise InputError("cannot build network_def of bundle {}: {}".format(where, error))
+        if not isinstance(network, torch.nn.Module):
+            raise InputError("network_def of bundle {} is not a network".format(where))
+        return network_with_weights(network, weights, trust_checkpoint)
+    if script.is_file():
+        network = _torchscript(script)
+        if network is None:
+            raise InputError("{} of bundle {} is not TorchScript".format(script.name, where))
+        return network
+    if weights.is_file():
+        return network_with_weights(None, weights, trust_checkpoint)
+    raise InputError("bundle {} has neither models/model.pt (with network_def) nor models/model.ts".format(where))
+
+
+class _Reader:
+    """Resolves config items with the parser once they are known to be plain data (or the bundle is trusted)."""
+
+    def __init__(self, parser, trusted, where):
+        self.parser, self.trusted, self.where = parser, trusted, where
+        self.output_key = "pred"
+
+    def check(self, item_id):
+        if self.trusted:
+            return
+        problems = _unsafe(self.parser, item_id)
+        if problems:
+            raise InputError("bundle {}: {} runs code where this tool reads it ({}); {}".format(
+                self.where, item_id, "; ".join(problems[:3]), TRUST_HINT))
+
+    def component(self, item_id):
+        """(class name, arguments with the class's defaults) of a ``_target_`` item, or None."""
+        raw = self.parser.get(item_id)
+        if not isinstance(raw, dict) or "_target_" not in raw or raw.get("_disabled_") in (True, "true", "True"):
+            return None
+        self.check(item_id)
+        try:
+            item = self.parser.get_parsed_content(item_id, instantiate=False)
+            module_name = item.resolve_module_name()
+            args = item.resolve_args()
+        except Exception as error:
+            raise InputError("bundle {}: cannot read {}: {}".format(self.where, item_id, error))
+        target = pydoc.locate(module_name) if isinstance(module_name, str) else module_name
+        defaults = {}
+        try:
+            for name, parameter in inspect.signature(target).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = getattr(parameter.default, "value", parameter.default)
+        except (TypeError, ValueError):
+            pass
+        defaults.update(args)
+        name = getattr(target, "__name__", str(module_name).rsplit(".", 1)[-1])
+        return name, defaults
+
+    def transforms(self, item_id, image_key, wanted):
+        """(name, args) for each transform of a ``Compose`` (or list) at ``item_id``; args (resolved) only for the
+        ``wanted`` names that act on ``image_key``, None for the others (never resolved: nothing runs)."""
+        raw = self.parser.get(item_id)
+        if raw is None:
+            return []
+        if isinstance(raw, dict) and "transforms" in raw:
+            list_id, items = item_id + "::transforms", raw["transforms"]
+        else:
+            list_id, items = item_id, raw
+        if isinstance(items, str) and items.startswith("@"):
+            list_id = items[1:].replace("#", "::")
+            items = self.parser.get(list_id)
+        if isinstance(items, dict) and "_target_" in items:
+            list_id, items = None, [items]
+            ids = [item_id]
+        elif isinstance(items, list):
+            ids = ["{}::{}".format(list_id, index) for index in range(len(items))]
+        else:
+            raise InputError("bundle {}: {} is not a list of transforms this tool can read; give a config whose "
+                             "{} lists its transforms".format(self.where, item_id, item_id))
+        found = []
+        for transform_id, item in zip(ids, items):
+            if not isinstance(item, dict) or "_target_" not in item or item.get("_disabled_") in (True, "true"):
+                continue
+            name = transform_name(item["_target_"])
+            if name not in wanted:
+                found.append((name, None))
+                continue
+            component = self.component(transform_id)
+            if component is None:
+                continue
+            _, args = component
+            keys = args.get("keys")
+            if keys is not None:
+                keys = [keys] if isinstance(keys, str) else list(keys)
+                if image_key not in keys:
+                    continue
+            found.append((name, args))
+        return found
+
+
+def transform_name(target):
+    """``monai.transforms.ScaleIntensityRanged`` → ``ScaleIntensityRange``: the array transform's name."""
+    name = str(target).rsplit(".", 1)[-1]
+    return name[:-1] if name.endswith("d") and name[:-1] in KNOWN else name
+
+
+MAPPED = {"Orientation", "Spacing", "ScaleIntensityRange", "ScaleIntensityRangePercentiles", "NormalizeIntensity",
+          "ScaleIntensity", "CropForeground", "DivisiblePad"}
+KNOWN = NEUTRAL | MAPPED | {"Activations", "AsDiscrete", "Invert", "KeepLargestConnectedComponent"}
+
+
+def _map_preprocessing(name, args, description, intensity, notes):
+    if name in NEUTRAL:
+        return
+    if args is None:
+        notes.append("preprocessing transform {} is not reproduced".format(name))
+        return
+    if name == "Orientation":
+        axcodes = args.get("axcodes")
+        if axcodes and str(axcodes).upper() != "RAS":
+            notes.append("the bundle orients images to {}; the network gets them RAS-oriented here".format(axcodes))
+    elif name == "Spacing":
+        pixdim = args.get("pixdim")
+        if pixdim is not None:
+            pixdim = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * 3)]
+            description.spacing = pixdim[:3]
+    elif name == "ScaleIntensityRange":
+        intensity.append({"type": "range", "a_min": float(args["a_min"]), "a_max": float(args["a_max"]),
+                          "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
+                          "clip": bool(args.get("clip", False))})
+    elif name == "ScaleIntensityRangePercentiles":
+        if args.get("relative"):
+            notes.append("ScaleIntensityRangePercentiles(relative=True) is read as relative=False")
+        intensity.append({"type": "percentile", "lower": float(args["lower"]), "upper": float(args["upper"]),
+                          "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
+                          "clip": bool(args.get("clip", False))})
+    elif name == "NormalizeIntensity":
+        intensity.append({"type": "zscore", "nonzero": bool(args.get("nonzero", False)),
+                          "mean": _number(args.get("subtrahend")), "std": _number(args.get("divisor"))})
+    elif name == "ScaleIntensity":
+        if args.get("factor") is not None:
+            notes.append("ScaleIntensity(factor=...) is not reproduced")
+        else:
+            intensity.append({"type": "minmax", "min": _number(args.get("minv", 0.0)),
+                              "max": _number(args.get("maxv", 1.0))})
+    elif name == "CropForeground":
+        if args.get("select_fn") not in (None, "is_positive") and not callable(args.get("select_fn")):
+            notes.append("CropForeground select_fn {} read as x > 0".format(args.get("select_fn")))
+        description.crop = {"threshold": 0.0, "margin": args.get("margin", 0)}
+    elif name == "DivisiblePad":
+        description.pad_divisible = args.get("k")
+
+
+def _number(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        raise InputError("per-channel intensity values are not supported: {}".format(value))
+    return float(value)
+
+
+def _window(reader, config, notes):
+    raw = config.get("inferer")
+    if not isinstance(raw, dict) or "_target_" not in raw:
+        return None
+    if transform_name(raw["_target_"]) not in ("SlidingWindowInferer", "SlidingWindowInfererAdapt", "SimpleInferer"):
+        notes.append("inferer {} is run as a whole-volume inference".format(transform_name(raw["_target_"])))
+        return None
+    component = reader.component("inferer")
+    if component is None:
+        return None
+    name, args = component
+    if name in ("SlidingWindowInferer", "SlidingWindowInfererAdapt"):
+        roi = args.get("roi_size")
+        return {"roi_size": [int(v) for v in (roi if isinstance(roi, (list, tuple)) else [roi] * 3)],
+                "overlap": args.get("overlap", 0.25), "mode": str(args.get("mode", "constant")),
+                "sigma_scale": args.get("sigma_scale", 0.125), "padding_mode": str(args.get("padding_mode",
+                                                                                            "constant")),
+                "cval": float(args.get("cval", 0.0)), "sw_batch_size": int(args.get("sw_batch_size", 1))}
+    return None
+
+
+def _activation(reader):
+    """(output activation, whether the network's outputs are sigmoid logits)."""
+    for name, args in reader.transforms("postprocessing", reader.output_key, {"Activations"}):
+        if args is not None:
+            if args.get("sigmoid"):
+                return "sigmoid", True
+            if args.get("softmax"):
+                return "logits", False
+    return None, False
+
+
+def _data_format(metadata):
+    data_format = metadata.get("network_data_format") or {}
+    return dict(data_format.get("inputs") or {}), dict(data_format.get("outputs") or {})
+
+
+def _labels(outputs_format, activation, where):
+    """Label names from the output channel definition (``channel_def``); sigmoid channel c is label c + 1."""
+    for output in outputs_format.values():
+        channels = output.get("channel_def") if isinstance(output, dict) else None
+        if isinstance(channels, dict) and channels:
+            offset = 1 if activation == "sigmoid" else 0
+            names = {int(channel) + offset: str(name) for channel, name in channels.items()}
+            if offset:
+                names.setdefault(0, "background")
+            return parse_labels({value: names[value] for value in sorted(names)}, where)
+    return []
+
+
+# --------------------------------------------------------------------------------------------------------- safety
+def _unsafe(parser, item_id):
+    """What in ``item_id`` (and every item it references) would run code when the parser resolves it."""
+    from monai.bundle.config_item import ComponentLocator
+    locator = ComponentLocator()
+    problems, seen, pending = [], set(), [item_id]
+
+    def safe_target(target):
+        if not isinstance(target, str):
+            return False
+        if "." not in target:
+            return locator.get_component_module_name(target) is not None
+        return target.startswith(("monai.", "torch.nn."))
+
+    def walk(value, where):
+        if isinstance(value, str):
+            if value.startswith("$"):
+                problems.append("{} is a Python expression {!r}".format(where, value[:60]))
+            elif value.startswith("@"):
+                pending.append(value[1:].replace("#", "::"))
+        elif isinstance(value, dict):
+            if "_target_" in value and not safe_target(value["_target_"]):
+                problems.append("{} targets {!r}, outside MONAI and torch.nn".format(where, value["_target_"]))
+            if value.get("_mode_", "default") != "default":
+                problems.append("{} has _mode_ {!r}".format(where, value["_mode_"]))
+            for key, item in value.items():
+                walk(item, "{}::{}".format(where, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, "{}::{}".format(where, index))
+
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            walk(parser.get(current), current)
+        except Exception:
+            problems.append("{} cannot be read".format(current))
+    return problems

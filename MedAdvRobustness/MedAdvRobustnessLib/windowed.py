@@ -1,0 +1,127 @@
+"""Sliding-window inference and its input gradient computed one window at a time.
+
+The forward pass is MONAI's ``sliding_window_inference``: the input is padded to at least the window size,
+cut into overlapping windows (``dense_patch_slices``), each window's outputs are weighted by the importance map
+(constant or Gaussian) and summed, and the sum is divided by the summed weights (the count map)::
+
+    Y = crop( sum_w  pad_w( w * f(x_w) ) / count )
+
+Autograd through that keeps the activations of every window until the backward pass: memory grows with the number
+of windows. :func:`window_vjp` instead takes ``G = dL/dY`` (computed once on the aggregated outputs, so any loss
+of the aggregated outputs is exact) and for each window recomputes ``f(x_w)`` with grad and backpropagates its
+share ``w * G_w / count_w``, accumulating the input gradient: the same gradient, with one window's activations in
+memory at a time (``sw_batch_size`` windows per backward).
+"""
+import torch
+import torch.nn.functional as F
+
+WINDOW_DEFAULTS = {"overlap": 0.25, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant",
+                   "cval": 0.0, "sw_batch_size": 1}
+GRADIENT_MODES = ("windowed", "naive")
+
+
+def window_settings(window):
+    """The window of a model description with every setting filled in."""
+    settings = dict(WINDOW_DEFAULTS)
+    settings.update({key: value for key, value in (window or {}).items() if value is not None})
+    settings["roi_size"] = [int(size) for size in settings["roi_size"]]
+    return settings
+
+
+def sliding_window_outputs(predictor, inputs, window):
+    """MONAI's sliding-window inference of ``predictor`` on ``inputs`` with the model description's window."""
+    from monai.inferers import sliding_window_inference
+    settings = window_settings(window)
+    return sliding_window_inference(inputs, roi_size=tuple(settings["roi_size"]),
+                                    sw_batch_size=int(settings["sw_batch_size"]), predictor=predictor,
+                                    overlap=settings["overlap"], mode=settings["mode"],
+                                    sigma_scale=settings["sigma_scale"], padding_mode=settings["padding_mode"],
+                                    cval=float(settings["cval"]))
+
+
+class WindowPlan:
+    """Where MONAI's ``sliding_window_inference`` puts its windows on an image, with their weights."""
+
+    def __init__(self, image_size, window, device="cpu", dtype=torch.float32):
+        from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+        from monai.utils import fall_back_tuple
+        settings = window_settings(window)
+        dims = len(image_size)
+        self.settings = settings
+        self.image_size = tuple(int(s) for s in image_size)
+        self.roi_size = tuple(fall_back_tuple(settings["roi_size"], self.image_size))
+        overlap = settings["overlap"]
+        overlap = tuple(overlap) if isinstance(overlap, (list, tuple)) else (overlap,) * dims
+        # F.pad order (last axis first), symmetric, as MONAI pads images smaller than the window
+        self.padding = []
+        for axis in reversed(range(dims)):
+            diff = max(self.roi_size[axis] - self.image_size[axis], 0)
+            self.padding += [diff // 2, diff - diff // 2]
+        self.padded_size = tuple(max(i, r) for i, r in zip(self.image_size, self.roi_size))
+        interval = _scan_interval(self.padded_size, self.roi_size, dims, overlap)
+        self.slices = [tuple(s) for s in dense_patch_slices(self.padded_size, self.roi_size, interval,
+                                                            return_slice=True)]
+        patch = get_valid_patch_size(self.padded_size, self.roi_size)
+        self.importance = compute_importance_map(tuple(patch), mode=settings["mode"],
+                                                 sigma_scale=settings["sigma_scale"], device=device, dtype=dtype)
+        self.count = torch.zeros(self.padded_size, dtype=dtype, device=device)
+        for window_slice in self.slices:
+            self.count[window_slice] += self.importance
+
+    def __len__(self):
+        return len(self.slices)
+
+    def pad_input(self, inputs):
+        if not any(self.padding):
+            return inputs
+        mode = self.settings["padding_mode"]
+        value = float(self.settings["cval"]) if mode == "constant" else None
+        return F.pad(inputs, self.padding, mode=mode, value=value)
+
+    def pad_output_gradient(self, gradient):
+        """The gradient of the cropping MONAI does after aggregation: zeros where it padded."""
+        return F.pad(gradient, self.padding) if any(self.padding) else gradient
+
+
+def window_vjp(predictor, inputs, output_gradient, window):
+    """d L / d inputs, given ``output_gradient`` = d L / d Y for Y = sliding-window outputs of ``inputs``.
+
+    Exact (up to float rounding) for any loss of Y. ``inputs`` (B, C, *spatial), ``output_gradient``
+    (B, K, *spatial) on the same grid; the predictor must keep the spatial size of its windows.
+    """
+    inputs = inputs.detach()
+    plan = WindowPlan(inputs.shape[2:], window, device=inputs.device, dtype=output_gradient.dtype)
+    padded = plan.pad_input(inputs)
+    share = plan.pad_output_gradient(output_gradient.to(inputs.device)) / plan.count
+    padded_gradient = torch.zeros_like(padded)
+    batch = int(plan.settings["sw_batch_size"])
+    jobs = [(image, window_slice) for image in range(inputs.shape[0]) for window_slice in plan.slices]
+    for first in range(0, len(jobs), batch):
+        chunk = jobs[first:first + batch]
+        index = [(slice(image, image + 1), slice(None)) + window_slice for image, window_slice in chunk]
+        window_inputs = torch.cat([padded[i] for i in index]).requires_grad_(True)
+        with torch.enable_grad():
+            window_outputs = predictor(window_inputs)
+            if tuple(window_outputs.shape[2:]) != tuple(window_inputs.shape[2:]):
+                raise ValueError("windowed gradients need outputs of the window's size, got {} for {}".format(
+                    tuple(window_outputs.shape[2:]), tuple(window_inputs.shape[2:])))
+            cotangent = torch.cat([share[i] for i in index]) * plan.importance
+            window_gradient, = torch.autograd.grad(window_outputs, window_inputs,
+                                                   cotangent.to(window_outputs.dtype))
+        for i, gradient in zip(index, window_gradient):
+            padded_gradient[i] += gradient[None].to(padded_gradient.dtype)
+    if not any(plan.padding):
+        return padded_gradient
+    with torch.enable_grad():
+        leaf = inputs.requires_grad_(True)
+        gradient, = torch.autograd.grad(plan.pad_input(leaf), leaf, padded_gradient)
+    return gradient
+
+
+def _scan_interval(image_size, roi_size, dims, overlap):
+    try:
+        from monai.inferers.utils import _get_scan_interval
+        return _get_scan_interval(image_size, roi_size, dims, overlap)
+    except ImportError:  # the same rule, should MONAI rename its helper
+        return tuple(int(r) if r == i else max(int(r * (1 - o)), 1)
+                     for i, r, o in zip(image_size, roi_size, overlap))
