@@ -313,7 +313,7 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         ``is_cancelled()`` stops between iterations (AttackCancelled, nothing added). Raises InputError for bad
         input. Returns the new nodes by role (see ``MedAdvRobustnessLib.results.add_result_nodes``).
         """
-        from MedAdvRobustnessLib.attacks import make_attack
+        from MedAdvRobustnessLib.attacks import applicable_parameters, make_attack
         from MedAdvRobustnessLib.errors import InputError
         from MedAdvRobustnessLib.models import load_model
         from MedAdvRobustnessLib.pipeline import run_on_nodes
@@ -325,7 +325,7 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         if isinstance(epsilons, str):
             epsilons = self.parseEpsilons(epsilons)
         epsilons = check_epsilons(epsilons)
-        attackMethod = make_attack(attack, steps=steps, seed=seed)
+        attackMethod = make_attack(attack, **applicable_parameters(attack, steps=steps, seed=seed))
         network = load_model(str(model).strip())
         logging.info("MedAdvRobustness: %s on %s, epsilons %s", attack, inputVolume.GetName(), epsilons)
         _result, nodes = run_on_nodes(SlicerScene.current(), inputVolume, network, attackMethod, epsilons,

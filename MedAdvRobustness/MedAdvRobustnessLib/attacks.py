@@ -1,22 +1,55 @@
-"""Untargeted L-infinity attacks on dense (per-voxel) segmentation outputs, in the volume's intensity space.
+"""Adversarial attacks on dense (per-voxel) segmentation outputs, in the volume's own intensity space.
 
-Every attack has one call shape::
+Every attack is a dataclass whose fields are its parameters (with defaults, listed by ``medadv attacks``), built
+by name with :func:`make_attack`, and called the same way::
 
-    adversarial, record = attack(model, volume, labels, epsilon, bounds, progress=None, is_cancelled=None)
+    adversarial, record = attack(model, volume, labels, epsilon, bounds, region=None, target=None,
+                                 progress=None, is_cancelled=None)
 
-``volume`` is (1, C, X, Y, Z) raw intensities, ``labels`` (1, X, Y, Z) integer labels for the loss, ``epsilon``
-the L-infinity budget in intensity units, ``bounds`` the (low, high) intensities the result is clipped to.
-``progress(step, steps, loss)`` is called after each iteration; ``is_cancelled()`` is checked between
-iterations and stops the attack with :class:`AttackCancelled`.
+- ``volume`` (B, C, X, Y, Z) raw intensities (the runner uses B = 1); ``labels`` (B, X, Y, Z) integer labels
+  the attack moves away from (the reference, else the clean prediction).
+- ``epsilon`` the budget in intensity units: L-infinity (max |delta|) or, for ``norm="l2"``, the L2 norm of the
+  perturbation (:meth:`Attack.intensity_budget` converts a fraction of the intensity range). ``bounds`` the
+  (low, high) intensities the result is clipped to. Both hold exactly, checked in float64.
+- ``region`` optional boolean mask (1 or B, X, Y, Z): the perturbation is zero outside it. With the common
+  parameter ``region_loss=True`` the loss (and DAG's active set) is also restricted to it.
+- ``target`` optional integer label map like ``labels``: the attack becomes targeted (it lowers its loss towards
+  ``target``). Without it, an attack whose ``target_mode`` is set builds the target from ``labels`` (see
+  :func:`make_target`: ``permute``, ``swap``, ``turn``, ``grow``, ``vanish``).
+- ``progress(step, steps, loss, dice)`` after each gradient evaluation: ``loss`` is the attack's loss at the point
+  the gradient was taken (untargeted: being raised; targeted: the loss towards the target, being lowered),
+  ``dice`` the mean foreground Dice of that point's prediction against ``labels``, both computed from the outputs
+  that :meth:`SegmentationModel.loss_and_gradient` returned (no extra forward pass).
+- ``is_cancelled()`` is checked before each gradient evaluation and stops the attack with :class:`AttackCancelled`.
+
+Design (after foolbox 3 and torchattacks): one base class holds the call protocol, the bookkeeping
+(:class:`AttackRecord`), the norm-specific step/projection/random start (as foolbox's L-infinity and L2
+gradient-descent bases) and the targeting; step sizes are relative to epsilon (foolbox's ``rel_stepsize``).
+Subclasses only say how they iterate (FGSM, PGD, APGD, DAG) or which loss they use (SegPGD, CosPGD).
+
+Output activations: methods that need class scores (DAG, DLR) use logits-like scores: the logits; ``log p`` for
+softmax outputs (logits up to a per-voxel constant, which these methods ignore); for sigmoid outputs (one
+probability per foreground label) ``[0, logit(p_1), ..., logit(p_K)]``, whose arg-max is background exactly when
+every ``p_k < 0.5``, as :func:`predict_labels` decides. Probabilities (CosPGD) are the softmax of those scores:
+the softmax outputs themselves, and ``(1 - p, p)`` for a single sigmoid channel. Cross-entropy is always
+:func:`voxel_loss`, correct for the activation (binary cross-entropy summed over channels for sigmoid).
 """
+import math
 import time
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
-from .outputs import voxel_loss
+from .metrics import dice_per_label, mean_dice
+from .outputs import label_count, predict_labels, voxel_loss
+
+NORMS = ("linf", "l2")
+TARGET_MODES = ("permute", "swap", "turn", "grow", "vanish")
+RESTART_CRITERIA = ("dice", "loss")
+_TINY = 1e-12
 
 
 class AttackCancelled(Exception):
@@ -25,13 +58,17 @@ class AttackCancelled(Exception):
 
 @dataclass
 class AttackRecord:
-    """What happened during an attack."""
+    """What happened during an attack: one loss and one Dice per gradient evaluation, and method details."""
     attack: str
     epsilon: float
     steps: int
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
+    dice: List[float] = field(default_factory=list)
+    details: Dict[str, object] = field(default_factory=dict)
 
+
+# --- projections -------------------------------------------------------------------------------------------------
 
 def project_linf(candidate, original, epsilon, bounds):
     """Closest point to ``candidate`` with |x - original| <= epsilon and low <= x <= high, exactly in float.
@@ -46,69 +83,711 @@ def project_linf(candidate, original, epsilon, bounds):
     return torch.where(overshoot, torch.nextafter(projected, original), projected)
 
 
-def loss_and_gradient(model, volume, labels):
-    """Mean per-voxel cross-entropy of the model's outputs and its gradient with respect to the volume."""
-    loss, gradient, _ = model.loss_and_gradient(volume, lambda outputs: voxel_loss(outputs, labels,
-                                                                                  model.activation).mean())
-    return loss, gradient
+def project_l2(candidate, original, epsilon, bounds, region=None):
+    """``candidate - original`` (zero outside ``region``) scaled into the L2 ball of radius epsilon per volume,
+    then clipped to ``bounds``; exact in float: a voxel that rounding moved farther from the original than the
+    float64 result steps one float back, so every |delta| only shrinks and the norm stays <= epsilon."""
+    original64 = original.double()
+    delta = candidate.double() - original64
+    if region is not None:
+        delta = delta * region
+    norm = _norms(delta, "l2")
+    scale = torch.where(norm > epsilon, epsilon * (1.0 - 1e-12) / norm.clamp_min(_TINY), torch.ones_like(norm))
+    wanted = (original64 + delta * scale).clamp(*bounds)
+    projected = wanted.to(candidate.dtype)
+    away = (projected.double() - original64).abs() > (wanted - original64).abs()
+    return torch.where(away, torch.nextafter(projected, original), projected)
 
 
-class FGSM:
-    """Fast Gradient Sign Method (Goodfellow et al., 2015): one step of size epsilon along the gradient sign."""
-    name = "fgsm"
-
-    def __call__(self, model, volume, labels, epsilon, bounds, progress=None, is_cancelled=None):
-        start = time.time()
-        _check_cancel(is_cancelled)
-        loss, gradient = loss_and_gradient(model, volume, labels)
-        adversarial = project_linf(volume + epsilon * gradient.sign(), volume, epsilon, bounds)
-        if progress:
-            progress(1, 1, loss)
-        return adversarial.detach(), AttackRecord(self.name, epsilon, 1, [loss], time.time() - start)
+def _norms(tensor, norm):
+    """Per-volume norm, shaped (B, 1, 1, 1, 1) for broadcasting."""
+    flat = tensor.flatten(start_dim=1)
+    values = flat.abs().amax(dim=1) if norm == "linf" else torch.linalg.vector_norm(flat, dim=1)
+    return values.view((-1,) + (1,) * (tensor.dim() - 1))
 
 
-class PGD:
-    """Projected Gradient Descent, L-infinity (Madry et al., 2018): random start, step 2.5 * epsilon / steps."""
-    name = "pgd"
+# --- scores, probabilities, losses -------------------------------------------------------------------------------
 
-    def __init__(self, steps=10, seed=0, random_start=True):
-        if steps < 1:
-            raise InputError("PGD needs at least one step")
-        self.steps = steps
-        self.seed = seed
-        self.random_start = random_start
-
-    def __call__(self, model, volume, labels, epsilon, bounds, progress=None, is_cancelled=None):
-        start = time.time()
-        step_size = 2.5 * epsilon / self.steps
-        adversarial = volume.detach()
-        if self.random_start:
-            generator = torch.Generator().manual_seed(self.seed)
-            noise = torch.rand(volume.shape, generator=generator, dtype=volume.dtype) * 2.0 - 1.0
-            adversarial = project_linf(volume + epsilon * noise.to(volume.device), volume, epsilon, bounds)
-        losses = []
-        for step in range(1, self.steps + 1):
-            _check_cancel(is_cancelled)
-            loss, gradient = loss_and_gradient(model, adversarial, labels)
-            adversarial = project_linf(adversarial + step_size * gradient.sign(), volume, epsilon, bounds)
-            losses.append(loss)
-            if progress:
-                progress(step, self.steps, loss)
-        return adversarial.detach(), AttackRecord(self.name, epsilon, self.steps, losses, time.time() - start)
+def class_scores(outputs, activation):
+    """Logits-like scores (B, labels, ...) whose arg-max is the predicted label (see the module docstring)."""
+    if activation == "logits":
+        return outputs
+    if activation == "softmax":
+        return torch.log(outputs.clamp_min(_TINY))
+    probabilities = outputs.clamp(1e-7, 1.0 - 1e-7)
+    foreground = torch.log(probabilities) - torch.log1p(-probabilities)
+    return torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)
 
 
-ATTACKS = {"fgsm": FGSM, "pgd": PGD}
+def class_probabilities(outputs, activation):
+    """Per-voxel probabilities over labels: softmax of logits, softmax outputs as is, softmax of sigmoid scores."""
+    if activation == "softmax":
+        return outputs
+    return torch.softmax(class_scores(outputs, activation), dim=1)
 
 
-def make_attack(name, steps=10, seed=0):
-    """An attack by name with its parameters."""
-    if name == "fgsm":
-        return FGSM()
-    if name == "pgd":
-        return PGD(steps=steps, seed=seed)
-    raise InputError("unknown attack {!r}; expected one of {}".format(name, sorted(ATTACKS)))
+def dlr_loss(scores, labels, target=None):
+    """Per-voxel Difference of Logits Ratio (Croce & Hein 2020) on (B, K, ...) scores.
+
+    Untargeted (K >= 3): ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``, raised by the attack. Targeted (K >= 4):
+    ``(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, the negative of the paper's targeted DLR, lowered.
+    """
+    needed = 3 if target is None else 4
+    if scores.shape[1] < needed:
+        raise InputError("the {}DLR loss needs at least {} labels, the network has {}".format(
+            "" if target is None else "targeted ", needed, scores.shape[1]))
+    ordered = scores.sort(dim=1, descending=True).values
+    own = scores.gather(1, labels[:, None].long())[:, 0]
+    if target is None:
+        top_is_own = scores.argmax(dim=1) == labels
+        best_other = torch.where(top_is_own, ordered[:, 1], ordered[:, 0])
+        return -(own - best_other) / (ordered[:, 0] - ordered[:, 2] + _TINY)
+    wanted = scores.gather(1, target[:, None].long())[:, 0]
+    return (own - wanted) / (ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3]) + _TINY)
 
 
-def _check_cancel(is_cancelled):
+def foreground_dice(outputs, activation, labels):
+    """Mean foreground Dice of each volume's prediction against ``labels``: a list, one value per volume."""
+    prediction = predict_labels(outputs, activation)
+    count = max(label_count(outputs, activation), int(labels.max()) + 1)
+    return [mean_dice(dice_per_label(prediction[b].cpu(), labels[b].cpu(), count)) for b in range(len(prediction))]
+
+
+# --- targets -----------------------------------------------------------------------------------------------------
+
+def make_target(mode, labels, labels_count, source_label=None, target_label=None, grow_voxels=1, seed=0):
+    """An integer target map (like ``labels``) for a targeted attack.
+
+    - ``permute``: every voxel gets ``pi(label)`` for a random permutation ``pi`` of 0..labels_count-1 without a
+      fixed point (a seeded random cycle), so every voxel has another target (DAG's random targets).
+    - ``swap``: ``source_label`` <-> ``target_label``; other voxels keep their label.
+    - ``turn``: ``source_label`` becomes ``target_label`` ("turn A into B").
+    - ``vanish``: ``source_label`` becomes background (0) ("make A vanish").
+    - ``grow``: ``source_label`` spreads ``grow_voxels`` voxels into its neighbours (that many 6-connected
+      binary dilations); voxels of the grown rim get ``source_label``.
+    Voxels whose target equals their label are to be kept as they are.
+    """
+    labels = labels.long()
+    if mode not in TARGET_MODES:
+        raise InputError("unknown target mode {!r}; expected one of {}".format(mode, ", ".join(TARGET_MODES)))
+    if mode == "permute":
+        if labels_count < 2:
+            raise InputError("a label permutation needs at least 2 labels")
+        order = torch.randperm(labels_count, generator=torch.Generator().manual_seed(seed))
+        mapping = torch.empty(labels_count, dtype=torch.long)
+        mapping[order] = order.roll(-1)
+        return mapping.to(labels.device)[labels]
+    needs_target = mode in ("swap", "turn")
+    _check_label("source_label", source_label, labels_count, mode)
+    if needs_target:
+        _check_label("target_label", target_label, labels_count, mode)
+        if target_label == source_label:
+            raise InputError("target mode {}: source and target label are both {}".format(mode, source_label))
+    if mode == "vanish" and source_label == 0:
+        raise InputError("target mode vanish: the source label must be a foreground label, not 0")
+    source = labels == source_label
+    if mode == "swap":
+        return torch.where(source, target_label, torch.where(labels == target_label, source_label, labels))
+    if mode == "turn":
+        return torch.where(source, torch.full_like(labels, target_label), labels)
+    if mode == "vanish":
+        return torch.where(source, torch.zeros_like(labels), labels)
+    grown = dilate(source, grow_voxels)
+    return torch.where(grown, torch.full_like(labels, source_label), labels)
+
+
+def dilate(mask, iterations):
+    """``iterations`` binary dilations of a (B, X, Y, Z) mask with the 6-connected cross."""
+    kernel = torch.zeros((1, 1, 3, 3, 3), dtype=torch.float32, device=mask.device)
+    kernel[0, 0, 1, 1, :] = kernel[0, 0, 1, :, 1] = kernel[0, 0, :, 1, 1] = 1.0
+    grown = mask[:, None].float()
+    for _ in range(iterations):
+        grown = (F.conv3d(grown, kernel, padding=1) > 0).float()
+    return grown[:, 0] > 0
+
+
+def _check_label(name, value, labels_count, mode):
+    if value is None:
+        raise InputError("target mode {} needs {}".format(mode, name))
+    if not 0 <= value < labels_count:
+        raise InputError("{} {} is not a label of this network (0..{})".format(name, value, labels_count - 1))
+
+
+# --- parameters ----------------------------------------------------------------------------------------------------
+
+def _param(default, kind, help, choices=None, minimum=None, optional=False):
+    """A dataclass field that describes an attack parameter for the CLI and :func:`make_attack`."""
+    return field(default=default, metadata=dict(kind=kind, help=help, choices=choices, minimum=minimum,
+                                                optional=optional or default is None))
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    default: object
+    kind: type
+    help: str
+    choices: Optional[tuple] = None
+
+
+@dataclass
+class Attack:
+    """Base class: the call protocol, the norm geometry and the targeting shared by every attack."""
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    norm: ClassVar[str] = "linf"
+
+    seed: int = _param(0, int, "seed of random starts and of the permute target")
+    target_mode: Optional[str] = _param(None, str, "targeted attack: target map built from the labels",
+                                        choices=TARGET_MODES)
+    source_label: Optional[int] = _param(None, int, "label A of swap/turn/grow/vanish")
+    target_label: Optional[int] = _param(None, int, "label B of swap/turn")
+    grow_voxels: int = _param(1, int, "grow: voxels label A spreads into its neighbours", minimum=1)
+    region_loss: bool = _param(False, bool, "restrict the loss (not only the perturbation) to the region")
+
+    def __post_init__(self):
+        for item in fields(self):
+            meta = item.metadata
+            value = getattr(self, item.name)
+            if value is None and meta.get("optional"):
+                continue
+            if meta.get("choices") and value not in meta["choices"]:
+                raise InputError("{} {}: {!r} is not one of {}".format(self.name, item.name, value,
+                                                                       ", ".join(meta["choices"])))
+            if meta.get("minimum") is not None and value < meta["minimum"]:
+                raise InputError("{} {} must be at least {:g}, got {:g}".format(self.name, item.name,
+                                                                               meta["minimum"], value))
+        if self.target_mode in ("swap", "turn", "grow", "vanish") and self.source_label is None:
+            raise InputError("{}: target mode {} needs source_label".format(self.name, self.target_mode))
+        if self.target_mode in ("swap", "turn") and self.target_label is None:
+            raise InputError("{}: target mode {} needs target_label".format(self.name, self.target_mode))
+
+    @classmethod
+    def parameters(cls):
+        """The parameters (name, default, type, help) this attack takes: its own first, then the common ones."""
+        common = {item.name for item in fields(Attack)}
+        ordered = sorted(fields(cls), key=lambda item: item.name in common)
+        return [Parameter(item.name, item.default, item.metadata["kind"], item.metadata["help"],
+                          item.metadata.get("choices")) for item in ordered]
+
+    def intensity_budget(self, fraction, intensity_range, volume, region=None):
+        """Epsilon in intensity units for a budget given as a fraction of the intensity range.
+
+        L-infinity: ``fraction * range``. L2: ``fraction * range * sqrt(n)`` with n the attacked voxels (the
+        region's, times channels), i.e. the root-mean-square perturbation over them is ``fraction * range``.
+        """
+        if self.norm == "linf":
+            return fraction * intensity_range
+        voxels = volume[0].numel() if region is None else int(region[0].sum()) * volume.shape[1]
+        return fraction * intensity_range * math.sqrt(voxels)
+
+    def __call__(self, model, volume, labels, epsilon, bounds, region=None, target=None, progress=None,
+                 is_cancelled=None):
+        context = _Context(self, model, volume, labels, float(epsilon), bounds, region, target, progress,
+                           is_cancelled)
+        adversarial = self._attack(context)
+        context.record.seconds = time.time() - context.start
+        return adversarial.detach(), context.record
+
+    def _attack(self, context):
+        raise NotImplementedError
+
+    def _loss(self, context, outputs, step, steps):
+        """Per-volume loss (B,): mean cross-entropy towards the loss labels (the target when targeted)."""
+        return context.reduce(voxel_loss(outputs, context.loss_labels(outputs), context.activation))
+
+
+class _Context:
+    """One call of an attack: inputs, geometry, targeting, gradient evaluations and the record."""
+
+    def __init__(self, attack, model, volume, labels, epsilon, bounds, region, target, progress, is_cancelled):
+        if volume.dim() != 5:
+            raise InputError("attacks take a (B, C, X, Y, Z) volume, got shape {}".format(tuple(volume.shape)))
+        spatial = (volume.shape[0],) + tuple(volume.shape[2:])
+        if tuple(labels.shape) != spatial:
+            raise InputError("labels of shape {} do not match the volume {}".format(tuple(labels.shape),
+                                                                                   tuple(volume.shape)))
+        if target is not None and tuple(target.shape) != spatial:
+            raise InputError("target of shape {} does not match the volume {}".format(tuple(target.shape),
+                                                                                     tuple(volume.shape)))
+        if region is not None:
+            if tuple(region.shape[1:]) != spatial[1:] or region.shape[0] not in (1, spatial[0]):
+                raise InputError("region of shape {} does not match the volume {}".format(tuple(region.shape),
+                                                                                         tuple(volume.shape)))
+            region = region.to(torch.bool).to(volume.device)
+            if not bool(region.any()):
+                raise InputError("the region is empty")
+        if not epsilon > 0:
+            raise InputError("epsilon must be positive, got {}".format(epsilon))
+        self.attack, self.model, self.volume = attack, model, volume.detach()
+        self.labels = labels.long().to(volume.device)
+        self.epsilon, self.bounds = epsilon, (float(bounds[0]), float(bounds[1]))
+        self.region = region
+        self.voxel_region = None if region is None else region[:, None]
+        self.loss_mask = region if (region is not None and attack.region_loss) else None
+        self.given_target = None if target is None else target.long().to(volume.device)
+        self.targeted = target is not None or attack.target_mode is not None
+        self.direction = -1.0 if self.targeted else 1.0
+        self.activation = model.activation
+        self.progress, self.is_cancelled = progress, is_cancelled
+        self.start = time.time()
+        self.record = AttackRecord(attack.name, epsilon, 0)
+        self.total_steps, self.step = 1, 0
+        self._target = None
+
+    # targeting
+    def target(self, outputs):
+        """The target map (built from the labels on first use, when the number of labels is known)."""
+        if self._target is None:
+            count = label_count(outputs, self.activation)
+            if self.given_target is not None:
+                self._target = self.given_target
+            else:
+                attack = self.attack
+                self._target = make_target(attack.target_mode, self.labels, count, attack.source_label,
+                                           attack.target_label, attack.grow_voxels, attack.seed)
+            if int(self._target.max()) >= count or int(self._target.min()) < 0:
+                raise InputError("the target holds labels outside 0..{}".format(count - 1))
+        return self._target
+
+    def loss_labels(self, outputs):
+        return self.target(outputs) if self.targeted else self.labels
+
+    def reduce(self, per_voxel, weights=None):
+        """Per-volume mean over voxels (over the region with ``region_loss``), optionally weighted."""
+        if weights is not None:
+            per_voxel = per_voxel * weights
+        if self.loss_mask is None:
+            return per_voxel.flatten(start_dim=1).mean(dim=1)
+        mask = self.loss_mask.expand_as(per_voxel).to(per_voxel.dtype)
+        return (per_voxel * mask).flatten(start_dim=1).sum(dim=1) / mask.flatten(start_dim=1).sum(dim=1)
+
+    # gradient evaluations
+    def plan(self, steps):
+        self.total_steps = self.record.steps = steps
+
+    def evaluate(self, point, loss):
+        """``loss(outputs)`` per volume at ``point``: (values (B,), ascent gradient, detached outputs)."""
+        check_cancel(self.is_cancelled)
+        direction = self.direction
+        value, gradient, outputs = self.model.loss_and_gradient(point, lambda out: direction * loss(out).sum())
+        with torch.no_grad():
+            values = loss(outputs).detach()
+        dice = foreground_dice(outputs, self.activation, self.labels)
+        self.step += 1
+        self.record.losses.append(float(values.mean()))
+        self.record.dice.append(sum(dice) / len(dice))
+        if self.progress:
+            self.progress(self.step, self.total_steps, self.record.losses[-1], self.record.dice[-1])
+        return values, gradient, outputs
+
+    # geometry
+    def masked(self, tensor):
+        return tensor if self.voxel_region is None else tensor * self.voxel_region
+
+    def project(self, candidate, norm):
+        candidate = candidate.to(self.volume.dtype)
+        if norm == "l2":
+            return project_l2(candidate, self.volume, self.epsilon, self.bounds, self.voxel_region)
+        projected = project_linf(candidate, self.volume, self.epsilon, self.bounds)
+        return projected if self.voxel_region is None else torch.where(self.voxel_region, projected, self.volume)
+
+    def ascend(self, point, gradient, size, norm):
+        """``point`` moved by ``size`` (a number or per-volume (B,) tensor) along the steepest ascent direction
+        of ``norm`` (gradient sign for L-infinity, normalised gradient for L2), then projected."""
+        gradient = self.masked(gradient)
+        if norm == "linf":
+            direction = gradient.sign()
+        else:
+            direction = gradient / _norms(gradient, "l2").clamp_min(_TINY)
+        if torch.is_tensor(size):
+            size = size.view((-1,) + (1,) * (point.dim() - 1)).to(point.dtype)
+        return self.project(point + size * direction, norm)
+
+    def random_start(self, seed, norm):
+        generator = torch.Generator().manual_seed(seed)
+        if norm == "linf":
+            noise = torch.rand(self.volume.shape, generator=generator, dtype=self.volume.dtype) * 2.0 - 1.0
+            noise = self.epsilon * noise
+        else:
+            noise = self.masked(torch.randn(self.volume.shape, generator=generator, dtype=torch.float64)
+                                .to(self.volume.device))
+            radius = torch.rand((self.volume.shape[0],), generator=generator, dtype=torch.float64)
+            noise = noise / _norms(noise, "l2").clamp_min(_TINY) * self.epsilon * radius.view(-1, 1, 1, 1, 1)
+        return self.project(self.volume + self.masked(noise.to(self.volume)), norm)
+
+    def score(self, point, criterion):
+        """Per-volume badness of ``point`` for restarts (higher is worse for the network), one forward pass."""
+        with torch.no_grad():
+            outputs = self.model(point)
+            if criterion == "loss":  # the plain cross-entropy (towards the target when targeted)
+                return (self.direction * Attack._loss(self.attack, self, outputs, 1, 1)).cpu()
+            reference = self.target(outputs) if self.targeted else self.labels
+            dice = torch.tensor(foreground_dice(outputs, self.activation, reference))
+            return dice if self.targeted else -dice
+
+
+def check_cancel(is_cancelled):
     if is_cancelled is not None and is_cancelled():
         raise AttackCancelled()
+
+
+def _select(better, new, old):
+    """Per volume: ``new`` where ``better`` (B,) else ``old``."""
+    return torch.where(better.view((-1,) + (1,) * (new.dim() - 1)).to(new.device), new, old)
+
+
+# --- attacks -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FGSM(Attack):
+    name: ClassVar[str] = "fgsm"
+    summary: ClassVar[str] = ("Fast Gradient Sign Method (Goodfellow et al. 2015): one L-infinity step of epsilon "
+                              "along the sign of the cross-entropy gradient")
+
+    def _attack(self, context):
+        context.plan(1)
+        _, gradient, _ = context.evaluate(context.volume, lambda out: self._loss(context, out, 1, 1))
+        return context.ascend(context.volume, gradient, context.epsilon, "linf")
+
+
+@dataclass
+class PGD(Attack):
+    name: ClassVar[str] = "pgd"
+    summary: ClassVar[str] = ("Projected Gradient Descent (Madry et al. 2018), L-infinity (sign steps) or L2 "
+                              "(normalised steps), on the per-voxel cross-entropy")
+
+    steps: int = _param(10, int, "iterations (gradient evaluations) per restart", minimum=1)
+    norm: str = _param("linf", str, "threat model", choices=NORMS)
+    step_size: Optional[float] = _param(None, float, "step as a fraction of epsilon (default 2.5/steps)",
+                                        minimum=0.0)
+    random_start: bool = _param(True, bool, "start at a random point of the epsilon ball (seeded)")
+    restarts: int = _param(1, int, "random restarts; per volume the worst case is kept", minimum=1)
+    restart_criterion: str = _param("dice", str, "worst case of the restarts: lowest mean Dice against the "
+                                    "labels (targeted: highest against the target) or highest loss",
+                                    choices=RESTART_CRITERIA)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.restarts > 1 and not self.random_start:
+            raise InputError("{}: restarts need random_start (without it every restart is the same)".format(
+                self.name))
+
+    def _attack(self, context):
+        context.plan(self.steps * self.restarts)
+        size = (self.step_size if self.step_size is not None else 2.5 / self.steps) * context.epsilon
+        best, best_score, scores = None, None, []
+        for restart in range(self.restarts):
+            point = context.random_start(self.seed + restart, self.norm) if self.random_start else context.volume
+            for step in range(1, self.steps + 1):
+                _, gradient, _ = context.evaluate(point, lambda out: self._loss(context, out, step, self.steps))
+                point = context.ascend(point, gradient, size, self.norm)
+            if self.restarts == 1:
+                return point
+            score = context.score(point, self.restart_criterion)
+            scores.append([float(s) for s in score])
+            if best is None:
+                best, best_score = point, score
+            else:
+                better = score > best_score
+                best, best_score = _select(better, point, best), torch.where(better, score, best_score)
+        context.record.details["restart_scores"] = scores
+        return best
+
+
+@dataclass
+class SegPGD(PGD):
+    name: ClassVar[str] = "segpgd"
+    summary: ClassVar[str] = ("SegPGD (Gu et al. ECCV 2022): PGD on (1-l)*CE over correctly classified voxels + "
+                              "l*CE over misclassified ones, l = (t-1)/(2T)")
+
+    def _loss(self, context, outputs, step, steps):
+        weight = (step - 1) / (2.0 * steps)
+        wanted = context.loss_labels(outputs)
+        done = predict_labels(outputs.detach(), context.activation) == wanted
+        # untargeted: "correct" voxels still carry their label; targeted: voxels already at their target.
+        first = ~done if context.targeted else done
+        weights = torch.where(first, 1.0 - weight, weight).to(outputs.dtype)
+        return context.reduce(voxel_loss(outputs, wanted, context.activation), weights)
+
+
+@dataclass
+class CosPGD(PGD):
+    name: ClassVar[str] = "cospgd"
+    summary: ClassVar[str] = ("CosPGD (Agnihotri et al. ICML 2024): PGD on the per-voxel CE weighted by the "
+                              "(detached) cosine similarity of the class probabilities and the one-hot labels "
+                              "(targeted: 1 - cosine to the target)")
+
+    def _loss(self, context, outputs, step, steps):
+        wanted = context.loss_labels(outputs)
+        probabilities = class_probabilities(outputs.detach(), context.activation)
+        one_hot = F.one_hot(wanted, probabilities.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+        cosine = F.cosine_similarity(probabilities, one_hot, dim=1, eps=_TINY)
+        weights = 1.0 - cosine if context.targeted else cosine
+        return context.reduce(voxel_loss(outputs, wanted, context.activation), weights)
+
+
+def apgd_checkpoints(steps):
+    """APGD's checkpoint iterations w_j = ceil(p_j * steps): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), for 0 < w_j < steps."""
+    previous, current, points = 0.0, 0.22, []
+    while current < 1.0:
+        point = math.ceil(round(current * steps, 9))
+        if 0 < point < steps and point not in points:
+            points.append(point)
+        previous, current = current, current + max(current - previous - 0.03, 0.06)
+    return points
+
+
+@dataclass
+class APGD(Attack):
+    name: ClassVar[str] = "apgd"
+    summary: ClassVar[str] = "Auto-PGD (Croce & Hein 2020)"
+    loss_name: ClassVar[str] = "ce"
+
+    steps: int = _param(10, int, "gradient evaluations per restart", minimum=2)
+    norm: str = _param("linf", str, "threat model", choices=NORMS)
+    random_start: bool = _param(True, bool, "start at a random point of the epsilon ball (seeded)")
+    restarts: int = _param(1, int, "random restarts; per volume the highest loss is kept", minimum=1)
+    step_size: float = _param(2.0, float, "initial step as a fraction of epsilon (the paper's 2)", minimum=0.0)
+    momentum: float = _param(0.75, float, "weight alpha of the new step (1 - alpha: momentum)", minimum=0.0)
+    rho: float = _param(0.75, float, "halve the step when fewer than rho of the steps since the last "
+                        "checkpoint raised the loss", minimum=0.0)
+
+    def _loss(self, context, outputs, step, steps):
+        if self.loss_name == "ce":
+            return super()._loss(context, outputs, step, steps)
+        scores = class_scores(outputs, context.activation)
+        target = context.target(outputs) if context.targeted else None
+        return context.reduce(dlr_loss(scores, context.labels, target))
+
+    def _attack(self, context):
+        context.plan(self.steps * self.restarts)
+        best, best_value = None, None
+        for restart in range(self.restarts):
+            point, value = self._run(context, restart)
+            if best is None:
+                best, best_value = point, value
+            else:
+                better = value > best_value
+                best, best_value = _select(better, point, best), torch.where(better, value, best_value)
+        return best
+
+    def _run(self, context, restart):
+        """One APGD run; returns the best point evaluated and its (ascent) objective per volume."""
+        loss = lambda out: self._loss(context, out, 1, 1)
+        sign = context.direction
+        point = context.random_start(self.seed + restart, self.norm) if self.random_start else context.volume
+        values, gradient, _ = context.evaluate(point, loss)
+        value = sign * values
+        best, best_value, best_gradient = point, value, gradient
+        batch = point.shape[0]
+        eta = torch.full((batch,), self.step_size * context.epsilon, dtype=torch.float64, device=value.device)
+        previous = point
+        checkpoints = set(apgd_checkpoints(self.steps))
+        successes = torch.zeros_like(value)
+        last_check, eta_at_check, best_at_check = 0, eta.clone(), best_value.clone()
+        halvings = []
+        for k in range(1, self.steps):
+            z = context.ascend(point, gradient, eta, self.norm)
+            if k == 1:
+                candidate = z
+            else:
+                alpha = self.momentum
+                candidate = context.project(point + alpha * (z - point) + (1.0 - alpha) * (point - previous),
+                                            self.norm)
+            values, new_gradient, _ = context.evaluate(candidate, loss)
+            new_value = sign * values
+            successes += (new_value > value).float()
+            improved = new_value > best_value
+            best = _select(improved, candidate, best)
+            best_gradient = _select(improved, new_gradient, best_gradient)
+            best_value = torch.where(improved, new_value, best_value)
+            previous, point, gradient, value = point, candidate, new_gradient, new_value
+            if k in checkpoints:
+                too_few = successes < self.rho * (k - last_check)
+                stalled = (eta == eta_at_check) & (best_value == best_at_check)
+                halve = too_few | stalled
+                eta = torch.where(halve, eta / 2.0, eta)
+                point, gradient = _select(halve, best, point), _select(halve, best_gradient, gradient)
+                value = torch.where(halve, best_value, value)
+                previous = _select(halve, best, previous)
+                halvings.append([k, [bool(h) for h in halve]])
+                successes.zero_()
+                last_check, eta_at_check, best_at_check = k, eta.clone(), best_value.clone()
+        details = context.record.details
+        details.setdefault("checkpoints", sorted(checkpoints))
+        details.setdefault("halvings", []).append(halvings)
+        details.setdefault("best_objective", []).append([float(v) for v in best_value])
+        return best, best_value
+
+
+@dataclass
+class APGDCE(APGD):
+    name: ClassVar[str] = "apgd-ce"
+    summary: ClassVar[str] = ("Auto-PGD (Croce & Hein 2020) on the per-voxel cross-entropy: checkpoint step "
+                              "halving, momentum 0.75, restart from the best point")
+    loss_name: ClassVar[str] = "ce"
+
+
+@dataclass
+class APGDDLR(APGD):
+    name: ClassVar[str] = "apgd-dlr"
+    summary: ClassVar[str] = ("Auto-PGD (Croce & Hein 2020) on the Difference of Logits Ratio, per voxel and "
+                              "averaged (targeted: the targeted DLR); needs >= 3 labels (targeted >= 4)")
+    loss_name: ClassVar[str] = "dlr"
+
+
+@dataclass
+class DAG(Attack):
+    """Dense Adversary Generation. Each iteration: active voxels = those still predicted as their label whose
+    target is another label; r = gradient of sum_active (z_target - z_label) (logits-like scores); step
+    gamma * epsilon * r / |r|inf, projected on the epsilon ball and the bounds; stop when no voxel is active.
+
+    ``gamma`` is relative to epsilon (the paper's 0.5 was in 0-255 pixel units), so the attack does not depend
+    on the intensity scale. ``scale_quantile`` < 1 divides r by that quantile of |r| and clips to [-1, 1]
+    instead: with percentile intensity normalisation (the demo network) the gradient at the voxels that set the
+    percentiles is ~10^4 times any other, and r / |r|inf then moves almost nothing else.
+    """
+    name: ClassVar[str] = "dag"
+    summary: ClassVar[str] = ("Dense Adversary Generation (Xie et al. ICCV 2017): per-voxel adversarial targets; "
+                              "r = grad sum over the active voxels of (z_target - z_label), step gamma*eps*r/|r|inf, "
+                              "until no voxel is active; always targeted (default: random label permutation)")
+
+    target_mode: Optional[str] = _param("permute", str, "target map built from the labels", choices=TARGET_MODES)
+    steps: int = _param(20, int, "maximum iterations", minimum=1)
+    gamma: float = _param(0.5, float, "L-infinity size of each step as a fraction of epsilon", minimum=0.0)
+    scale_quantile: float = _param(1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] "
+                                   "(1: the paper's r/|r|inf)", minimum=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.scale_quantile <= 1.0:
+            raise InputError("dag scale_quantile must be in (0, 1], got {:g}".format(self.scale_quantile))
+
+    def direction(self, gradient):
+        """The step direction r / s clipped to [-1, 1], s the ``scale_quantile`` quantile of |r| per volume
+        (the attacked voxels' only); with quantile 1, s = |r|inf and this is the paper's r / |r|inf."""
+        if self.scale_quantile >= 1.0:
+            return gradient / _norms(gradient, "linf").clamp_min(_TINY)
+        scales = []
+        for b in range(gradient.shape[0]):
+            values = gradient[b].abs().flatten()
+            values = values[values > 0] if bool((values > 0).any()) else values
+            rank = max(1, math.ceil(self.scale_quantile * values.numel()))
+            scales.append(values.kthvalue(rank).values.clamp_min(_TINY))
+        scale = torch.stack(scales).view((-1,) + (1,) * (gradient.dim() - 1))
+        return (gradient / scale).clamp(-1.0, 1.0)
+
+    def _loss(self, context, outputs, step, steps):
+        """Per volume: sum over active voxels of z_target - z_label (DAG raises it)."""
+        scores = class_scores(outputs, context.activation)
+        target = context.target(outputs)
+        active = self.active(context, outputs)
+        margin = scores.gather(1, target[:, None])[:, 0] - scores.gather(1, context.labels[:, None])[:, 0]
+        return (margin * active.to(margin.dtype)).flatten(start_dim=1).sum(dim=1)
+
+    def active(self, context, outputs):
+        """Voxels still predicted as their label whose target is another label (within the region with
+        ``region_loss``)."""
+        prediction = predict_labels(outputs.detach(), context.activation)
+        active = (prediction == context.labels) & (context.target(outputs) != context.labels)
+        if context.loss_mask is not None:
+            active = active & context.loss_mask
+        return active
+
+    def _attack(self, context):
+        if not context.targeted:
+            raise InputError("dag needs a target map or a target mode")
+        context.direction = 1.0  # DAG raises z_target - z_label itself
+        context.plan(self.steps)
+        point, counts = context.volume, []
+        for _ in range(self.steps):
+            _, gradient, outputs = context.evaluate(point, lambda out: self._loss(context, out, 1, 1))
+            active = self.active(context, outputs)
+            counts.append(int(active.sum()))
+            if counts[-1] == 0:
+                break
+            gradient = context.masked(gradient)
+            step = self.gamma * context.epsilon * self.direction(gradient)
+            point = context.project(point + step, "linf")
+        context.record.details["active"] = counts
+        context.record.details["iterations"] = len(counts)
+        return point
+
+
+ATTACKS = {attack.name: attack for attack in (FGSM, PGD, SegPGD, CosPGD, APGDCE, APGDDLR, DAG)}
+
+
+def make_attack(name, **params):
+    """The attack ``name`` with ``params`` (values may be text, as from ``--param key=value``)."""
+    attack_class = ATTACKS.get(name)
+    if attack_class is None:
+        raise InputError("unknown attack {!r}; expected one of {}".format(name, ", ".join(sorted(ATTACKS))))
+    known = {item.name: item for item in fields(attack_class)}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InputError("attack {} has no parameter {}; its parameters are {}".format(
+            name, ", ".join(unknown), ", ".join(sorted(known))))
+    return attack_class(**{key: _convert(name, known[key], value) for key, value in params.items()})
+
+
+def applicable_parameters(name, **options):
+    """Those of ``options`` that attack ``name`` takes (for forms that offer e.g. steps and seed to every attack)."""
+    attack_class = ATTACKS.get(name)
+    if attack_class is None:
+        raise InputError("unknown attack {!r}; expected one of {}".format(name, ", ".join(sorted(ATTACKS))))
+    known = {item.name for item in fields(attack_class)}
+    return {key: value for key, value in options.items() if key in known}
+
+
+def describe_attacks():
+    """Every attack with its summary and its parameters with their defaults, as text."""
+    lines = []
+    for name in sorted(ATTACKS):
+        attack_class = ATTACKS[name]
+        lines.append("{}: {}".format(name, attack_class.summary))
+        for parameter in attack_class.parameters():
+            choices = " ({})".format("|".join(parameter.choices)) if parameter.choices else ""
+            lines.append("    {:<18} default {:<8} {}{}".format(
+                parameter.name, _text(parameter.default), parameter.help, choices))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _text(value):
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "{:g}".format(value) if isinstance(value, float) else str(value)
+
+
+def _convert(attack_name, item, value):
+    meta = item.metadata
+    kind = meta["kind"]
+    if isinstance(value, str):
+        text = value.strip()
+        if meta.get("optional") and text.lower() in ("none", ""):
+            return None
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1", "yes", "on")
+            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        except ValueError:
+            raise InputError("attack {} parameter {}: cannot read {!r} as {}".format(attack_name, item.name, value,
+                                                                                 kind.__name__))
+    if value is None:
+        if meta.get("optional"):
+            return None
+        raise InputError("attack {} parameter {} cannot be none".format(attack_name, item.name))
+    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise InputError("attack {} parameter {} must be {}, got {!r}".format(attack_name, item.name, kind.__name__,
+                                                                         value))

@@ -56,9 +56,13 @@ def check_epsilons(epsilons):
     return values
 
 
-def run_attack_sweep(model, volume, attack, epsilons, reference=None, progress=None, is_cancelled=None):
+def run_attack_sweep(model, volume, attack, epsilons, reference=None, progress=None, is_cancelled=None, region=None,
+                     target=None):
     """Attack ``volume`` at each epsilon; labels for the loss are ``reference`` if given, else the clean prediction.
 
+    ``region`` (boolean) and ``target`` (integer labels), optional arrays on the reference's grid, are passed to
+    the attack: the perturbation stays inside ``region``; ``target`` makes the attack targeted. Epsilons are
+    fractions of the intensity range, converted by the attack's ``intensity_budget`` (L2: root-mean-square).
     ``progress(fraction, message)`` reports the work done; ``is_cancelled()`` stops between iterations.
     """
     epsilons = check_epsilons(epsilons)
@@ -75,14 +79,26 @@ def run_attack_sweep(model, volume, attack, epsilons, reference=None, progress=N
         raise InputError("the reference holds label {} but the network predicts labels 0..{}".format(
             int(reference.max()), len(labels) - 1))
     loss_labels = torch.from_numpy(reference if reference is not None else clean_prediction)[None]
+    region_mask = None if region is None else torch.from_numpy(np.asarray(region) != 0)[None]
+    target_map = None if target is None else torch.from_numpy(np.asarray(target).astype(np.int64))[None]
     outcomes = [Outcome(0.0, volume.array, clean_prediction)]
     for index, epsilon in enumerate(epsilons):
-        def report(step, steps, loss, index=index, epsilon=epsilon):
+        def report(step, steps, loss, dice=None, index=index, epsilon=epsilon):
             if progress:
-                progress((index + step / steps) / len(epsilons),
-                         "{} epsilon {:g}: step {}/{} loss {:.4f}".format(attack.name, epsilon, step, steps, loss))
-        adversarial, record = attack(model, inputs, loss_labels, epsilon * (high - low), (low, high),
-                                     progress=report, is_cancelled=is_cancelled)
+                progress((index + min(step, steps) / steps) / len(epsilons),
+                         "{} epsilon {:g}: step {}/{} loss {:.4f}{}".format(
+                             attack.name, epsilon, step, steps, loss,
+                             "" if dice is None else " Dice {:.3f}".format(dice)))
+        budget = getattr(attack, "intensity_budget", None)
+        epsilon_abs = (budget(epsilon, high - low, inputs, region_mask) if budget is not None
+                       else epsilon * (high - low))
+        extra = {}
+        if region_mask is not None:
+            extra["region"] = region_mask
+        if target_map is not None:
+            extra["target"] = target_map
+        adversarial, record = attack(model, inputs, loss_labels, epsilon_abs, (low, high), progress=report,
+                                     is_cancelled=is_cancelled, **extra)
         prediction = model.predict(adversarial)[0].numpy()
         outcomes.append(Outcome(epsilon, adversarial[0, 0].numpy(), prediction, record))
     model_name = model.description.name

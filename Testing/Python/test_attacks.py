@@ -91,7 +91,8 @@ def test_pgd_reports_progress_and_can_be_cancelled():
     labels = model.predict(volume)
     seen = []
     with pytest.raises(AttackCancelled):
-        PGD(steps=5)(model, volume, labels, 5.0, (-50.0, 350.0), progress=lambda step, steps, loss: seen.append(step),
+        PGD(steps=5)(model, volume, labels, 5.0, (-50.0, 350.0),
+                     progress=lambda step, steps, loss, dice: seen.append(step),
                      is_cancelled=lambda: len(seen) >= 2)
     assert seen == [1, 2]
 
