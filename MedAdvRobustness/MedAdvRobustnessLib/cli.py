@@ -3,7 +3,7 @@ import argparse
 import sys
 import time
 
-from .attacks import ATTACKS
+from .attacks import ATTACKS, NORMS, TARGET_MODES, describe_attacks, make_attack
 from .errors import InputError
 from .outputs import ACTIVATIONS
 
@@ -40,21 +40,69 @@ def build_parser():
     demo.add_argument("--out", required=True, help="results folder (must not exist or be empty)")
     demo.set_defaults(handler=_demo)
 
+    attacks = commands.add_parser("attacks", help="list every attack with its parameters and their defaults")
+    attacks.set_defaults(handler=_list_attacks)
+
     train = commands.add_parser("train", help="train the demo network on the embedded sample (reproducible)")
     train.add_argument("--out", required=True, help="folder for model.json, model.pt and training.json")
     train.add_argument("--iterations", type=int, default=3000)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train)
+
+    from .viewer import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer.py)
+    add_view_command(commands)
     return parser
 
 
+# Attack options: (flag, parameter, type, help). Each given one becomes a parameter of the attack; an attack that
+# does not take it refuses it (see `medadv attacks`).
+ATTACK_OPTIONS = (
+    ("--steps", "steps", int, "iterations (pgd/segpgd/cospgd/apgd-*: 10, dag: at most 20)"),
+    ("--seed", "seed", int, "seed of random starts and of the permute target (default 0)"),
+    ("--norm", "norm", NORMS, "threat model of pgd/segpgd/cospgd/apgd-* (default linf; with l2, epsilon is the "
+                              "root-mean-square perturbation as a fraction of the range)"),
+    ("--restarts", "restarts", int, "random restarts, keeping the worst case per volume (default 1)"),
+    ("--step-size", "step_size", float, "step as a fraction of epsilon (pgd family: 2.5/steps, apgd: 2)"),
+    ("--gamma", "gamma", float, "dag: L-infinity step as a fraction of epsilon (default 0.5)"),
+    ("--target-mode", "target_mode", TARGET_MODES, "targeted attack: permute (random labels), swap A<->B, "
+                                                   "turn A into B, grow A, vanish A (dag default: permute)"),
+    ("--source-label", "source_label", int, "label A of swap/turn/grow/vanish"),
+    ("--target-label", "target_label", int, "label B of swap/turn"),
+    ("--grow-voxels", "grow_voxels", int, "grow: voxels A spreads into its neighbours (default 1)"),
+)
+
+
 def _add_attack_arguments(parser, default_epsilons):
-    parser.add_argument("--attack", choices=sorted(ATTACKS), default="pgd")
+    parser.add_argument("--attack", choices=sorted(ATTACKS), default="pgd",
+                        help="the attack (default pgd); `medadv attacks` lists them with their parameters")
     parser.add_argument("--epsilon", type=float, nargs="+", required=default_epsilons is None,
                         default=list(default_epsilons or []),
-                        help="L-infinity budgets as fractions of the intensity range (0 < e < 1)")
-    parser.add_argument("--steps", type=int, default=10, help="PGD iterations (default 10)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of PGD's random start (default 0)")
+                        help="budgets as fractions of the intensity range (0 < e < 1)")
+    for flag, name, kind, help_text in ATTACK_OPTIONS:
+        if isinstance(kind, tuple):
+            parser.add_argument(flag, dest="attack_" + name, choices=kind, help=help_text)
+        else:
+            parser.add_argument(flag, dest="attack_" + name, type=kind, metavar=name.upper(), help=help_text)
+    parser.add_argument("--random-start", dest="attack_random_start", action="store_true", default=None,
+                        help="start at a random point of the epsilon ball (pgd family and apgd: the default)")
+    parser.add_argument("--no-random-start", dest="attack_random_start", action="store_false",
+                        help="start at the clean volume")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="any attack parameter, repeatable (e.g. --param restart_criterion=loss)")
+
+
+def attack_from_args(args):
+    """The attack the command line asks for: its parameters are the options given and the --param pairs."""
+    params = {name: getattr(args, "attack_" + name) for _flag, name, _kind, _help in ATTACK_OPTIONS
+              if getattr(args, "attack_" + name) is not None}
+    if args.attack_random_start is not None:
+        params["random_start"] = args.attack_random_start
+    for item in args.param:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise InputError("--param takes KEY=VALUE, got {!r}".format(item))
+        params[key.strip().replace("-", "_")] = value
+    return make_attack(args.attack, **params)
 
 
 def _run(args):
@@ -68,10 +116,16 @@ def _demo(args):
 
 def _attack(volume, model, reference, args, output_activation):
     from .pipeline import run_on_files
+    attack = attack_from_args(args)
     start = time.time()
-    result = run_on_files(volume, model, args.attack, args.epsilon, args.out, reference, args.steps, args.seed,
-                          output_activation, progress=_print_progress)
+    result = run_on_files(volume, model, attack, args.epsilon, args.out, reference, output_activation=output_activation,
+                          progress=_print_progress)
     print(summary(result, time.time() - start))
+    return 0
+
+
+def _list_attacks(args):
+    print(describe_attacks(), end="")
     return 0
 
 

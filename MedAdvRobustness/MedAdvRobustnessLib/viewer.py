@@ -1,0 +1,100 @@
+"""``medadv view DIR``: visual QA of a results folder in the browser, on Slicer's own core (trame-slicer).
+
+The page shows the scene ``medadv run`` wrote (``DIR/scene.mrb``, or any ``.mrb`` given directly), loaded through
+trame-slicer's IO manager, in Slicer's slice and 3D views; see :mod:`.viewer_app`. The server listens on the
+loopback interface unless told otherwise and runs until interrupted (Ctrl+C).
+"""
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+ENCODERS = ("png", "jpeg", "turbo-jpeg", "webp")
+MISSING_VIEWER = ("the browser viewer needs trame-slicer: pip install 'medadvrobustness[viewer]' "
+                  "(or: pip install 'trame-slicer[standalone]==2.0.0')")
+
+
+def add_view_command(commands):
+    """The ``view`` subcommand of ``medadv`` (kept here so that cli.py only registers it)."""
+    view = commands.add_parser("view", help="open a results folder (or .mrb) in Slicer's views in the browser")
+    view.add_argument("results", metavar="DIR", help="results folder written by 'medadv run/demo', or a .mrb file")
+    view.add_argument("--host", default=DEFAULT_HOST,
+                      help="address to listen on (default {}: this machine only)".format(DEFAULT_HOST))
+    view.add_argument("--port", type=int, default=DEFAULT_PORT,
+                      help="port (default {}; 0: any free port)".format(DEFAULT_PORT))
+    view.add_argument("--encoder", choices=ENCODERS, default="png",
+                      help="image encoding of the views (default png: lossless, so that what you see is what the "
+                           "voxels hold)")
+    view.set_defaults(handler=_view)
+    return view
+
+
+def _view(args):
+    serve(args.results, host=args.host, port=args.port, encoder=args.encoder)
+    return 0
+
+
+def scene_file(results):
+    """``results`` is a results folder (its ``scene.mrb``) or a ``.mrb`` file."""
+    path = Path(results)
+    if path.is_dir():
+        path = path / "scene.mrb"
+        if not path.is_file():
+            raise InputError("{} holds no scene.mrb; is it a folder written by 'medadv run'?".format(results))
+    elif not path.is_file():
+        raise InputError("not found: {}".format(results))
+    elif path.suffix.lower() != ".mrb":
+        raise InputError("{} is neither a results folder nor a .mrb scene bundle".format(results))
+    return path.absolute()
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(results, encoder="png", server=None):
+    """The trame app for a results folder or ``.mrb`` (not started)."""
+    path = scene_file(results)
+    try:
+        from .viewer_app import ResultsViewer
+    except ImportError as error:
+        raise InputError("{} ({})".format(MISSING_VIEWER, error))
+    if server is None:
+        from trame.app import get_server
+        server = get_server("medadv-view", client_type="vue3")
+    return ResultsViewer(path, server=server, rca_encoder=encoder)
+
+
+def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png"):
+    """Serve the viewer until interrupted; prints the address once it listens."""
+    if not 0 <= port <= 65535:
+        raise InputError("--port must lie in 0..65535")
+    if not is_loopback(host):
+        print("medadv view: warning: listening on {}, not only on this machine; the scene is served without any "
+              "access control".format(host), file=sys.stderr)
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        # Headless: render offscreen through EGL (Mesa llvmpipe without a GPU) instead of trying X first.
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    app = build_app(results, encoder=encoder)
+    server = app.server
+    # The medadv command line is ours: trame must not parse sys.argv (--port/--host are given explicitly).
+    os.environ["TRAME_ARGS"] = ""
+
+    def announce(**_):
+        shown = "[{}]".format(host) if ":" in host else host
+        print("medadv view: {} ({})".format(app.run.title, app.scene_path), flush=True)
+        print("medadv view: open http://{}:{}/ (Ctrl+C to stop)".format(shown, server.port), flush=True)
+
+    server.controller.on_server_ready.add(announce)
+    server.start(host=host, port=port, open_browser=False, show_connection_info=False, timeout=0,
+                 disable_logging=True)
+

@@ -1,0 +1,321 @@
+"""``medadv view`` end to end: a results folder served by trame-slicer, looked at in a real headless Chromium.
+
+The server runs as a subprocess in its own process group on a loopback port it picks itself (``--port 0``, the
+address is read from its output); Chromium is driven over the DevTools protocol. Every wait polls the page (the
+views' images and the app's state) with a deadline; nothing sleeps a fixed time. Screenshots and the views' images
+are kept under ``test-artifacts/viewer/``.
+"""
+import base64
+import io
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headless_chromium import HeadlessChromium, end_process_group, find_chromium, group_alive
+from MedAdvRobustnessLib.viewer import is_loopback, scene_file
+from MedAdvRobustnessLib.viewer_scene import find_runs
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "viewer"
+MEDADV = Path(sys.executable).with_name("medadv")
+SERVER_START_TIMEOUT = 120
+RENDER_TIMEOUT = 90
+SHUTDOWN_TIMEOUT = 15
+WIDTH, HEIGHT = 1600, 1000
+SLICE_VIEWS, THREE_D_VIEWS = ("Clean", "Attacked"), ("Clean3D", "Attacked3D")
+
+# Per view (by its data-view caption): the displayed image's size, where it lies on the page, and a digest and
+# content measures of its pixels (read back through a canvas; the images are same-origin blob URLs).
+VIEWS_JS = r"""
+(() => {
+  const views = {};
+  for (const label of document.querySelectorAll('[data-view]')) {
+    const img = label.parentElement.querySelector('img');
+    if (!img || !img.complete || !img.naturalWidth) { views[label.dataset.view] = null; continue; }
+    const box = img.getBoundingClientRect();
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let bright = 0, colourful = 0, digest = 0;
+    for (let i = 0; i < data.length; i += 4) {
+      const r = data[i], g = data[i + 1], b = data[i + 2];
+      if (r + g + b > 120) bright++;
+      if (Math.max(r, g, b) - Math.min(r, g, b) > 60) colourful++;
+      digest = (Math.imul(digest, 31) + r * 65536 + g * 256 + b) | 0;
+    }
+    const pixels = data.length / 4;
+    views[label.dataset.view] = {
+      width: img.naturalWidth, height: img.naturalHeight, shownWidth: box.width, shownHeight: box.height,
+      x: box.x, y: box.y, bright: bright / pixels, colourful: colourful / pixels, digest: digest,
+      png: canvas.toDataURL('image/png')};
+  }
+  return views;
+})()
+"""
+
+
+def medadv(*args, timeout=600):
+    command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
+    return subprocess.run(command + [str(arg) for arg in args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("viewer") / "results"
+    completed = medadv("demo", "--out", out, "--epsilon", "0.01", "0.04", "--attack", "fgsm")
+    assert completed.returncode == 0, completed.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def viewer_url(results_dir, tmp_path_factory):
+    """``medadv view`` on a free loopback port; its whole process group is ended afterwards, and checked gone."""
+    logs = tmp_path_factory.mktemp("viewer-logs")
+    stdout_path, stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+    command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
+    with open(str(stdout_path), "w") as stdout, open(str(stderr_path), "w") as stderr:
+        server = subprocess.Popen(command + ["view", str(results_dir), "--host", "127.0.0.1", "--port", "0"],
+                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        url = _wait_for_address(server, stdout_path, stderr_path)
+        yield url
+        assert server.poll() is None, "the server died during the test: " + stderr_path.read_text()[-3000:]
+    finally:
+        started = time.monotonic()
+        end_process_group(server, timeout=SHUTDOWN_TIMEOUT)
+        assert time.monotonic() - started < 3 * SHUTDOWN_TIMEOUT
+        assert group_alive(server.pid) == [], "processes of the viewer server left behind"
+
+
+def _wait_for_address(server, stdout_path, stderr_path):
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        match = re.search(r"open (http://\S+/)", stdout_path.read_text())
+        if match:
+            return match.group(1)
+        if server.poll() is not None:
+            pytest.fail("medadv view exited with status {}: {}".format(server.returncode,
+                                                                       stderr_path.read_text()[-3000:]))
+        time.sleep(0.2)
+    pytest.fail("medadv view printed no address within {} s".format(SERVER_START_TIMEOUT))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (scripts/system-packages.sh installs it)")
+    chromium = HeadlessChromium(width=WIDTH, height=HEIGHT)
+    try:
+        yield chromium
+    finally:
+        pid = chromium.process.pid
+        chromium.close(timeout=SHUTDOWN_TIMEOUT)
+        assert group_alive(pid) == [], "chromium processes left behind"
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+def views_state(browser):
+    return browser.evaluate(VIEWS_JS) or {}
+
+
+def wait_for_views(browser, condition, what, timeout=RENDER_TIMEOUT):
+    """Poll until every view shows an image at its displayed size, ``condition(views)`` holds, and the images
+    are the same on two polls in a row (the server has finished streaming); return the views."""
+    deadline = time.monotonic() + timeout
+    previous, views = None, None
+    while time.monotonic() < deadline:
+        views = views_state(browser)
+        ready = all(views.get(name) and abs(views[name]["width"] - round(views[name]["shownWidth"])) <= 2
+                    and abs(views[name]["height"] - round(views[name]["shownHeight"])) <= 2
+                    for name in SLICE_VIEWS + THREE_D_VIEWS)
+        if ready and condition(views):
+            digests = {name: views[name]["digest"] for name in views if views[name]}
+            if digests == previous:
+                return views
+            previous = digests
+        else:
+            previous = None
+        time.sleep(0.4)
+    summary = {name: view and {key: view[key] for key in view if key != "png"} for name, view in (views or {}).items()}
+    raise TimeoutError("{} not reached within {} s; views: {}".format(what, timeout, summary))
+
+
+def state(browser, name):
+    return browser.evaluate("window.trame.state.get({!r})".format(name))
+
+
+def click(browser, element_id):
+    assert browser.evaluate("(() => {{ const e = document.getElementById({!r}); if (!e) return false; e.click(); "
+                            "return true; }})()".format(element_id)), "no element #" + element_id
+
+
+def image(view):
+    from PIL import Image
+    data = base64.b64decode(view["png"].split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def keep(browser, views, name):
+    """Screenshot of the page and the image of every view, under test-artifacts/viewer/<name>*.png."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.screenshot(ARTIFACTS / "{}.png".format(name))
+    for view_name, view in views.items():
+        if view:
+            (ARTIFACTS / "{}-{}.png".format(name, view_name)).write_bytes(
+                base64.b64decode(view["png"].split(",", 1)[1]))
+
+
+def changed(a, b, threshold=6):
+    """Pixels where any channel differs by more than ``threshold`` (images cropped to a common size)."""
+    rows, cols = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+    return np.abs(a[:rows, :cols] - b[:rows, :cols]).max(axis=2) > threshold
+
+
+def dilate(mask, radius):
+    grown = mask.copy()
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            grown |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+    return grown
+
+
+def slices_not_blank(views):
+    return all(views[name]["bright"] > 0.15 for name in SLICE_VIEWS) and all(
+        views[name]["colourful"] > 0.02 for name in THREE_D_VIEWS)
+
+
+# --------------------------------------------------------------------------------------------------------- tests
+
+def test_results_scene_is_found_by_node_names(results_dir):
+    from MedAdvRobustnessLib.scene import SlicerScene
+    runs = find_runs(SlicerScene.read_mrb(results_dir / "scene.mrb").scene)
+    assert len(runs) == 1
+    run = runs[0]
+    assert (run.volume_name, run.model, run.attack) == ("MNI152_T1_2mm", "demo-unet", "fgsm")
+    assert [item.text for item in run.epsilons] == ["0.01", "0.04"]
+    assert all(item.adversarial and item.perturbation and item.segmentation for item in run.epsilons)
+    assert run.clean_segmentation.GetName() == "MNI152_T1_2mm segmentation clean"
+    assert run.metrics.GetName() == "MNI152_T1_2mm demo-unet fgsm metrics"
+    assert run.dice_table.GetName() == "MNI152_T1_2mm demo-unet fgsm Dice vs epsilon table"
+    assert run.chart.GetName() == "MNI152_T1_2mm demo-unet fgsm Dice vs epsilon"
+
+
+def test_view_refuses_what_is_not_a_results_folder(tmp_path, results_dir):
+    assert scene_file(results_dir) == (results_dir / "scene.mrb").absolute()
+    assert scene_file(results_dir / "scene.mrb") == (results_dir / "scene.mrb").absolute()
+    completed = medadv("view", tmp_path, "--port", "0", timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().startswith("medadv: error:") and "scene.mrb" in completed.stderr
+    (tmp_path / "notes.txt").write_text("not a scene")
+    completed = medadv("view", tmp_path / "notes.txt", "--port", "0", timeout=120)
+    assert completed.returncode == 2 and ".mrb" in completed.stderr
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+
+
+def test_views_in_headless_chromium(viewer_url, browser):
+    assert re.match(r"http://127\.0\.0\.1:\d+/$", viewer_url)
+    browser.navigate(viewer_url)
+    browser.wait_for("!!(window.trame && window.trame.state && window.trame.state.get('shown_epsilon_key'))",
+                     timeout=RENDER_TIMEOUT, what="the app's state")
+    assert state(browser, "shown_epsilon_key") == "0_04"  # the largest epsilon first
+
+    # 1. Every view renders: brain slices in both slice views, coloured segment surfaces in both 3D views.
+    views = wait_for_views(browser, slices_not_blank, "rendered views")
+    keep(browser, views, "01-eps-0.04-overlay")
+    for name in SLICE_VIEWS:
+        pixels = image(views[name])
+        assert pixels.std() > 20, "{} view is flat".format(name)
+    clean_segmented = image(views["Clean"])
+
+    # 2. Clean and attacked differ exactly where the perturbation is. Without the overlay and the outlines the two
+    # views show the clean and the adversarial volume on the same slice with the same window/level; the pixels
+    # where the overlay (perturbation != 0) shows are those where they may differ.
+    click(browser, "medadv-perturbation")
+    click(browser, "medadv-segmentations")
+    browser.wait_for("window.trame.state.get('show_perturbation') === false && "
+                     "window.trame.state.get('show_segmentations') === false", timeout=30, what="toggles")
+    plain = wait_for_views(browser, lambda v: v["Attacked"]["digest"] != views["Attacked"]["digest"]
+                           and v["Clean"]["digest"] != views["Clean"]["digest"], "views without overlays")
+    keep(browser, plain, "02-eps-0.04-plain")
+    clean, attacked = image(plain["Clean"]), image(plain["Attacked"])
+    overlay = changed(image(views["Attacked"]), attacked)  # overlay and outlines
+    perturbed = overlay & ~changed(clean_segmented, clean)  # less the outlines (same place in both views)
+    differs = changed(clean, attacked, threshold=3)
+    assert perturbed.mean() > 0.05, "the perturbation overlay shows on {:.1%} of the view".format(perturbed.mean())
+    assert differs.mean() > 0.02, "clean and attacked views are the same"
+    assert only_near(differs, dilate(overlay, 2))
+    assert differs[perturbed].mean() > 0.3, "the attacked view differs on only {:.1%} of the perturbed pixels".format(
+        differs[perturbed].mean())
+    mean_difference_large = np.abs(clean - attacked).mean()
+    near_perturbation = dilate(overlay, 2)
+
+    # 3. Switching epsilon switches the attacked views (slice and 3D) and leaves the clean ones.
+    click(browser, "epsilon-0_01")
+    browser.wait_for("window.trame.state.get('shown_epsilon_key') === '0_01'", timeout=30, what="epsilon switch")
+    small = wait_for_views(browser, lambda v: v["Attacked"]["digest"] != plain["Attacked"]["digest"]
+                           and v["Attacked3D"]["digest"] != plain["Attacked3D"]["digest"], "views at epsilon 0.01")
+    keep(browser, small, "03-eps-0.01-plain")
+    assert small["Clean"]["digest"] == plain["Clean"]["digest"], "the clean view changed with epsilon"
+    assert small["Clean3D"]["digest"] == plain["Clean3D"]["digest"], "the clean 3D view changed with epsilon"
+    attacked_small = image(small["Attacked"])
+    assert changed(attacked_small, attacked).mean() > 0.01
+    assert only_near(changed(clean, attacked_small, threshold=3), near_perturbation)
+    mean_difference_small = np.abs(clean - attacked_small).mean()
+    assert 0 < mean_difference_small < mean_difference_large, (mean_difference_small, mean_difference_large)
+    assert "0.01" in browser.evaluate("document.querySelector('[data-view=\"Attacked\"]').textContent")
+    highlighted = browser.evaluate("[...document.querySelectorAll('#medadv-metrics tr.bg-red-lighten-4')]"
+                                   ".map(row => row.dataset.epsilon)")
+    assert highlighted and set(highlighted) == {"0_01"}
+
+    # 4. Linked window/level: a narrower window on the clean volume applies to the attacked one as well.
+    browser.evaluate("window.trame.state.set('intensity_window', [0, 100])")
+    narrow = wait_for_views(browser, lambda v: v["Clean"]["digest"] != small["Clean"]["digest"]
+                            and v["Attacked"]["digest"] != small["Attacked"]["digest"], "narrower window")
+    keep(browser, narrow, "04-eps-0.01-window")
+    clean_narrow, attacked_narrow = image(narrow["Clean"]), image(narrow["Attacked"])
+    assert clean_narrow.mean() > clean.mean() + 20 and attacked_narrow.mean() > attacked_small.mean() + 20
+    assert np.abs(clean_narrow - attacked_narrow).mean() < 2 * mean_difference_small + 5
+    assert only_near(changed(clean_narrow, attacked_narrow, threshold=3), near_perturbation)
+
+    # 5. Linked slice views: scrolling the clean view moves the attacked one to the same slice.
+    slice_before = state(browser, "Clean__SliderState__value")
+    assert state(browser, "Attacked__SliderState__value") == slice_before
+    box = narrow["Clean"]
+    center = {"x": box["x"] + box["shownWidth"] / 2, "y": box["y"] + box["shownHeight"] / 2}
+    browser.call("Input.dispatchMouseEvent", type="mouseMoved", **center)
+    for _ in range(5):
+        browser.call("Input.dispatchMouseEvent", type="mouseWheel", deltaX=0, deltaY=120, **center)
+    scrolled = wait_for_views(browser, lambda v: v["Clean"]["digest"] != narrow["Clean"]["digest"]
+                              and v["Attacked"]["digest"] != narrow["Attacked"]["digest"], "scrolled slice views")
+    keep(browser, scrolled, "05-eps-0.01-scrolled")
+    slice_after = state(browser, "Clean__SliderState__value")
+    assert slice_after != slice_before
+    assert state(browser, "Attacked__SliderState__value") == slice_after
+    assert np.abs(image(scrolled["Clean"]) - image(scrolled["Attacked"])).mean() < 2 * mean_difference_small + 5
+
+    # 6. The page itself (not just the images) shows the slices: the screenshot crops are not blank.
+    from PIL import Image
+    page = np.asarray(Image.open(str(ARTIFACTS / "01-eps-0.04-overlay.png")).convert("L")).astype(float)
+    for name in SLICE_VIEWS:
+        view = views[name]
+        top, left = int(view["y"]), int(view["x"])
+        crop = page[top:top + int(view["shownHeight"]), left:left + int(view["shownWidth"])]
+        assert crop.size and crop.std() > 20 and (crop > 40).mean() > 0.15, name
+
+
+def only_near(differences, region, share=0.98):
+    """At least ``share`` of the differing pixels lie in ``region``."""
+    rows, cols = min(differences.shape[0], region.shape[0]), min(differences.shape[1], region.shape[1])
+    differences, region = differences[:rows, :cols], region[:rows, :cols]
+    inside = (differences & region).sum() / max(differences.sum(), 1)
+    assert inside >= share, "{:.1%} of the clean/attacked differences lie outside the perturbation".format(1 - inside)
+    return True
