@@ -70,6 +70,18 @@ class AttackRecord:
 
 # --- projections -------------------------------------------------------------------------------------------------
 
+def check_epsilons(epsilons):
+    """Sorted distinct epsilons, each a fraction of the intensity range strictly between 0 and 1."""
+    values = sorted({float(e) for e in epsilons})
+    if not values:
+        raise InputError("give at least one epsilon")
+    bad = [e for e in values if not 0.0 < e < 1.0]
+    if bad:
+        raise InputError("epsilon must be a fraction of the intensity range with 0 < epsilon < 1, got {}".format(
+            ", ".join("{:g}".format(e) for e in bad)))
+    return values
+
+
 def project_linf(candidate, original, epsilon, bounds):
     """Closest point to ``candidate`` with |x - original| <= epsilon and low <= x <= high, exactly in float.
 
@@ -236,6 +248,8 @@ class Attack:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     norm: ClassVar[str] = "linf"
+    strength_name: ClassVar[str] = "epsilon"
+    strength_label: ClassVar[str] = "epsilon (fraction of intensity range)"
 
     seed: int = _param(0, int, "seed of random starts and of the permute target")
     target_mode: Optional[str] = _param(None, str, "targeted attack: target map built from the labels",
@@ -269,6 +283,9 @@ class Attack:
         ordered = sorted(fields(cls), key=lambda item: item.name in common)
         return [Parameter(item.name, item.default, item.metadata["kind"], item.metadata["help"],
                           item.metadata.get("choices")) for item in ordered]
+
+    def check_strengths(self, epsilons):
+        return check_epsilons(epsilons)
 
     def intensity_budget(self, fraction, intensity_range, volume, region=None):
         """Epsilon in intensity units for a budget given as a fraction of the intensity range.

@@ -4,6 +4,7 @@ import sys
 import time
 
 from .attacks import ATTACKS, NORMS, TARGET_MODES, describe_attacks, make_attack
+from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionProbe, describe_corruptions
 from .errors import InputError
 from .outputs import ACTIVATIONS
 
@@ -27,20 +28,24 @@ def build_parser():
 
     run = commands.add_parser("run", help="attack a network on a volume and write the results folder")
     run.add_argument("--volume", required=True, help="input volume (NIfTI, NRRD, ... any file Slicer reads)")
-    run.add_argument("--model", required=True, help="'demo', a model folder with model.json, or a TorchScript file")
+    run.add_argument("--model", required=True, help=MODEL_HELP)
     run.add_argument("--reference", help="reference label map on the volume's grid")
     _add_attack_arguments(run, default_epsilons=None)
     run.add_argument("--output-activation", choices=ACTIVATIONS,
-                     help="what the network outputs are (default: from model.json, else logits)")
+                     help="what the network outputs are (default: as model.json or the bundle says, else "
+                          "detected from the outputs and reported)")
     run.add_argument("--out", required=True, help="results folder (must not exist or be empty)")
+    _add_model_arguments(run, trust=True)
     run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="the same on the embedded MNI152 sample with the demo network")
     _add_attack_arguments(demo, default_epsilons=DEMO_EPSILONS)
     demo.add_argument("--out", required=True, help="results folder (must not exist or be empty)")
+    _add_model_arguments(demo, trust=False)
     demo.set_defaults(handler=_demo)
 
-    attacks = commands.add_parser("attacks", help="list every attack with its parameters and their defaults")
+    attacks = commands.add_parser("attacks", help="list every attack and corruption with its parameters and their "
+                                                  "defaults")
     attacks.set_defaults(handler=_list_attacks)
 
     train = commands.add_parser("train", help="train the demo network on the embedded sample (reproducible)")
@@ -72,12 +77,35 @@ ATTACK_OPTIONS = (
 )
 
 
+MODEL_HELP = ("'demo'; a model folder with model.json (or that file: an architecture from monai.networks.nets with "
+              "its args plus a state-dict checkpoint, or TorchScript weights, with the preprocessing); a MONAI "
+              "bundle folder or .zip (configs/inference.json, models/model.pt or model.ts); or a TorchScript file")
+
+
+def _add_model_arguments(parser, trust):
+    """Where the network runs, and (``run``) whether a checkpoint that needs arbitrary unpickling may load."""
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda or cuda:N; an error if CUDA is not available")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: float16 autocast on CUDA, bfloat16 on CPU")
+    if trust:
+        parser.add_argument("--trust-checkpoint", action="store_true",
+                            help="allow checkpoints (and bundle configs) that need arbitrary unpickling or run code: "
+                                 "only for files from a source you trust")
+
+
 def _add_attack_arguments(parser, default_epsilons):
-    parser.add_argument("--attack", choices=sorted(ATTACKS), default="pgd",
+    parser.add_argument("--attack", choices=sorted(ATTACKS),
                         help="the attack (default pgd); `medadv attacks` lists them with their parameters")
-    parser.add_argument("--epsilon", type=float, nargs="+", required=default_epsilons is None,
-                        default=list(default_epsilons or []),
-                        help="budgets as fractions of the intensity range (0 < e < 1)")
+    parser.add_argument("--epsilon", type=float, nargs="+",
+                        help="budgets as fractions of the intensity range (0 < e < 1){}".format(
+                            "" if default_epsilons is None else
+                            " (default {})".format(" ".join("{:g}".format(e) for e in default_epsilons))))
+    parser.add_argument("--corruption", choices=list(CORRUPTIONS),
+                        help="a corruption instead of an attack (seeded by --seed)")
+    parser.add_argument("--severity", type=int, nargs="+", choices=SEVERITIES,
+                        help="corruption severities (default 1 2 3 4 5)")
+    parser.set_defaults(default_epsilons=default_epsilons)
     for flag, name, kind, help_text in ATTACK_OPTIONS:
         if isinstance(kind, tuple):
             parser.add_argument(flag, dest="attack_" + name, choices=kind, help=help_text)
@@ -91,6 +119,24 @@ def _add_attack_arguments(parser, default_epsilons):
                         help="any attack parameter, repeatable (e.g. --param restart_criterion=loss)")
 
 
+def probe_from_args(args):
+    """The probe and its strengths: ``--corruption`` at ``--severity``, else ``--attack`` at ``--epsilon``."""
+    if args.corruption is None:
+        if args.severity:
+            raise InputError("--severity goes with --corruption; attacks take --epsilon")
+        epsilons = args.epsilon or args.default_epsilons
+        if not epsilons:
+            raise InputError("give --epsilon (one or more budgets) for an attack, or --corruption")
+        return attack_from_args(args), epsilons
+    attack_options = [flag for flag, name, _kind, _help in ATTACK_OPTIONS
+                      if name != "seed" and getattr(args, "attack_" + name) is not None]
+    if args.attack or args.epsilon or args.param or args.attack_random_start is not None or attack_options:
+        raise InputError("--corruption takes --severity and --seed only; --attack, --epsilon and {} are attack "
+                         "options".format(", ".join(attack_options) or "the other options"))
+    seed = args.attack_seed if args.attack_seed is not None else 0
+    return CorruptionProbe(args.corruption, seed=seed), args.severity or list(SEVERITIES)
+
+
 def attack_from_args(args):
     """The attack the command line asks for: its parameters are the options given and the --param pairs."""
     params = {name: getattr(args, "attack_" + name) for _flag, name, _kind, _help in ATTACK_OPTIONS
@@ -102,7 +148,7 @@ def attack_from_args(args):
         if not separator or not key.strip():
             raise InputError("--param takes KEY=VALUE, got {!r}".format(item))
         params[key.strip().replace("-", "_")] = value
-    return make_attack(args.attack, **params)
+    return make_attack(args.attack or "pgd", **params)
 
 
 def _run(args):
@@ -116,16 +162,19 @@ def _demo(args):
 
 def _attack(volume, model, reference, args, output_activation):
     from .pipeline import run_on_files
-    attack = attack_from_args(args)
+    probe, strengths = probe_from_args(args)
     start = time.time()
-    result = run_on_files(volume, model, attack, args.epsilon, args.out, reference, output_activation=output_activation,
-                          progress=_print_progress)
+    result = run_on_files(volume, model, probe, strengths, args.out, reference, output_activation=output_activation,
+                          progress=_print_progress, trust_checkpoint=getattr(args, "trust_checkpoint", False),
+                          device=args.device, amp=args.amp)
     print(summary(result, time.time() - start))
     return 0
 
 
 def _list_attacks(args):
     print(describe_attacks(), end="")
+    print()
+    print(describe_corruptions(), end="")
     return 0
 
 
@@ -136,19 +185,29 @@ def _train(args):
 
 
 def summary(result, seconds):
-    """The clean Dice per label and the mean Dice at each epsilon, as text."""
-    against = "reference" if result.reference is not None else "clean"
-    lines = ["{} on {} ({} attack), {:.0f} s".format(result.model_name, result.volume.name, result.attack_name,
-                                                      seconds)]
+    """The clean Dice per label, then per strength the mean Dice, HD95, SSIM and PSNR, as text."""
+    key, against = result.strength_name, result.against
+    kind = "attack" if key == "epsilon" else "corruption"
+    lines = ["{} on {} ({} {}), {:.0f} s".format(result.model_name, result.volume.name, result.attack_name, kind,
+                                                 seconds)]
     if result.reference is not None:
-        clean = ["{} {:.3f}".format(row["label"], row["dice_reference"]) for row in result.rows if row["epsilon"] == 0]
+        clean = ["{} {:.3f}".format(row["label"], row["dice_reference"]) for row in result.rows if row[key] == 0]
         lines.append("clean Dice against the reference: " + ", ".join(clean))
-    lines.append("{:>10}  {:>12}  {:>8}".format("epsilon", "mean Dice", "PSNR dB"))
+    lines.append("{:>10}  {:>10}  {:>9}  {:>6}  {:>8}".format(key, "mean Dice", "HD95 mm", "SSIM", "PSNR dB"))
     for outcome in result.outcomes:
-        row = next(r for r in result.rows if r["epsilon"] == outcome.epsilon and r["label"] == "mean")
-        psnr = "" if row["psnr"] is None else "{:.1f}".format(row["psnr"])
-        lines.append("{:>10g}  {:>12.3f}  {:>8}".format(outcome.epsilon, row["dice_" + against], psnr))
+        row = next(r for r in result.rows if r[key] == outcome.strength and r["label"] == "mean")
+        lines.append("{:>10g}  {:>10.3f}  {:>9}  {:>6.3f}  {:>8}".format(
+            outcome.strength, row["dice_" + against], _number(row["hd95_" + against]), row["ssim"],
+            _number(row["psnr"])))
+    rood = result.rood_summary()
+    if rood is not None:
+        lines.append("ROOD-MRI summary of the mean Dice (alpha 2/3): weighted mean {:.3f}, degradation {:.3f}, "
+                     "overall {:.3f}".format(rood["weighted_mean"], rood["degradation"], rood["overall"]))
     return "\n".join(lines)
+
+
+def _number(value):
+    return "" if value is None else "{:.1f}".format(value)
 
 
 def _print_progress(fraction, message):

@@ -112,6 +112,48 @@ def corrupt_with_labels(name, volume, labels, severity, seed=0, spacing=(1.0, 1.
     return _as_volume(corrupted, volume), moved_labels
 
 
+@dataclass(frozen=True)
+class CorruptionProbe:
+    """A corruption family as a probe for the runner: the strengths are severities 1..5."""
+    name: str
+    seed: int = 0
+    strength_name = "severity"
+    strength_label = "severity (1-5)"
+
+    def __post_init__(self):
+        _corruption(self.name)
+
+    def check_strengths(self, severities):
+        """Sorted distinct severities, each one of 1..5."""
+        values = sorted({_check_severity(int(s) if float(s) == int(s) else s) for s in severities})
+        if not values:
+            raise InputError("give at least one severity")
+        return values
+
+    @property
+    def spatial(self):
+        return _corruption(self.name).spatial
+
+    def apply(self, inputs, severity, spacing, label_maps):
+        """The corrupted volume at ``severity``, and each (X, Y, Z) label map moved with it where it moves."""
+        corrupted = corrupt(self.name, inputs, severity, self.seed, spacing)
+        if not self.spatial:
+            return corrupted, list(label_maps)
+        return corrupted, [corrupt_with_labels(self.name, inputs, labels, severity, self.seed, spacing)[1]
+                           for labels in label_maps]
+
+
+def describe_corruptions():
+    """Every corruption family with its parameters at severities 1..5 (for ``medadv attacks``)."""
+    lines = ["corruptions (--corruption NAME --severity S [S ...] [--seed N]):"]
+    for corruption in CORRUPTIONS.values():
+        lines.append("  {}: {}".format(corruption.name, corruption.description))
+        for key in corruption.levels[0]:
+            lines.append("      {} at severities 1-5: {}".format(
+                key, ", ".join("{:g}".format(level[key]) for level in corruption.levels)))
+    return "\n".join(lines) + "\n"
+
+
 def corruption_names():
     """The corruption families, ROOD-MRI's ten first."""
     return list(CORRUPTIONS)

@@ -1,33 +1,29 @@
 """The whole job: scene nodes in, result nodes out (Slicer module), or files in, results folder out (CLI)."""
-from .attacks import applicable_parameters, make_attack
 from .models import describe, load_model
 from .nodes import labels_from_node, volume_from_node
 from .report import write_report
 from .results import StagedOutput, add_result_nodes, write_result_files
-from .runner import check_epsilons, run_attack_sweep
+from .runner import run_sweep
 from .scene import SlicerScene
 
 
-def run_on_nodes(slicer_scene, volume_node, model, attack, epsilons, reference_node=None, progress=None,
+def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_node=None, progress=None,
                  is_cancelled=None):
-    """Attack the volume of ``volume_node`` and add the result nodes; on failure or cancel no new node is left."""
+    """Probe the volume of ``volume_node`` (an attack at epsilons or a corruption at severities) and add the result
+    nodes; on failure or cancel no new node is left."""
     volume = volume_from_node(volume_node)
     reference = labels_from_node(reference_node, volume) if reference_node is not None else None
     with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
         describe(model, volume)  # detects an undeclared output activation
-        result = run_attack_sweep(model, volume, attack, epsilons, reference, progress, is_cancelled)
+        result = run_sweep(model, volume, probe, strengths, reference, progress, is_cancelled)
     return result, add_nodes_or_nothing(slicer_scene, result)
 
 
-def run_on_files(volume_path, model_source, attack_name, epsilons, out_dir, reference_path=None, steps=10, seed=0,
-                 output_activation=None, progress=None, trust_checkpoint=False, device="cpu", amp=False):
-    """Read the files, attack, and write the results folder: all of it, or nothing if anything fails.
-
-    ``attack_name``: an attack name (built with ``steps`` and ``seed`` where it takes them) or an attack object.
-    """
-    epsilons = check_epsilons(epsilons)
-    attack = (make_attack(attack_name, **applicable_parameters(attack_name, steps=steps, seed=seed))
-              if isinstance(attack_name, str) else attack_name)
+def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
+                 progress=None, trust_checkpoint=False, device="cpu", amp=False):
+    """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
+    if anything fails."""
+    strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
         volume = volume_from_node(slicer_scene.load_volume(volume_path))
@@ -39,7 +35,7 @@ def run_on_files(volume_path, model_source, attack_name, epsilons, out_dir, refe
             for line in describe(model, volume).lines():
                 if progress:
                     progress(0.0, line)
-            result = run_attack_sweep(model, volume, attack, epsilons, reference, progress)
+            result = run_sweep(model, volume, probe, strengths, reference, progress)
         add_nodes_or_nothing(slicer_scene, result)
         write_result_files(result, staging)
         write_report(result, staging / "report.png")

@@ -1,13 +1,13 @@
 """``report.png``: clean vs attacked slices with segmentation overlays and the perturbation, and the Dice curve."""
 import numpy as np
 
-from .results import dice_curve_rows, epsilon_text
+from .results import dice_curve_rows, outcome_title
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
 
 def write_report(result, path):
-    """Save the figure for the strongest epsilon of ``result`` to ``path`` (PNG)."""
+    """Save the figure for the strongest epsilon (or severity) of ``result`` to ``path`` (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -27,8 +27,7 @@ def write_report(result, path):
         index = most_changed_slice(clean.prediction, attacked.prediction, axis)
         aspect = _aspect(zooms, axis)
         panels = ((clean.adversarial, clean.prediction, "clean"),
-                  (attacked.adversarial, attacked.prediction, "{} eps {}".format(result.attack_name,
-                                                                                  epsilon_text(attacked.epsilon))))
+                  (attacked.adversarial, attacked.prediction, outcome_title(result, attacked)))
         for column, (image, prediction, title) in enumerate(panels):
             ax = figure.add_subplot(grid[row, column])
             ax.imshow(display_slice(image, axis, index), cmap="gray", vmin=low, vmax=high, aspect=aspect)
@@ -44,8 +43,9 @@ def write_report(result, path):
         ax.axis("off")
         figure.colorbar(shown, ax=ax, shrink=0.8)
     _plot_curve(figure.add_subplot(grid[:, 3]), result)
-    figure.suptitle("{} on {}: {} attack (clean mean Dice {})".format(
-        result.model_name, volume.name, result.attack_name.upper(), _clean_dice_text(result)), fontsize=13)
+    kind = "attack" if result.strength_name == "epsilon" else "corruption"
+    figure.suptitle("{} on {}: {} {} (clean mean Dice {})".format(
+        result.model_name, volume.name, result.attack_name, kind, _clean_dice_text(result)), fontsize=13)
     figure.savefig(str(path), dpi=80)
     plt.close(figure)
 
@@ -72,16 +72,16 @@ def _aspect(zooms, axis):
 
 def _plot_curve(ax, result):
     rows, against = dice_curve_rows(result)
-    epsilons = [row["epsilon"] for row in rows]
+    epsilons = [row[result.strength_name] for row in rows]
     for label in result.labels[1:]:
         ax.plot(epsilons, [row[label.name] for row in rows], "o-", color=label.color, label=label.name)
     ax.plot(epsilons, [row["mean"] for row in rows], "s-", color="black", linewidth=2.5, label="mean")
-    ax.set_xlabel("epsilon (fraction of intensity range)")
+    ax.set_xlabel(result.strength_label)
     ax.set_ylabel("Dice against {}".format("reference" if against == "reference" else "clean prediction"))
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Dice vs epsilon")
+    ax.set_title("Dice vs {}".format(result.strength_name))
 
 
 def _clean_dice_text(result):

@@ -1,5 +1,6 @@
 """Write a :class:`~.runner.RobustnessResult` into an MRML scene and into a results folder."""
 import csv
+import json
 import os
 import shutil
 import tempfile
@@ -10,65 +11,76 @@ import slicer
 from .errors import InputError
 from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
     add_volume_node
-from .runner import METRIC_COLUMNS
-
 MEAN_COLOR = (0.1, 0.1, 0.1)
+STRENGTH_WORDS = {"epsilon": ("eps", "adversarial"), "severity": ("severity", "corrupted")}
 
 
 def epsilon_text(epsilon):
     return "{:g}".format(epsilon)
 
 
-def add_result_nodes(slicer_scene, result):
-    """Adversarial volume, perturbation and segmentation per epsilon, clean segmentation, metrics and chart.
+def outcome_title(result, outcome):
+    """``clean``, ``<attack> eps <e>`` or ``<corruption> severity <s>``: how nodes and figures name an outcome."""
+    if outcome.strength == 0:
+        return "clean"
+    return "{} {} {}".format(result.attack_name, STRENGTH_WORDS[result.strength_name][0],
+                             epsilon_text(outcome.strength))
 
-    Returns the new nodes by role (``adversarial``/``perturbation``/``segmentation`` map epsilon to a node).
+
+def add_result_nodes(slicer_scene, result):
+    """Adversarial (or corrupted) volume, perturbation and segmentation per strength, clean segmentation, metrics
+    and chart.
+
+    Returns the new nodes by role (``adversarial``/``perturbation``/``segmentation`` map the strength to a node).
     """
     scene, volume = slicer_scene.scene, result.volume
     title = "{} {} {}".format(volume.name, result.model_name, result.attack_name)
     colors = add_color_table(scene, result.labels, "{} {} labels".format(volume.name, result.model_name))
     nodes = {"adversarial": {}, "perturbation": {}, "segmentation": {}, "colors": colors}
     for outcome in result.outcomes:
-        suffix = "clean" if outcome.epsilon == 0 else "{} eps {}".format(result.attack_name, epsilon_text(outcome.epsilon))
-        if outcome.epsilon > 0:
-            nodes["adversarial"][outcome.epsilon] = add_volume_node(
-                scene, outcome.adversarial, volume, "{} adversarial {}".format(volume.name, suffix))
-            nodes["perturbation"][outcome.epsilon] = add_volume_node(
+        suffix = outcome_title(result, outcome)
+        if outcome.strength > 0:
+            nodes["adversarial"][outcome.strength] = add_volume_node(
+                scene, outcome.adversarial, volume, "{} {} {}".format(
+                    volume.name, STRENGTH_WORDS[result.strength_name][1], suffix))
+            nodes["perturbation"][outcome.strength] = add_volume_node(
                 scene, outcome.adversarial - volume.array, volume, "{} perturbation {}".format(volume.name, suffix))
         name = "{} segmentation {}".format(volume.name, suffix)
         label_map = add_label_map_node(scene, outcome.prediction, volume, name + " label map", result.labels, colors)
-        nodes["segmentation"][outcome.epsilon] = add_segmentation_node(slicer_scene, label_map, name)
+        nodes["segmentation"][outcome.strength] = add_segmentation_node(slicer_scene, label_map, name)
         scene.RemoveNode(label_map)
-    nodes["metrics"] = add_table_node(scene, result.rows, METRIC_COLUMNS, title + " metrics")
+    nodes["metrics"] = add_table_node(scene, result.rows, result.columns, title + " metrics")
     nodes["curve"], nodes["chart"] = add_dice_curve(scene, result, title)
     return nodes
 
 
 def dice_curve_rows(result):
-    """Rows of epsilon and Dice per label and mean (against the reference if given, else the clean prediction)."""
-    against = "reference" if result.reference is not None else "clean"
+    """Rows of the strength and Dice per label and mean (against the reference if given, else the clean
+    prediction)."""
+    key, against = result.strength_name, result.against
     curve = {}
     for row in result.rows:
-        curve.setdefault(row["epsilon"], {"epsilon": row["epsilon"]})[row["label"]] = row["dice_" + against]
-    return [curve[epsilon] for epsilon in sorted(curve)], against
+        curve.setdefault(row[key], {key: row[key]})[row["label"]] = row["dice_" + against]
+    return [curve[strength] for strength in sorted(curve)], against
 
 
 def add_dice_curve(scene, result, title):
     rows, against = dice_curve_rows(result)
-    columns = ["epsilon"] + [label.name for label in result.labels[1:]] + ["mean"]
-    table = add_table_node(scene, rows, columns, title + " Dice vs epsilon table")
+    key = result.strength_name
+    columns = [key] + [label.name for label in result.labels[1:]] + ["mean"]
+    table = add_table_node(scene, rows, columns, "{} Dice vs {} table".format(title, key))
     series = [(label.name, label.color) for label in result.labels[1:]] + [("mean", MEAN_COLOR)]
-    chart = add_line_chart(scene, table, "epsilon", series, title + " Dice vs epsilon",
-                           "epsilon (fraction of intensity range)", "Dice against {}".format(against))
+    chart = add_line_chart(scene, table, key, series, "{} Dice vs {}".format(title, key), result.strength_label,
+                           "Dice against {}".format(against))
     return table, chart
 
 
 def write_metrics_csv(result, path):
     with open(str(path), "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(stream, fieldnames=result.columns, extrasaction="ignore")
         writer.writeheader()
         for row in result.rows:
-            writer.writerow({key: "" if row.get(key) is None else row[key] for key in METRIC_COLUMNS})
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in result.columns})
 
 
 def write_volume_file(array_xyz, like, path, label_map=False):
@@ -84,14 +96,19 @@ def write_volume_file(array_xyz, like, path, label_map=False):
 
 
 def write_result_files(result, out_dir):
-    """``adversarial_<eps>.nii.gz`` and ``prediction_<eps>.nii.gz`` per epsilon (0: clean) and ``metrics.csv``."""
+    """``adversarial_<eps>.nii.gz`` (``corrupted_<severity>``) and ``prediction_<...>.nii.gz`` per strength (0:
+    clean), ``metrics.csv``, and for corruptions ``rood_summary.json``."""
     out_dir = Path(out_dir)
+    volume_prefix = STRENGTH_WORDS[result.strength_name][1]
     for outcome in result.outcomes:
-        eps = epsilon_text(outcome.epsilon)
-        write_volume_file(outcome.adversarial, result.volume, out_dir / "adversarial_{}.nii.gz".format(eps))
-        write_volume_file(outcome.prediction, result.volume, out_dir / "prediction_{}.nii.gz".format(eps),
+        strength = epsilon_text(outcome.strength)
+        write_volume_file(outcome.adversarial, result.volume, out_dir / "{}_{}.nii.gz".format(volume_prefix, strength))
+        write_volume_file(outcome.prediction, result.volume, out_dir / "prediction_{}.nii.gz".format(strength),
                           label_map=True)
     write_metrics_csv(result, out_dir / "metrics.csv")
+    summary = result.rood_summary()
+    if summary is not None:
+        (out_dir / "rood_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def check_output_dir(out_dir):

@@ -14,11 +14,13 @@ from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.attacks import (ATTACKS, DAG, FGSM, PGD, AttackCancelled, AttackRecord, apgd_checkpoints,
                                          class_scores, dlr_loss, foreground_dice, make_attack, make_target,
                                          project_l2)
+from MedAdvRobustnessLib.corruptions import CORRUPTIONS
 from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.geometry import GridOrientation
 from MedAdvRobustnessLib.models import ModelDescription, SegmentationModel, load_model
 from MedAdvRobustnessLib.nodes import Volume, labels_from_node, volume_from_node
 from MedAdvRobustnessLib.outputs import predict_labels, voxel_loss
-from MedAdvRobustnessLib.runner import run_attack_sweep
+from MedAdvRobustnessLib.runner import run_sweep
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene import SlicerScene
 
@@ -368,13 +370,13 @@ def test_progress_reports_loss_and_dice_and_cancel_stops(name):
 
 def test_runner_passes_region_and_target_and_reports_dice():
     model, tensor = tiny_model(), random_volume()
-    volume = Volume("tiny", tensor[0, 0].numpy(), np.eye(4), None)
+    volume = Volume("tiny", tensor[0, 0].numpy(), np.eye(4), GridOrientation.from_ijk_to_ras(np.eye(4), SHAPE[::-1]))
     region = box_region()[0].numpy()
     target = np.zeros(SHAPE, dtype=np.int64)
     messages = []
     attack = make_attack("pgd", steps=2, random_start=False)
-    result = run_attack_sweep(model, volume, attack, [0.05], progress=lambda f, m: messages.append(m), region=region,
-                              target=target)
+    result = run_sweep(model, volume, attack, [0.05], progress=lambda f, m: messages.append(m), region=region,
+                       target=target)
     delta = result.outcomes[1].adversarial.astype(np.float64) - volume.array
     assert np.abs(delta[~region]).max() == 0 and np.abs(delta[region]).max() > 0
     assert np.abs(delta).max() <= 0.05 * (float(volume.array.max()) - float(volume.array.min()))
@@ -464,8 +466,11 @@ def medadv(*args):
 
 def test_attacks_command_lists_every_attack_with_its_defaults(capsys):
     assert cli.main(["attacks"]) == 0
+    attacks_text, _, corruptions_text = capsys.readouterr().out.partition("\ncorruptions ")
+    assert {line.split(":")[0].strip() for line in corruptions_text.splitlines()[1:]
+            if line.startswith("  ") and not line.startswith("   ")} == set(CORRUPTIONS)
     blocks = {}
-    for line in capsys.readouterr().out.splitlines():
+    for line in attacks_text.splitlines():
         if line and not line.startswith(" "):
             current = line.split(":")[0]
             blocks[current] = []

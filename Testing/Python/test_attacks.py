@@ -9,7 +9,7 @@ from MedAdvRobustnessLib.models import ModelDescription, SegmentationModel, load
 from MedAdvRobustnessLib.nodes import labels_from_node, volume_from_node
 from MedAdvRobustnessLib.outputs import predict_labels, voxel_loss
 from MedAdvRobustnessLib.pipeline import run_on_nodes
-from MedAdvRobustnessLib.runner import check_epsilons, run_attack_sweep
+from MedAdvRobustnessLib.runner import check_epsilons, run_sweep
 
 
 def tiny_model(activation="logits", window=None, seed=0):
@@ -141,17 +141,17 @@ def test_epsilons_must_be_fractions_of_the_range():
 
 def test_attacks_lower_dice_of_the_demo_network(demo, sample):
     volume, reference = sample
-    result = run_attack_sweep(demo, volume, PGD(steps=3), [0.01, 0.04], reference)
+    result = run_sweep(demo, volume, PGD(steps=3), [0.01, 0.04], reference)
     clean = result.mean_dice(0.0, "reference")
     print("demo network mean Dice vs reference: clean {:.3f}, PGD eps 0.01 {:.3f}, eps 0.04 {:.3f}".format(
         clean, result.mean_dice(0.01, "reference"), result.mean_dice(0.04, "reference")))
     assert clean > 0.8
     assert result.mean_dice(0.04, "reference") < clean - 0.1
     assert result.mean_dice(0.04, "clean") < result.mean_dice(0.01, "clean") < 1.0
-    fgsm = run_attack_sweep(demo, volume, FGSM(), [0.04], reference)
+    fgsm = run_sweep(demo, volume, FGSM(), [0.04], reference)
     assert fgsm.mean_dice(0.04, "reference") < clean - 0.05
     for outcome in result.outcomes[1:]:
-        epsilon = outcome.epsilon * (float(volume.array.max()) - float(volume.array.min()))
+        epsilon = outcome.strength * (float(volume.array.max()) - float(volume.array.min()))
         assert np.abs(outcome.adversarial.astype(np.float64) - volume.array).max() <= epsilon
 
 

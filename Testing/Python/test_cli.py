@@ -1,6 +1,7 @@
 """``medadv`` end to end on the embedded data, through the installed console command; bad input fails cleanly."""
 import csv
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def test_metrics_csv_rows_and_columns(demo_run):
     with open(str(out / "metrics.csv")) as stream:
         rows = list(csv.DictReader(stream))
     assert list(rows[0]) == ["model", "attack", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
-                             "linf_fraction", "l2_fraction", "psnr"]
+                             "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference",
+                             "hd95_clean", "asd_clean"]
     assert [(row["epsilon"], row["label"]) for row in rows] == [
         (eps, label) for eps in ("0.0", "0.01", "0.03") for label in ("CSF", "grey matter", "white matter", "mean")]
     clean = [row for row in rows if row["epsilon"] == "0.0"]
@@ -59,6 +61,64 @@ def test_metrics_csv_rows_and_columns(demo_run):
     assert all(float(row["linf_fraction"]) == pytest.approx(0.03, rel=1e-5) for row in attacked)
     mean = {row["epsilon"]: float(row["dice_reference"]) for row in rows if row["label"] == "mean"}
     assert mean["0.03"] < mean["0.0"]
+
+
+def test_surface_distances_and_ssim_grow_with_the_attack(demo_run):
+    out, _ = demo_run
+    with open(str(out / "metrics.csv")) as stream:
+        mean = {row["epsilon"]: row for row in csv.DictReader(stream) if row["label"] == "mean"}
+    clean, weak, strong = mean["0.0"], mean["0.01"], mean["0.03"]
+    assert float(clean["hd95_clean"]) == 0 and float(clean["asd_clean"]) == 0 and float(clean["ssim"]) == 1
+    assert 0 < float(clean["hd95_reference"]) and 0 < float(clean["asd_reference"]) < float(clean["hd95_reference"])
+    assert 0 < float(weak["asd_clean"]) < float(strong["asd_clean"])
+    assert float(clean["asd_reference"]) < float(strong["asd_reference"])
+    assert 1 > float(weak["ssim"]) > float(strong["ssim"]) > 0
+
+
+def test_corruption_run_writes_severities_and_the_rood_summary(tmp_path):
+    out = tmp_path / "ghosting"
+    completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", "demo", "--reference", SAMPLE_LABELS,
+                       "--corruption", "ghosting", "--severity", "1", "5", "--out", out)
+    assert completed.returncode == 0, completed.stderr
+    assert "ROOD-MRI summary" in completed.stdout
+    names = {path.name for path in out.iterdir()}
+    assert {"corrupted_1.nii.gz", "corrupted_5.nii.gz", "prediction_5.nii.gz", "rood_summary.json"} <= names
+    with open(str(out / "metrics.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    assert list(rows[0])[:4] == ["model", "attack", "severity", "label"]
+    mean = {row["severity"]: float(row["dice_reference"]) for row in rows if row["label"] == "mean"}
+    assert set(mean) == {"0.0", "1.0", "5.0"} and mean["5.0"] < mean["1.0"] <= mean["0.0"] + 1e-6
+    summary = json.loads((out / "rood_summary.json").read_text())
+    weights = {1: 2 / 3, 5: (2 / 3) ** 5}
+    expected = (weights[1] * mean["1.0"] + weights[5] * mean["5.0"]) / sum(weights.values())
+    assert summary["weighted_mean"] == pytest.approx(expected, abs=1e-9)
+    assert summary["degradation"] == pytest.approx(mean["0.0"] - expected, abs=1e-9)
+    volumes = SlicerScene.read_mrb(out / "scene.mrb").scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    names = {volumes.GetItemAsObject(i).GetName() for i in range(volumes.GetNumberOfItems())}
+    assert "MNI152_T1_2mm corrupted ghosting severity 5" in names
+
+
+def test_affine_corruption_moves_the_reference_with_the_volume(tmp_path):
+    out = tmp_path / "affine"
+    completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", "demo", "--reference", SAMPLE_LABELS,
+                       "--corruption", "affine", "--severity", "2", "--out", out)
+    assert completed.returncode == 0, completed.stderr
+    with open(str(out / "metrics.csv")) as stream:
+        mean = {row["severity"]: row for row in csv.DictReader(stream) if row["label"] == "mean"}
+    # Against the moved reference the network still finds the moved anatomy; against the unmoved one it would not.
+    moved = np.asarray(nib.load(str(out / "prediction_2.nii.gz")).dataobj)
+    unmoved_reference = np.asarray(nib.load(str(SAMPLE_LABELS)).dataobj)
+    unmoved_dice = np.mean([2.0 * np.logical_and(moved == v, unmoved_reference == v).sum()
+                            / ((moved == v).sum() + (unmoved_reference == v).sum()) for v in (1, 2, 3)])
+    assert float(mean["2.0"]["dice_reference"]) > unmoved_dice + 0.1
+
+
+def test_corruption_refuses_attack_options(tmp_path):
+    completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", "demo", "--corruption", "smoothing",
+                       "--steps", "3", "--out", tmp_path / "out")
+    assert completed.returncode == 2
+    assert "--steps" in completed.stderr and not (tmp_path / "out").exists()
+
 
 
 def test_result_volumes_are_in_the_input_space(demo_run):
