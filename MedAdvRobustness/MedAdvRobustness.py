@@ -1,21 +1,23 @@
-"""3D Slicer module: attack a segmentation network with FGSM/PGD and add the results to the scene.
+"""3D Slicer module: probe a segmentation network with adversarial attacks or MRI corruptions, results in the scene.
 
-All computation lives in MedAdvRobustnessLib (imported lazily: it needs torch and MONAI); this file only binds
-the GUI to a parameter node and calls ``MedAdvRobustnessLib.pipeline.run_on_nodes``.
+All computation lives in MedAdvRobustnessLib (imported lazily: it needs torch and MONAI). The widget binds the
+.ui to a parameter node; Apply hands that node to ``MedAdvRobustnessLib.module_logic.start_run`` (worker thread),
+a timer polls its progress, and the results are added on the main thread when it is done.
 """
 import importlib.util
+import json
 import logging
-import re
-from typing import Annotated, Optional
+import os
+from typing import Annotated
 
 import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -24,7 +26,36 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-DEPENDENCIES = ("torch", "monai")
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_DIR = os.path.join(MODULE_DIR, "MedAdvRobustnessLib", "Resources", "Sample")
+# Python package (import name) -> minimum version
+DEPENDENCIES = {"torch": (2, 1), "monai": (1, 4)}
+NETWORK_KINDS = ["builtin", "torchscript", "bundle", "description"]
+BUILTIN_NETWORKS = ["demo"]
+OUTPUT_ACTIVATIONS = ["auto", "logits", "softmax", "sigmoid"]
+DEVICES = ["cpu", "cuda"]
+POLL_MILLISECONDS = 200
+COMPARISON_LAYOUT_ID = 58231
+COMPARISON_LAYOUT = """
+<layout type="vertical" split="true">
+ <item splitSize="600"><layout type="horizontal" split="true">
+  <item><view class="vtkMRMLSliceNode" singletontag="Red">
+   <property name="orientation" action="default">Axial</property>
+   <property name="viewlabel" action="default">Clean</property>
+   <property name="viewcolor" action="default">#F34A33</property></view></item>
+  <item><view class="vtkMRMLSliceNode" singletontag="Yellow">
+   <property name="orientation" action="default">Axial</property>
+   <property name="viewlabel" action="default">Attacked</property>
+   <property name="viewcolor" action="default">#EDD54C</property></view></item>
+ </layout></item>
+ <item splitSize="400"><layout type="horizontal" split="true">
+  <item><view class="vtkMRMLPlotViewNode" singletontag="PlotView1">
+   <property name="viewlabel" action="default">P</property></view></item>
+  <item><view class="vtkMRMLTableViewNode" singletontag="TableView1">
+   <property name="viewlabel" action="default">T</property></view></item>
+ </layout></item>
+</layout>
+"""
 
 
 #
@@ -42,16 +73,33 @@ class MedAdvRobustness(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedAdvRobustness maintainers"]
         self.parent.helpText = _("""
-Attacks a segmentation network (the built-in demo, a MONAI model folder or a TorchScript file) on the selected
-volume with FGSM or PGD (L-infinity, epsilon as a fraction of the intensity range) and adds to the scene the
-adversarial volumes, the perturbations, the clean and attacked segmentations, a metrics table and the
-Dice-vs-epsilon chart.
+Probes a segmentation network (the built-in demo, a TorchScript file, a MONAI bundle or a model.json with an
+architecture and a checkpoint) on the selected volume with an adversarial attack (FGSM, PGD, SegPGD, CosPGD, APGD,
+DAG) at several epsilons or an MRI corruption at several severities, and adds to a new folder of the scene the
+perturbed volumes, the perturbations, the clean and attacked segmentations, a metrics table and the Dice curve.
 See the <a href="https://github.com/medadvrobustness/SlicerMedAdvRobustness">project page</a>.
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer, PyTorch and MONAI. The embedded sample is derived from the MNI ICBM152 2009 template
 (Fonov et al., NeuroImage 2009, 2011).
 """)
+        if hasattr(slicer, "app"):  # only inside the Slicer application
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Add the embedded MNI152 sample (T1 and tissue labels) to the Sample Data module."""
+    import SampleData
+
+    icon = os.path.join(MODULE_DIR, "Resources", "Icons", "MedAdvRobustness.png")
+    for name, fileName, properties in (
+            ("MNI152 T1 2 mm (MedAdvRobustness)", "MNI152_T1_2mm.nii.gz", {}),
+            ("MNI152 tissue labels 2 mm (MedAdvRobustness)", "MNI152_tissue_2mm.nii.gz", {"labelmap": True})):
+        path = os.path.join(SAMPLE_DIR, fileName)
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="MedAdvRobustness", sampleName=name, thumbnailFileName=icon,
+            uris=qt.QUrl.fromLocalFile(path).toString(), fileNames=fileName,
+            nodeNames=fileName.split(".")[0], loadFileTypes="VolumeFile", loadFileProperties=properties)
 
 
 #
@@ -61,23 +109,28 @@ Built on 3D Slicer, PyTorch and MONAI. The embedded sample is derived from the M
 
 @parameterNodeWrapper
 class MedAdvRobustnessParameterNode:
-    """The module's inputs.
+    """The module's settings (MedAdvRobustnessLib.module_logic.ProbeSettings reads the same parameters).
 
-    inputVolume - the volume to attack.
-    referenceVolume - optional reference label map on the volume's grid (else the clean prediction is the target).
-    model - "demo", a model folder (with model.json) or a TorchScript file.
-    attack - "fgsm" or "pgd".
-    epsilons - L-infinity budgets as fractions of the intensity range, separated by spaces or commas.
-    steps, seed - PGD iterations and the seed of its random start.
+    referenceNode - optional label map or segmentation; referenceSegmentIds - its segments (comma-separated).
+    probeParameters - JSON {probe: {parameter: value}}: each probe keeps its own settings.
+    regionSegmentation, regionSegmentId - optional segment that bounds the perturbation.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    referenceVolume: vtkMRMLLabelMapVolumeNode
-    model: str = "demo"
-    attack: Annotated[str, Choice(["fgsm", "pgd"])] = "pgd"
+    referenceNode: vtkMRMLNode
+    referenceSegmentIds: str = ""
+    networkKind: Annotated[str, Choice(NETWORK_KINDS)] = "builtin"
+    builtinNetwork: Annotated[str, Choice(BUILTIN_NETWORKS)] = "demo"
+    networkPath: str = ""
+    outputActivation: Annotated[str, Choice(OUTPUT_ACTIVATIONS)] = "auto"
+    trustCheckpoint: bool = False
+    probe: str = "pgd"
+    probeParameters: str = "{}"
     epsilons: str = "0.005 0.01 0.02"
-    steps: Annotated[int, WithinRange(1, 1000)] = 10
-    seed: Annotated[int, Minimum(0)] = 0
+    severities: str = "1 3 5"
+    regionSegmentation: vtkMRMLSegmentationNode
+    regionSegmentId: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "cpu"
 
 
 #
@@ -86,26 +139,28 @@ class MedAdvRobustnessParameterNode:
 
 
 class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The GUI: parameter node bound to the .ui widgets, Apply, progress and Cancel."""
+    """The GUI: parameter node bound to the .ui, Apply/Cancel, progress polled by a timer, comparison view."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._run = None
+        self._lastNodes = None
+        self._parameterEditors = {}
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MILLISECONDS)
+        self._timer.connect("timeout()", self._poll)
 
     def setup(self) -> None:
         """Load the .ui file, connect it to the parameter node and the buttons."""
         ScriptedLoadableModuleWidget.setup(self)
-
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedAdvRobustness.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = MedAdvRobustnessLogic()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -113,37 +168,47 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.ui.modelBrowseButton.connect("clicked(bool)", self.onModelBrowseButton)
-        self._setRunning(False)
+        self.ui.networkBrowseButton.connect("clicked(bool)", self.onNetworkBrowseButton)
+        self.ui.comparisonViewButton.connect("clicked(bool)", self.onComparisonViewButton)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
+        self.ui.referenceSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceChanged)
+        self.ui.referenceSegmentsSelector.connect("segmentSelectionChanged(QStringList)", self.onReferenceSegments)
+        self.ui.regionSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRegionChanged)
+        self.ui.regionSegmentSelector.connect("currentSegmentChanged(QString)", self.onRegionChanged)
+        self.ui.probeComboBox.connect("currentIndexChanged(int)", self.onProbeChanged)
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = ""
-
         self.initializeParameterNode()
+        self._setRunning(False)
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        self._timer.stop()
+        if self._run is not None:
+            self._run.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
-        """Called each time the user opens this module."""
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        """Called each time the user opens a different module."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """Called just before the scene is closed: stop a running attack, forget the parameter node."""
-        self._cancelRequested = True
+        """Stop a running probe (its results would belong to the closed scene) and forget the parameter node."""
+        if self._run is not None:
+            self._run.cancel()
+        self._lastNodes = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
-        """Called just after the scene is closed."""
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    # --- parameter node -------------------------------------------------------------------------------------------
 
     def initializeParameterNode(self) -> None:
         """Ensure the parameter node exists and is observed; preselect the first (non-label) volume."""
@@ -154,96 +219,248 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if volumes:
                 self._parameterNode.inputVolume = volumes[0]
 
-    def setParameterNode(self, inputParameterNode: Optional[MedAdvRobustnessParameterNode]) -> None:
-        """Bind the GUI to ``inputParameterNode`` (widgets carry a SlicerParameterName property in the .ui)."""
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Bind the GUI to ``inputParameterNode``: widgets with a SlicerParameterName by the wrapper, the rest here."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        """Enable Apply when an input volume is selected; PGD settings only for PGD."""
+    def _updateGui(self, caller=None, event=None) -> None:
+        """Show the parameters the wrapper does not bind, and only the settings that apply."""
         parameters = self._parameterNode
-        ready = bool(parameters and parameters.inputVolume) and not self._running
+        if parameters is None:
+            return
+        self._blocked(self.ui.referenceSelector, lambda: self.ui.referenceSelector.setCurrentNode(
+            parameters.referenceNode))
+        reference = parameters.referenceNode
+        isSegmentation = bool(reference) and reference.IsA("vtkMRMLSegmentationNode")
+        self.ui.referenceSegmentsSelector.visible = isSegmentation
+        self.ui.referenceSegmentsLabel.visible = isSegmentation
+        if isSegmentation:
+            self._blocked(self.ui.referenceSegmentsSelector, lambda: (
+                self.ui.referenceSegmentsSelector.setCurrentNode(reference),
+                self.ui.referenceSegmentsSelector.setSelectedSegmentIDs(
+                    [s for s in parameters.referenceSegmentIds.split(",") if s])))
+        self._blocked(self.ui.regionSegmentSelector, lambda: (
+            self.ui.regionSegmentSelector.setCurrentNode(parameters.regionSegmentation),
+            self.ui.regionSegmentSelector.setCurrentSegmentID(parameters.regionSegmentId)))
+        builtin = parameters.networkKind == "builtin"
+        for widget in (self.ui.builtinNetworkComboBox, self.ui.builtinNetworkLabel):
+            widget.visible = builtin
+        for widget in (self.ui.networkPathLineEdit, self.ui.networkBrowseButton, self.ui.networkPathLabel,
+                       self.ui.trustCheckpointCheckBox):
+            widget.visible = not builtin
+        self._updateProbeForm()
+        self._updateButtons()
+
+    @staticmethod
+    def _blocked(widget, change) -> None:
+        wasBlocked = widget.blockSignals(True)
+        try:
+            change()
+        finally:
+            widget.blockSignals(wasBlocked)
+
+    def onReferenceChanged(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.referenceNode = node
+            self._parameterNode.referenceSegmentIds = ""
+
+    def onReferenceSegments(self, segmentIds) -> None:
+        if self._parameterNode:
+            self._parameterNode.referenceSegmentIds = ",".join(segmentIds)
+
+    def onRegionChanged(self, *args) -> None:
+        if self._parameterNode:
+            with slicer.util.NodeModify(self._parameterNode.parameterNode):
+                self._parameterNode.regionSegmentation = self.ui.regionSegmentSelector.currentNode()
+                self._parameterNode.regionSegmentId = self.ui.regionSegmentSelector.currentSegmentID() or ""
+
+    # --- probe and its parameters ---------------------------------------------------------------------------------
+
+    def _updateProbeForm(self) -> None:
+        """Probe list and the selected probe's own parameters (library defaults); needs the library (torch)."""
+        parameters = self._parameterNode
+        ready = not self.logic.missingDependencies()
+        self.ui.probeCollapsibleButton.enabled = ready
+        if not ready:
+            self.ui.probeSummaryLabel.text = _("Install PyTorch and MONAI (Results > Check / install) to choose "
+                                               "a probe.")
+            return
+        from MedAdvRobustnessLib import module_logic
+
+        names = module_logic.probe_names()
+        combo = self.ui.probeComboBox
+        if combo.count != len(names):
+            self._blocked(combo, lambda: (combo.clear(), [combo.addItem(name) for name in names]))
+        self._blocked(combo, lambda: combo.setCurrentIndex(max(0, names.index(parameters.probe)
+                                                               if parameters.probe in names else 0)))
+        corruption = module_logic.is_corruption(parameters.probe)
+        for widget in (self.ui.epsilonsLineEdit, self.ui.epsilonsLabel, self.ui.regionSegmentSelector,
+                       self.ui.regionLabel):
+            widget.visible = not corruption
+        for widget in (self.ui.severitiesLineEdit, self.ui.severitiesLabel):
+            widget.visible = corruption
+        self.ui.probeSummaryLabel.text = module_logic.probe_summary(parameters.probe)
+        self._buildParameterEditors(module_logic.probe_parameters(parameters.probe), parameters.probe)
+
+    def _buildParameterEditors(self, probeParameters, probe) -> None:
+        """One line edit per parameter, holding the stored value or showing the library default."""
+        layout = self.ui.probeParametersGroupBox.layout()
+        if getattr(self, "_editorsProbe", None) != probe:
+            while layout.count():
+                item = layout.takeAt(0)
+                if item.widget():
+                    item.widget().deleteLater()
+            self._parameterEditors = {}
+            for parameter in probeParameters:
+                editor = qt.QLineEdit()
+                editor.placeholderText = _("default: {value}").format(value=_defaultText(parameter.default))
+                choices = " ({})".format(" | ".join(parameter.choices)) if parameter.choices else ""
+                editor.toolTip = parameter.help + choices
+                editor.connect("editingFinished()", self.onProbeParameterEdited)
+                layout.addRow(parameter.name + ":", editor)
+                self._parameterEditors[parameter.name] = editor
+            self._editorsProbe = probe
+        stored = self._storedProbeParameters().get(probe, {})
+        for name, editor in self._parameterEditors.items():
+            self._blocked(editor, lambda editor=editor, name=name: setattr(editor, "text", stored.get(name, "")))
+
+    def _storedProbeParameters(self):
+        try:
+            stored = json.loads(self._parameterNode.probeParameters or "{}")
+        except ValueError:
+            stored = {}
+        return stored if isinstance(stored, dict) else {}
+
+    def onProbeChanged(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.probe = self.ui.probeComboBox.itemText(index)
+
+    def onProbeParameterEdited(self) -> None:
+        """Store the edited values of the selected probe (empty: the library default)."""
+        stored = self._storedProbeParameters()
+        stored[self._parameterNode.probe] = {name: editor.text.strip()
+                                             for name, editor in self._parameterEditors.items()
+                                             if editor.text.strip()}
+        self._parameterNode.probeParameters = json.dumps(stored, sort_keys=True)
+
+    # --- running --------------------------------------------------------------------------------------------------
+
+    def _updateButtons(self) -> None:
+        running = self._run is not None
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume) and not running
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = _("Attack the network and add the results to the scene") if ready \
+        self.ui.applyButton.toolTip = _("Run the probe; results go to a new folder in the scene.") if ready \
             else _("Select an input volume")
-        isPgd = bool(parameters) and parameters.attack == "pgd"
-        self.ui.stepsSpinBox.enabled = isPgd
-        self.ui.seedSpinBox.enabled = isPgd
+        self.ui.comparisonViewButton.enabled = bool(self._lastNodes) and not running
 
     def _setRunning(self, running: bool) -> None:
-        self._running = running
-        self.ui.inputsCollapsibleButton.enabled = not running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.networkCollapsibleButton,
+                       self.ui.probeCollapsibleButton):
+            widget.enabled = not running
         self.ui.cancelButton.enabled = running
-        self._checkCanApply()
+        self._updateButtons()
 
-    def onModelBrowseButton(self) -> None:
-        """Pick a model.json or a TorchScript file."""
-        path = qt.QFileDialog.getOpenFileName(
-            slicer.util.mainWindow(), _("Select a model"), "",
-            _("Models (model.json *.pt *.pth *.ts);;All files (*)"))
-        if path and self._parameterNode:
-            self._parameterNode.model = path
-
-    def onCancelButton(self) -> None:
-        """Ask the running attack to stop at its next iteration."""
-        self._cancelRequested = True
-        self.ui.statusLabel.text = _("Cancelling...")
-
-    def _onProgress(self, fraction, message) -> None:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()  # keeps the GUI alive and lets Cancel be clicked
+    def onNetworkBrowseButton(self) -> None:
+        """Pick the network: a folder for bundles, else a file."""
+        if self._parameterNode.networkKind == "bundle":
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select a MONAI bundle folder"))
+        else:
+            path = qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(), _("Select the network"), "",
+                _("Networks (model.json *.pt *.pth *.ts *.zip);;All files (*)"))
+        if path:
+            self._parameterNode.networkPath = path
 
     def onApplyButton(self) -> None:
-        """Run the attack through the logic; show one clear message if it fails."""
+        """Check the inputs, start the worker; the timer polls it."""
         if not self.ensureDependencies():
             return
-        from MedAdvRobustnessLib.attacks import AttackCancelled
-        from MedAdvRobustnessLib.errors import InputError
-
-        self._cancelRequested = False
+        try:
+            self._run = self.logic.start(self._parameterNode)
+        except Exception as error:
+            self._showError(error)
+            return
         self._setRunning(True)
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = _("Loading the model...")
-        slicer.app.processEvents()
+        self.ui.statusLabel.text = _("Loading the network...")
+        self._timer.start()
+
+    def onCancelButton(self) -> None:
+        """Ask the worker to stop at its next iteration; nothing is added to the scene."""
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+
+    def _poll(self) -> None:
+        """Timer: show progress; when the worker is done, add the results (main thread) or report why not."""
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        fraction, message = run.progress
+        self.ui.progressBar.value = int(round(100 * fraction))
+        if not run.cancelled:
+            self.ui.statusLabel.text = message
+        if not run.done:
+            return
+        self._timer.stop()
+        self._run = None
+        from MedAdvRobustnessLib.attacks import AttackCancelled
+
         try:
-            nodes = self.logic.processParameterNode(
-                self._parameterNode, progress=self._onProgress, is_cancelled=lambda: self._cancelRequested)
+            with slicer.util.WaitCursor():
+                nodes = run.finish()
         except AttackCancelled:
-            self.ui.statusLabel.text = _("Cancelled: no result was added to the scene.")
-        except InputError as error:
-            self.ui.statusLabel.text = _("Failed: {message}").format(message=error)
-            slicer.util.errorDisplay(str(error), windowTitle=_("MedAdvRobustness"))
+            self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
         except Exception as error:
-            logging.exception("MedAdvRobustness: the attack failed")
-            self.ui.statusLabel.text = _("Failed (see the log).")
-            slicer.util.errorDisplay(
-                _("The attack failed: {message}\n\nDetails are in the Python console and the application log.")
-                .format(message=error), windowTitle=_("MedAdvRobustness"))
+            self._showError(error)
         else:
+            self._lastNodes = nodes
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = _("Done: results added to the scene ({table}).").format(
-                table=nodes["metrics"].GetName())
-            self.logic.showResults(nodes)
+            folder = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemName(nodes["folder"])
+            self.ui.statusLabel.text = _("Done: results in folder \"{folder}\".").format(folder=folder)
+            self.logic.showComparison(nodes)
         finally:
             self._setRunning(False)
 
+    def _showError(self, error) -> None:
+        """One clear message; details (traceback) in the log."""
+        from MedAdvRobustnessLib.errors import InputError
+
+        if isinstance(error, InputError):
+            text = str(error)
+            logging.error("MedAdvRobustness: %s", error)
+        else:
+            text = _("The run failed: {message}").format(message=error)
+            logging.error("MedAdvRobustness: the run failed", exc_info=(type(error), error, error.__traceback__))
+        self.ui.statusLabel.text = _("Failed: {message}").format(message=error)
+        slicer.util.errorDisplay(text, windowTitle=_("MedAdvRobustness"),
+                                 detailedText=_("Details are in the Python console and the application log."))
+
+    def onComparisonViewButton(self) -> None:
+        if self._lastNodes:
+            self.logic.showComparison(self._lastNodes)
+
+    def onInstallDependenciesButton(self) -> None:
+        if self.ensureDependencies():
+            slicer.util.infoDisplay(_("PyTorch and MONAI are installed."), windowTitle=_("MedAdvRobustness"))
+            self._updateGui()
+
     def ensureDependencies(self) -> bool:
-        """True if torch and MONAI import; otherwise offer to install them (only after the user confirms)."""
-        missing = self.logic.missingDependencies()
-        if not missing:
+        """True if torch and MONAI are there in good versions; otherwise offer to install them (after confirmation)."""
+        problems = self.logic.dependencyProblems()
+        if not problems:
             return True
-        message = _(
-            "This module needs the Python packages: {missing}.\n\n"
-            "PyTorch is installed by the PyTorch extension (Extensions Manager > PyTorch), "
-            "MONAI with slicer.util.pip_install(\"monai\"). This can take several minutes.\n\n"
-            "Install them now?").format(missing=", ".join(missing))
+        message = _("This module needs: {problems}.\n\nPyTorch is installed with the PyTorch extension's utilities "
+                    "when that extension is present, otherwise with pip; MONAI with pip. This can take several "
+                    "minutes.\n\nInstall now?").format(problems="; ".join(problems))
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MedAdvRobustness: install dependencies")):
             return False
         try:
@@ -252,7 +469,19 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception:
             logging.exception("MedAdvRobustness: installing the dependencies failed")
             return False
-        return not self.logic.missingDependencies()
+        problems = self.logic.dependencyProblems()
+        if problems:
+            slicer.util.errorDisplay(_("Still missing: {problems}. Restart Slicer and try again.").format(
+                problems="; ".join(problems)), windowTitle=_("MedAdvRobustness"))
+            return False
+        self._updateGui()
+        return True
+
+
+def _defaultText(value) -> str:
+    if value is None:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 #
@@ -261,7 +490,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
-    """Runs the attack on scene nodes with MedAdvRobustnessLib; usable without the widget."""
+    """Thin binding of MedAdvRobustnessLib.module_logic to the application's scene; usable without the widget."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -271,73 +500,111 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingDependencies():
-        """Names of the required Python packages (torch, monai) that are not installed."""
+        """Names of the required Python packages that are not installed."""
         return [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
+
+    @classmethod
+    def dependencyProblems(cls):
+        """What is missing or too old, as text (empty: all good)."""
+        from importlib import metadata
+
+        problems = []
+        for name, minimum in DEPENDENCIES.items():
+            if importlib.util.find_spec(name) is None:
+                problems.append(_("{name} is not installed").format(name=name))
+                continue
+            version = metadata.version(name)
+            if _versionTuple(version) < minimum:
+                problems.append(_("{name} {version} is older than {minimum}").format(
+                    name=name, version=version, minimum=".".join(str(v) for v in minimum)))
+        return problems
 
     @staticmethod
     def installDependencies() -> None:
-        """Install PyTorch with the PyTorch extension, then MONAI with pip."""
-        if importlib.util.find_spec("torch") is None:
+        """PyTorch with the PyTorch extension's utilities when present (else pip), then MONAI with pip."""
+        torchRequirement = ">={}.{}".format(*DEPENDENCIES["torch"])
+        if importlib.util.find_spec("torch") is None or MedAdvRobustnessLogic.dependencyProblems():
             try:
                 import PyTorchUtils
             except ImportError:
-                raise RuntimeError(_("Install the PyTorch extension from the Extensions Manager, restart Slicer "
-                                     "and try again."))
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                               torchVersionRequirement=">=2.1") is None:
-                raise RuntimeError(_("PyTorch was not installed."))
-        if importlib.util.find_spec("monai") is None:
-            slicer.util.pip_install("monai>=1.4")
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                   torchVersionRequirement=torchRequirement) is None:
+                    raise RuntimeError(_("PyTorch was not installed."))
+            elif importlib.util.find_spec("torch") is None:
+                slicer.util.pip_install("torch" + torchRequirement)
+        if importlib.util.find_spec("monai") is None or _versionTuple(_installedVersion("monai")) < DEPENDENCIES["monai"]:
+            slicer.util.pip_install("monai>={}.{}".format(*DEPENDENCIES["monai"]))
 
-    @staticmethod
-    def parseEpsilons(text):
-        """Epsilons from text such as ``"0.005 0.01, 0.02"``."""
-        from MedAdvRobustnessLib.errors import InputError
-        try:
-            return [float(item) for item in re.split(r"[\s,;]+", str(text).strip()) if item]
-        except ValueError:
-            raise InputError(_("Epsilons must be numbers separated by spaces or commas, got \"{text}\".").format(
-                text=text))
-
-    def processParameterNode(self, parameterNode, progress=None, is_cancelled=None):
-        """:meth:`process` with the values of a :class:`MedAdvRobustnessParameterNode`."""
-        return self.process(parameterNode.inputVolume, parameterNode.referenceVolume, parameterNode.model,
-                            parameterNode.attack, parameterNode.epsilons, parameterNode.steps, parameterNode.seed,
-                            progress=progress, is_cancelled=is_cancelled)
-
-    def process(self, inputVolume, referenceVolume=None, model="demo", attack="pgd", epsilons="0.005 0.01 0.02",
-                steps=10, seed=0, progress=None, is_cancelled=None):
-        """Attack ``model`` on ``inputVolume`` at each epsilon and add the result nodes to the scene.
-
-        ``epsilons``: a list of numbers or text. ``progress(fraction, message)`` reports the work done,
-        ``is_cancelled()`` stops between iterations (AttackCancelled, nothing added). Raises InputError for bad
-        input. Returns the new nodes by role (see ``MedAdvRobustnessLib.results.add_result_nodes``).
-        """
-        from MedAdvRobustnessLib.attacks import applicable_parameters, make_attack
-        from MedAdvRobustnessLib.errors import InputError
-        from MedAdvRobustnessLib.models import load_model
-        from MedAdvRobustnessLib.pipeline import run_on_nodes
-        from MedAdvRobustnessLib.runner import check_epsilons
+    def start(self, parameterNode):
+        """Start a run from the parameter node (InputError on bad input, nothing added); see module_logic."""
+        from MedAdvRobustnessLib.module_logic import start_run
         from MedAdvRobustnessLib.scene import SlicerScene
 
-        if inputVolume is None:
-            raise InputError(_("Select an input volume."))
-        if isinstance(epsilons, str):
-            epsilons = self.parseEpsilons(epsilons)
-        epsilons = check_epsilons(epsilons)
-        attackMethod = make_attack(attack, **applicable_parameters(attack, steps=steps, seed=seed))
-        network = load_model(str(model).strip())
-        logging.info("MedAdvRobustness: %s on %s, epsilons %s", attack, inputVolume.GetName(), epsilons)
-        _result, nodes = run_on_nodes(SlicerScene.current(), inputVolume, network, attackMethod, epsilons,
-                                      reference_node=referenceVolume, progress=progress, is_cancelled=is_cancelled)
-        return nodes
+        node = getattr(parameterNode, "parameterNode", parameterNode)
+        return start_run(SlicerScene.current(), node)
+
+    def process(self, parameterNode):
+        """Run synchronously (scripts, the self-test): the result nodes by role, with their ``folder``."""
+        run = self.start(parameterNode)
+        run.wait()
+        return run.finish()
 
     @staticmethod
-    def showResults(nodes) -> None:
-        """Show the adversarial volume at the largest epsilon and the Dice-vs-epsilon chart."""
-        largest = max(nodes["adversarial"])
-        slicer.util.setSliceViewerLayers(background=nodes["adversarial"][largest], fit=True)
-        slicer.modules.plots.logic().ShowChartInLayout(nodes["chart"])
+    def showComparison(nodes) -> None:
+        """Clean and attacked side by side (linked, outlines, perturbation overlay), plot and table below."""
+        layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(COMPARISON_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
+        layoutManager.setLayout(COMPARISON_LAYOUT_ID)
+        strongest = max(nodes["adversarial"])
+        clean = nodes["segmentation"][0.0]
+        cleanVolume = nodes["input"]
+        views = (("Red", cleanVolume, clean), ("Yellow", nodes["adversarial"][strongest],
+                                                 nodes["segmentation"][strongest]))
+        perturbation = nodes["perturbation"][strongest]
+        perturbationDisplay = perturbation.GetDisplayNode()
+        perturbationDisplay.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+        largest = max(abs(value) for value in perturbation.GetImageData().GetScalarRange()) or 1.0
+        perturbationDisplay.SetAutoWindowLevel(False)
+        perturbationDisplay.SetWindowLevelMinMax(-largest, largest)  # zero perturbation in the middle colour
+        for segmentation in nodes["segmentation"].values():
+            segmentation.GetDisplayNode().SetVisibility(False)
+        for viewName, background, segmentation in views:
+            sliceWidget = layoutManager.sliceWidget(viewName)
+            composite = sliceWidget.mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(background.GetID() if background else None)
+            composite.SetForegroundVolumeID(perturbation.GetID())
+            composite.SetForegroundOpacity(0.4)
+            composite.SetLinkedControl(True)
+            display = segmentation.GetDisplayNode()
+            display.SetVisibility(True)
+            display.SetVisibility2DFill(False)
+            display.SetVisibility2DOutline(True)
+            display.AddViewNodeID(sliceWidget.mrmlSliceNode().GetID())
+            sliceWidget.sliceLogic().FitSliceToAll()
+        plotWidget = layoutManager.plotWidget(0)
+        plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(nodes["chart"].GetID())
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(nodes["metrics"].GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+
+def _installedVersion(name) -> str:
+    from importlib import metadata
+
+    return metadata.version(name)
+
+
+def _versionTuple(version) -> tuple:
+    """(major, minor) of a version text such as ``2.3.1+cu121``."""
+    numbers = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers)
 
 
 #
@@ -346,41 +613,42 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
 
 
 class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
-    """Runs the logic on the embedded sample inside Slicer."""
+    """Runs the logic on the embedded sample inside Slicer, through the parameter node."""
 
     def setUp(self):
-        """Start from an empty scene."""
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """Run all tests."""
         self.setUp()
-        self.test_MedAdvRobustness_fgsm_on_sample()
+        self.test_MedAdvRobustness_pgd_on_sample()
 
-    def test_MedAdvRobustness_fgsm_on_sample(self):
-        """FGSM at epsilon 0.01 on the sample adds result nodes on the input's grid."""
+    def test_MedAdvRobustness_pgd_on_sample(self):
+        """PGD (2 steps) at epsilon 0.02 on the sample adds the result nodes in one folder on the input's grid."""
         logic = MedAdvRobustnessLogic()
-        missing = logic.missingDependencies()
-        if missing:
-            self.skipTest("needs the Python packages {}".format(", ".join(missing)))
-        from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
+        if logic.dependencyProblems():
+            self.skipTest("needs {}".format("; ".join(logic.dependencyProblems())))
+        volume = slicer.util.loadVolume(os.path.join(SAMPLE_DIR, "MNI152_T1_2mm.nii.gz"))
+        labels = slicer.util.loadLabelVolume(os.path.join(SAMPLE_DIR, "MNI152_tissue_2mm.nii.gz"))
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = volume
+        parameters.referenceNode = labels
+        parameters.probe = "pgd"
+        parameters.probeParameters = json.dumps({"pgd": {"steps": "2"}})
+        parameters.epsilons = "0.02"
 
-        self.delayDisplay("Loading the embedded sample")
-        volume = slicer.util.loadVolume(str(SAMPLE_VOLUME))
-        labels = slicer.util.loadLabelVolume(str(SAMPLE_LABELS))
+        self.delayDisplay("Attacking (PGD, 2 steps, epsilon 0.02)")
+        nodes = logic.process(parameters)
 
-        self.delayDisplay("Attacking (FGSM, epsilon 0.01)")
-        nodes = logic.process(volume, labels, model="demo", attack="fgsm", epsilons=[0.01])
-
-        adversarial = nodes["adversarial"][0.01]
+        adversarial = nodes["adversarial"][0.02]
         self.assertEqual(adversarial.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         self.assertEqual(self._ijkToRas(adversarial), self._ijkToRas(volume))
-        self.assertIn(0.01, nodes["perturbation"])
-        self.assertEqual(sorted(nodes["segmentation"]), [0.0, 0.01])
-        self.assertGreater(nodes["metrics"].GetNumberOfRows(), 0)
-        self.assertIsNotNone(nodes["chart"])
+        self.assertEqual(sorted(nodes["segmentation"]), [0.0, 0.02])
+        self.assertEqual(nodes["metrics"].GetNumberOfRows(), 8)
         self.assertTrue(nodes["chart"].IsA("vtkMRMLPlotChartNode"))
-        self.assertGreater(nodes["chart"].GetNumberOfPlotSeriesNodes(), 0)
+        hierarchy = slicer.mrmlScene.GetSubjectHierarchyNode()
+        self.assertEqual(hierarchy.GetItemName(nodes["folder"]), "MNI152_T1_2mm demo-unet pgd")
+        self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(adversarial)), nodes["folder"])
+        logic.showComparison(nodes)
         self.delayDisplay("Test passed")
 
     @staticmethod

@@ -1,14 +1,20 @@
-"""Static checks of the Slicer extension files: module classes, lazy imports, CMake lists and the .ui file.
+"""Checks of the Slicer extension files: module classes, lazy imports, CMake lists, packaging and the .ui file.
 
-Slicer's GUI is not available here, so these checks read the files (``ast``, XML, CMake text) instead of
-importing the module; the logic itself is exercised inside Slicer by ``MedAdvRobustnessTest``.
+Slicer's GUI is not available here, so these checks read the files (``ast``, XML, CMake text) and load the .ui
+with PySide6's QUiLoader instead of importing the module; the logic behind the widget is driven through real MRML
+in test_module_logic.py, and inside Slicer by ``MedAdvRobustnessTest``.
 """
 import ast
+import dataclasses
+import os
 import re
+import struct
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
+
+from MedAdvRobustnessLib import module_logic
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "MedAdvRobustness"
@@ -24,7 +30,21 @@ EXPECTED_CLASSES = {
     "MedAdvRobustnessLogic": "ScriptedLoadableModuleLogic",
     "MedAdvRobustnessTest": "ScriptedLoadableModuleTest",
 }
-PARAMETERS = {"inputVolume", "referenceVolume", "model", "attack", "epsilons", "steps", "seed"}
+PARAMETERS = {item.name for item in dataclasses.fields(module_logic.ProbeSettings)}
+# parameters the widget binds in code (dynamic probe form, segment selectors, reference of two node types)
+BOUND_IN_CODE = {"referenceNode", "referenceSegmentIds", "probe", "probeParameters", "regionSegmentation",
+                 "regionSegmentId"}
+# Slicer/CTK widgets used in the .ui -> the Qt class they extend (for QUiLoader) and the members the module uses
+SLICER_WIDGETS = {
+    "qMRMLWidget": ("QWidget", {"setMRMLScene"}),
+    "ctkCollapsibleButton": ("QWidget", {"enabled", "visible", "collapsed"}),
+    "ctkCollapsibleGroupBox": ("QGroupBox", {"layout", "enabled", "visible"}),
+    "qMRMLNodeComboBox": ("QWidget", {"currentNode", "setCurrentNode", "connect", "enabled", "visible",
+                                      "blockSignals"}),
+    "qMRMLSegmentSelectorWidget": ("QWidget", {"currentNode", "setCurrentNode", "currentSegmentID",
+                                               "setCurrentSegmentID", "setSelectedSegmentIDs", "connect", "visible",
+                                               "blockSignals"}),
+}
 EXTENSION_VARIABLES = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS",
                        "DEPENDS")
 
@@ -125,11 +145,41 @@ def test_module_defines_the_classes_slicer_expects():
     assert "VTKObservationMixin" in base_names(classes["MedAdvRobustnessWidget"])
 
 
-def test_parameter_node_wrapper_declares_the_parameters():
+def test_parameter_node_wrapper_declares_the_parameters_the_logic_reads():
     wrapper = top_level_classes(module_tree()).get("MedAdvRobustnessParameterNode")
     assert wrapper is not None, "missing MedAdvRobustnessParameterNode"
     assert "parameterNodeWrapper" in decorator_names(wrapper)
     assert parameter_fields() == PARAMETERS
+
+
+def wrapper_defaults():
+    """Field -> literal default of the wrapper class (node fields have none)."""
+    wrapper = top_level_classes(module_tree())["MedAdvRobustnessParameterNode"]
+    return {item.target.id: ast.literal_eval(item.value) for item in wrapper.body
+            if isinstance(item, ast.AnnAssign) and item.value is not None}
+
+
+def module_constant(name):
+    assignment = next(node for node in module_tree().body if isinstance(node, ast.Assign)
+                      and any(getattr(target, "id", None) == name for target in node.targets))
+    return ast.literal_eval(assignment.value)
+
+
+def test_wrapper_defaults_and_choices_are_the_logic_s():
+    defaults = module_logic.default_settings()
+    expected = {name: getattr(defaults, name) for name in PARAMETERS - set(module_logic.NODE_PARAMETERS)}
+    assert wrapper_defaults() == expected
+    assert module_constant("NETWORK_KINDS") == list(module_logic.NETWORK_KINDS)
+    assert module_constant("OUTPUT_ACTIVATIONS") == list(module_logic.OUTPUT_ACTIVATIONS)
+    from MedAdvRobustnessLib.models import BUILTIN_MODELS
+    assert set(module_constant("BUILTIN_NETWORKS")) <= set(BUILTIN_MODELS)
+
+
+def test_wrapper_node_fields_are_the_logic_s_node_parameters():
+    wrapper = top_level_classes(module_tree())["MedAdvRobustnessParameterNode"]
+    node_fields = {item.target.id for item in wrapper.body if isinstance(item, ast.AnnAssign)
+                   and isinstance(item.annotation, ast.Name) and item.annotation.id.startswith("vtkMRML")}
+    assert node_fields == set(module_logic.NODE_PARAMETERS)
 
 
 def test_module_does_not_import_torch_monai_or_the_library_at_module_level():
@@ -137,11 +187,35 @@ def test_module_does_not_import_torch_monai_or_the_library_at_module_level():
     assert not heavy, "imported at module level: {}".format(sorted(heavy))
 
 
-def test_logic_imports_the_library_and_calls_run_on_nodes():
+def test_logic_is_a_thin_call_into_the_library():
     logic = top_level_classes(module_tree())["MedAdvRobustnessLogic"]
     source = ast.get_source_segment(MODULE_FILE.read_text(), logic)
-    assert "from MedAdvRobustnessLib.pipeline import run_on_nodes" in source
-    assert "SlicerScene.current()" in source
+    assert "from MedAdvRobustnessLib.module_logic import start_run" in source
+    assert "start_run(SlicerScene.current(), node)" in source
+
+
+def test_sample_data_is_registered_only_inside_the_application():
+    module_class = top_level_classes(module_tree())["MedAdvRobustness"]
+    guarded = [node for node in ast.walk(module_class) if isinstance(node, ast.If)
+               and "hasattr(slicer, 'app')" in ast.unparse(node.test)]
+    assert guarded and "registerSampleData" in ast.unparse(guarded[0])
+    function = next(node for node in module_tree().body if isinstance(node, ast.FunctionDef)
+                    and node.name == "registerSampleData")
+    source = ast.unparse(function)
+    assert "registerCustomSampleDataSource" in source
+    for name in ("MNI152_T1_2mm.nii.gz", "MNI152_tissue_2mm.nii.gz"):
+        assert name in source
+        assert (MODULE_DIR / "MedAdvRobustnessLib" / "Resources" / "Sample" / name).is_file()
+
+
+def test_dependency_installation_uses_the_pytorch_extension_then_pip():
+    logic = top_level_classes(module_tree())["MedAdvRobustnessLogic"]
+    source = ast.get_source_segment(MODULE_FILE.read_text(), logic)
+    assert "PyTorchUtils.PyTorchUtilsLogic().installTorch(" in source
+    assert "slicer.util.pip_install(" in source
+    widget = ast.get_source_segment(MODULE_FILE.read_text(), top_level_classes(module_tree())["MedAdvRobustnessWidget"])
+    install = widget.index("self.logic.installDependencies()")
+    assert widget.rfind("confirmOkCancelDisplay", 0, install) != -1, "install only after the user confirms"
 
 
 def test_every_python_file_is_listed_and_every_listed_script_exists():
@@ -201,34 +275,140 @@ def test_ui_is_well_formed_with_custom_widgets_and_scene_connections():
     root = ui_root()
     assert root.tag == "ui"
     custom = {item.findtext("class") for item in root.iter("customwidget")}
-    assert {"qMRMLWidget", "qMRMLNodeComboBox", "ctkCollapsibleButton"} <= custom
+    assert set(SLICER_WIDGETS) == custom
     used = {widget.get("class") for widget in root.iter("widget")}
-    assert used - custom <= {"QLabel", "QLineEdit", "QComboBox", "QSpinBox", "QPushButton", "QToolButton",
+    assert used - custom <= {"QLabel", "QLineEdit", "QComboBox", "QCheckBox", "QPushButton", "QToolButton",
                              "QProgressBar"}, "custom widget classes must be declared in <customwidgets>"
     connected = {(connection.findtext("signal"), connection.findtext("receiver"), connection.findtext("slot"))
                  for connection in root.iter("connection")}
     for widget in root.iter("widget"):
-        if widget.get("class") == "qMRMLNodeComboBox":
+        if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget"):
             assert ("mrmlSceneChanged(vtkMRMLScene*)", widget.get("name"), "setMRMLScene(vtkMRMLScene*)") \
                 in connected, "{} is not connected to the scene".format(widget.get("name"))
 
 
-def test_ui_has_the_widgets_of_the_module():
-    assert {"inputsCollapsibleButton", "inputVolumeSelector", "referenceSelector", "modelLineEdit", "attackComboBox",
-            "epsilonsLineEdit", "stepsSpinBox", "seedSpinBox", "applyButton", "cancelButton", "progressBar",
-            "statusLabel"} <= ui_widget_names()
-    reference = next(w for w in ui_root().iter("widget") if w.get("name") == "referenceSelector")
-    none_enabled = [p.findtext("bool") for p in reference.findall("property") if p.get("name") == "noneEnabled"]
-    assert none_enabled == ["true"]
-
-
-def test_every_ui_widget_the_module_uses_exists():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
-    assert used, "the module uses no self.ui widgets"
-    assert sorted(used - ui_widget_names()) == []
-
-
-def test_every_slicer_parameter_name_is_a_parameter_node_field():
+def test_every_slicer_parameter_name_is_a_parameter_and_the_others_are_bound_in_code():
     names = ui_parameter_names()
-    assert set(names.values()) == PARAMETERS, "every parameter is bound to one widget"
-    assert sorted(set(names.values()) - parameter_fields()) == []
+    assert len(set(names.values())) == len(names), "a parameter is bound to two widgets"
+    assert set(names.values()) | BOUND_IN_CODE == PARAMETERS
+    assert not set(names.values()) & BOUND_IN_CODE
+    source = MODULE_FILE.read_text()
+    for name in BOUND_IN_CODE:
+        assert re.search(r"(self\._parameterNode|parameters)\.{}\b".format(name), source), name
+
+
+def test_ui_reference_and_region_accept_none():
+    widgets = {w.get("name"): w for w in ui_root().iter("widget")}
+    for name in ("referenceSelector", "regionSegmentSelector"):
+        none_enabled = [p.findtext("bool") for p in widgets[name].findall("property") if p.get("name") == "noneEnabled"]
+        assert none_enabled == ["true"], name
+
+
+@pytest.fixture(scope="module")
+def loaded_ui():
+    """The .ui loaded by PySide6's QUiLoader, Slicer's widget classes registered by name."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtCore = pytest.importorskip("PySide6.QtCore")
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    QtUiTools = pytest.importorskip("PySide6.QtUiTools")
+    application = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    loader = QtUiTools.QUiLoader()
+    # Qt warns that these stand-ins lack mrmlSceneChanged(vtkMRMLScene*): expected outside Slicer
+    stand_ins = [type(name, (getattr(QtWidgets, base),), {}) for name, (base, _members) in SLICER_WIDGETS.items()]
+    for stand_in in stand_ins:
+        loader.registerCustomWidget(stand_in)
+    ui_file = QtCore.QFile(str(UI_FILE))
+    assert ui_file.open(QtCore.QFile.ReadOnly)
+    widget = loader.load(ui_file)
+    ui_file.close()
+    assert widget is not None, loader.errorString()
+    yield {child.objectName(): child for child in widget.findChildren(QtWidgets.QWidget)}, widget
+    widget.deleteLater()
+    application.processEvents()
+
+
+def used_ui_members():
+    """(widget, member) for every ``self.ui.<widget>.<member>`` in the module, and the widgets used at all."""
+    source = MODULE_FILE.read_text()
+    return set(re.findall(r"self\.ui\.(\w+)\.(\w+)", source)), set(re.findall(r"self\.ui\.(\w+)", source))
+
+
+def test_ui_loads_with_quiloader_and_has_every_widget_the_module_uses(loaded_ui):
+    children, root = loaded_ui
+    assert type(root).__name__ == "qMRMLWidget"
+    _, used = used_ui_members()
+    assert sorted(used - set(children)) == []
+    for name, child in children.items():
+        declared = next((w.get("class") for w in ui_root().iter("widget") if w.get("name") == name), None)
+        if declared:
+            assert type(child).__name__ == declared or child.metaObject().className() == declared, name
+
+
+def test_every_member_the_module_uses_exists_on_its_widget(loaded_ui):
+    children, _ = loaded_ui
+    members, _ = used_ui_members()
+    missing = []
+    for name, member in sorted(members):
+        child = children[name]
+        custom = SLICER_WIDGETS.get(type(child).__name__)
+        if custom is not None:
+            ok = member in custom[1]
+        else:
+            ok = member == "connect" or child.metaObject().indexOfProperty(member) >= 0 or hasattr(child, member)
+        if not ok:
+            missing.append("{}.{}".format(name, member))
+    assert missing == []
+
+
+def test_ui_properties_survive_loading(loaded_ui):
+    children, _ = loaded_ui
+    assert children["referenceSelector"].property("nodeTypes") == ["vtkMRMLLabelMapVolumeNode",
+                                                                   "vtkMRMLSegmentationNode"]
+    assert children["referenceSegmentsSelector"].property("multiSelection") is True
+    assert children["networkKindComboBox"].property("SlicerParameterName") == "networkKind"
+    assert children["probeParametersGroupBox"].layout() is not None  # the probe form is built into it
+    assert children["applyButton"].isEnabled() is False and children["cancelButton"].isEnabled() is False
+
+
+def test_extension_description_file_for_the_index():
+    s4ext = ROOT / "MedAdvRobustness.s4ext"
+    entries = {}
+    for line in s4ext.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            entries[key] = value.strip()
+    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "screenshoturls", "enabled"):
+        assert entries.get(key), key
+    text = cmake_text(EXTENSION_CMAKE)
+    for key, variable in (("homepage", "HOMEPAGE"), ("category", "CATEGORY"), ("iconurl", "ICONURL"),
+                          ("screenshoturls", "SCREENSHOTURLS"), ("depends", "DEPENDS"),
+                          ("contributors", "CONTRIBUTORS")):
+        value = re.search(r'set\(EXTENSION_{}\s+"([^"]*)"\)'.format(variable), text).group(1)
+        assert entries[key] == value, key
+
+
+def png_size(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_icon_is_128_pixels_and_the_screenshot_exists():
+    assert png_size(MODULE_DIR / "Resources" / "Icons" / "MedAdvRobustness.png") == (128, 128)
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS\s+"([^"]+)"\)', cmake_text(EXTENSION_CMAKE)).group(1).split()
+    assert urls
+    for url in urls:
+        width, height = png_size(ROOT / url.split("/main/", 1)[1])
+        assert width >= 640 and height >= 400
+
+
+def test_extension_catalog_entry_matches_the_cmake_metadata():
+    import json
+
+    entry = json.loads((ROOT / "MedAdvRobustness.json").read_text())
+    text = cmake_text(EXTENSION_CMAKE)
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY\s+"([^"]*)"\)', text).group(1)
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["scm_url"].startswith(re.search(r'set\(EXTENSION_HOMEPAGE\s+"([^"]*)"\)', text).group(1))

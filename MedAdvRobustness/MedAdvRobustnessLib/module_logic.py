@@ -1,0 +1,421 @@
+"""What the Slicer module computes, without Slicer's GUI: parameter node in, result nodes (in one folder) out.
+
+The widget stores its settings in a ``vtkMRMLScriptedModuleNode`` through Slicer's ``parameterNodeWrapper``;
+:func:`read_settings` reads the same parameters, stored the same way (text, ``True``/``False``, node references
+under the parameter's name). :class:`ProbeRun` then reads the input nodes on the calling (main) thread, computes
+in a worker thread (progress and cancel are polled), and adds every result node only when :meth:`ProbeRun.finish`
+is called on the main thread: all of them in a new subject-hierarchy folder, or none.
+"""
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import numpy as np
+import vtk
+import slicer
+
+from .attacks import ATTACKS, AttackCancelled, Parameter, make_attack
+from .corruptions import CORRUPTIONS, CorruptionProbe
+from .errors import InputError
+from .nodes import labels_from_node, volume_from_node
+
+MODULE_NAME = "MedAdvRobustness"
+NETWORK_KINDS = ("builtin", "torchscript", "bundle", "description")
+OUTPUT_ACTIVATIONS = ("auto", "logits", "softmax", "sigmoid")
+CORRUPTION_SEED = Parameter("seed", 0, int, "seed of the corruption's random draws")
+
+
+def probe_names():
+    """Every attack, then every corruption, as the probe list of the module."""
+    return sorted(ATTACKS) + list(CORRUPTIONS)
+
+
+def is_corruption(probe):
+    return probe in CORRUPTIONS
+
+
+def probe_parameters(probe):
+    """The parameters (name, library default, type, help, choices) the probe takes."""
+    if is_corruption(probe):
+        return [CORRUPTION_SEED]
+    if probe not in ATTACKS:
+        raise InputError("unknown probe {!r}; expected one of {}".format(probe, ", ".join(probe_names())))
+    return ATTACKS[probe].parameters()
+
+
+def probe_summary(probe):
+    """One line on what the probe does (and what its strengths are)."""
+    if is_corruption(probe):
+        return "MRI corruption at severities 1-5: {}".format(CORRUPTIONS[probe].description)
+    if probe not in ATTACKS:
+        raise InputError("unknown probe {!r}; expected one of {}".format(probe, ", ".join(probe_names())))
+    return ATTACKS[probe].summary
+
+
+@dataclass
+class ProbeSettings:
+    """The module's settings; the field names are the parameter names of the widget's parameter node."""
+    inputVolume: object = None
+    referenceNode: object = None  # label map volume or segmentation
+    referenceSegmentIds: str = ""  # segments of a segmentation reference (comma-separated ids; empty: all)
+    networkKind: str = "builtin"
+    builtinNetwork: str = "demo"
+    networkPath: str = ""
+    outputActivation: str = "auto"
+    trustCheckpoint: bool = False
+    probe: str = "pgd"
+    probeParameters: str = "{}"  # JSON: {probe: {parameter: value text}}; missing: the library default
+    epsilons: str = "0.005 0.01 0.02"
+    severities: str = "1 3 5"
+    regionSegmentation: object = None
+    regionSegmentId: str = ""
+    device: str = "cpu"
+
+
+NODE_PARAMETERS = ("inputVolume", "referenceNode", "regionSegmentation")
+
+
+def default_settings():
+    return ProbeSettings()
+
+
+def parameter_node(scene, create=True):
+    """The module's singleton parameter node in ``scene`` (as ScriptedLoadableModuleLogic makes it)."""
+    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+    if node is None and create:
+        node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)
+        node.SetSingletonTag(MODULE_NAME)
+        node.SetModuleName(MODULE_NAME)
+        node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+        node = scene.AddNode(node)
+    return node
+
+
+def write_settings(node, settings):
+    """Store ``settings`` the way ``parameterNodeWrapper`` does."""
+    was_modifying = node.StartModify()
+    for item in fields(ProbeSettings):
+        value = getattr(settings, item.name)
+        if item.name in NODE_PARAMETERS:
+            node.SetParameter(item.name, "")
+            node.SetNodeReferenceID(item.name, value.GetID() if value is not None else None)
+        elif isinstance(value, bool):
+            node.SetParameter(item.name, "True" if value else "False")
+        else:
+            node.SetParameter(item.name, str(value))
+    node.EndModify(was_modifying)
+
+
+def read_settings(node):
+    """The settings stored in a parameter node; defaults where a parameter is not set."""
+    settings = ProbeSettings()
+    for item in fields(ProbeSettings):
+        if item.name in NODE_PARAMETERS:
+            setattr(settings, item.name, node.GetNodeReference(item.name))
+        elif node.HasParameter(item.name):
+            text = node.GetParameter(item.name)
+            setattr(settings, item.name, text == "True" if isinstance(item.default, bool) else text)
+    return settings
+
+
+def parse_strengths(text, what="epsilons"):
+    """Numbers separated by spaces or commas, or a sweep ``start:stop:count`` (count values, ends included)."""
+    text = str(text).strip()
+    sweep = re.fullmatch(r"([^:\s]+)\s*:\s*([^:\s]+)\s*:\s*(\d+)", text)
+    try:
+        if sweep:
+            start, stop, count = float(sweep.group(1)), float(sweep.group(2)), int(sweep.group(3))
+            if count < 1:
+                raise ValueError(text)
+            return [float(v) for v in np.linspace(start, stop, count)]
+        values = [float(item) for item in re.split(r"[\s,;]+", text) if item]
+    except ValueError:
+        raise InputError("{} must be numbers separated by spaces or commas, or start:stop:count; got \"{}\"".format(
+            what, text))
+    if not values:
+        raise InputError("give at least one value for the {}".format(what))
+    return values
+
+
+def stored_probe_parameters(settings):
+    """The parameter values stored for the selected probe (text, as the form holds them)."""
+    try:
+        stored = json.loads(settings.probeParameters or "{}")
+    except ValueError:
+        raise InputError("the probe parameters are not valid JSON: {}".format(settings.probeParameters))
+    values = stored.get(settings.probe, {}) if isinstance(stored, dict) else {}
+    return {key: value for key, value in values.items() if str(value).strip() != ""}
+
+
+def make_probe(settings):
+    """The attack or corruption probe and its strengths (epsilons or severities)."""
+    values = stored_probe_parameters(settings)
+    if is_corruption(settings.probe):
+        unknown = sorted(set(values) - {"seed"})
+        if unknown:
+            raise InputError("corruption {} has no parameter {}; it takes seed only".format(
+                settings.probe, ", ".join(unknown)))
+        try:
+            seed = int(float(values.get("seed", 0)))
+        except ValueError:
+            raise InputError("corruption seed must be an integer, got {!r}".format(values["seed"]))
+        probe = CorruptionProbe(settings.probe, seed=seed)
+        return probe, probe.check_strengths(parse_strengths(settings.severities, "severities"))
+    probe = make_attack(settings.probe, **values)
+    return probe, probe.check_strengths(parse_strengths(settings.epsilons, "epsilons"))
+
+
+def network_source(settings):
+    """What ``load_model`` takes for the network settings."""
+    if settings.networkKind not in NETWORK_KINDS:
+        raise InputError("unknown network kind {!r}; expected one of {}".format(settings.networkKind,
+                                                                              ", ".join(NETWORK_KINDS)))
+    if settings.networkKind == "builtin":
+        return settings.builtinNetwork.strip() or "demo"
+    path = settings.networkPath.strip()
+    if not path:
+        raise InputError("select the {} file or folder of the network".format(settings.networkKind))
+    return path
+
+
+def output_activation(settings):
+    if settings.outputActivation not in OUTPUT_ACTIVATIONS:
+        raise InputError("output activation must be one of {}".format(", ".join(OUTPUT_ACTIVATIONS)))
+    return None if settings.outputActivation == "auto" else settings.outputActivation
+
+
+@dataclass
+class RunInputs:
+    """Everything the worker needs, read from the scene on the main thread (arrays, no node)."""
+    volume: object
+    reference: Optional[np.ndarray]
+    reference_segments: Optional[list]  # [(segment name, mask)] of a segmentation reference
+    region: Optional[np.ndarray]
+    probe: object
+    strengths: list
+    source: str
+    activation: Optional[str]
+    trust_checkpoint: bool
+    device: str
+
+
+def read_inputs(slicer_scene, settings):
+    """Check the settings and copy the inputs out of the scene (InputError on bad input; nothing changes)."""
+    if settings.inputVolume is None:
+        raise InputError("select an input volume")
+    volume = volume_from_node(settings.inputVolume)
+    probe, strengths = make_probe(settings)
+    reference, segments = None, None
+    if settings.referenceNode is not None:
+        if settings.referenceNode.IsA("vtkMRMLSegmentationNode"):
+            ids = [s for s in settings.referenceSegmentIds.split(",") if s.strip()]
+            segments = segment_masks(slicer_scene, settings.referenceNode, ids, settings.inputVolume, volume)
+        else:
+            reference = labels_from_node(settings.referenceNode, volume)
+    region = None
+    if settings.regionSegmentation is not None:
+        if not settings.regionSegmentId:
+            raise InputError("select the segment of {} that bounds the perturbation".format(
+                settings.regionSegmentation.GetName()))
+        region = segment_masks(slicer_scene, settings.regionSegmentation, [settings.regionSegmentId],
+                               settings.inputVolume, volume)[0][1]
+        if not region.any():
+            raise InputError("region segment {} is empty on the volume's grid".format(settings.regionSegmentId))
+    return RunInputs(volume, reference, segments, region, probe, strengths, network_source(settings),
+                     output_activation(settings), bool(settings.trustCheckpoint), settings.device.strip() or "cpu")
+
+
+def segment_masks(slicer_scene, segmentation_node, segment_ids, volume_node, volume):
+    """[(name, boolean mask on the volume's grid)] of the given segments (all if none given)."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = segment_ids or [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    if not ids:
+        raise InputError("segmentation {} has no segment".format(segmentation_node.GetName()))
+    masks = []
+    for segment_id in ids:
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise InputError("segmentation {} has no segment {}".format(segmentation_node.GetName(), segment_id))
+        masks.append((segment.GetName(), _segment_on_grid(slicer_scene, segmentation_node, segment_id,
+                                                          volume_node, volume) > 0))
+    return masks
+
+
+def _segment_on_grid(slicer_scene, segmentation_node, segment_id, volume_node, volume):
+    scene = slicer_scene.scene
+    label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("medadv scratch"))
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer_scene.segmentations_logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, label_map,
+                                                                             volume_node):
+            raise InputError("cannot map segment {} onto the grid of {}".format(segment_id, volume_node.GetName()))
+        return labels_from_node(label_map, volume)
+    finally:
+        scene.RemoveNode(label_map)
+
+
+def reference_from_segments(segments, labels, shape):
+    """Label array from [(segment name, mask)], each segment matched by name (case-insensitive) to a label."""
+    values = {label.name.lower(): label.value for label in labels}
+    reference = np.zeros(shape, dtype=np.int64)
+    for name, mask in segments:
+        if name.lower() not in values:
+            raise InputError("reference segment \"{}\" is none of the network's labels ({}); rename it".format(
+                name, ", ".join(label.name for label in labels[1:])))
+        reference[mask] = values[name.lower()]
+    return reference
+
+
+def compute(inputs, progress=None, is_cancelled=None):
+    """Load the network and run the sweep (no scene access: safe in a worker thread)."""
+    from .models import describe, load_model
+    from .runner import run_sweep
+
+    model = load_model(inputs.source, inputs.activation, trust_checkpoint=inputs.trust_checkpoint,
+                       device=inputs.device)
+    with model.on_grid(inputs.volume):
+        report = describe(model, inputs.volume)
+        for line in report.lines():
+            logging.info("MedAdvRobustness: %s", line)
+        reference = inputs.reference
+        if inputs.reference_segments is not None:
+            reference = reference_from_segments(inputs.reference_segments, report.labels, inputs.volume.array.shape)
+        return run_sweep(model, inputs.volume, inputs.probe, inputs.strengths, reference, progress, is_cancelled,
+                         region=inputs.region)
+
+
+class ProbeRun:
+    """One run of the module: started from the main thread, computed in a worker, finished on the main thread."""
+
+    def __init__(self, slicer_scene, settings):
+        self.slicer_scene = slicer_scene
+        self.settings = settings
+        self.inputs = read_inputs(slicer_scene, settings)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._fraction, self._message = 0.0, "loading the network"
+        self._result, self._error = None, None
+        self._thread = threading.Thread(target=self._work, name="MedAdvRobustness run", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def cancel(self):
+        """Ask the worker to stop at its next iteration; :meth:`finish` then adds nothing."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self):
+        return self._cancel.is_set()
+
+    @property
+    def done(self):
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    @property
+    def progress(self):
+        """(fraction 0..1, message) of the work done."""
+        with self._lock:
+            return self._fraction, self._message
+
+    def wait(self, timeout=None):
+        self._thread.join(timeout)
+        return self.done
+
+    def _report(self, fraction, message):
+        with self._lock:
+            self._fraction, self._message = float(fraction), str(message)
+
+    def _work(self):
+        try:
+            self._result = compute(self.inputs, self._report, self._cancel.is_set)
+        except BaseException as error:  # handed to the main thread by finish()
+            self._error = error
+
+    def finish(self):
+        """On the main thread, once :attr:`done`: add the result nodes in a new folder and return them.
+
+        Raises the worker's error, or AttackCancelled if the run was cancelled; then nothing is added.
+        """
+        if not self.done:
+            raise RuntimeError("the run has not finished")
+        if self._error is not None:
+            raise self._error
+        if self.cancelled:
+            raise AttackCancelled()
+        nodes = add_run_nodes(self.slicer_scene, self._result)
+        nodes["input"] = self.settings.inputVolume
+        return nodes
+
+
+def add_run_nodes(slicer_scene, result):
+    """Add the result nodes under a new subject-hierarchy folder; on any failure remove all of them and it."""
+    from .pipeline import add_nodes_or_nothing
+
+    scene = slicer_scene.scene
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    folder = None
+    try:
+        nodes = add_nodes_or_nothing(slicer_scene, result)
+        folder = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), folder_name(hierarchy, result))
+        for index in range(scene.GetNumberOfNodes()):
+            node = scene.GetNthNode(index)
+            if node.GetID() not in before and not node.GetHideFromEditors():
+                _put_in_folder(hierarchy, node, folder)
+        nodes["folder"] = folder
+        return nodes
+    except BaseException:
+        if folder:
+            hierarchy.RemoveItem(folder, False, False)
+        for index in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(index)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
+
+
+def _put_in_folder(hierarchy, node, folder):
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, folder)
+    else:
+        hierarchy.CreateItem(folder, node)
+
+
+def folder_name(hierarchy, result):
+    """``<volume> <network> <probe>``, numbered when a folder of that name exists already."""
+    base = "{} {} {}".format(result.volume.name, result.model_name, result.attack_name)
+    existing = vtk.vtkIdList()
+    hierarchy.GetItemChildren(hierarchy.GetSceneItemID(), existing, True)
+    names = {hierarchy.GetItemName(existing.GetId(index)) for index in range(existing.GetNumberOfIds())}
+    name, number = base, 2
+    while name in names:
+        name, number = "{} ({})".format(base, number), number + 1
+    return name
+
+
+def folder_nodes(hierarchy, folder):
+    """Data nodes under ``folder`` (recursively)."""
+    children = vtk.vtkIdList()
+    hierarchy.GetItemChildren(folder, children, True)
+    nodes = [hierarchy.GetItemDataNode(children.GetId(index)) for index in range(children.GetNumberOfIds())]
+    return [node for node in nodes if node is not None]
+
+
+def run_settings(slicer_scene, settings):
+    """Run synchronously (scripts, the in-Slicer self-test): start, wait, finish."""
+    run = ProbeRun(slicer_scene, settings).start()
+    run.wait()
+    return run.finish()
+
+
+def start_run(slicer_scene, node):
+    """What the widget's Apply does: read the parameter node, check the inputs, start the worker."""
+    return ProbeRun(slicer_scene, read_settings(node)).start()

@@ -1,0 +1,233 @@
+"""The module's logic driven as the widget drives it: parameter node in, result nodes in one folder out.
+
+Real MRML (slicer-core) on the embedded sample with a short PGD attack (2 steps, one epsilon).
+"""
+import time
+
+import numpy as np
+import pytest
+import slicer
+import vtk
+from slicer import util
+
+from MedAdvRobustnessLib import module_logic
+from MedAdvRobustnessLib.attacks import AttackCancelled
+from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.models import Label, PALETTE
+from MedAdvRobustnessLib.nodes import add_color_table, add_segmentation_node
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
+from MedAdvRobustnessLib.scene import SlicerScene
+
+EPSILON = 0.02
+SHORT_PGD = '{"pgd": {"steps": "2", "seed": "3"}, "fgsm": {}}'
+NETWORK_LABELS = ["CSF", "grey matter", "white matter"]
+
+
+def node_ids(scene):
+    return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+
+
+def hierarchy_of(scene):
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def folders(scene):
+    hierarchy = hierarchy_of(scene)
+    children = vtk.vtkIdList()
+    hierarchy.GetItemChildren(hierarchy.GetSceneItemID(), children, True)
+    items = [children.GetId(index) for index in range(children.GetNumberOfIds())]
+    return {hierarchy.GetItemName(item): item for item in items
+            if hierarchy.GetItemLevel(item) == "Folder" or hierarchy.GetItemDataNode(item) is None}
+
+
+def tissue_segmentation(slicer_scene, labels_node):
+    """The sample's tissue map as a segmentation with named segments."""
+    labels = [Label(value, name, PALETTE[value]) for value, name in enumerate(TISSUE_LABELS)]
+    colors = add_color_table(slicer_scene.scene, labels, "tissue colors")
+    labels_node.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+    return add_segmentation_node(slicer_scene, labels_node, "tissue")
+
+
+def segment_id(segmentation_node, name):
+    segmentation = segmentation_node.GetSegmentation()
+    return next(segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+                if segmentation.GetNthSegment(i).GetName() == name)
+
+
+def segment_names(segmentation_node):
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def apply_as_widget(slicer_scene, settings, cancel_after_step=None):
+    """Store ``settings`` in the module's parameter node, press Apply, poll like the widget's timer, finish."""
+    node = module_logic.parameter_node(slicer_scene.scene)
+    module_logic.write_settings(node, settings)
+    run = module_logic.start_run(slicer_scene, node)
+    messages = []
+    while not run.done:
+        time.sleep(0.05)
+        fraction, message = run.progress
+        messages.append((fraction, message))
+        if cancel_after_step and "step {}/".format(cancel_after_step) in message:
+            run.cancel()
+    return run, messages
+
+
+@pytest.fixture(scope="module")
+def scene_with_sample():
+    slicer_scene = SlicerScene.standalone()
+    volume = slicer_scene.load_volume(SAMPLE_VOLUME)
+    labels = slicer_scene.load_volume(SAMPLE_LABELS, label_map=True)
+    return slicer_scene, volume, labels
+
+
+@pytest.fixture(scope="module")
+def first_run(scene_with_sample):
+    slicer_scene, volume, labels = scene_with_sample
+    original = util.arrayFromVolume(volume).copy()
+    settings = module_logic.ProbeSettings(inputVolume=volume, referenceNode=labels, probe="pgd",
+                                          probeParameters=SHORT_PGD, epsilons=str(EPSILON))
+    before = node_ids(slicer_scene.scene)
+    run, messages = apply_as_widget(slicer_scene, settings)
+    nodes = run.finish()
+    return nodes, messages, original, before
+
+
+def test_run_adds_its_nodes_in_one_folder_named_after_volume_network_and_probe(scene_with_sample, first_run):
+    slicer_scene, volume, _ = scene_with_sample
+    nodes, _, original, _ = first_run
+    hierarchy = hierarchy_of(slicer_scene.scene)
+    assert hierarchy.GetItemName(nodes["folder"]) == "MNI152_T1_2mm demo-unet pgd"
+    in_folder = module_logic.folder_nodes(hierarchy, nodes["folder"])
+    expected = [nodes["adversarial"][EPSILON], nodes["perturbation"][EPSILON], nodes["segmentation"][0.0],
+                nodes["segmentation"][EPSILON], nodes["metrics"], nodes["curve"], nodes["chart"]]
+    for node in expected:
+        assert node in in_folder, node.GetName()
+    assert volume not in in_folder
+    assert nodes["input"] is volume  # what the comparison view shows as the clean side
+    np.testing.assert_array_equal(util.arrayFromVolume(volume), original)  # the input is not modified
+
+
+def test_run_results_are_within_budget_and_carry_the_network_labels(scene_with_sample, first_run):
+    _, volume, _ = scene_with_sample
+    nodes, _, original, _ = first_run
+    adversarial = util.arrayFromVolume(nodes["adversarial"][EPSILON]).astype(np.float64)
+    budget = EPSILON * (original.max() - original.min())
+    assert 0 < np.abs(adversarial - original).max() <= budget * (1 + 1e-6)
+    np.testing.assert_allclose(util.arrayFromVolume(nodes["perturbation"][EPSILON]), adversarial - original,
+                               atol=1e-3)
+    for strength in (0.0, EPSILON):
+        assert segment_names(nodes["segmentation"][strength]) == NETWORK_LABELS
+    assert nodes["metrics"].GetNumberOfRows() == 2 * (len(NETWORK_LABELS) + 1)
+
+
+def test_run_reports_progress_per_iteration(first_run):
+    _, messages, _, _ = first_run
+    texts = [message for _, message in messages]
+    assert any("pgd epsilon 0.02: step 1/2" in text for text in texts)
+    fractions = [fraction for fraction, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_second_run_keeps_the_first_and_takes_a_segmentation_reference_and_a_region(scene_with_sample, first_run):
+    slicer_scene, volume, labels = scene_with_sample
+    first_nodes, _, original, _ = first_run
+    first_arrays = {key: util.arrayFromVolume(first_nodes[key][EPSILON]).copy()
+                    for key in ("adversarial", "perturbation")}
+    tissue = tissue_segmentation(slicer_scene, labels)
+    settings = module_logic.ProbeSettings(
+        inputVolume=volume, referenceNode=tissue,
+        referenceSegmentIds=",".join(segment_id(tissue, name) for name in NETWORK_LABELS),
+        probe="pgd", probeParameters=SHORT_PGD, epsilons=str(EPSILON),
+        regionSegmentation=tissue, regionSegmentId=segment_id(tissue, "white matter"))
+    run, _ = apply_as_widget(slicer_scene, settings)
+    second = run.finish()
+
+    hierarchy = hierarchy_of(slicer_scene.scene)
+    assert hierarchy.GetItemName(second["folder"]) == "MNI152_T1_2mm demo-unet pgd (2)"
+    assert set(module_logic.folder_nodes(hierarchy, second["folder"])).isdisjoint(
+        module_logic.folder_nodes(hierarchy, first_nodes["folder"]))
+    for key, array in first_arrays.items():  # the first run's nodes are still there, unchanged
+        node = first_nodes[key][EPSILON]
+        assert slicer_scene.scene.GetNodeByID(node.GetID()) is node
+        np.testing.assert_array_equal(util.arrayFromVolume(node), array)
+    perturbation = util.arrayFromVolume(second["perturbation"][EPSILON])
+    white_matter = util.arrayFromVolume(labels) == TISSUE_LABELS.index("white matter")
+    assert np.abs(perturbation[~white_matter]).max() == 0
+    assert np.abs(perturbation[white_matter]).max() > 0
+    reference_dice = second["metrics"].GetTable().GetColumnByName("dice_reference")
+    assert reference_dice is not None and not np.isnan(reference_dice.GetValue(0))
+
+
+def test_cancel_midway_adds_no_node_and_no_folder(scene_with_sample, first_run):
+    slicer_scene, volume, labels = scene_with_sample
+    scene = slicer_scene.scene
+    settings = module_logic.ProbeSettings(inputVolume=volume, referenceNode=labels, probe="pgd",
+                                          probeParameters='{"pgd": {"steps": "50"}}', epsilons="0.01 0.02")
+    before, folders_before = node_ids(scene), folders(scene)
+    run, messages = apply_as_widget(slicer_scene, settings, cancel_after_step=1)
+    assert run.cancelled
+    with pytest.raises(AttackCancelled):
+        run.finish()
+    assert node_ids(scene) == before
+    assert folders(scene) == folders_before
+    assert not any("step 3/50" in message for _, message in messages)
+
+
+def test_bad_input_is_refused_before_anything_runs(scene_with_sample):
+    slicer_scene, volume, labels = scene_with_sample
+    scene = slicer_scene.scene
+    before = node_ids(scene)
+    cases = [
+        (module_logic.ProbeSettings(), "select an input volume"),
+        (module_logic.ProbeSettings(inputVolume=volume, epsilons="0.01 x"), "epsilons must be numbers"),
+        (module_logic.ProbeSettings(inputVolume=volume, epsilons="0.5 1.5"), "0 < epsilon < 1"),
+        (module_logic.ProbeSettings(inputVolume=volume, probeParameters='{"pgd": {"stepz": "2"}}'),
+         "has no parameter stepz"),
+        (module_logic.ProbeSettings(inputVolume=volume, probe="smoothing", severities="7"), "severity"),
+        (module_logic.ProbeSettings(inputVolume=volume, networkKind="torchscript"), "select the torchscript"),
+        (module_logic.ProbeSettings(inputVolume=labels), "scalar volume"),
+    ]
+    node = module_logic.parameter_node(scene)
+    for settings, message in cases:
+        module_logic.write_settings(node, settings)
+        with pytest.raises(InputError, match=message):
+            module_logic.start_run(slicer_scene, node)
+    assert node_ids(scene) == before
+
+
+def test_settings_survive_a_saved_scene(tmp_path, slicer_scene, sample_nodes):
+    volume, labels = sample_nodes
+    tissue = tissue_segmentation(slicer_scene, labels)
+    settings = module_logic.ProbeSettings(
+        inputVolume=volume, referenceNode=tissue, referenceSegmentIds=segment_id(tissue, "CSF"),
+        networkKind="torchscript", networkPath="/models/net.ts", outputActivation="softmax", trustCheckpoint=True,
+        probe="dag", probeParameters='{"dag": {"gamma": "0.25"}}', epsilons="0.01:0.04:4", severities="2 4",
+        regionSegmentation=tissue, regionSegmentId=segment_id(tissue, "white matter"), device="cuda")
+    module_logic.write_settings(module_logic.parameter_node(slicer_scene.scene), settings)
+    slicer_scene.write_mrb(tmp_path / "scene.mrb")
+
+    reloaded = SlicerScene.read_mrb(tmp_path / "scene.mrb")
+    restored = module_logic.read_settings(module_logic.parameter_node(reloaded.scene, create=False))
+    for name in module_logic.NODE_PARAMETERS:
+        assert getattr(restored, name).GetName() == getattr(settings, name).GetName()
+        assert getattr(restored, name).GetScene() is reloaded.scene
+    plain = [name for name in vars(settings) if name not in module_logic.NODE_PARAMETERS]
+    assert {name: getattr(restored, name) for name in plain} == {name: getattr(settings, name) for name in plain}
+
+
+def test_parse_strengths_takes_lists_and_sweeps():
+    assert module_logic.parse_strengths("0.01, 0.02;0.04") == [0.01, 0.02, 0.04]
+    assert module_logic.parse_strengths("0.01:0.04:4") == pytest.approx([0.01, 0.02, 0.03, 0.04])
+    with pytest.raises(InputError):
+        module_logic.parse_strengths("")
+
+
+def test_every_probe_has_its_library_parameters():
+    names = module_logic.probe_names()
+    assert names[:7] == ["apgd-ce", "apgd-dlr", "cospgd", "dag", "fgsm", "pgd", "segpgd"]
+    assert "smoothing" in names and "rician_noise" in names
+    pgd = {parameter.name: parameter.default for parameter in module_logic.probe_parameters("pgd")}
+    assert pgd["steps"] == 10 and pgd["norm"] == "linf"
+    assert [p.name for p in module_logic.probe_parameters("smoothing")] == ["seed"]
