@@ -6,6 +6,7 @@ loopback interface unless told otherwise and runs until interrupted (Ctrl+C).
 """
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -20,7 +21,12 @@ MISSING_VIEWER = ("the browser viewer needs trame-slicer: pip install 'medadvrob
 
 def add_view_command(commands):
     """The ``view`` subcommand of ``medadv`` (kept here so that cli.py only registers it)."""
-    view = commands.add_parser("view", help="open a results folder (or .mrb) in Slicer's views in the browser")
+    view = commands.add_parser(
+        "view", help="open a results folder (or .mrb) in Slicer's views in the browser",
+        description="Serve a results folder (its scene.mrb) or a .mrb file as a web page on Slicer's core "
+                    "(trame-slicer) and print its address; open that address in a browser on this machine. On a "
+                    "remote machine, forward the port first (ssh -L 8080:127.0.0.1:8080 HOST) and open "
+                    "http://localhost:8080/. Ctrl+C stops the server.")
     view.add_argument("results", metavar="DIR", help="results folder written by 'medadv run/demo', or a .mrb file")
     view.add_argument("--host", default=DEFAULT_HOST,
                       help="address to listen on (default {}: this machine only)".format(DEFAULT_HOST))
@@ -61,6 +67,20 @@ def is_loopback(host):
         return False
 
 
+def check_port_free(host, port):
+    """A clear error before loading anything if ``port`` is taken (or ``host`` is not an address of this machine)."""
+    if port == 0:
+        return
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise InputError("cannot listen on {} port {} ({}); choose another with --port (0: any free port)".format(
+            host, port, error.strerror or error))
+
+
 def build_app(results, encoder="png", server=None):
     """The trame app for a results folder or ``.mrb`` (not started)."""
     path = scene_file(results)
@@ -78,6 +98,7 @@ def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png"):
     """Serve the viewer until interrupted; prints the address once it listens."""
     if not 0 <= port <= 65535:
         raise InputError("--port must lie in 0..65535")
+    check_port_free(host, port)
     if not is_loopback(host):
         print("medadv view: warning: listening on {}, not only on this machine; the scene is served without any "
               "access control".format(host), file=sys.stderr)

@@ -2,8 +2,9 @@
 
 Clean and attacked volumes side by side in two linked slice views (same slice plane, same window/level), each with
 its segmentation as outlines in the segments' names and colours, the perturbation as a colour overlay on the
-attacked view, the segment surfaces clean vs attacked in two 3D views, and beside them an epsilon selector that
-switches every view, the metrics table and the Dice-vs-epsilon chart, all read from the scene itself.
+attacked view, the segment surfaces clean vs attacked in two 3D views, and beside them a strength selector (the
+attack's epsilons, or a corruption's severities) that switches every view, the metrics table and the Dice-vs-strength
+chart, all read from the scene itself.
 """
 import base64
 import io
@@ -29,9 +30,15 @@ ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 PERTURBATION_OPACITY = 0.5
 SEGMENT_SURFACE_OPACITY = 1.0
 LAYOUT_ID = "medadv"
-METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("label", "label", "{}"), ("dice_reference", "Dice ref", "{:.3f}"),
-                  ("dice_clean", "Dice clean", "{:.3f}"), ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"),
-                  ("psnr", "PSNR dB", "{:.1f}"))
+# Metrics table columns shown first, in this order, with a title and a format; any other column of the table (a
+# metric added later) follows under its own name; the HIDDEN ones and columns without any value are left out.
+METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("severity", "severity", "{:g}"), ("label", "label", "{}"),
+                  ("dice_reference", "Dice ref", "{:.3f}"), ("dice_clean", "Dice clean", "{:.3f}"),
+                  ("hd95_reference", "HD95 ref mm", "{:.1f}"), ("asd_reference", "ASD ref mm", "{:.2f}"),
+                  ("hd95_clean", "HD95 clean mm", "{:.1f}"), ("asd_clean", "ASD clean mm", "{:.2f}"),
+                  ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"), ("psnr", "PSNR dB", "{:.1f}"),
+                  ("ssim", "SSIM", "{:.3f}"))
+HIDDEN_METRIC_COLUMNS = ("model", "attack", "linf_fraction", "l2_fraction")
 
 
 def results_layout():
@@ -74,27 +81,27 @@ class ResultsViewer(TrameApp):
 
         self._syncing = False
         self._chart_key = None
+        self._observers = []
         self._perturbation_colors = self._add_perturbation_colors()
-        self._prepare_display()
+        self._perturbation_reach = [self._prepare_display(run) for run in self.runs]
+        self.metrics = [table_rows(run.metrics) if run.metrics is not None else [] for run in self.runs]
 
         state = self.server.state
-        state.trame__title = "medadv view: " + self.run.title
-        state.epsilon_key = self.run.epsilons[-1].key
+        state.run_index = 0
         state.orientation = "Axial"
         state.show_perturbation = True
         state.perturbation_opacity = PERTURBATION_OPACITY
         state.show_segmentations = True
-        state.shown_epsilon_key = ""
+        state.shown_strength_key = ""
         state.chart_src = ""
-        clean_display = _display_node(self.run.volume)
-        self.intensity_range = [float(value) for value in self.run.volume.GetImageData().GetScalarRange()]
-        state.intensity_window = [round(clean_display.GetWindowLevelMin(), 2), round(clean_display.GetWindowLevelMax(), 2)]
-        self.metrics = table_rows(self.run.metrics) if self.run.metrics is not None else []
+        self._select_run(0)
         self._build_ui()
-        state.change("epsilon_key", "show_perturbation", "perturbation_opacity", "show_segmentations")(self._on_display_change)
+        state.change("strength_key", "show_perturbation", "perturbation_opacity",
+                     "show_segmentations")(self._on_display_change)
+        state.change("run_index")(self._on_run_change)
         state.change("orientation")(self._on_orientation_change)
         state.change("intensity_window")(self._on_window_change)
-        self._show_epsilon(state.epsilon_key)
+        self._show_strength(state.strength_key)
         for view in (self.clean_view, self.attacked_view, self.clean_3d, self.attacked_3d):
             view.reset_view()
         self._link_slice_views()
@@ -118,24 +125,25 @@ class ResultsViewer(TrameApp):
             table.SetColor(index, "", red, green, blue, alpha)
         return table
 
-    def _prepare_display(self):
-        run = self.run
-        for item in run.epsilons:
-            if item.perturbation is not None:
-                display = _display_node(item.perturbation)
-                display.SetAndObserveColorNodeID(self._perturbation_colors.GetID())
-                display.AutoWindowLevelOff()
-                low, high = item.perturbation.GetImageData().GetScalarRange()
-                reach = max(abs(low), abs(high), 1e-6)
-                display.SetWindowLevelMinMax(-reach, reach)
-                display.SetInterpolate(False)
+    def _prepare_display(self, run):
+        """Perturbations in the blue-red colours on one scale per run; probed volumes in the clean one's
+        window/level; segmentations as outlines (2D) and surfaces (3D), hidden until shown."""
+        perturbations = [item.perturbation for item in run.strengths if item.perturbation is not None]
+        reach = max([max(abs(value) for value in node.GetImageData().GetScalarRange()) for node in perturbations]
+                    + [1e-6])
+        for node in perturbations:
+            display = _display_node(node)
+            display.SetAndObserveColorNodeID(self._perturbation_colors.GetID())
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(-reach, reach)
+            display.SetInterpolate(False)
         clean_display = _display_node(run.volume)
         clean_display.AutoWindowLevelOff()
-        for item in run.epsilons:
-            adversarial = _display_node(item.adversarial)
-            adversarial.AutoWindowLevelOff()
-            adversarial.SetWindowLevel(clean_display.GetWindow(), clean_display.GetLevel())
-        for segmentation in [run.clean_segmentation] + [item.segmentation for item in run.epsilons]:
+        for item in run.strengths:
+            probed = _display_node(item.probed)
+            probed.AutoWindowLevelOff()
+            probed.SetWindowLevel(clean_display.GetWindow(), clean_display.GetLevel())
+        for segmentation in [run.clean_segmentation] + [item.segmentation for item in run.strengths]:
             segmentation.CreateDefaultDisplayNodes()
             display = segmentation.GetDisplayNode()
             display.SetVisibility(False)
@@ -143,10 +151,30 @@ class ResultsViewer(TrameApp):
             display.SetVisibility2DOutline(True)
             display.SetSliceIntersectionThickness(2)
             display.SetOpacity3D(SEGMENT_SURFACE_OPACITY)
-        # Nothing else of the scene (e.g. the reference label map) is drawn unless asked for.
+        return reach
+
+    def _select_run(self, index):
+        """Show run ``index``: its volume and clean segmentation on the clean side, its largest strength, its
+        window; nothing of the other runs (nor anything else of the scene, e.g. the reference label map)."""
+        for run in self.runs:
+            for segmentation in [run.clean_segmentation] + [item.segmentation for item in run.strengths]:
+                segmentation.GetDisplayNode().SetVisibility(False)
+        previous, self.run = self.run, self.runs[index]
+        run, state = self.run, self.server.state
         self.clean_view.set_background_volume_id(run.volume.GetID())
         self.clean_view.set_foreground_volume_id(None)
         self._show_segmentation(run.clean_segmentation, self.clean_view, self.clean_3d)
+        clean_display = _display_node(run.volume)
+        low, high = (float(value) for value in run.volume.GetImageData().GetScalarRange())
+        state.intensity_range = [low, high, (high - low) / 200.0 or 1.0]
+        state.intensity_window = [round(clean_display.GetWindowLevelMin(), 2),
+                                  round(clean_display.GetWindowLevelMax(), 2)]
+        state.perturbation_scale = "{:.3g}".format(self._perturbation_reach[index])
+        state.run_title = run.title
+        state.trame__title = "medadv view: " + run.title
+        self._chart_key = None
+        state.strength_key = run.strengths[-1].key
+        return previous is not run and previous.volume is not run.volume
 
     def _show_segmentation(self, segmentation, slice_view, three_d_view, visible_2d=True):
         if not segmentation.GetSegmentation().ContainsRepresentation("Closed surface"):
@@ -160,11 +188,18 @@ class ResultsViewer(TrameApp):
 
     # ---------------------------------------------------------------------------------------------------- linking
 
+    def _observe(self, node, method, argument):
+        """Call ``method(node, argument)`` on every change of ``node``. The app keeps the node and the observer:
+        Python's cycle collector would otherwise free an observer that only VTK still refers to (a crash)."""
+        observer = _callback(method, argument)
+        node.AddObserver(vtk.vtkCommand.ModifiedEvent, observer)
+        self._observers.append((node, observer, argument))
+
     def _link_slice_views(self):
         """Both slice views show the same plane: any change of one slice node (slider, scroll, pan, zoom) is copied."""
         nodes = [self.clean_view.get_view_node(), self.attacked_view.get_view_node()]
         for source, target in (nodes, nodes[::-1]):
-            source.AddObserver(vtk.vtkCommand.ModifiedEvent, _callback(self._copy_slice, target))
+            self._observe(source, self._copy_slice, target)
 
     def _copy_slice(self, source, target):
         if self._syncing:
@@ -185,10 +220,15 @@ class ResultsViewer(TrameApp):
         self._chart_key = None
 
     def _link_window_level(self):
-        """Clean and every adversarial volume keep the same window/level, whichever view it was changed in."""
-        displays = [_display_node(self.run.volume)] + [_display_node(item.adversarial) for item in self.run.epsilons]
-        for display in displays:
-            display.AddObserver(vtk.vtkCommand.ModifiedEvent, _callback(self._copy_window_level, displays))
+        """A clean volume and every probed volume of its runs keep the same window/level, whichever view it was
+        changed in."""
+        groups = {}
+        for run in self.runs:
+            groups.setdefault(run.volume.GetID(), [_display_node(run.volume)]).extend(
+                _display_node(item.probed) for item in run.strengths)
+        for displays in groups.values():
+            for display in displays:
+                self._observe(display, self._copy_window_level, displays)
 
     def _copy_window_level(self, source, displays):
         if self._syncing:
@@ -209,7 +249,7 @@ class ResultsViewer(TrameApp):
         if None in cameras:
             return
         for source, target in (cameras, cameras[::-1]):
-            source.AddObserver(vtk.vtkCommand.ModifiedEvent, _callback(self._copy_camera, target))
+            self._observe(source, self._copy_camera, target)
 
     def _copy_camera(self, source, target):
         if self._syncing:
@@ -229,27 +269,38 @@ class ResultsViewer(TrameApp):
 
     # --------------------------------------------------------------------------------------------------- switching
 
-    def _on_display_change(self, epsilon_key, **_):
-        self._show_epsilon(epsilon_key)
+    def _on_display_change(self, strength_key, **_):
+        self._show_strength(strength_key)
 
-    def _show_epsilon(self, epsilon_key):
+    def _on_run_change(self, run_index, **_):
+        try:
+            index = int(run_index)
+        except (TypeError, ValueError):
+            return
+        if not 0 <= index < len(self.runs) or self.runs[index] is self.run:
+            return
+        if self._select_run(index):
+            self.clean_view.reset_view()
+        self._show_strength(self.server.state.strength_key)
+
+    def _show_strength(self, strength_key):
         state, run = self.server.state, self.run
-        item = run.by_key(epsilon_key) or run.epsilons[-1]
-        self.attacked_view.set_background_volume_id(item.adversarial.GetID())
+        item = run.by_key(strength_key) or run.strengths[-1]
+        self.attacked_view.set_background_volume_id(item.probed.GetID())
         overlay = item.perturbation if state.show_perturbation and item.perturbation is not None else None
         self.attacked_view.set_foreground_volume_id(overlay.GetID() if overlay is not None else None)
         self.attacked_view.set_foreground_opacity(float(state.perturbation_opacity))
-        for other in run.epsilons:
+        for other in run.strengths:
             if other is not item:
                 other.segmentation.GetDisplayNode().SetVisibility(False)
         self._show_segmentation(item.segmentation, self.attacked_view, self.attacked_3d, state.show_segmentations)
         run.clean_segmentation.GetDisplayNode().SetVisibility2D(state.show_segmentations)
         if self._chart_key != item.key:
             state.chart_src, self._chart_key = self._chart(item), item.key
-        state.epsilon_label = "{} ε = {}".format(run.attack, item.text)
+        state.strength_label = run.caption(item)
         for view in (self.clean_view, self.attacked_view, self.clean_3d, self.attacked_3d):
             view.schedule_render()
-        state.shown_epsilon_key = item.key
+        state.shown_strength_key = item.key
 
     def _on_window_change(self, intensity_window, **_):
         """The clean volume's window; the link copies it to every adversarial volume."""
@@ -273,7 +324,7 @@ class ResultsViewer(TrameApp):
     # ----------------------------------------------------------------------------------------------------- chart
 
     def _chart(self, selected):
-        """Dice vs epsilon from the scene's table and chart nodes (series, colours, titles), as a PNG data URL."""
+        """Dice vs strength from the scene's table and chart nodes (series, colours, titles), as a PNG data URL."""
         import matplotlib
         matplotlib.use("Agg")
         from matplotlib.figure import Figure
@@ -289,15 +340,15 @@ class ResultsViewer(TrameApp):
                 if plot is not None:
                     series.append((plot.GetYColumnName(), plot.GetColor(), plot.GetName()))
         else:
-            series = [(name, None, name) for name in rows[0] if name != "epsilon"] if rows else []
+            series = [(name, None, name) for name in rows[0] if name != run.strength_name] if rows else []
         figure = Figure(figsize=(4.2, 2.9), dpi=100)
         axes = figure.add_subplot()
-        x_values = [row["epsilon"] for row in rows]
+        x_values = [row.get(run.strength_name) for row in rows]
         for column, color, name in series:
             axes.plot(x_values, [row.get(column) for row in rows], marker="o", label=name, color=color,
                       linewidth=2.2 if column == "mean" else 1.4)
-        axes.axvline(selected.epsilon, color="#d9534a", linestyle="--", linewidth=1)
-        axes.set_xlabel(run.chart.GetXAxisTitle() if run.chart is not None else "epsilon", fontsize=8)
+        axes.axvline(selected.strength, color="#d9534a", linestyle="--", linewidth=1)
+        axes.set_xlabel(_strength_title(self.run), fontsize=8)
         axes.set_ylabel(run.chart.GetYAxisTitle() if run.chart is not None else "Dice", fontsize=8)
         axes.tick_params(labelsize=7)
         axes.grid(alpha=0.3)
@@ -311,79 +362,122 @@ class ResultsViewer(TrameApp):
 
     def _slice_view_ui(self, server, view_id, view):
         create_vertical_slice_view_gutter_ui(server, view_id, view)
-        _view_label("clean" if view.name == CLEAN_SLICE else "attacked · {{ epsilon_label }}", view.name)
+        _view_label("clean" if view.name == CLEAN_SLICE else "attacked · {{ strength_label }}", view.name)
 
     def _three_d_view_ui(self, server, view_id, view):
         create_vertical_view_gutter_ui(server, view_id, view)
-        _view_label("clean segments" if view.name == CLEAN_3D else "attacked segments · {{ epsilon_label }}",
+        _view_label("clean segments" if view.name == CLEAN_3D else "attacked segments · {{ strength_label }}",
                     view.name)
 
     def _build_ui(self):
-        run = self.run
         with VAppLayout(self.server, full_height=True) as self.ui:
             with html.Div(style="display:flex;flex-direction:row;height:100vh;width:100vw;overflow:hidden;"):
                 with html.Div(style="flex:1;display:flex;flex-direction:column;min-width:0;"):
                     self.layout_manager.initialize_layout_grid(self.ui)
                 with html.Div(classes="pa-3", style="width:460px;overflow-y:auto;font-size:13px;",
                               id="medadv-panel"):
-                    html.Div(run.title, classes="text-subtitle-1 font-weight-bold")
+                    html.Div("{{ run_title }}", classes="text-subtitle-1 font-weight-bold", id="medadv-title")
                     html.Div(str(self.scene_path), classes="text-caption text-medium-emphasis mb-2",
                              style="word-break:break-all;")
-                    html.Div("ε (fraction of the intensity range)", classes="text-caption mt-1")
-                    with v3.VBtnToggle(v_model=("epsilon_key",), mandatory=True, density="compact",
-                                       color="red-darken-2", divided=True, variant="outlined", id="medadv-epsilon"):
-                        for item in run.epsilons:
-                            v3.VBtn(item.text, value=item.key, id="epsilon-" + item.key, size="small")
+                    if len(self.runs) > 1:
+                        v3.VSelect(v_model=("run_index",), label="run", density="compact", hide_details=True,
+                                   items=("run_items", [{"title": run.title, "value": index}
+                                                        for index, run in enumerate(self.runs)]),
+                                   id="medadv-run")
+                    for index, run in enumerate(self.runs):
+                        with html.Div(v_if="run_index === {}".format(index)):
+                            self._strength_ui(run)
                     html.Div("slice orientation", classes="text-caption mt-2")
                     with v3.VBtnToggle(v_model=("orientation",), mandatory=True, density="compact",
                                        divided=True, variant="outlined"):
                         for orientation in ORIENTATIONS:
                             v3.VBtn(orientation, value=orientation, size="small", id="orientation-" + orientation)
-                    low, high = self.intensity_range
-                    v3.VRangeSlider(v_model=("intensity_window",), min=low, max=high, step=(high - low) / 200.0,
+                    v3.VRangeSlider(v_model=("intensity_window",), min=("intensity_range[0]",),
+                                    max=("intensity_range[1]",), step=("intensity_range[2]",),
                                     label="window", density="compact", hide_details=True, strict=True,
                                     classes="ml-2 mr-2 mt-2", id="medadv-window")
-                    v3.VSwitch(v_model=("show_perturbation",), label="perturbation overlay (blue −, red +)",
+                    v3.VSwitch(v_model=("show_perturbation",),
+                               label=("'perturbation overlay (blue −, red +; full colour at ±' + perturbation_scale "
+                                      "+ ')'",),
                                density="compact", hide_details=True, color="red-darken-2", id="medadv-perturbation")
                     v3.VSlider(v_model=("perturbation_opacity",), min=0.1, max=1.0, step=0.05, density="compact",
                                hide_details=True, label="opacity", disabled=("!show_perturbation",),
                                color="red-darken-2", classes="ml-2 mr-2", id="medadv-perturbation-opacity")
                     v3.VSwitch(v_model=("show_segmentations",), label="segmentations in slice views",
                                density="compact", hide_details=True, color="primary", id="medadv-segmentations")
-                    self._legend_ui()
-                    html.Img(src=("chart_src",), id="medadv-chart", style="width:100%;margin-top:8px;",
-                             alt="Dice vs epsilon")
-                    self._metrics_ui()
+                    for index, run in enumerate(self.runs):
+                        with html.Div(v_if="run_index === {}".format(index)):
+                            self._legend_ui(run)
+                            html.Img(src=("chart_src",), id="medadv-chart", style="width:100%;margin-top:8px;",
+                                     alt="Dice vs " + run.strength_name)
+                            self._metrics_ui(run, self.metrics[index])
 
-    def _legend_ui(self):
+    def _strength_ui(self, run):
+        html.Div(_strength_title(run), classes="text-caption mt-1")
+        with v3.VBtnToggle(v_model=("strength_key",), mandatory=True, density="compact", color="red-darken-2",
+                           divided=True, variant="outlined", id="medadv-strength"):
+            for item in run.strengths:
+                v3.VBtn(item.text, value=item.key, id="strength-" + item.key, size="small")
+
+    @staticmethod
+    def _legend_ui(run):
         with html.Div(classes="mt-2", id="medadv-legend"):
-            for name, color in segment_legend(self.run.clean_segmentation):
+            for name, color in segment_legend(run.clean_segmentation):
                 with html.Span(style="margin-right:12px;white-space:nowrap;"):
                     html.Span(style="display:inline-block;width:11px;height:11px;margin-right:4px;"
                                     "background:{};border:1px solid #444;".format(_css(color)))
                     html.Span(name)
 
-    def _metrics_ui(self):
-        run = self.run
-        if not self.metrics:
+    @staticmethod
+    def _metrics_ui(run, rows):
+        if not rows:
             return
-        html.Div(run.metrics.GetName() if run.metrics is not None else "metrics", classes="text-caption mt-2")
-        columns = [column for column in METRIC_COLUMNS if column[0] in self.metrics[0]]
-        with v3.VTable(density="compact", id="medadv-metrics", style="font-size:12px;"):
+        html.Div(run.metrics.GetName(), classes="text-caption mt-2")
+        has_means = any(row.get("label") == "mean" for row in rows)
+        if has_means:
+            v3.VSwitch(v_model=("metrics_per_label", False), label="every label (else the mean over labels)",
+                       density="compact", hide_details=True, color="primary", id="medadv-per-label")
+        columns = metric_columns(rows)
+        with html.Div(style="overflow-x:auto;"), v3.VTable(density="compact", id="medadv-metrics",
+                                                             style="font-size:12px;"):
             with html.Thead(), html.Tr():
-                for _, title, _ in columns:
-                    html.Th(title, style="padding:0 4px;")
+                for name, title, _ in columns:
+                    html.Th(title, style="padding:0 4px;white-space:nowrap;",
+                            raw_attrs=['data-column="{}"'.format(name)])
             with html.Tbody():
-                for row in self.metrics:
-                    key = next((item.key for item in run.epsilons if item.epsilon == row.get("epsilon")), "")
-                    selected = "epsilon_key === '{}' ? 'bg-red-lighten-4' : ''".format(key) if key else ""
-                    with html.Tr(classes=(selected,) if selected else "",
-                                 raw_attrs=['data-epsilon="{}"'.format(key or "0")]):
+                for row in rows:
+                    key = next((item.key for item in run.strengths if item.strength == row.get(run.strength_name)),
+                               "")
+                    selected = "strength_key === '{}' ? 'bg-red-lighten-4' : ''".format(key) if key else ""
+                    shown = {"v_show": "metrics_per_label"} if has_means and row.get("label") != "mean" else {}
+                    with html.Tr(classes=(selected,) if selected else "", **shown,
+                                 raw_attrs=['data-strength="{}"'.format(key or "0")]):
                         for name, _, pattern in columns:
-                            value = row.get(name)
-                            text = "" if value is None else (pattern.format(value) if isinstance(value, float)
-                                                             else str(value))
-                            html.Td(text, style="padding:0 4px;")
+                            html.Td(_cell(row.get(name), pattern), style="padding:0 4px;white-space:nowrap;")
+
+
+def _strength_title(run):
+    """The chart's x-axis title as the scene has it, e.g. 'epsilon (fraction of intensity range)'."""
+    title = run.chart.GetXAxisTitle() if run.chart is not None else ""
+    return title or run.strength_name
+
+
+def metric_columns(rows):
+    """(column, title, format) of the metrics table as shown: the known ones in order, then any other column of
+    the table under its own name; hidden ones and columns without a single value left out."""
+    present = [name for name in rows[0] if name not in HIDDEN_METRIC_COLUMNS
+               and any(row.get(name) is not None for row in rows)] if rows else []
+    known = [column for column in METRIC_COLUMNS if column[0] in present]
+    named = {column[0] for column in known}
+    return known + [(name, name, "{:.4g}") for name in present if name not in named]
+
+
+def _cell(value, pattern):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return (pattern if pattern != "{}" else "{:g}").format(value)
+    return str(value)
 
 
 def _callback(method, argument):

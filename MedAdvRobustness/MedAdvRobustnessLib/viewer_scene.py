@@ -1,30 +1,37 @@
 """Find the nodes of a results scene by the names :mod:`.results` gives them (no trame, no rendering here).
 
-``medadv run`` writes, per attacked volume ``<vol>``, attack ``<attack>`` and model ``<model>``:
+``medadv run`` writes, per probed volume ``<vol>``, probe ``<probe>`` and model ``<model>``, for an attack at
+each epsilon ``<e>`` (or a corruption at each severity ``<s>``):
 
 - ``<vol>``: the input volume,
-- ``<vol> adversarial <attack> eps <e>`` and ``<vol> perturbation <attack> eps <e>`` per epsilon,
-- ``<vol> segmentation clean`` and ``<vol> segmentation <attack> eps <e>``,
-- ``<vol> <model> <attack> metrics``, ``<vol> <model> <attack> Dice vs epsilon table`` (tables) and
-  ``<vol> <model> <attack> Dice vs epsilon`` (chart).
+- ``<vol> adversarial <probe> eps <e>`` (``<vol> corrupted <probe> severity <s>``) and
+  ``<vol> perturbation <probe> eps <e>`` (``... severity <s>``),
+- ``<vol> segmentation clean`` and ``<vol> segmentation <probe> eps <e>`` (``... severity <s>``),
+- ``<vol> <model> <probe> metrics``, ``<vol> <model> <probe> Dice vs epsilon table`` (``Dice vs severity table``)
+  and the chart ``<vol> <model> <probe> Dice vs epsilon`` (``Dice vs severity``).
 """
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from .errors import InputError
 
-_PER_EPSILON = re.compile(r"^(?P<volume>.+) (?P<role>adversarial|perturbation|segmentation) (?P<attack>\S+) "
-                          r"eps (?P<epsilon>[0-9.eE+-]+)$")
+# The word in node names, the strength's name (the metrics table's column) and how the page writes it.
+STRENGTHS = {"eps": ("epsilon", "ε"), "severity": ("severity", "severity")}
+_PER_STRENGTH = re.compile(r"^(?P<volume>.+) (?P<role>adversarial|corrupted|perturbation|segmentation) "
+                           r"(?P<probe>\S+) (?P<word>eps|severity) (?P<value>[0-9.eE+-]+)$")
 _CLEAN_SEGMENTATION = re.compile(r"^(?P<volume>.+) segmentation clean$")
+_ROLES = {"adversarial": "probed", "corrupted": "probed", "perturbation": "perturbation",
+          "segmentation": "segmentation"}
 
 
 @dataclass
-class AttackedEpsilon:
-    epsilon: float
+class ProbedStrength:
+    """The nodes of one strength (an epsilon or a severity) of a sweep."""
+    strength: float
     text: str
-    adversarial: object = None
+    probed: object = None
     perturbation: object = None
     segmentation: object = None
 
@@ -36,12 +43,13 @@ class AttackedEpsilon:
 
 @dataclass
 class ResultsRun:
-    """One attack sweep of one volume: the nodes the viewer shows."""
+    """One sweep of one probe (attack or corruption) on one volume: the nodes the viewer shows."""
     volume_name: str
-    attack: str
+    probe: str
+    strength_name: str = "epsilon"
     volume: object = None
     clean_segmentation: object = None
-    epsilons: List[AttackedEpsilon] = field(default_factory=list)
+    strengths: List[ProbedStrength] = field(default_factory=list)
     metrics: object = None
     dice_table: object = None
     chart: object = None
@@ -49,45 +57,59 @@ class ResultsRun:
 
     @property
     def title(self):
-        return " ".join(part for part in (self.volume_name, self.model, self.attack) if part)
+        return " ".join(part for part in (self.volume_name, self.model, self.probe) if part)
+
+    @property
+    def is_attack(self):
+        return self.strength_name == "epsilon"
+
+    @property
+    def symbol(self):
+        """How the page writes the strength: ε or severity."""
+        return next(symbol for name, symbol in STRENGTHS.values() if name == self.strength_name)
+
+    def caption(self, item):
+        """e.g. ``fgsm ε = 0.04`` or ``bias_field severity 3``."""
+        return "{} {} {}".format(self.probe, self.symbol, ("= " if self.is_attack else "") + item.text)
 
     def by_key(self, key):
-        return next((item for item in self.epsilons if item.key == key), None)
+        return next((item for item in self.strengths if item.key == key), None)
 
 
 def find_runs(scene) -> List[ResultsRun]:
-    """The complete runs (input volume, clean segmentation and at least one attacked epsilon) in ``scene``."""
+    """The complete runs (input volume, clean segmentation and at least one probed strength) in ``scene``."""
     nodes = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
     named = [node for node in nodes if node is not None and node.GetName()]
     runs: Dict[tuple, ResultsRun] = {}
     for node in named:
-        match = _PER_EPSILON.match(node.GetName())
+        match = _PER_STRENGTH.match(node.GetName())
         if not match or not _is_role_class(node, match.group("role")):
             continue
         try:
-            epsilon = float(match.group("epsilon"))
+            strength = float(match.group("value"))
         except ValueError:
             continue
-        run = runs.setdefault((match.group("volume"), match.group("attack")),
-                              ResultsRun(match.group("volume"), match.group("attack")))
-        entry = next((item for item in run.epsilons if item.text == match.group("epsilon")), None)
+        strength_name = STRENGTHS[match.group("word")][0]
+        key = (match.group("volume"), match.group("probe"), strength_name)
+        run = runs.setdefault(key, ResultsRun(*key))
+        entry = next((item for item in run.strengths if item.text == match.group("value")), None)
         if entry is None:
-            entry = AttackedEpsilon(epsilon, match.group("epsilon"))
-            run.epsilons.append(entry)
-        setattr(entry, match.group("role"), node)
+            entry = ProbedStrength(strength, match.group("value"))
+            run.strengths.append(entry)
+        setattr(entry, _ROLES[match.group("role")], node)
     complete = []
-    for (volume_name, attack), run in runs.items():
-        run.volume = _find_volume(named, volume_name)
+    for run in runs.values():
+        run.volume = _find_volume(named, run.volume_name)
         run.clean_segmentation = next(
             (node for node in named if node.IsA("vtkMRMLSegmentationNode")
-             and (_CLEAN_SEGMENTATION.match(node.GetName()) or [None, None])[1] == volume_name), None)
-        run.epsilons = sorted((item for item in run.epsilons if item.adversarial is not None
-                               and item.segmentation is not None), key=lambda item: item.epsilon)
-        if run.volume is None or run.clean_segmentation is None or not run.epsilons:
+             and (_CLEAN_SEGMENTATION.match(node.GetName()) or [None, None])[1] == run.volume_name), None)
+        run.strengths = sorted((item for item in run.strengths if item.probed is not None
+                                and item.segmentation is not None), key=lambda item: item.strength)
+        if run.volume is None or run.clean_segmentation is None or not run.strengths:
             continue
         _attach_tables(run, named)
         complete.append(run)
-    return sorted(complete, key=lambda run: (run.volume_name, run.attack))
+    return sorted(complete, key=lambda run: (run.volume_name, run.probe, run.strength_name))
 
 
 def _is_role_class(node, role):
@@ -102,11 +124,11 @@ def _find_volume(named, volume_name):
 
 
 def _attach_tables(run, named):
-    """``<vol> <model> <attack> metrics`` etc.; the model name is what lies between."""
+    """``<vol> <model> <probe> metrics`` etc.; the model name is what lies between."""
     prefix, suffixes = run.volume_name + " ", {
-        "metrics": " {} metrics".format(run.attack),
-        "dice_table": " {} Dice vs epsilon table".format(run.attack),
-        "chart": " {} Dice vs epsilon".format(run.attack),
+        "metrics": " {} metrics".format(run.probe),
+        "dice_table": " {} Dice vs {} table".format(run.probe, run.strength_name),
+        "chart": " {} Dice vs {}".format(run.probe, run.strength_name),
     }
     for role, suffix in suffixes.items():
         node_class = "vtkMRMLPlotChartNode" if role == "chart" else "vtkMRMLTableNode"
@@ -121,8 +143,8 @@ def _attach_tables(run, named):
 def require_run(scene, source):
     runs = find_runs(scene)
     if not runs:
-        raise InputError("{} holds no medadv results (no '<volume> adversarial <attack> eps <e>' volume with its "
-                         "segmentations)".format(source))
+        raise InputError("{} holds no medadv results (no '<volume> adversarial <attack> eps <e>' or '<volume> "
+                         "corrupted <corruption> severity <s>' volume with its segmentations)".format(source))
     return runs
 
 
@@ -149,25 +171,8 @@ def _typed(values):
         return [str(value) for value in values]
 
 
-def chart_series(chart_node, scene):
-    """(y column, colour, title) of each series of a chart node, with the chart's axis titles."""
-    series = []
-    if chart_node is None:
-        return series
-    for index in range(chart_node.GetNumberOfPlotSeriesNodes()):
-        plot = chart_node.GetNthPlotSeriesNode(index)
-        if plot is not None:
-            series.append((plot.GetYColumnName(), tuple(plot.GetColor()), plot.GetName()))
-    return series
-
-
 def segment_legend(segmentation_node):
     """(name, (r, g, b)) per segment."""
     segmentation = segmentation_node.GetSegmentation()
     return [(segmentation.GetNthSegment(index).GetName(), tuple(segmentation.GetNthSegment(index).GetColor()))
             for index in range(segmentation.GetNumberOfSegments())]
-
-
-def epsilon_from_row(row) -> Optional[float]:
-    value = row.get("epsilon")
-    return None if value is None else float(value)

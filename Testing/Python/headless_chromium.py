@@ -10,14 +10,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-default-apps", "--disable-extensions", "--mute-audio", "--no-default-browser-check",
                   "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
 
@@ -47,7 +48,8 @@ class HeadlessChromium:
         self.process = subprocess.Popen(
             [executable, *CHROMIUM_FLAGS, "--user-data-dir=" + self.profile,
              "--window-size={},{}".format(width, height), "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=end_with_parent)
         self._ids = itertools.count(1)
         self.socket = None
         try:
@@ -81,8 +83,11 @@ class HeadlessChromium:
     def _page_target(port, timeout):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with urllib.request.urlopen("http://127.0.0.1:{}/json/list".format(port), timeout=5) as answer:
-                pages = [target for target in json.load(answer) if target.get("type") == "page"]
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:{}/json/list".format(port), timeout=5) as answer:
+                    pages = [target for target in json.load(answer) if target.get("type") == "page"]
+            except OSError:  # not answering yet
+                pages = []
             if pages:
                 return pages[0]
             time.sleep(0.1)
@@ -137,6 +142,15 @@ class HeadlessChromium:
                 pass
         end_process_group(self.process, timeout)
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def end_with_parent():
+    """For ``preexec_fn``: the child gets SIGTERM when the test process dies (Linux), so that a killed test run
+    leaves no server or browser behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def end_process_group(process, timeout=10):

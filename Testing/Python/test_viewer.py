@@ -3,11 +3,15 @@
 The server runs as a subprocess in its own process group on a loopback port it picks itself (``--port 0``, the
 address is read from its output); Chromium is driven over the DevTools protocol. Every wait polls the page (the
 views' images and the app's state) with a deadline; nothing sleeps a fixed time. Screenshots and the views' images
-are kept under ``test-artifacts/viewer/``.
+are kept under ``test-artifacts/viewer/``. In CI (``CI`` set) a missing Chromium fails instead of skipping:
+``scripts/system-packages.sh`` installs it.
 """
 import base64
+import gc
 import io
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -16,14 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headless_chromium import HeadlessChromium, end_process_group, find_chromium, group_alive
-from MedAdvRobustnessLib.viewer import is_loopback, scene_file
-from MedAdvRobustnessLib.viewer_scene import find_runs
+from headless_chromium import HeadlessChromium, end_process_group, end_with_parent, find_chromium, group_alive
+from MedAdvRobustnessLib import cli
+from MedAdvRobustnessLib.viewer import build_app, is_loopback, scene_file
+from MedAdvRobustnessLib.viewer_app import metric_columns
+from MedAdvRobustnessLib.viewer_scene import find_runs, segment_legend
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 MEDADV = Path(sys.executable).with_name("medadv")
-SERVER_START_TIMEOUT = 120
+# Generous deadlines for a loaded 2-core machine without GPU (here: start-up about 10 s, each render under 2 s).
+SERVER_START_TIMEOUT = 180
+BROWSER_START_TIMEOUT = 60
 RENDER_TIMEOUT = 90
 SHUTDOWN_TIMEOUT = 15
 WIDTH, HEIGHT = 1600, 1000
@@ -82,7 +90,8 @@ def viewer_url(results_dir, tmp_path_factory):
     command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
     with open(str(stdout_path), "w") as stdout, open(str(stderr_path), "w") as stderr:
         server = subprocess.Popen(command + ["view", str(results_dir), "--host", "127.0.0.1", "--port", "0"],
-                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
+                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+                                  preexec_fn=end_with_parent)
     try:
         url = _wait_for_address(server, stdout_path, stderr_path)
         yield url
@@ -110,8 +119,11 @@ def _wait_for_address(server, stdout_path, stderr_path):
 @pytest.fixture(scope="module")
 def browser():
     if find_chromium() is None:
-        pytest.skip("chromium is not installed (scripts/system-packages.sh installs it)")
-    chromium = HeadlessChromium(width=WIDTH, height=HEIGHT)
+        missing = "chromium is not installed (scripts/system-packages.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    chromium = HeadlessChromium(width=WIDTH, height=HEIGHT, timeout=BROWSER_START_TIMEOUT)
     try:
         yield chromium
     finally:
@@ -199,34 +211,105 @@ def test_results_scene_is_found_by_node_names(results_dir):
     runs = find_runs(SlicerScene.read_mrb(results_dir / "scene.mrb").scene)
     assert len(runs) == 1
     run = runs[0]
-    assert (run.volume_name, run.model, run.attack) == ("MNI152_T1_2mm", "demo-unet", "fgsm")
-    assert [item.text for item in run.epsilons] == ["0.01", "0.04"]
-    assert all(item.adversarial and item.perturbation and item.segmentation for item in run.epsilons)
+    assert (run.volume_name, run.model, run.probe, run.strength_name) == ("MNI152_T1_2mm", "demo-unet", "fgsm",
+                                                                          "epsilon")
+    assert [item.text for item in run.strengths] == ["0.01", "0.04"]
+    assert all(item.probed and item.perturbation and item.segmentation for item in run.strengths)
     assert run.clean_segmentation.GetName() == "MNI152_T1_2mm segmentation clean"
     assert run.metrics.GetName() == "MNI152_T1_2mm demo-unet fgsm metrics"
     assert run.dice_table.GetName() == "MNI152_T1_2mm demo-unet fgsm Dice vs epsilon table"
     assert run.chart.GetName() == "MNI152_T1_2mm demo-unet fgsm Dice vs epsilon"
 
 
-def test_view_refuses_what_is_not_a_results_folder(tmp_path, results_dir):
+def test_view_refuses_what_is_not_a_results_folder(tmp_path, results_dir, capsys):
     assert scene_file(results_dir) == (results_dir / "scene.mrb").absolute()
     assert scene_file(results_dir / "scene.mrb") == (results_dir / "scene.mrb").absolute()
-    completed = medadv("view", tmp_path, "--port", "0", timeout=120)
-    assert completed.returncode == 2
-    assert completed.stderr.strip().startswith("medadv: error:") and "scene.mrb" in completed.stderr
+    assert cli.main(["view", str(tmp_path), "--port", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().startswith("medadv: error:") and "scene.mrb" in error
     (tmp_path / "notes.txt").write_text("not a scene")
-    completed = medadv("view", tmp_path / "notes.txt", "--port", "0", timeout=120)
-    assert completed.returncode == 2 and ".mrb" in completed.stderr
+    assert cli.main(["view", str(tmp_path / "notes.txt"), "--port", "0"]) == 2
+    assert ".mrb" in capsys.readouterr().err
+    assert cli.main(["view", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["view", str(results_dir), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli.main(["view", str(results_dir), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1 port" in capsys.readouterr().err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")
+
+
+def test_metrics_table_takes_any_extra_column():
+    rows = [{"model": "m", "attack": "fgsm", "epsilon": 0.0, "label": "CSF", "dice_clean": 1.0, "hd95_clean": 0.0,
+             "ssim": 1.0, "dice_reference": None, "nsd_clean": 0.25, "note": "text"},
+            {"model": "m", "attack": "fgsm", "epsilon": 0.04, "label": "CSF", "dice_clean": 0.5, "hd95_clean": 9.5,
+             "ssim": 0.6, "dice_reference": None, "nsd_clean": None, "note": ""}]
+    columns = [name for name, _title, _format in metric_columns(rows)]
+    assert columns == ["epsilon", "label", "dice_clean", "hd95_clean", "ssim", "nsd_clean", "note"]
+    assert metric_columns([]) == []
+
+
+def test_a_scene_with_an_attack_and_a_corruption(results_dir, tmp_path):
+    """What the Slicer module leaves after two probes: a corruption run (severities, its extra metric columns) next
+    to the attack in one scene; the page offers both and switches every view and panel between them."""
+    from MedAdvRobustnessLib.corruptions import CorruptionProbe
+    from MedAdvRobustnessLib.models import load_model
+    from MedAdvRobustnessLib.pipeline import run_on_nodes
+    from MedAdvRobustnessLib.scene import SlicerScene
+
+    slicer_scene = SlicerScene.read_mrb(results_dir / "scene.mrb")
+    volume, reference = (slicer_scene.scene.GetFirstNodeByName(name)
+                         for name in ("MNI152_T1_2mm", "MNI152_tissue_2mm"))
+    run_on_nodes(slicer_scene, volume, load_model("demo"), CorruptionProbe("contrast_compression"), [3], reference)
+    slicer_scene.write_mrb(tmp_path / "two-runs.mrb")
+
+    app = build_app(tmp_path / "two-runs.mrb")
+    state = app.server.state
+    assert [(run.probe, run.strength_name) for run in app.runs] == [("contrast_compression", "severity"),
+                                                                      ("fgsm", "epsilon")]
+    corruption = app.runs[0]
+    assert app.run is corruption and [item.text for item in corruption.strengths] == ["3"]
+    assert all(item.probed and item.perturbation and item.segmentation for item in corruption.strengths)
+    assert corruption.metrics and corruption.dice_table and corruption.chart and corruption.model == "demo-unet"
+    assert (state.strength_key, state.strength_label) == ("3", "contrast_compression severity 3")
+    assert app.attacked_view.get_background_volume_id() == corruption.strengths[-1].probed.GetID()
+    corruption_chart = state.chart_src
+    assert corruption_chart.startswith("data:image/png;base64,")
+    titles = [title for _name, title, _format in metric_columns(app.metrics[0])]
+    assert titles[:2] == ["severity", "label"] and {"HD95 ref mm", "ASD ref mm", "SSIM", "Dice ref"} <= set(titles)
+    assert [name for name, _color in segment_legend(corruption.clean_segmentation)] == ["CSF", "grey matter",
+                                                                                         "white matter"]
+
+    state.ready()  # as when served: changes of the state call the app
+    state.run_index = 1
+    state.flush()
+    attack = app.runs[1]
+    assert app.run is attack and state.run_title == attack.title
+    assert (state.shown_strength_key, state.strength_label) == ("0_04", "fgsm ε = 0.04")
+    assert app.attacked_view.get_background_volume_id() == attack.strengths[-1].probed.GetID()
+    assert state.chart_src.startswith("data:image/png;base64,") and state.chart_src != corruption_chart
+    assert all(not item.segmentation.GetDisplayNode().GetVisibility() for item in corruption.strengths)
+    assert attack.clean_segmentation.GetDisplayNode().GetVisibility()  # the same clean prediction: one node
+
+    # The links between views survive Python's cycle collector (their VTK observers once were freed by it: a crash).
+    gc.collect()
+    state.intensity_window = [0, 100]
+    state.flush()
+    gc.collect()
+    probed_display = attack.strengths[0].probed.GetDisplayNode()
+    assert (probed_display.GetWindowLevelMin(), probed_display.GetWindowLevelMax()) == (0, 100)
 
 
 def test_views_in_headless_chromium(viewer_url, browser):
     assert re.match(r"http://127\.0\.0\.1:\d+/$", viewer_url)
     browser.navigate(viewer_url)
-    browser.wait_for("!!(window.trame && window.trame.state && window.trame.state.get('shown_epsilon_key'))",
+    browser.wait_for("!!(window.trame && window.trame.state && window.trame.state.get('shown_strength_key'))",
                      timeout=RENDER_TIMEOUT, what="the app's state")
-    assert state(browser, "shown_epsilon_key") == "0_04"  # the largest epsilon first
+    assert state(browser, "shown_strength_key") == "0_04"  # the largest epsilon first
 
     # 1. Every view renders: brain slices in both slice views, coloured segment surfaces in both 3D views.
     views = wait_for_views(browser, slices_not_blank, "rendered views")
@@ -235,6 +318,17 @@ def test_views_in_headless_chromium(viewer_url, browser):
         pixels = image(views[name])
         assert pixels.std() > 20, "{} view is flat".format(name)
     clean_segmented = image(views["Clean"])
+    legend = browser.evaluate("document.getElementById('medadv-legend').textContent")
+    assert all(name in legend for name in ("CSF", "grey matter", "white matter")), legend
+    assert browser.evaluate("document.getElementById('medadv-chart').naturalWidth") > 0, "no Dice chart"
+    headers = browser.evaluate("[...document.querySelectorAll('#medadv-metrics th')]"
+                               ".map(th => th.textContent.trim())")
+    assert headers[:4] == ["ε", "label", "Dice ref", "Dice clean"], headers
+    shown_rows = ("[...document.querySelectorAll('#medadv-metrics tbody tr')].filter(row => row.offsetParent)"
+                  ".map(row => [...row.cells].slice(0, 2).map(cell => cell.textContent.trim()))")
+    assert browser.evaluate(shown_rows) == [["0", "mean"], ["0.01", "mean"], ["0.04", "mean"]]
+    click(browser, "medadv-per-label")
+    browser.wait_for(shown_rows + ".length === 12", timeout=RENDER_TIMEOUT, what="every label's metrics")
 
     # 2. Clean and attacked differ exactly where the perturbation is. Without the overlay and the outlines the two
     # views show the clean and the adversarial volume on the same slice with the same window/level; the pixels
@@ -242,7 +336,7 @@ def test_views_in_headless_chromium(viewer_url, browser):
     click(browser, "medadv-perturbation")
     click(browser, "medadv-segmentations")
     browser.wait_for("window.trame.state.get('show_perturbation') === false && "
-                     "window.trame.state.get('show_segmentations') === false", timeout=30, what="toggles")
+                     "window.trame.state.get('show_segmentations') === false", timeout=RENDER_TIMEOUT, what="toggles")
     plain = wait_for_views(browser, lambda v: v["Attacked"]["digest"] != views["Attacked"]["digest"]
                            and v["Clean"]["digest"] != views["Clean"]["digest"], "views without overlays")
     keep(browser, plain, "02-eps-0.04-plain")
@@ -259,8 +353,9 @@ def test_views_in_headless_chromium(viewer_url, browser):
     near_perturbation = dilate(overlay, 2)
 
     # 3. Switching epsilon switches the attacked views (slice and 3D) and leaves the clean ones.
-    click(browser, "epsilon-0_01")
-    browser.wait_for("window.trame.state.get('shown_epsilon_key') === '0_01'", timeout=30, what="epsilon switch")
+    click(browser, "strength-0_01")
+    browser.wait_for("window.trame.state.get('shown_strength_key') === '0_01'", timeout=RENDER_TIMEOUT,
+                     what="epsilon switch")
     small = wait_for_views(browser, lambda v: v["Attacked"]["digest"] != plain["Attacked"]["digest"]
                            and v["Attacked3D"]["digest"] != plain["Attacked3D"]["digest"], "views at epsilon 0.01")
     keep(browser, small, "03-eps-0.01-plain")
@@ -273,7 +368,7 @@ def test_views_in_headless_chromium(viewer_url, browser):
     assert 0 < mean_difference_small < mean_difference_large, (mean_difference_small, mean_difference_large)
     assert "0.01" in browser.evaluate("document.querySelector('[data-view=\"Attacked\"]').textContent")
     highlighted = browser.evaluate("[...document.querySelectorAll('#medadv-metrics tr.bg-red-lighten-4')]"
-                                   ".map(row => row.dataset.epsilon)")
+                                   ".map(row => row.dataset.strength)")
     assert highlighted and set(highlighted) == {"0_01"}
 
     # 4. Linked window/level: a narrower window on the clean volume applies to the attacked one as well.
