@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Debian packages the test suite needs: Chromium for the browser viewer's end-to-end tests, and Mesa's EGL
-# (llvmpipe) so that VTK renders headless without an X server. Installs only what is missing.
+# Debian packages the test suite needs: Chromium (and a font for the page's text in its screenshots) for the browser
+# viewer's end-to-end tests, and Mesa's EGL (llvmpipe) so that VTK renders headless without an X server. Installs
+# only what is missing.
 set -euo pipefail
-packages=(chromium libegl1 libegl-mesa0 libgl1-mesa-dri)
+packages=(chromium fonts-dejavu-core libegl1 libegl-mesa0 libgl1-mesa-dri)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
