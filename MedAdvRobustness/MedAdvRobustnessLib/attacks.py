@@ -258,6 +258,9 @@ class Attack:
     target_label: Optional[int] = _param(None, int, "label B of swap/turn")
     grow_voxels: int = _param(1, int, "grow: voxels label A spreads into its neighbours", minimum=1)
     region_loss: bool = _param(False, bool, "restrict the loss (not only the perturbation) to the region")
+    target_weight: Optional[float] = _param(None, float, "targeted: share of the loss on the voxels whose target "
+                                            "differs from their label, the rest on keeping the others (Metzen et "
+                                            "al. 2017); none: one mean over all voxels", minimum=0.0)
 
     def __post_init__(self):
         for item in fields(self):
@@ -271,6 +274,8 @@ class Attack:
             if meta.get("minimum") is not None and value < meta["minimum"]:
                 raise InputError("{} {} must be at least {:g}, got {:g}".format(self.name, item.name,
                                                                                meta["minimum"], value))
+        if self.target_weight is not None and not self.target_weight <= 1.0:
+            raise InputError("{} target_weight must be in [0, 1], got {:g}".format(self.name, self.target_weight))
         if self.target_mode in ("swap", "turn", "grow", "vanish") and self.source_label is None:
             raise InputError("{}: target mode {} needs source_label".format(self.name, self.target_mode))
         if self.target_mode in ("swap", "turn") and self.target_label is None:
@@ -371,13 +376,24 @@ class _Context:
         return self.target(outputs) if self.targeted else self.labels
 
     def reduce(self, per_voxel, weights=None):
-        """Per-volume mean over voxels (over the region with ``region_loss``), optionally weighted."""
+        """Per-volume mean over voxels (over the region with ``region_loss``), optionally weighted; targeted with
+        ``target_weight`` w: w * mean over the voxels to change + (1 - w) * mean over those to keep."""
         if weights is not None:
             per_voxel = per_voxel * weights
-        if self.loss_mask is None:
-            return per_voxel.flatten(start_dim=1).mean(dim=1)
-        mask = self.loss_mask.expand_as(per_voxel).to(per_voxel.dtype)
-        return (per_voxel * mask).flatten(start_dim=1).sum(dim=1) / mask.flatten(start_dim=1).sum(dim=1)
+        mask = torch.ones_like(per_voxel) if self.loss_mask is None else \
+            self.loss_mask.expand_as(per_voxel).to(per_voxel.dtype)
+        share = self.attack.target_weight
+        if not self.targeted or share is None or self._target is None:
+            return _mean(per_voxel, mask)
+        change = (self._target != self.labels).to(per_voxel.dtype) * mask
+        keep = mask - change
+        total = torch.zeros(per_voxel.shape[0], dtype=per_voxel.dtype, device=per_voxel.device)
+        weight_sum = torch.zeros_like(total)
+        for group, weight in ((change, share), (keep, 1.0 - share)):
+            present = (group.flatten(start_dim=1).sum(dim=1) > 0).to(per_voxel.dtype) * weight
+            total = total + present * _mean(per_voxel, group)
+            weight_sum = weight_sum + present
+        return total / weight_sum.clamp_min(_TINY)
 
     # gradient evaluations
     def plan(self, steps):
@@ -442,6 +458,11 @@ class _Context:
             reference = self.target(outputs) if self.targeted else self.labels
             dice = torch.tensor(foreground_dice(outputs, self.activation, reference))
             return dice if self.targeted else -dice
+
+
+def _mean(per_voxel, mask):
+    """Per-volume mean of ``per_voxel`` over ``mask`` (0 where the mask is empty)."""
+    return (per_voxel * mask).flatten(start_dim=1).sum(dim=1) / mask.flatten(start_dim=1).sum(dim=1).clamp_min(1.0)
 
 
 def check_cancel(is_cancelled):
@@ -622,16 +643,19 @@ class APGD(Attack):
             best_value = torch.where(improved, new_value, best_value)
             previous, point, gradient, value = point, candidate, new_gradient, new_value
             if k in checkpoints:
+                # the paper's conditions: too few of the steps since the last checkpoint raised the loss, or
+                # neither the step size (as it was at the last checkpoint) nor the best loss changed since
                 too_few = successes < self.rho * (k - last_check)
                 stalled = (eta == eta_at_check) & (best_value == best_at_check)
                 halve = too_few | stalled
+                eta_at_check, best_at_check = eta.clone(), best_value.clone()
                 eta = torch.where(halve, eta / 2.0, eta)
+                # x^(k+1) <- x_max; the momentum of the next step still uses x^(k+1) - x^(k)
                 point, gradient = _select(halve, best, point), _select(halve, best_gradient, gradient)
                 value = torch.where(halve, best_value, value)
-                previous = _select(halve, best, previous)
                 halvings.append([k, [bool(h) for h in halve]])
                 successes.zero_()
-                last_check, eta_at_check, best_at_check = k, eta.clone(), best_value.clone()
+                last_check = k
         details = context.record.details
         details.setdefault("checkpoints", sorted(checkpoints))
         details.setdefault("halvings", []).append(halvings)

@@ -46,7 +46,8 @@ def bundle_root(folder):
 
 
 def is_bundle_zip(path):
-    """A zip archive with ``configs/inference.*`` (at its top or in one folder) and no TorchScript code."""
+    """A zip archive with ``configs/inference.*`` (at its top or in one folder); TorchScript files, zips too,
+    have none."""
     if not zipfile.is_zipfile(str(path)):
         return False
     with zipfile.ZipFile(str(path)) as archive:

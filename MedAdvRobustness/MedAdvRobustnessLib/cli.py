@@ -52,10 +52,14 @@ def build_parser():
     train.add_argument("--out", required=True, help="folder for model.json, model.pt and training.json")
     train.add_argument("--iterations", type=int, default=3000)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--architecture", default="unet", choices=("unet", "segresnet", "attentionunet", "slicewise2d"),
+                       help="network family, same recipe (default unet: the demo network)")
+    train.add_argument("--name", help="network name in model.json (default demo-ARCHITECTURE)")
     train.set_defaults(handler=_train)
 
     from .viewer import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer.py)
     add_view_command(commands)
+    from .bench import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
     return parser
 
 
@@ -117,6 +121,11 @@ def _add_attack_arguments(parser, default_epsilons):
                         help="start at the clean volume")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="any attack parameter, repeatable (e.g. --param restart_criterion=loss)")
+    parser.add_argument("--region", help="label map on the volume's grid: the attack perturbs only its non-zero "
+                                         "voxels (or those of --region-labels)")
+    parser.add_argument("--region-labels", type=int, nargs="+", metavar="LABEL",
+                        help="perturb only voxels with these labels of --region (without --region: of the "
+                             "reference), e.g. one structure")
 
 
 def probe_from_args(args):
@@ -130,6 +139,7 @@ def probe_from_args(args):
         return attack_from_args(args), epsilons
     attack_options = [flag for flag, name, _kind, _help in ATTACK_OPTIONS
                       if name != "seed" and getattr(args, "attack_" + name) is not None]
+    attack_options += [flag for flag in ("--region", "--region-labels") if getattr(args, flag[2:].replace("-", "_"))]
     if args.attack or args.epsilon or args.param or args.attack_random_start is not None or attack_options:
         raise InputError("--corruption takes --severity and --seed only; --attack, --epsilon and {} are attack "
                          "options".format(", ".join(attack_options) or "the other options"))
@@ -166,7 +176,8 @@ def _attack(volume, model, reference, args, output_activation):
     start = time.time()
     result = run_on_files(volume, model, probe, strengths, args.out, reference, output_activation=output_activation,
                           progress=_print_progress, trust_checkpoint=getattr(args, "trust_checkpoint", False),
-                          device=args.device, amp=args.amp)
+                          device=args.device, amp=args.amp, region_path=args.region,
+                          region_labels=args.region_labels)
     print(summary(result, time.time() - start))
     return 0
 
@@ -180,7 +191,8 @@ def _list_attacks(args):
 
 def _train(args):
     from .training import train
-    train(args.out, iterations=args.iterations, seed=args.seed)
+    train(args.out, iterations=args.iterations, seed=args.seed, architecture=args.architecture,
+          name=args.name or "demo-" + args.architecture)
     return 0
 
 

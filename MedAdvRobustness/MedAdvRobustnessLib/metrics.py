@@ -1,6 +1,7 @@
 """Segmentation agreement (MONAI's Dice) and perturbation size metrics."""
 import math
 
+import numpy as np
 import torch
 
 
@@ -21,23 +22,47 @@ def dice_per_label(prediction, reference, label_count):
 def surface_distances_per_label(prediction, reference, label_count, spacing):
     """95th percentile Hausdorff and symmetric mean surface distance (mm) of each foreground label.
 
-    Both from one pair of directed surface distances per label (MONAI's edges and distance transform), as MONAI's
-    ``compute_hausdorff_distance(percentile=95)`` and ``compute_average_surface_distance(symmetric=True)`` give
-    them. None where the label is absent from either map (the distances are undefined there).
+    As MONAI's ``compute_hausdorff_distance(percentile=95)`` and ``compute_average_surface_distance(symmetric=True)``
+    give them; None where the label is absent from either map. See :class:`LabelSurfaces` to compare many maps.
     """
-    from monai.metrics.utils import get_edge_surface_distance
-    spacing = [float(s) for s in spacing]
-    distances = {}
-    for value in range(1, label_count):
-        predicted, expected = prediction == value, reference == value
-        if not bool(predicted.any()) or not bool(expected.any()):
-            distances[value] = {"hd95": None, "asd": None}
-            continue
-        _, directed, _ = get_edge_surface_distance(predicted, expected, spacing=spacing, symmetric=True)
-        hd95 = max(float(torch.quantile(d.double(), 0.95)) if d.numel() else 0.0 for d in directed)
-        asd = float(torch.cat(directed).double().mean())
-        distances[value] = {"hd95": _finite_or_none(hd95), "asd": _finite_or_none(asd)}
-    return distances
+    return LabelSurfaces(prediction, label_count, spacing).distances_to(LabelSurfaces(reference, label_count, spacing))
+
+
+class LabelSurfaces:
+    """The surface of each foreground label of one label map (MONAI's mask edges: the label minus its binary
+    erosion) and, computed on first use, the Euclidean distance (mm) from every voxel to it (MONAI's
+    ``distance_transform_edt``): built once per map, compared with any number of maps on the same grid."""
+
+    def __init__(self, labels, label_count, spacing):
+        from monai.metrics.utils import get_mask_edges
+        labels = labels.numpy() if torch.is_tensor(labels) else np.asarray(labels)
+        self.spacing = [float(s) for s in spacing]
+        self.label_count = label_count
+        self.edges, self._distance = {}, {}
+        for value in range(1, label_count):
+            mask = labels == value
+            if mask.any():
+                self.edges[value] = get_mask_edges(mask, mask, crop=False)[0]
+
+    def distance(self, value):
+        """Distance (mm) from every voxel to the surface of label ``value``."""
+        if value not in self._distance:
+            from monai.transforms.utils import distance_transform_edt
+            self._distance[value] = distance_transform_edt((~self.edges[value])[None], sampling=self.spacing)[0]
+        return self._distance[value]
+
+    def distances_to(self, other):
+        """Per foreground label {"hd95", "asd"} between this map's surfaces and ``other``'s (symmetric)."""
+        distances = {}
+        for value in range(1, self.label_count):
+            if value not in self.edges or value not in other.edges:
+                distances[value] = {"hd95": None, "asd": None}
+                continue
+            directed = [other.distance(value)[self.edges[value]], self.distance(value)[other.edges[value]]]
+            hd95 = max(float(np.percentile(d, 95)) for d in directed)
+            asd = float(np.concatenate(directed).astype(np.float64).mean())
+            distances[value] = {"hd95": _finite_or_none(hd95), "asd": _finite_or_none(asd)}
+        return distances
 
 
 def structural_similarity(original, adversarial, intensity_range):

@@ -23,7 +23,8 @@ from .preprocessing import (crop, divisible_padding, foreground_box, normalize_i
 from .windowed import GRADIENT_MODES, WindowPlan, sliding_window_outputs, window_settings, window_vjp
 
 MODELS_DIR = Path(__file__).resolve().parent / "Resources" / "Models"
-BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet"}
+BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
+                  "demo-slicewise2d": "demo-slicewise2d", "demo-segresnet": "demo-segresnet"}
 DESCRIPTION_FILE = "model.json"
 PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55), (0.45, 0.80, 0.45),
            (0.80, 0.45, 0.85), (0.40, 0.85, 0.85), (0.95, 0.65, 0.20), (0.60, 0.60, 0.60), (0.90, 0.30, 0.55)]
@@ -136,6 +137,23 @@ def grid_spacing(spacing_or_affine):
     return tuple(float(v) for v in array)
 
 
+def torch_device(name):
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; an :class:`InputError` where this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError("unknown device {!r}: give cpu, cuda or cuda:N".format(name))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device {} was asked for but CUDA is not available here (PyTorch {} sees no GPU)".format(
+            name, torch.__version__))
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError("device {} was asked for but there are only {} CUDA device(s)".format(
+            name, torch.cuda.device_count()))
+    return device
+
+
 class SegmentationModel(torch.nn.Module):
     """A network with its differentiable preprocessing, run on the input's own grid.
 
@@ -159,8 +177,7 @@ class SegmentationModel(torch.nn.Module):
         self.amp = bool(amp)
         self.source = source
         self.load_notes = []
-        self._fallback_device = torch.device(device)
-        self.network.to(self._fallback_device)
+        self.to_device(device)
 
     # ----------------------------------------------------------------------------------------------- settings
     @property
@@ -174,9 +191,7 @@ class SegmentationModel(torch.nn.Module):
         return self._fallback_device
 
     def to_device(self, device):
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device {} was asked for but CUDA is not available here".format(device))
+        device = torch_device(device)
         self._fallback_device = device
         self.network.to(device)
         return self

@@ -1,4 +1,7 @@
 """The whole job: scene nodes in, result nodes out (Slicer module), or files in, results folder out (CLI)."""
+import numpy as np
+
+from .errors import InputError
 from .models import describe, load_model
 from .nodes import labels_from_node, volume_from_node
 from .report import write_report
@@ -14,15 +17,20 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
     volume = volume_from_node(volume_node)
     reference = labels_from_node(reference_node, volume) if reference_node is not None else None
     with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
-        describe(model, volume)  # detects an undeclared output activation
+        for line in describe(model, volume).lines():  # detects an undeclared output activation, reports it
+            if progress:
+                progress(0.0, line)
         result = run_sweep(model, volume, probe, strengths, reference, progress, is_cancelled)
     return result, add_nodes_or_nothing(slicer_scene, result)
 
 
 def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
-                 progress=None, trust_checkpoint=False, device="cpu", amp=False):
+                 progress=None, trust_checkpoint=False, device="cpu", amp=False, region_path=None, region_labels=None):
     """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
-    if anything fails."""
+    if anything fails.
+
+    ``region_path`` (a label map on the volume's grid, else the reference when only ``region_labels`` is given)
+    restricts an attack's perturbation to its voxels holding ``region_labels`` (default: every non-zero label)."""
     strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
@@ -30,17 +38,33 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
         reference = None
         if reference_path:
             reference = labels_from_node(slicer_scene.load_volume(reference_path, label_map=True), volume)
+        region = None
+        if region_path or region_labels:
+            region_map = reference if not region_path else labels_from_node(
+                slicer_scene.load_volume(region_path, label_map=True), volume)
+            region = region_mask(region_map, region_labels)
         model = load_model(model_source, output_activation, trust_checkpoint=trust_checkpoint, device=device, amp=amp)
         with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
             for line in describe(model, volume).lines():
                 if progress:
                     progress(0.0, line)
-            result = run_sweep(model, volume, probe, strengths, reference, progress)
+            result = run_sweep(model, volume, probe, strengths, reference, progress, region=region)
         add_nodes_or_nothing(slicer_scene, result)
         write_result_files(result, staging)
         write_report(result, staging / "report.png")
         slicer_scene.write_mrb(staging / "scene.mrb")
     return result
+
+
+def region_mask(region_map, region_labels=None):
+    """Boolean mask of the voxels of ``region_map`` holding one of ``region_labels`` (default: any non-zero)."""
+    if region_map is None:
+        raise InputError("--region-labels without --region picks labels of the reference: give --reference")
+    mask = region_map != 0 if not region_labels else np.isin(region_map, list(region_labels))
+    if not mask.any():
+        raise InputError("the region is empty: no voxel holds label {}".format(
+            " or ".join(str(v) for v in region_labels) if region_labels else "other than 0"))
+    return mask
 
 
 def add_nodes_or_nothing(slicer_scene, result):

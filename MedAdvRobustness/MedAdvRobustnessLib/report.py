@@ -24,7 +24,7 @@ def write_report(result, path):
     figure = plt.figure(figsize=(16, 11), constrained_layout=True)
     grid = figure.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.3])
     for row, (view, axis) in enumerate(VIEWS):
-        index = most_changed_slice(clean.prediction, attacked.prediction, axis)
+        index = most_changed_slice(clean.prediction, attacked.prediction, axis, result.reference)
         aspect = _aspect(zooms, axis)
         panels = ((clean.adversarial, clean.prediction, "clean"),
                   (attacked.adversarial, attacked.prediction, outcome_title(result, attacked)))
@@ -44,17 +44,20 @@ def write_report(result, path):
         figure.colorbar(shown, ax=ax, shrink=0.8)
     _plot_curve(figure.add_subplot(grid[:, 3]), result)
     kind = "attack" if result.strength_name == "epsilon" else "corruption"
-    figure.suptitle("{} on {}: {} {} (clean mean Dice {})".format(
-        result.model_name, volume.name, result.attack_name, kind, _clean_dice_text(result)), fontsize=13)
+    figure.suptitle("{} on {}: {} {} (clean mean Dice {}){}{}".format(
+        result.model_name, volume.name, result.attack_name, kind, _clean_dice_text(result),
+        _strongest_text(result, attacked), _rood_text(result)), fontsize=13)
     figure.savefig(str(path), dpi=80)
     plt.close(figure)
 
 
-def most_changed_slice(clean, attacked, axis):
-    """Index along ``axis`` of the slice where most clean foreground voxels changed label under attack."""
-    changed = ((clean != attacked) & (clean > 0)).sum(axis=tuple(a for a in range(3) if a != axis))
+def most_changed_slice(clean, attacked, axis, reference=None):
+    """Index along ``axis`` of the slice where most clean foreground voxels (inside the reference's foreground, if
+    given, so stray background predictions do not choose the slice) changed label under attack."""
+    foreground = (clean > 0) if reference is None else (clean > 0) & (reference > 0)
+    changed = ((clean != attacked) & foreground).sum(axis=tuple(a for a in range(3) if a != axis))
     if changed.max() == 0:
-        changed = (clean > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+        changed = foreground.sum(axis=tuple(a for a in range(3) if a != axis))
     return int(np.argmax(changed))
 
 
@@ -87,3 +90,22 @@ def _plot_curve(ax, result):
 def _clean_dice_text(result):
     value = result.mean_dice(0.0, "reference") if result.reference is not None else None
     return "{:.3f} vs reference".format(value) if value is not None else "n/a (no reference)"
+
+
+def _strongest_text(result, outcome):
+    """Mean Dice, HD95 and SSIM of ``outcome`` against the reference (else the clean prediction)."""
+    row = next(row for row in result.rows
+               if row[result.strength_name] == outcome.strength and row["label"] == "mean")
+    against = result.against
+    hd95 = row["hd95_" + against]
+    return "\n{}: mean Dice {:.3f}, HD95 {} mm, SSIM {:.3f} (against the {})".format(
+        outcome_title(result, outcome), row["dice_" + against], "n/a" if hd95 is None else "{:.1f}".format(hd95),
+        row["ssim"], "reference" if against == "reference" else "clean prediction")
+
+
+def _rood_text(result):
+    rood = result.rood_summary()
+    if rood is None:
+        return ""
+    return "\nROOD-MRI summary (alpha 2/3): weighted mean Dice {:.3f}, degradation {:.3f}".format(
+        rood["weighted_mean"], rood["degradation"])

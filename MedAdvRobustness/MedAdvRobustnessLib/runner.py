@@ -12,9 +12,9 @@ import torch
 from .attacks import check_cancel, check_epsilons  # noqa: F401  (check_epsilons: the runner's public helper)
 from .corruptions import rood_summary, spacing_from_affine
 from .errors import InputError
-from .metrics import (dice_per_label, mean_dice, perturbation_metrics, structural_similarity,
-                      surface_distances_per_label)
+from .metrics import LabelSurfaces, dice_per_label, mean_dice, perturbation_metrics, structural_similarity
 from .models import Label
+from .outputs import predict_labels
 
 METRIC_COLUMNS = ("model", "attack", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
                   "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference", "hd95_clean",
@@ -97,7 +97,7 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     with torch.no_grad():
         clean_outputs = model(inputs)
     labels = model.labels(clean_outputs)
-    clean_prediction = model.predict(inputs)[0].numpy()
+    clean_prediction = predict_labels(clean_outputs, model.activation)[0].numpy()
     if reference is not None and int(reference.max()) >= len(labels):
         raise InputError("the reference holds label {} but the network predicts labels 0..{}".format(
             int(reference.max()), len(labels) - 1))
@@ -169,21 +169,23 @@ def metric_rows(model_name, attack_name, volume, labels, reference, outcomes, st
     low, high = volume.intensity_range
     spacing = spacing_from_affine(volume.affine)
     original = torch.from_numpy(volume.array)
+    surfaces = _SurfaceCache(len(labels), spacing)
     rows = []
     for outcome in outcomes:
         prediction = torch.from_numpy(outcome.prediction)
         clean = outcome.clean_prediction if outcome.clean_prediction is not None else outcomes[0].prediction
-        moved_reference = outcome.reference if outcome.reference is not None else reference
-        versus = {"clean": torch.from_numpy(clean)}
+        versus = {"clean": clean}
         if reference is not None:
-            versus["reference"] = torch.from_numpy(moved_reference)
-        dice = {name: dice_per_label(prediction, other, len(labels)) for name, other in versus.items()}
-        distances = {name: surface_distances_per_label(prediction, other, len(labels), spacing)
+            versus["reference"] = outcome.reference if outcome.reference is not None else reference
+        dice = {name: dice_per_label(prediction, torch.from_numpy(other), len(labels))
+                for name, other in versus.items()}
+        distances = {name: surfaces.of(outcome.prediction).distances_to(surfaces.of(other))
                      for name, other in versus.items()}
         adversarial = torch.from_numpy(outcome.adversarial)
         common = dict(model=model_name, attack=attack_name, **perturbation_metrics(original, adversarial, high - low))
         common[strength_name] = outcome.strength
-        common["ssim"] = structural_similarity(original, adversarial, high - low)
+        common["ssim"] = 1.0 if outcome.adversarial is volume.array else structural_similarity(
+            original, adversarial, high - low)
         for label in labels[1:]:
             row = dict(common, label=label.name)
             for name in ("reference", "clean"):
@@ -199,6 +201,22 @@ def metric_rows(model_name, attack_name, volume, labels, reference, outcomes, st
                                              if name in distances else None)
         rows.append(mean)
     return rows
+
+
+class _SurfaceCache:
+    """:class:`LabelSurfaces` of each label map met, built once (the reference and the clean prediction are
+    compared with every strength's prediction)."""
+
+    def __init__(self, label_count, spacing):
+        self.label_count, self.spacing, self.built = label_count, spacing, []
+
+    def of(self, label_map):
+        for known, surfaces in self.built:
+            if known is label_map:
+                return surfaces
+        surfaces = LabelSurfaces(label_map, self.label_count, self.spacing)
+        self.built.append((label_map, surfaces))
+        return surfaces
 
 
 def _mean_or_none(values):

@@ -1,8 +1,10 @@
-"""Reproducible training of the demo tissue segmentation network on the embedded sample.
+"""Reproducible training of the demo tissue segmentation networks on the embedded sample.
 
 One subject (the MNI152 template) with strong augmentation: affine and flips, bias field, gamma, noise,
 blur, random 64^3 patches. ``medadv train --out DIR`` runs it; the committed demo weights came from
 ``medadv train --out MedAdvRobustness/MedAdvRobustnessLib/Resources/Models/demo-unet`` (see its model.json).
+``--architecture`` picks another family (:data:`ARCHITECTURES`) trained with the same recipe: MONAI SegResNet,
+AttentionUnet, or a 2D UNet applied slice by slice (in the spirit of QuickNAT), saved as TorchScript.
 """
 import json
 import time
@@ -10,12 +12,30 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .models import Label, ModelDescription, SegmentationModel, build_network
 from .sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
 
 ARCHITECTURE = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4,
                                          "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
                                          "num_res_units": 2}}
+# Inference of the other families: the whole volume at once. Zero-padding the 80x96x80 sample into the demo's
+# 96^3 window (8 planes on two axes) costs every network Dice on it, SegResNet most (GM 0.85 -> 0.49).
+WHOLE_VOLUME = {"window": None, "pad_divisible": 8}
+ARCHITECTURES = {
+    "unet": ARCHITECTURE,
+    "segresnet": {"name": "SegResNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4,
+                                                "init_filters": 8, "blocks_down": [1, 2, 2, 4],
+                                                "blocks_up": [1, 1, 1]},
+                  "inference": WHOLE_VOLUME},
+    "attentionunet": {"name": "AttentionUnet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4,
+                                                        "channels": [16, 32, 64, 128], "strides": [2, 2, 2]},
+                      "inference": WHOLE_VOLUME},
+    "slicewise2d": {"name": "UNet", "slicewise": True,
+                    "args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 4, "channels": [16, 32, 64, 128],
+                             "strides": [2, 2, 2], "num_res_units": 2},
+                    "inference": WHOLE_VOLUME},
+}
 TISSUE_COLORS = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55)]
 INTENSITY = {"type": "percentile", "lower": 0.0, "upper": 99.5}
 PATCH = (64, 64, 64)
@@ -28,6 +48,37 @@ def demo_description(name="demo-unet", architecture=ARCHITECTURE):
                             spacing=[2.0, 2.0, 2.0],
                             notes="Brain tissue segmentation (CSF, grey matter, white matter) trained by "
                                   "MedAdvRobustnessLib.training on the MNI152 2009 T1 template at 2 mm.")
+
+
+class SliceWise(torch.nn.Module):
+    """A 2D network applied to each axial (last-axis) slice of a (B, C, X, Y, Z) volume, like QuickNAT."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, volume):
+        batch, channels, size_x, size_y, size_z = volume.shape
+        slices = volume.permute(0, 4, 1, 2, 3).reshape(batch * size_z, channels, size_x, size_y)
+        outputs = self.network(slices)
+        outputs = outputs.reshape(batch, size_z, outputs.shape[1], size_x, size_y)
+        return outputs.permute(0, 2, 3, 4, 1)
+
+
+def build_training_network(architecture):
+    """The network to train: a MONAI network, wrapped slice by slice where ``architecture["slicewise"]``."""
+    plain = {"name": architecture["name"], "args": architecture.get("args", {})}
+    network = build_network(plain)
+    return SliceWise(network) if architecture.get("slicewise") else network
+
+
+def save_network(network, architecture, out_dir, description):
+    """State dict for a MONAI architecture (named in model.json); TorchScript for a slice-wise wrapper."""
+    if architecture.get("slicewise"):
+        description.architecture = None  # model.json loads it as TorchScript
+        torch.jit.script(network.cpu().eval()).save(str(out_dir / description.weights))
+    else:
+        torch.save(network.state_dict(), str(out_dir / description.weights))
 
 
 def augmentations(seed):
@@ -63,8 +114,16 @@ def load_sample_as_network_input():
 
 
 def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARCHITECTURE, name="demo-unet",
-          progress=print):
-    """Train, evaluate on the unaugmented sample, and write ``model.json``, ``model.pt``, ``training.json``."""
+          progress=print, note=""):
+    """Train, evaluate on the unaugmented sample, and write ``model.json``, ``model.pt``, ``training.json``.
+
+    ``architecture``: a key of :data:`ARCHITECTURES` or ``{"name", "args", "slicewise"?}``.
+    """
+    if isinstance(architecture, str):
+        if architecture not in ARCHITECTURES:
+            raise InputError("unknown architecture {!r}; choose one of {}".format(architecture,
+                                                                                 ", ".join(ARCHITECTURES)))
+        architecture = ARCHITECTURES[architecture]
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -73,7 +132,7 @@ def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARC
     sample = load_sample_as_network_input()
     dataset = Dataset([sample] * iterations, transform=augmentations(seed))
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=1)
-    network = build_network(architecture)
+    network = build_training_network(architecture)
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=iterations)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -85,19 +144,26 @@ def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARC
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 50 == 0 or step == iterations:
             progress("step {}/{} loss {:.4f} ({:.0f} s)".format(step, iterations, sum(losses[-50:]) / len(losses[-50:]),
                                                               time.time() - start))
-    description = demo_description(name, architecture)
+    description = demo_description(name, dict(architecture))
+    for key, value in architecture.get("inference", {}).items():
+        setattr(description, key, value)
     dice = evaluate(SegmentationModel(network.eval(), description), sample)
     progress("Dice on the sample: {}".format(dice))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), str(out_dir / description.weights))
+    description.architecture.pop("slicewise", None)
+    description.architecture.pop("inference", None)
+    save_network(network, architecture, out_dir, description)
     description.to_json(out_dir / "model.json")
-    log = {"iterations": iterations, "seed": seed, "learning_rate": learning_rate, "seconds": time.time() - start,
-           "dice_on_sample": dice, "loss_every_50": losses[49::50], "torch": torch.__version__}
+    log = {"architecture": architecture, "iterations": iterations, "seed": seed, "learning_rate": learning_rate,
+           "seconds": time.time() - start, "dice_on_sample": dice, "loss_every_50": losses[49::50],
+           "parameters": sum(p.numel() for p in network.parameters()), "torch": torch.__version__}
+    if note:
+        log["note"] = note
     (out_dir / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return dice
 

@@ -148,8 +148,6 @@ def test_attacks_lower_dice_of_the_demo_network(demo, sample):
     assert clean > 0.8
     assert result.mean_dice(0.04, "reference") < clean - 0.1
     assert result.mean_dice(0.04, "clean") < result.mean_dice(0.01, "clean") < 1.0
-    fgsm = run_sweep(demo, volume, FGSM(), [0.04], reference)
-    assert fgsm.mean_dice(0.04, "reference") < clean - 0.05
     for outcome in result.outcomes[1:]:
         epsilon = outcome.strength * (float(volume.array.max()) - float(volume.array.min()))
         assert np.abs(outcome.adversarial.astype(np.float64) - volume.array).max() <= epsilon

@@ -40,6 +40,25 @@ def test_surface_distances_use_the_spacing():
     assert same[1] == {"hd95": 0.0, "asd": 0.0}
 
 
+def test_surface_distances_match_monai_on_the_sample_tissue_map():
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+    from MedAdvRobustnessLib.sample import SAMPLE_LABELS
+    import nibabel
+    reference = torch.from_numpy(nibabel.load(str(SAMPLE_LABELS)).get_fdata().astype("int64"))
+    prediction = torch.roll(reference, 1, 0)
+    prediction[torch.rand(reference.shape, generator=torch.Generator().manual_seed(0)) < 0.01] = 2
+    spacing = (2.0, 1.5, 1.0)
+    ours = surface_distances_per_label(prediction, reference, 4, spacing)
+    as_one_hot = [one_hot(labels[None, None], 4) for labels in (prediction, reference)]
+    hd95 = compute_hausdorff_distance(*as_one_hot, percentile=95, spacing=spacing)[0]
+    asd = compute_average_surface_distance(*as_one_hot, symmetric=True, spacing=spacing)[0]
+    for value in (1, 2, 3):
+        assert ours[value]["hd95"] == pytest.approx(float(hd95[value - 1]), rel=1e-6)
+        assert ours[value]["asd"] == pytest.approx(float(asd[value - 1]), rel=1e-6)
+    assert ours[2]["hd95"] > ours[1]["hd95"], "the scattered grey-matter voxels lie far from its surface"
+
+
 def test_perturbation_metrics_by_hand():
     original = torch.zeros(10, 10, 10)
     adversarial = original.clone()

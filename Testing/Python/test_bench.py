@@ -1,0 +1,206 @@
+"""``medadv bench``: a 2 networks x 2 cases x 2 probes x 2 strengths study through the CLI (local workers) and a
+Dask LocalCluster gives the same table; an interrupted study resumes without recomputing; the robustness score."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from MedAdvRobustnessLib import bench
+from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.models import build_network
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
+
+MEDADV = str(Path(sys.executable).with_name("medadv"))
+TINY = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
+                                 "strides": [2], "num_res_units": 0}}
+
+
+def tiny_network(folder, seed):
+    """A small untrained MONAI UNet saved as a model folder (whole-volume input, no resampling)."""
+    folder.mkdir()
+    torch.manual_seed(seed)
+    torch.save(build_network(TINY).state_dict(), str(folder / "model.pt"))
+    description = {"name": folder.name, "labels": ["background", "CSF", "grey matter", "white matter"],
+                   "output_activation": "logits", "architecture": TINY, "pad_divisible": 2,
+                   "intensity": {"type": "percentile", "lower": 0.0, "upper": 99.5}}
+    (folder / "model.json").write_text(json.dumps(description))
+    return folder
+
+
+def half_size_case(folder, name, flip):
+    """The sample at 4 mm (every other voxel), optionally mirrored, as a NIfTI pair NAME + NAME_seg."""
+    image, labels = nib.load(str(SAMPLE_VOLUME)), nib.load(str(SAMPLE_LABELS))
+    affine = image.affine.copy()
+    affine[:3, :3] *= 2
+    for data, suffix, dtype in ((image.get_fdata(), "", np.float32), (labels.get_fdata(), "_seg", np.int16)):
+        data = data[::2, ::2, ::2]
+        data = data[::-1].copy() if flip else data
+        nib.save(nib.Nifti1Image(data.astype(dtype), affine), str(folder / "{}{}.nii.gz".format(name, suffix)))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    cases = root / "cases"
+    cases.mkdir()
+    half_size_case(cases, "straight", flip=False)
+    half_size_case(cases, "mirrored", flip=True)
+    networks = [str(tiny_network(root / name, seed)) for name, seed in (("tiny-a", 1), ("tiny-b", 2))]
+    path = root / "study.json"
+    path.write_text(json.dumps({
+        "networks": networks, "cases": ["cases"],
+        "probes": [{"attack": "fgsm", "epsilons": [0.01, 0.04]},
+                   {"corruption": "bias_field", "severities": [2, 5]}]}))
+    return path
+
+
+def read_table(path):
+    with open(str(path)) as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_cli_and_dask_cluster_give_identical_tables(study, tmp_path):
+    from distributed import Client, LocalCluster
+    completed = subprocess.run([MEDADV, "bench", str(study), "--out", str(tmp_path / "cli"), "--workers", "2"],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    assert "16 cell(s) computed, 0 found stored" in completed.stdout
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            run = bench.run_study(str(study), tmp_path / "dask", scheduler=client)
+            processes = {record["pid"] for record in run.records}
+    assert len(run.computed) == 16 and len(processes) >= 2  # the cells ran in the cluster's worker processes
+    cli_table, dask_table = read_table(tmp_path / "cli" / "results.csv"), read_table(tmp_path / "dask" / "results.csv")
+    assert cli_table == dask_table
+    # 2 networks x 2 cases x 2 probes x (clean + 2 strengths) x (3 tissues + mean)
+    assert len(cli_table) == 2 * 2 * 2 * 3 * 4
+    assert {row["network"] for row in cli_table} == {"tiny-a", "tiny-b"}
+    assert {row["case"] for row in cli_table} == {"straight", "mirrored"}
+    summary = read_table(tmp_path / "cli" / "summary.csv")
+    overall = [row for row in summary if row["probe"] == "overall"]
+    assert len(overall) == 2 and all(0 <= float(row["robustness_score"]) <= 1 for row in overall)
+    assert all(row["rood_degradation"] for row in overall)
+    report = (tmp_path / "cli" / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3  # fgsm and bias_field curves, scatter
+    provenance = json.loads((tmp_path / "cli" / "study.json").read_text())
+    assert len({network["hash"] for network in provenance["study"]["networks"]}) == 2
+    assert provenance["versions"]["torch"] == torch.__version__
+
+
+@pytest.fixture(scope="module")
+def resumed(study, tmp_path_factory):
+    """A study stopped after three cells (as by Ctrl-C), then run again twice in the same folder."""
+    out = tmp_path_factory.mktemp("resumed")
+    finished = []
+
+    def stop_after_three(done, total, record):
+        finished.append(record["key"])
+        if len(finished) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_study(str(study), out, progress=stop_after_three)
+    stored = sorted(p.name for p in (out / "cells").glob("*.json"))
+    outputs_after_stop = (out / "results.csv").exists()
+    (out / "cells" / ".half-written.json.tmp").write_text('{"key": ')  # what a kill during a write leaves
+    before = {name: (out / "cells" / name).stat().st_mtime_ns for name in stored}
+    run = bench.run_study(str(study), out)
+    after = {name: (out / "cells" / name).stat().st_mtime_ns for name in stored}
+    again = bench.run_study(str(study), out)
+    return dict(finished=finished, stored=stored, outputs_after_stop=outputs_after_stop, before=before, after=after,
+                run=run, again=again)
+
+
+def test_interrupted_study_resumes_without_recomputing(resumed):
+    assert len(resumed["stored"]) == 3 and not resumed["outputs_after_stop"]
+    run, again = resumed["run"], resumed["again"]
+    assert sorted(run.reused) == sorted(resumed["finished"]) and len(run.computed) == 13
+    assert not set(run.computed) & set(resumed["finished"])
+    assert resumed["after"] == resumed["before"]  # the stored cells were not written again
+    assert again.computed == [] and len(again.reused) == 16
+
+
+def test_study_in_a_scene(resumed, slicer_scene):
+    summary, charts = bench.add_study_nodes(slicer_scene.scene, resumed["again"].records)
+    assert summary.GetNumberOfRows() == 2 * 2 + 2  # (network, probe) rows and one overall row per network
+    assert [chart.GetNumberOfPlotSeriesNodes() for chart in charts] == [2, 2]
+
+
+@pytest.mark.parametrize("strengths, dices, expected", [
+    ([0, 0.01, 0.02], [0.8, 0.8, 0.8], 1.0),          # unaffected
+    ([0, 0.02], [0.8, 0.0], 0.5),                      # linear fall to nothing
+    ([0, 0.01, 0.02], [0.8, 0.0, 0.0], 0.25),          # lost at the first epsilon
+    ([0, 0.01, 0.03], [0.5, 0.25, 0.0], 0.25),         # uneven steps: (0.75 * 0.01 + 0.25 * 0.02) / 0.03 ... below
+    ([0.02, 0, 0.01], [0.4, 0.8, 0.6], 0.75),          # unsorted input, half lost at the end
+    ([0, 0.01], [0.5, 0.7], 1.0),                      # better than clean counts as unaffected
+    ([0, 0.01], [0.0, 0.0], 0.0),                      # no clean Dice
+])
+def test_robustness_score_on_hand_made_curves(strengths, dices, expected):
+    if strengths == [0, 0.01, 0.03]:
+        expected = (0.01 * (1 + 0.5) / 2 + 0.02 * (0.5 + 0) / 2) / 0.03
+    assert bench.robustness_score(strengths, dices) == pytest.approx(expected)
+
+
+def test_robustness_score_needs_the_clean_point():
+    with pytest.raises(InputError, match="strength 0"):
+        bench.robustness_score([0.01, 0.02], [0.5, 0.4])
+
+
+def test_bad_studies_are_refused_clearly(study, tmp_path):
+    good = bench.load_study(study)
+    for change, message in ((dict(probes=[{"attack": "nope", "epsilons": [0.1]}]), "unknown attack"),
+                            (dict(probes=[{"corruption": "bias_field", "severities": [7]}]), "severit"),
+                            (dict(networks=["/no/such/model"]), "network not found"),
+                            (dict(cases=["heldout:0"]), "heldout:N"),
+                            (dict(colour="red"), "unknown key")):
+        with pytest.raises(InputError, match=message):
+            bench.run_study(dict(good, **change), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_folder_cases_pair_volumes_with_references(study):
+    cases = bench.folder_cases(study.parent / "cases")
+    assert [(case["name"], Path(case["reference"]).name) for case in cases] == [
+        ("mirrored", "mirrored_seg.nii.gz"), ("straight", "straight_seg.nii.gz")]
+
+
+def test_heldout_cases_are_seeded_variants_training_never_saw():
+    first, labels = bench.heldout_volume(1)
+    again, labels_again = bench.heldout_volume(1)
+    second, _ = bench.heldout_volume(2)
+    sample = nib.load(str(SAMPLE_VOLUME)).get_fdata()
+    assert np.array_equal(first.array, again.array) and np.array_equal(labels, labels_again)
+    assert not np.allclose(first.array, second.array)
+    assert first.array.shape == sample.shape and set(np.unique(labels)) == {0, 1, 2, 3}
+    assert not np.array_equal(labels, nib.load(str(SAMPLE_LABELS)).get_fdata().astype(np.int64))
+
+
+def test_yaml_study_reads_like_json(study):
+    yaml_study = study.with_name("study.yaml")
+    yaml_study.write_text("networks: [tiny-a, tiny-b]\ncases: [cases]\nprobes:\n"
+                          "  - {attack: fgsm, epsilons: [0.01, 0.04]}\n"
+                          "  - {corruption: bias_field, severities: [2, 5]}\n")
+    assert bench.resolve_study(bench.load_study(yaml_study)) == bench.resolve_study(bench.load_study(study))
+
+
+def test_training_another_family_writes_a_loadable_model_folder(tmp_path):
+    from MedAdvRobustnessLib.models import load_model
+    from MedAdvRobustnessLib.training import train
+    with pytest.raises(InputError, match="unknown architecture"):
+        train(tmp_path / "none", iterations=2, architecture="resnet")
+    train(tmp_path / "slices", iterations=2, architecture="slicewise2d", name="slices", progress=lambda line: None)
+    log = json.loads((tmp_path / "slices" / "training.json").read_text())
+    assert log["iterations"] == 2 and log["architecture"]["slicewise"] and set(log["dice_on_sample"]) == {
+        "CSF", "grey matter", "white matter"}
+    model = load_model(str(tmp_path / "slices"))  # a 3D wrapper of the 2D network, as TorchScript
+    assert isinstance(model.network, torch.jit.ScriptModule) and model.description.window is None
+    volume = torch.rand(1, 1, 16, 24, 8, requires_grad=True)
+    outputs = model(volume)
+    outputs[:, 1].sum().backward()
+    assert outputs.shape == (1, 4, 16, 24, 8) and float(volume.grad.abs().sum()) > 0
