@@ -189,11 +189,23 @@ class ResultsViewer(TrameApp):
     # ---------------------------------------------------------------------------------------------------- linking
 
     def _observe(self, node, method, argument):
-        """Call ``method(node, argument)`` on every change of ``node``. The app keeps the node and the observer:
-        Python's cycle collector would otherwise free an observer that only VTK still refers to (a crash)."""
-        observer = _callback(method, argument)
+        """Call ``method(node, argument)`` on every change of ``node`` (not while another copy is under way). The
+        app keeps the node and the observer: Python's cycle collector would otherwise free an observer that only
+        VTK still refers to (a crash)."""
+        observer = _callback(lambda source, target: self._copy_without_echo(method, source, target), argument)
         node.AddObserver(vtk.vtkCommand.ModifiedEvent, observer)
         self._observers.append((node, observer, argument))
+
+    def _copy_without_echo(self, copy, source, target):
+        """Run ``copy(source, target)`` unless a copy is under way (the copy's own changes must not echo back)."""
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            copy(source, target)
+        finally:
+            self._syncing = False
+        self._chart_key = None
 
     def _link_slice_views(self):
         """Both slice views show the same plane: any change of one slice node (slider, scroll, pan, zoom) is copied."""
@@ -202,22 +214,15 @@ class ResultsViewer(TrameApp):
             self._observe(source, self._copy_slice, target)
 
     def _copy_slice(self, source, target):
-        if self._syncing:
-            return
-        self._syncing = True
-        try:
-            modifying = target.StartModify()
-            matrix = vtk.vtkMatrix4x4()
-            matrix.DeepCopy(source.GetSliceToRAS())
-            target.GetSliceToRAS().DeepCopy(matrix)
-            target.SetFieldOfView(*source.GetFieldOfView())
-            target.SetXYZOrigin(*source.GetXYZOrigin())
-            target.SetOrientation(source.GetOrientation())
-            target.UpdateMatrices()
-            target.EndModify(modifying)
-        finally:
-            self._syncing = False
-        self._chart_key = None
+        modifying = target.StartModify()
+        matrix = vtk.vtkMatrix4x4()
+        matrix.DeepCopy(source.GetSliceToRAS())
+        target.GetSliceToRAS().DeepCopy(matrix)
+        target.SetFieldOfView(*source.GetFieldOfView())
+        target.SetXYZOrigin(*source.GetXYZOrigin())
+        target.SetOrientation(source.GetOrientation())
+        target.UpdateMatrices()
+        target.EndModify(modifying)
 
     def _link_window_level(self):
         """A clean volume and every probed volume of its runs keep the same window/level, whichever view it was
@@ -231,18 +236,11 @@ class ResultsViewer(TrameApp):
                 self._observe(display, self._copy_window_level, displays)
 
     def _copy_window_level(self, source, displays):
-        if self._syncing:
-            return
-        self._syncing = True
-        try:
-            for display in displays:
-                if display is not source and (display.GetWindow(), display.GetLevel()) != (
-                        source.GetWindow(), source.GetLevel()):
-                    display.AutoWindowLevelOff()
-                    display.SetWindowLevel(source.GetWindow(), source.GetLevel())
-        finally:
-            self._syncing = False
-        self._chart_key = None
+        for display in displays:
+            if display is not source and (display.GetWindow(), display.GetLevel()) != (
+                    source.GetWindow(), source.GetLevel()):
+                display.AutoWindowLevelOff()
+                display.SetWindowLevel(source.GetWindow(), source.GetLevel())
 
     def _link_cameras(self):
         cameras = [view.get_camera_node() for view in (self.clean_3d, self.attacked_3d)]
@@ -252,20 +250,13 @@ class ResultsViewer(TrameApp):
             self._observe(source, self._copy_camera, target)
 
     def _copy_camera(self, source, target):
-        if self._syncing:
-            return
-        self._syncing = True
-        try:
-            modifying = target.StartModify()
-            target.SetPosition(source.GetPosition())
-            target.SetFocalPoint(source.GetFocalPoint())
-            target.SetViewUp(source.GetViewUp())
-            target.SetParallelScale(source.GetParallelScale())
-            target.EndModify(modifying)
-            target.ResetClippingRange()
-        finally:
-            self._syncing = False
-        self._chart_key = None
+        modifying = target.StartModify()
+        target.SetPosition(source.GetPosition())
+        target.SetFocalPoint(source.GetFocalPoint())
+        target.SetViewUp(source.GetViewUp())
+        target.SetParallelScale(source.GetParallelScale())
+        target.EndModify(modifying)
+        target.ResetClippingRange()
 
     # --------------------------------------------------------------------------------------------------- switching
 
