@@ -32,6 +32,7 @@ SAMPLE_DIR = os.path.join(MODULE_DIR, "MedAdvRobustnessLib", "Resources", "Sampl
 DEPENDENCIES = {"torch": (2, 1), "monai": (1, 4)}
 NETWORK_KINDS = ["builtin", "torchscript", "bundle", "description"]
 BUILTIN_NETWORKS = ["demo"]
+COMPARE_NETWORKS = ["demo-unet", "demo-unet-short", "demo-segresnet", "demo-attentionunet", "demo-slicewise2d"]
 OUTPUT_ACTIVATIONS = ["auto", "logits", "softmax", "sigmoid"]
 DEVICES = ["cpu", "cuda"]
 POLL_MILLISECONDS = 200
@@ -114,6 +115,8 @@ class MedAdvRobustnessParameterNode:
     referenceNode - optional label map or segmentation; referenceSegmentIds - its segments (comma-separated).
     probeParameters - JSON {probe: {parameter: value}}: each probe keeps its own settings.
     regionSegmentation, regionSegmentId - optional segment that bounds the perturbation.
+    compareNetworks - the checked networks of "Compare networks" (comma-separated). Its volumes are node references
+    under the role ``compareVolumes``, kept by the widget (the wrapper has no list-of-nodes widget binding).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -131,6 +134,8 @@ class MedAdvRobustnessParameterNode:
     regionSegmentation: vtkMRMLSegmentationNode
     regionSegmentId: str = ""
     device: Annotated[str, Choice(DEVICES)] = "cpu"
+    compareNetworks: str = "demo-unet-short, demo-segresnet, demo-slicewise2d"
+    compareFolder: str = ""
 
 
 #
@@ -148,7 +153,9 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._onRunDone = None
         self._lastNodes = None
+        self._lastReport = None
         self._parameterEditors = {}
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
@@ -176,6 +183,12 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRegionChanged)
         self.ui.regionSegmentSelector.connect("currentSegmentChanged(QString)", self.onRegionChanged)
         self.ui.probeComboBox.connect("currentIndexChanged(int)", self.onProbeChanged)
+        self.ui.compareVolumesSelector.connect("checkedNodesChanged()", self.onCompareVolumesChanged)
+        self.ui.compareNetworksList.connect("itemChanged(QListWidgetItem*)", self.onCompareNetworksChanged)
+        self.ui.compareAddNetworkButton.connect("clicked(bool)", self.onCompareAddNetwork)
+        self.ui.compareFolderBrowseButton.connect("clicked(bool)", self.onCompareFolderBrowse)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = ""
         self.initializeParameterNode()
@@ -255,6 +268,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.networkPathLineEdit, self.ui.networkBrowseButton, self.ui.networkPathLabel,
                        self.ui.trustCheckpointCheckBox):
             widget.visible = not builtin
+        self._updateCompareForm()
         self._updateProbeForm()
         self._updateButtons()
 
@@ -280,6 +294,79 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.NodeModify(self._parameterNode.parameterNode):
                 self._parameterNode.regionSegmentation = self.ui.regionSegmentSelector.currentNode()
                 self._parameterNode.regionSegmentId = self.ui.regionSegmentSelector.currentSegmentID() or ""
+
+    # --- compare networks ------------------------------------------------------------------------------------------
+
+    def _updateCompareForm(self) -> None:
+        """Check the stored volumes and networks (built-in networks always listed, added paths after them)."""
+        parameterNode = self._parameterNode.parameterNode
+        checked = {parameterNode.GetNthNodeReferenceID("compareVolumes", index)
+                   for index in range(parameterNode.GetNumberOfNodeReferences("compareVolumes"))}
+        selector = self.ui.compareVolumesSelector
+        self._blocked(selector, lambda: [selector.setCheckState(node, qt.Qt.Checked if node.GetID() in checked
+                                                                else qt.Qt.Unchecked)
+                                         for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                                         if not node.IsA("vtkMRMLLabelMapVolumeNode")])
+        networks = [item.strip() for item in self._parameterNode.compareNetworks.split(",") if item.strip()]
+        listWidget = self.ui.compareNetworksList
+        listed = [listWidget.item(row).text() for row in range(listWidget.count)]
+
+        def fill():
+            for name in COMPARE_NETWORKS + networks:
+                if name not in listed:
+                    item = qt.QListWidgetItem(name, listWidget)
+                    item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                    listed.append(name)
+            for row in range(listWidget.count):
+                item = listWidget.item(row)
+                item.setCheckState(qt.Qt.Checked if item.text() in networks else qt.Qt.Unchecked)
+
+        self._blocked(listWidget, fill)
+
+    def onCompareVolumesChanged(self) -> None:
+        if self._parameterNode:
+            parameterNode = self._parameterNode.parameterNode
+            with slicer.util.NodeModify(parameterNode):
+                parameterNode.RemoveNodeReferenceIDs("compareVolumes")
+                for node in self.ui.compareVolumesSelector.checkedNodes():
+                    parameterNode.AddNodeReferenceID("compareVolumes", node.GetID())
+
+    def onCompareNetworksChanged(self, item=None) -> None:
+        if self._parameterNode:
+            listWidget = self.ui.compareNetworksList
+            self._parameterNode.compareNetworks = ", ".join(
+                listWidget.item(row).text() for row in range(listWidget.count)
+                if listWidget.item(row).checkState() == qt.Qt.Checked)
+
+    def onCompareAddNetwork(self) -> None:
+        """Add a model folder (model.json or MONAI bundle) or a TorchScript file, checked."""
+        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(),
+                                                   _("Select a model folder or MONAI bundle (Cancel: pick a file)"))
+        if not path:
+            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Select a TorchScript network"), "",
+                                                  _("Networks (*.pt *.pth *.ts *.zip);;All files (*)"))
+        if path:
+            networks = [item.strip() for item in self._parameterNode.compareNetworks.split(",") if item.strip()]
+            self._parameterNode.compareNetworks = ", ".join(networks + [path])
+
+    def onCompareFolderBrowse(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select the study folder"))
+        if path:
+            self._parameterNode.compareFolder = path
+
+    def onCompareButton(self) -> None:
+        """Start the comparison (same progress, Cancel and error handling as Apply)."""
+        self._startRun(self.logic.startComparison, self._showStudy)
+
+    def _showStudy(self, nodes) -> None:
+        self._lastReport = nodes["report"]
+        self.ui.statusLabel.text = _("Done: {computed} cells computed, {reused} reused; study in {folder}.").format(
+            computed=nodes["computed"], reused=nodes["reused"], folder=nodes["study"])
+        self.logic.showStudy(nodes)
+
+    def onOpenReport(self) -> None:
+        if self._lastReport:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self._lastReport))
 
     # --- probe and its parameters ---------------------------------------------------------------------------------
 
@@ -359,10 +446,12 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = _("Run the probe; results go to a new folder in the scene.") if ready \
             else _("Select an input volume")
         self.ui.comparisonViewButton.enabled = bool(self._lastNodes) and not running
+        self.ui.compareButton.enabled = not running
+        self.ui.openReportButton.enabled = bool(self._lastReport) and not running
 
     def _setRunning(self, running: bool) -> None:
         for widget in (self.ui.inputsCollapsibleButton, self.ui.networkCollapsibleButton,
-                       self.ui.probeCollapsibleButton):
+                       self.ui.probeCollapsibleButton, self.ui.compareCollapsibleButton):
             widget.enabled = not running
         self.ui.cancelButton.enabled = running
         self._updateButtons()
@@ -380,13 +469,18 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         """Check the inputs, start the worker; the timer polls it."""
+        self._startRun(self.logic.start, self._showProbeResults)
+
+    def _startRun(self, start, onDone) -> None:
+        """``start(parameterNode)`` returns the running worker; ``onDone(nodes)`` shows what it added."""
         if not self.ensureDependencies():
             return
         try:
-            self._run = self.logic.start(self._parameterNode)
+            self._run = start(self._parameterNode)
         except Exception as error:
             self._showError(error)
             return
+        self._onRunDone = onDone
         self._setRunning(True)
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = _("Loading the network...")
@@ -422,13 +516,16 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:
             self._showError(error)
         else:
-            self._lastNodes = nodes
             self.ui.progressBar.value = 100
-            folder = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemName(nodes["folder"])
-            self.ui.statusLabel.text = _("Done: results in folder \"{folder}\".").format(folder=folder)
-            self.logic.showComparison(nodes)
+            self._onRunDone(nodes)
         finally:
             self._setRunning(False)
+
+    def _showProbeResults(self, nodes) -> None:
+        self._lastNodes = nodes
+        folder = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemName(nodes["folder"])
+        self.ui.statusLabel.text = _("Done: results in folder \"{folder}\".").format(folder=folder)
+        self.logic.showComparison(nodes)
 
     def _showError(self, error) -> None:
         """One clear message; details (traceback) in the log."""
@@ -545,6 +642,14 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         node = getattr(parameterNode, "parameterNode", parameterNode)
         return start_run(SlicerScene.current(), node)
 
+    def startComparison(self, parameterNode):
+        """Start "compare networks" from the parameter node; see module_compare."""
+        from MedAdvRobustnessLib.module_compare import start_comparison
+        from MedAdvRobustnessLib.scene import SlicerScene
+
+        node = getattr(parameterNode, "parameterNode", parameterNode)
+        return start_comparison(SlicerScene.current(), node)
+
     def process(self, parameterNode):
         """Run synchronously (scripts, the self-test): the result nodes by role, with their ``folder``."""
         run = self.start(parameterNode)
@@ -589,6 +694,17 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(nodes["chart"].GetID())
         selection = slicer.app.applicationLogic().GetSelectionNode()
         selection.SetActiveTableID(nodes["metrics"].GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+
+    @staticmethod
+    def showStudy(nodes) -> None:
+        """The comparison's Dice chart and summary table in the plot and table views."""
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
+        slicer.modules.plots.logic().ShowChartInLayout(nodes["chart"])
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(nodes["summary"].GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 
 

@@ -271,8 +271,9 @@ _MODELS = {}
 _CASES = {}
 
 
-def compute_cell(task):
-    """Run one cell (in any process: local worker, Dask worker, or this one) and return its record."""
+def compute_cell(task, is_cancelled=None):
+    """Run one cell (in any process: local worker, Dask worker, or this one) and return its record.
+    ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled."""
     import torch
     from .runner import run_sweep
     start = time.time()
@@ -282,7 +283,8 @@ def compute_cell(task):
         model = _cached_model(task["network"])
         volume, reference = _cached_case(task["case"])
         with model.on_grid(volume):
-            result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference)
+            result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference,
+                               is_cancelled=is_cancelled)
     finally:
         torch.set_num_threads(threads)
     rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
@@ -351,13 +353,15 @@ class StudyRun:
         self.out_dir, self.records, self.computed, self.reused = out_dir, records, computed, reused
 
 
-def run_study(study, out_dir, workers=1, scheduler=None, progress=None):
+def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cancelled=None):
     """Compute the missing cells of ``study`` (dictionary, or path of a JSON/YAML file) and write the outputs.
 
     ``workers``: local worker processes (1: in this process). ``scheduler``: address of a Dask distributed
     scheduler (``tcp://host:8786``) or a ``distributed.Client``; its workers need this package and, for file
     cases, the case files at the same paths. ``progress(done, total, record)`` after each stored cell.
+    ``is_cancelled()`` true stops the study with AttackCancelled (the cells stored so far are kept).
     """
+    from .attacks import AttackCancelled
     if not isinstance(study, dict):
         study = load_study(study)
     resolved = resolve_study(study)
@@ -379,6 +383,8 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None):
         computed.append(record["key"])
         if progress:
             progress(len(records), len(tasks), record)
+        if is_cancelled and is_cancelled():
+            raise AttackCancelled()
 
     if scheduler is not None:
         _run_dask(pending, scheduler, finished)
@@ -386,7 +392,7 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None):
         _run_pool(pending, int(workers), finished)
     else:
         for task in pending:
-            finished(compute_cell(task))
+            finished(compute_cell(task, is_cancelled))
     ordered = [records[task["key"]] for task in tasks]
     write_outputs(out_dir, resolved, ordered)
     return StudyRun(out_dir, ordered, computed, reused)

@@ -24,7 +24,8 @@ from .windowed import GRADIENT_MODES, WindowPlan, sliding_window_outputs, window
 
 MODELS_DIR = Path(__file__).resolve().parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
-                  "demo-slicewise2d": "demo-slicewise2d", "demo-segresnet": "demo-segresnet"}
+                  "demo-slicewise2d": "demo-slicewise2d", "demo-segresnet": "demo-segresnet",
+                  "demo-attentionunet": "demo-attentionunet"}
 DESCRIPTION_FILE = "model.json"
 PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55), (0.45, 0.80, 0.45),
            (0.80, 0.45, 0.85), (0.40, 0.85, 0.85), (0.95, 0.65, 0.20), (0.60, 0.60, 0.60), (0.90, 0.30, 0.55)]

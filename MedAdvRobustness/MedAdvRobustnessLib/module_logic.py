@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -73,9 +73,13 @@ class ProbeSettings:
     regionSegmentation: object = None
     regionSegmentId: str = ""
     device: str = "cpu"
+    compareVolumes: list = field(default_factory=list)  # the volumes of "compare networks"
+    compareNetworks: str = "demo-unet-short, demo-segresnet, demo-slicewise2d"  # built-in names or model paths
+    compareFolder: str = ""  # study folder (kept: run again to resume); empty: a new temporary folder
 
 
 NODE_PARAMETERS = ("inputVolume", "referenceNode", "regionSegmentation")
+NODE_LIST_PARAMETERS = ("compareVolumes",)  # several references under one role (kept by the widget itself)
 
 
 def default_settings():
@@ -103,6 +107,10 @@ def write_settings(node, settings):
         if item.name in NODE_PARAMETERS:
             node.SetParameter(item.name, "")
             node.SetNodeReferenceID(item.name, value.GetID() if value is not None else None)
+        elif item.name in NODE_LIST_PARAMETERS:
+            node.RemoveNodeReferenceIDs(item.name)
+            for referenced in value:
+                node.AddNodeReferenceID(item.name, referenced.GetID())
         elif isinstance(value, bool):
             node.SetParameter(item.name, "True" if value else "False")
         else:
@@ -116,6 +124,9 @@ def read_settings(node):
     for item in fields(ProbeSettings):
         if item.name in NODE_PARAMETERS:
             setattr(settings, item.name, node.GetNodeReference(item.name))
+        elif item.name in NODE_LIST_PARAMETERS:
+            setattr(settings, item.name, [node.GetNthNodeReference(item.name, index)
+                                          for index in range(node.GetNumberOfNodeReferences(item.name))])
         elif node.HasParameter(item.name):
             text = node.GetParameter(item.name)
             setattr(settings, item.name, text == "True" if isinstance(item.default, bool) else text)
@@ -246,9 +257,12 @@ def segment_masks(slicer_scene, segmentation_node, segment_ids, volume_node, vol
 
 
 def _segment_on_grid(slicer_scene, segmentation_node, segment_id, volume_node, volume):
+    """The segment exported to a scratch label map on the volume's grid; every scratch node (label map, display,
+    colour table) is removed again."""
     scene = slicer_scene.scene
-    label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("medadv scratch"))
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
     try:
+        label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("medadv scratch"))
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
         if not slicer_scene.segmentations_logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, label_map,
@@ -256,7 +270,10 @@ def _segment_on_grid(slicer_scene, segmentation_node, segment_id, volume_node, v
             raise InputError("cannot map segment {} onto the grid of {}".format(segment_id, volume_node.GetName()))
         return labels_from_node(label_map, volume)
     finally:
-        scene.RemoveNode(label_map)
+        for index in reversed(range(scene.GetNumberOfNodes())):
+            node = scene.GetNthNode(index)
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
 
 
 def reference_from_segments(segments, labels, shape):
@@ -289,18 +306,24 @@ def compute(inputs, progress=None, is_cancelled=None):
                          region=inputs.region)
 
 
-class ProbeRun:
-    """One run of the module: started from the main thread, computed in a worker, finished on the main thread."""
+class WorkerRun:
+    """Work started from the main thread, computed in a worker thread (progress polled, cancel asked), and its
+    nodes added on the main thread by :meth:`finish`. Subclasses define :meth:`compute` and :meth:`add_nodes`."""
 
-    def __init__(self, slicer_scene, settings):
-        self.slicer_scene = slicer_scene
-        self.settings = settings
-        self.inputs = read_inputs(slicer_scene, settings)
+    def __init__(self):
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._fraction, self._message = 0.0, "loading the network"
         self._result, self._error = None, None
         self._thread = threading.Thread(target=self._work, name="MedAdvRobustness run", daemon=True)
+
+    def compute(self, progress, is_cancelled):
+        """In the worker thread: no scene access."""
+        raise NotImplementedError
+
+    def add_nodes(self, result):
+        """On the main thread: the result nodes, all of them or none."""
+        raise NotImplementedError
 
     def start(self):
         self._thread.start()
@@ -334,12 +357,12 @@ class ProbeRun:
 
     def _work(self):
         try:
-            self._result = compute(self.inputs, self._report, self._cancel.is_set)
+            self._result = self.compute(self._report, self._cancel.is_set)
         except BaseException as error:  # handed to the main thread by finish()
             self._error = error
 
     def finish(self):
-        """On the main thread, once :attr:`done`: add the result nodes in a new folder and return them.
+        """On the main thread, once :attr:`done`: add the result nodes and return them.
 
         Raises the worker's error, or AttackCancelled if the run was cancelled; then nothing is added.
         """
@@ -349,22 +372,46 @@ class ProbeRun:
             raise self._error
         if self.cancelled:
             raise AttackCancelled()
-        nodes = add_run_nodes(self.slicer_scene, self._result)
+        return self.add_nodes(self._result)
+
+
+class ProbeRun(WorkerRun):
+    """One probe of one network on one volume: results in a new folder named after them."""
+
+    def __init__(self, slicer_scene, settings):
+        self.slicer_scene = slicer_scene
+        self.settings = settings
+        self.inputs = read_inputs(slicer_scene, settings)
+        super().__init__()
+
+    def compute(self, progress, is_cancelled):
+        return compute(self.inputs, progress, is_cancelled)
+
+    def add_nodes(self, result):
+        nodes = add_run_nodes(self.slicer_scene, result)
         nodes["input"] = self.settings.inputVolume
         return nodes
 
 
 def add_run_nodes(slicer_scene, result):
     """Add the result nodes under a new subject-hierarchy folder; on any failure remove all of them and it."""
-    from .pipeline import add_nodes_or_nothing
+    from .pipeline import add_result_nodes
 
-    scene = slicer_scene.scene
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
+    name = "{} {} {}".format(result.volume.name, result.model_name, result.attack_name)
+    return add_nodes_in_folder(slicer_scene.scene, unique_folder_name(hierarchy, name),
+                               lambda: add_result_nodes(slicer_scene, result))
+
+
+def add_nodes_in_folder(scene, name, add_nodes):
+    """Call ``add_nodes()`` (returns a dictionary of nodes) and put every node it added into a new folder
+    ``name``; on any failure remove all of them and the folder. Returns the dictionary with ``"folder"``."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
     folder = None
     try:
-        nodes = add_nodes_or_nothing(slicer_scene, result)
-        folder = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), folder_name(hierarchy, result))
+        nodes = add_nodes()
+        folder = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), name)
         for index in range(scene.GetNumberOfNodes()):
             node = scene.GetNthNode(index)
             if node.GetID() not in before and not node.GetHideFromEditors():
@@ -389,9 +436,8 @@ def _put_in_folder(hierarchy, node, folder):
         hierarchy.CreateItem(folder, node)
 
 
-def folder_name(hierarchy, result):
-    """``<volume> <network> <probe>``, numbered when a folder of that name exists already."""
-    base = "{} {} {}".format(result.volume.name, result.model_name, result.attack_name)
+def unique_folder_name(hierarchy, base):
+    """``base``, numbered (``base (2)``...) when a folder of that name exists already."""
     existing = vtk.vtkIdList()
     hierarchy.GetItemChildren(hierarchy.GetSceneItemID(), existing, True)
     names = {hierarchy.GetItemName(existing.GetId(index)) for index in range(existing.GetNumberOfIds())}

@@ -30,10 +30,12 @@ EXPECTED_CLASSES = {
     "MedAdvRobustnessLogic": "ScriptedLoadableModuleLogic",
     "MedAdvRobustnessTest": "ScriptedLoadableModuleTest",
 }
-PARAMETERS = {item.name for item in dataclasses.fields(module_logic.ProbeSettings)}
+# the wrapper's parameters; the node lists (several references under one role) are kept by the widget itself
+PARAMETERS = {item.name for item in dataclasses.fields(module_logic.ProbeSettings)} - set(
+    module_logic.NODE_LIST_PARAMETERS)
 # parameters the widget binds in code (dynamic probe form, segment selectors, reference of two node types)
 BOUND_IN_CODE = {"referenceNode", "referenceSegmentIds", "probe", "probeParameters", "regionSegmentation",
-                 "regionSegmentId"}
+                 "regionSegmentId", "compareNetworks"}
 # Slicer/CTK widgets used in the .ui -> the Qt class they extend (for QUiLoader) and the members the module uses
 SLICER_WIDGETS = {
     "qMRMLWidget": ("QWidget", {"setMRMLScene"}),
@@ -41,6 +43,7 @@ SLICER_WIDGETS = {
     "ctkCollapsibleGroupBox": ("QGroupBox", {"layout", "enabled", "visible"}),
     "qMRMLNodeComboBox": ("QWidget", {"currentNode", "setCurrentNode", "connect", "enabled", "visible",
                                       "blockSignals"}),
+    "qMRMLCheckableNodeComboBox": ("QWidget", {"checkedNodes", "setCheckState", "connect", "blockSignals"}),
     "qMRMLSegmentSelectorWidget": ("QWidget", {"currentNode", "setCurrentNode", "currentSegmentID",
                                                "setCurrentSegmentID", "setSelectedSegmentIDs", "connect", "visible",
                                                "blockSignals"}),
@@ -173,6 +176,13 @@ def test_wrapper_defaults_and_choices_are_the_logic_s():
     assert module_constant("OUTPUT_ACTIVATIONS") == list(module_logic.OUTPUT_ACTIVATIONS)
     from MedAdvRobustnessLib.models import BUILTIN_MODELS
     assert set(module_constant("BUILTIN_NETWORKS")) <= set(BUILTIN_MODELS)
+    assert set(module_constant("COMPARE_NETWORKS")) <= set(BUILTIN_MODELS)
+
+
+def test_widget_keeps_the_node_list_parameters_under_their_role():
+    source = MODULE_FILE.read_text()
+    for name in module_logic.NODE_LIST_PARAMETERS:
+        assert 'AddNodeReferenceID("{}"'.format(name) in source and 'GetNthNodeReferenceID("{}"'.format(name) in source
 
 
 def test_wrapper_node_fields_are_the_logic_s_node_parameters():
@@ -278,11 +288,11 @@ def test_ui_is_well_formed_with_custom_widgets_and_scene_connections():
     assert set(SLICER_WIDGETS) == custom
     used = {widget.get("class") for widget in root.iter("widget")}
     assert used - custom <= {"QLabel", "QLineEdit", "QComboBox", "QCheckBox", "QPushButton", "QToolButton",
-                             "QProgressBar"}, "custom widget classes must be declared in <customwidgets>"
+                             "QProgressBar", "QListWidget"}, "custom widget classes must be declared in <customwidgets>"
     connected = {(connection.findtext("signal"), connection.findtext("receiver"), connection.findtext("slot"))
                  for connection in root.iter("connection")}
     for widget in root.iter("widget"):
-        if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget"):
+        if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox", "qMRMLSegmentSelectorWidget"):
             assert ("mrmlSceneChanged(vtkMRMLScene*)", widget.get("name"), "setMRMLScene(vtkMRMLScene*)") \
                 in connected, "{} is not connected to the scene".format(widget.get("name"))
 

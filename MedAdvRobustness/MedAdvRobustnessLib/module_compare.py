@@ -1,0 +1,193 @@
+"""The module's "compare networks" section: the selected probe, several networks, the volumes checked in the scene.
+
+It is ``medadv bench`` driven from the scene: the checked volumes (with their references) are written as bench
+cases into the study folder, the study runs cell by cell in a worker thread (progress, cancel), and its summary
+table and Dice curves land in the scene as table and chart nodes, all in one new folder. The study folder keeps
+the cells, ``results.csv``, ``summary.csv``, the figures and ``report.html``: run again with the same folder and
+only the missing cells are computed.
+"""
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import slicer
+
+from .bench import REFERENCE_MARKERS
+from .errors import InputError
+from .module_logic import (WorkerRun, add_nodes_in_folder, is_corruption, make_probe, read_settings,
+                           reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
+from .nodes import labels_from_node, volume_from_node
+
+
+@dataclass
+class CompareCase:
+    """One checked volume, copied out of the scene (arrays, no node)."""
+    volume: object
+    reference: Optional[np.ndarray]
+    reference_segments: Optional[list]  # [(segment name, mask)] of a segmentation reference
+
+
+@dataclass
+class CompareInputs:
+    cases: list
+    networks: list  # built-in names or model paths
+    probe: dict  # a bench probe: {"attack": NAME, "epsilons": [...], "params": {...}} or a corruption
+    folder: str
+
+
+def network_list(text):
+    """Built-in names or model paths, separated by commas, semicolons or new lines."""
+    networks = [item.strip() for item in re.split(r"[,;\n]+", str(text)) if item.strip()]
+    if not networks:
+        raise InputError("choose at least one network to compare")
+    repeated = sorted({item for item in networks if networks.count(item) > 1})
+    if repeated:
+        raise InputError("network {} is listed twice".format(", ".join(repeated)))
+    return networks
+
+
+def bench_probe(settings):
+    """The selected probe, its parameters and strengths as a bench study probe (checked like a single run)."""
+    _, strengths = make_probe(settings)
+    params = stored_probe_parameters(settings)
+    if is_corruption(settings.probe):
+        return {"corruption": settings.probe, "severities": strengths, "params": params}
+    return {"attack": settings.probe, "epsilons": strengths, "params": params}
+
+
+def reference_node_of(scene, settings, volume_node):
+    """The reference of a checked volume: the one selected above for the input volume; else a label map named
+    after the volume (``NAME-label``, ``NAME_seg``...), else a segmentation made on the volume; else None."""
+    if volume_node is settings.inputVolume and settings.referenceNode is not None:
+        return settings.referenceNode
+    for marker in REFERENCE_MARKERS:
+        found = scene.GetNodesByClassByName("vtkMRMLLabelMapVolumeNode", volume_node.GetName() + marker)
+        if found.GetNumberOfItems():
+            return found.GetItemAsObject(0)
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    segmentations = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for index in range(segmentations.GetNumberOfItems()):
+        segmentation = segmentations.GetItemAsObject(index)
+        if segmentation.GetNodeReference(role) is volume_node:
+            return segmentation
+    return None
+
+
+def read_case(slicer_scene, settings, volume_node):
+    volume = volume_from_node(volume_node)
+    reference_node = reference_node_of(slicer_scene.scene, settings, volume_node)
+    if reference_node is None:
+        return CompareCase(volume, None, None)
+    if reference_node.IsA("vtkMRMLSegmentationNode"):
+        ids = []
+        if reference_node is settings.referenceNode:
+            ids = [s for s in settings.referenceSegmentIds.split(",") if s.strip()]
+        return CompareCase(volume, None, segment_masks(slicer_scene, reference_node, ids, volume_node, volume))
+    return CompareCase(volume, labels_from_node(reference_node, volume), None)
+
+
+def read_compare_inputs(slicer_scene, settings):
+    """Check the comparison settings and copy the checked volumes out of the scene (InputError on bad input)."""
+    volume_nodes = [node for node in settings.compareVolumes if node is not None]
+    if not volume_nodes:
+        raise InputError("check at least one volume to compare the networks on")
+    networks = network_list(settings.compareNetworks)
+    probe = bench_probe(settings)
+    cases = [read_case(slicer_scene, settings, node) for node in volume_nodes]
+    return CompareInputs(cases, networks, probe, settings.compareFolder.strip())
+
+
+def case_names(cases):
+    """The volume names, numbered where two volumes share one."""
+    names = []
+    for case in cases:
+        base = case.volume.name or "volume"
+        name, number = base, 2
+        while name in names:
+            name, number = "{} ({})".format(base, number), number + 1
+        names.append(name)
+    return names
+
+
+def network_labels(source, volume):
+    """The labels of a network, as it reports them on ``volume``."""
+    from .models import describe, load_model
+    model = load_model(source)
+    with model.on_grid(volume):
+        return describe(model, volume).labels
+
+
+def write_cases(inputs, folder):
+    """Each case as ``<name>.nii.gz`` (+ ``<name>_seg.nii.gz``) on its own grid; returns the study's cases."""
+    from .results import write_volume_file
+    folder.mkdir(parents=True, exist_ok=True)
+    labels, cases = None, []
+    for case, name in zip(inputs.cases, case_names(inputs.cases)):
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        volume_path, reference_path = folder / (stem + ".nii.gz"), None
+        write_volume_file(case.volume.array, case.volume, volume_path)
+        reference = case.reference
+        if case.reference_segments is not None:
+            labels = labels or network_labels(inputs.networks[0], case.volume)
+            reference = reference_from_segments(case.reference_segments, labels, case.volume.array.shape)
+        if reference is not None:
+            reference_path = folder / (stem + "_seg.nii.gz")
+            write_volume_file(reference, case.volume, reference_path, label_map=True)
+        cases.append({"name": name, "volume": str(volume_path),
+                      "reference": str(reference_path) if reference_path else None})
+    return cases
+
+
+def compute_comparison(inputs, progress=None, is_cancelled=None):
+    """Write the cases and run the study (no scene access: safe in a worker thread). Returns the StudyRun."""
+    from .bench import run_study
+    progress = progress or (lambda fraction, message: None)
+    folder = Path(inputs.folder) if inputs.folder else Path(tempfile.mkdtemp(prefix="medadv-compare-"))
+    progress(0.0, "writing the cases to {}".format(folder))
+    study = {"networks": inputs.networks, "cases": write_cases(inputs, folder / "cases"), "probes": [inputs.probe]}
+
+    def cell_done(done, total, record):
+        task = record["task"]
+        progress(done / total, "cell {}/{}: {} on {}, {} {:g}".format(
+            done, total, task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"]))
+
+    return run_study(study, folder, progress=cell_done, is_cancelled=is_cancelled)
+
+
+def add_compare_nodes(slicer_scene, study_run, probe_name):
+    """The summary table and the chart of mean Dice per network against the strength, in a new folder."""
+    from .bench import add_study_nodes
+    scene = slicer_scene.scene
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+    def add():
+        summary, charts = add_study_nodes(scene, study_run.records)
+        return {"summary": summary, "chart": charts[0], "study": str(study_run.out_dir),
+                "report": str(Path(study_run.out_dir) / "report.html"), "computed": len(study_run.computed),
+                "reused": len(study_run.reused)}
+
+    return add_nodes_in_folder(scene, unique_folder_name(hierarchy, "compare networks {}".format(probe_name)), add)
+
+
+class CompareRun(WorkerRun):
+    """The comparison: the selected probe on every listed network and checked volume."""
+
+    def __init__(self, slicer_scene, settings):
+        self.slicer_scene = slicer_scene
+        self.settings = settings
+        self.inputs = read_compare_inputs(slicer_scene, settings)
+        super().__init__()
+
+    def compute(self, progress, is_cancelled):
+        return compute_comparison(self.inputs, progress, is_cancelled)
+
+    def add_nodes(self, result):
+        return add_compare_nodes(self.slicer_scene, result, self.settings.probe)
+
+
+def start_comparison(slicer_scene, node):
+    """What the widget's "Compare networks" button does: read the parameter node, check, start the worker."""
+    return CompareRun(slicer_scene, read_settings(node)).start()

@@ -1,0 +1,176 @@
+"""The module's "compare networks" section driven as the widget drives it: parameter node in, one folder with the
+summary table and the Dice chart out, through the bench runner (real MRML, built-in networks, FGSM)."""
+import csv
+import time
+
+import numpy as np
+import pytest
+import slicer
+from slicer import util
+
+from MedAdvRobustnessLib import module_compare, module_logic
+from MedAdvRobustnessLib.attacks import AttackCancelled
+from MedAdvRobustnessLib.bench import heldout_volume
+from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.models import Label, PALETTE
+from MedAdvRobustnessLib.nodes import add_color_table, add_label_map_node, add_segmentation_node, add_volume_node
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
+from MedAdvRobustnessLib.scene import SlicerScene
+
+NETWORKS = "demo-unet-short, demo-slicewise2d"
+EPSILON = 0.02
+
+
+def node_ids(scene):
+    return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+
+
+def table_rows(table_node):
+    table = table_node.GetTable()
+    columns = [table.GetColumn(index) for index in range(table.GetNumberOfColumns())]
+    return [{column.GetName(): column.GetValue(row) for column in columns} for row in range(table.GetNumberOfRows())]
+
+
+def without_nan(rows):
+    return [{key: None if value != value else value for key, value in row.items()} for row in rows]
+
+
+def compare_as_widget(slicer_scene, settings, cancel_after_cells=None):
+    """Store ``settings``, press "Compare networks", poll like the widget's timer."""
+    node = module_logic.parameter_node(slicer_scene.scene)
+    module_logic.write_settings(node, settings)
+    run = module_compare.start_comparison(slicer_scene, node)
+    messages = []
+    while not run.done:
+        time.sleep(0.05)
+        messages.append(run.progress[1])
+        if cancel_after_cells and "cell {}/".format(cancel_after_cells) in messages[-1]:
+            run.cancel()
+    return run, messages
+
+
+@pytest.fixture(scope="module")
+def scene_with_two_volumes():
+    """The sample with its label map named ``<volume>-label``, and a held-out variant with a segmentation made on
+    it (segments named like the network's labels)."""
+    slicer_scene = SlicerScene.standalone()
+    scene = slicer_scene.scene
+    sample = slicer_scene.load_volume(SAMPLE_VOLUME)
+    slicer_scene.load_volume(SAMPLE_LABELS, name=sample.GetName() + "-label", label_map=True)
+    volume, labels = heldout_volume(1)
+    heldout = add_volume_node(scene, volume.array, volume, "heldout")
+    tissue = [Label(value, name, PALETTE[value]) for value, name in enumerate(TISSUE_LABELS)]
+    label_node = add_label_map_node(scene, labels, volume, "heldout tissue", tissue,
+                                    add_color_table(scene, tissue, "tissue colors"))
+    segmentation = add_segmentation_node(slicer_scene, label_node, "heldout segmentation")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(heldout)
+    scene.RemoveNode(label_node)
+    return slicer_scene, sample, heldout
+
+
+def settings_for(volumes, folder, **changes):
+    values = dict(compareVolumes=list(volumes), compareNetworks=NETWORKS, compareFolder=str(folder), probe="fgsm",
+                  epsilons=str(EPSILON))
+    values.update(changes)
+    return module_logic.ProbeSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def comparison(scene_with_two_volumes, tmp_path_factory):
+    slicer_scene, sample, heldout = scene_with_two_volumes
+    folder = tmp_path_factory.mktemp("compare")
+    originals = [util.arrayFromVolume(node).copy() for node in (sample, heldout)]
+    run, messages = compare_as_widget(slicer_scene, settings_for([sample, heldout], folder))
+    return run.finish(), messages, folder, originals
+
+
+def test_comparison_fills_one_folder_with_the_summary_and_the_chart(scene_with_two_volumes, comparison):
+    slicer_scene, sample, heldout = scene_with_two_volumes
+    nodes, messages, _, originals = comparison
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
+    assert hierarchy.GetItemName(nodes["folder"]) == "compare networks fgsm"
+    in_folder = module_logic.folder_nodes(hierarchy, nodes["folder"])
+    assert nodes["summary"] in in_folder and nodes["chart"] in in_folder
+    summary = [row for row in table_rows(nodes["summary"]) if row["probe"] == "fgsm"]
+    assert sorted(row["network"] for row in summary) == ["demo-slicewise2d", "demo-unet-short"]
+    for row in summary:
+        clean, attacked = (float(value) for value in row["dice"].split())
+        assert row["cases"] == 2 and 0.3 < clean <= 1
+        assert clean == pytest.approx(row["clean_dice"], abs=1e-4)
+        assert attacked < clean, row  # the attack hurts every network
+    series = nodes["chart"].GetNumberOfPlotSeriesNodes()
+    assert series == 2
+    assert nodes["computed"] == 4 and nodes["reused"] == 0  # 2 networks x 2 volumes x 1 epsilon
+    assert any("cell 4/4" in message for message in messages)
+    for node, original in zip((sample, heldout), originals):
+        np.testing.assert_array_equal(util.arrayFromVolume(node), original)
+
+
+def test_comparison_scores_each_volume_against_its_reference_like_the_bench(comparison):
+    nodes, _, folder, _ = comparison
+    with open(str(folder / "results.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    assert {row["case"] for row in rows} == {"MNI152_T1_2mm", "heldout"}
+    assert {row["against"] for row in rows} == {"reference"}  # label map by name, segmentation by geometry
+    with open(str(folder / "summary.csv")) as stream:
+        written = {(row["network"], row["probe"]): float(row["clean_dice"]) for row in csv.DictReader(stream)}
+    shown = {(row["network"], row["probe"]): row["clean_dice"] for row in table_rows(nodes["summary"])}
+    assert shown == pytest.approx(written, abs=1e-4)
+    assert (folder / "report.html").is_file()
+
+
+def test_comparison_run_again_on_its_folder_recomputes_nothing(scene_with_two_volumes, comparison):
+    slicer_scene, sample, heldout = scene_with_two_volumes
+    first, _, folder, _ = comparison
+    run, _ = compare_as_widget(slicer_scene, settings_for([sample, heldout], folder))
+    again = run.finish()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
+    assert hierarchy.GetItemName(again["folder"]) == "compare networks fgsm (2)"
+    assert again["computed"] == 0 and again["reused"] == 4
+    assert without_nan(table_rows(again["summary"])) == without_nan(table_rows(first["summary"]))
+
+
+def test_cancelled_comparison_adds_nothing(scene_with_two_volumes, tmp_path):
+    slicer_scene, sample, heldout = scene_with_two_volumes
+    module_logic.parameter_node(slicer_scene.scene)
+    before = node_ids(slicer_scene.scene)
+    run, _ = compare_as_widget(slicer_scene, settings_for([sample, heldout], tmp_path), cancel_after_cells=1)
+    with pytest.raises(AttackCancelled):
+        run.finish()
+    assert node_ids(slicer_scene.scene) == before
+    assert len(list((tmp_path / "cells").glob("*.json"))) < 4  # stopped early; what was stored stays for a resume
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"compareVolumes": []}, "check at least one volume"),
+    ({"compareNetworks": " , "}, "at least one network"),
+    ({"compareNetworks": "demo-unet-short, demo-unet-short"}, "listed twice"),
+    ({"epsilons": "0.02 x"}, "epsilons must be numbers"),
+])
+def test_bad_comparison_settings_are_refused_before_anything_runs(scene_with_two_volumes, tmp_path, changes,
+                                                                   message):
+    slicer_scene, sample, _ = scene_with_two_volumes
+    before = node_ids(slicer_scene.scene)
+    settings = settings_for([sample], tmp_path, **changes)
+    with pytest.raises(InputError, match=message):
+        module_compare.CompareRun(slicer_scene, settings)
+    assert node_ids(slicer_scene.scene) == before
+
+
+def test_unknown_network_fails_with_its_name_and_adds_nothing(scene_with_two_volumes, tmp_path):
+    slicer_scene, sample, _ = scene_with_two_volumes
+    module_logic.parameter_node(slicer_scene.scene)
+    before = node_ids(slicer_scene.scene)
+    run, _ = compare_as_widget(slicer_scene, settings_for([sample], tmp_path, compareNetworks="demo-unet, no-such"))
+    with pytest.raises(InputError, match="no-such"):
+        run.finish()
+    assert node_ids(slicer_scene.scene) == before
+
+
+def test_compared_volumes_are_kept_in_the_parameter_node(scene_with_two_volumes):
+    slicer_scene, sample, heldout = scene_with_two_volumes
+    node = module_logic.parameter_node(slicer_scene.scene)
+    module_logic.write_settings(node, settings_for([heldout, sample], ""))
+    assert module_logic.read_settings(node).compareVolumes == [heldout, sample]
+    module_logic.write_settings(node, settings_for([sample], ""))
+    assert module_logic.read_settings(node).compareVolumes == [sample]
