@@ -737,6 +737,8 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_MedAdvRobustness_pgd_on_sample()
+        self.setUp()
+        self.test_MedAdvRobustness_compare_networks_on_sample()
 
     def test_MedAdvRobustness_pgd_on_sample(self):
         """PGD (2 steps) at epsilon 0.02 on the sample adds the result nodes in one folder on the input's grid."""
@@ -765,6 +767,35 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
         self.assertEqual(hierarchy.GetItemName(nodes["folder"]), "MNI152_T1_2mm demo-unet pgd")
         self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(adversarial)), nodes["folder"])
         logic.showComparison(nodes)
+        self.delayDisplay("Test passed")
+
+    def test_MedAdvRobustness_compare_networks_on_sample(self):
+        """FGSM at epsilon 0.02 on two built-in networks over the sample fills one summary table and one chart."""
+        logic = MedAdvRobustnessLogic()
+        if logic.dependencyProblems():
+            self.skipTest("needs {}".format("; ".join(logic.dependencyProblems())))
+        volume = slicer.util.loadVolume(os.path.join(SAMPLE_DIR, "MNI152_T1_2mm.nii.gz"))
+        labels = slicer.util.loadLabelVolume(os.path.join(SAMPLE_DIR, "MNI152_tissue_2mm.nii.gz"))
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = volume
+        parameters.referenceNode = labels
+        parameters.parameterNode.AddNodeReferenceID("compareVolumes", volume.GetID())
+        parameters.compareNetworks = "demo-unet-short, demo-slicewise2d"
+        parameters.probe = "fgsm"
+        parameters.epsilons = "0.02"
+
+        self.delayDisplay("Comparing two networks (FGSM, epsilon 0.02)")
+        run = logic.startComparison(parameters)
+        while not run.done:
+            slicer.app.processEvents()
+            run.wait(0.1)
+        nodes = run.finish()
+
+        self.assertEqual(nodes["computed"], 2)
+        self.assertEqual(nodes["summary"].GetNumberOfRows(), 4)  # (network, fgsm) and overall, per network
+        self.assertEqual(nodes["chart"].GetNumberOfPlotSeriesNodes(), 2)
+        self.assertTrue(os.path.isfile(nodes["report"]))
+        logic.showStudy(nodes)
         self.delayDisplay("Test passed")
 
     @staticmethod

@@ -1,9 +1,11 @@
 """``medadv bench``: a 2 networks x 2 cases x 2 probes x 2 strengths study through the CLI (local workers) and a
-Dask LocalCluster gives the same table; an interrupted study resumes without recomputing; the robustness score."""
+Dask LocalCluster gives the same table; a killed study resumes without recomputing; the robustness score."""
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -95,33 +97,33 @@ def test_cli_and_dask_cluster_give_identical_tables(study, tmp_path):
 
 @pytest.fixture(scope="module")
 def resumed(study, tmp_path_factory):
-    """A study stopped after three cells (as by Ctrl-C), then run again twice in the same folder."""
+    """``medadv bench`` killed (SIGKILL) once it has stored its first cell(s), then run again twice in its folder."""
     out = tmp_path_factory.mktemp("resumed")
-    finished = []
-
-    def stop_after_three(done, total, record):
-        finished.append(record["key"])
-        if len(finished) == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        bench.run_study(str(study), out, progress=stop_after_three)
+    process = subprocess.Popen([MEDADV, "bench", str(study), "--out", str(out), "--workers", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list((out / "cells").glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=60)
     stored = sorted(p.name for p in (out / "cells").glob("*.json"))
-    outputs_after_stop = (out / "results.csv").exists()
+    outputs_after_kill = (out / "results.csv").exists()
     (out / "cells" / ".half-written.json.tmp").write_text('{"key": ')  # what a kill during a write leaves
     before = {name: (out / "cells" / name).stat().st_mtime_ns for name in stored}
     run = bench.run_study(str(study), out)
     after = {name: (out / "cells" / name).stat().st_mtime_ns for name in stored}
     again = bench.run_study(str(study), out)
-    return dict(finished=finished, stored=stored, outputs_after_stop=outputs_after_stop, before=before, after=after,
-                run=run, again=again)
+    return dict(stored=stored, outputs_after_kill=outputs_after_kill, before=before, after=after, run=run,
+                again=again, returncode=process.returncode)
 
 
-def test_interrupted_study_resumes_without_recomputing(resumed):
-    assert len(resumed["stored"]) == 3 and not resumed["outputs_after_stop"]
+def test_killed_study_resumes_without_recomputing(resumed):
+    assert resumed["returncode"] == -signal.SIGKILL  # killed, not finished
+    assert 1 <= len(resumed["stored"]) < 16 and not resumed["outputs_after_kill"]
     run, again = resumed["run"], resumed["again"]
-    assert sorted(run.reused) == sorted(resumed["finished"]) and len(run.computed) == 13
-    assert not set(run.computed) & set(resumed["finished"])
+    finished = [name[:-len(".json")] for name in resumed["stored"]]
+    assert sorted(run.reused) == sorted(finished) and len(run.computed) == 16 - len(finished)
+    assert not set(run.computed) & set(finished)
     assert resumed["after"] == resumed["before"]  # the stored cells were not written again
     assert again.computed == [] and len(again.reused) == 16
 
