@@ -272,14 +272,15 @@ class SegmentationModel(torch.nn.Module):
         Windowed networks (``gradient_mode="windowed"``): the outputs are aggregated without autograd, the loss
         gradient taken on them, and pushed back through the network one window at a time (:func:`window_vjp`),
         then through the resampling and normalisation to the raw intensities: exact for any loss of the outputs.
+        Where one window covers the input, plain autograd does the same with one forward pass fewer.
         """
         volume = volume.detach().requires_grad_(True)
-        if not self.windowed_gradients:
-            outputs = self(volume)
+        inputs, plan = self.prepare(volume)
+        if not self.windowed_gradients or self._one_window(inputs):  # one window: autograd holds no more memory
+            outputs = self.restore(self.infer(inputs), plan)
             loss = loss_fn(outputs)
             gradient, = torch.autograd.grad(loss, volume)
             return float(loss.detach()), gradient, outputs.detach()
-        inputs, plan = self.prepare(volume)
         with torch.no_grad():
             network_outputs = self.infer(inputs.detach())
         network_outputs.requires_grad_(True)
@@ -292,6 +293,9 @@ class SegmentationModel(torch.nn.Module):
         else:
             gradient = input_gradient
         return float(loss.detach()), gradient.to(volume.device), outputs.detach()
+
+    def _one_window(self, inputs):
+        return inputs.shape[0] == 1 and len(WindowPlan(inputs.shape[2:], self.description.window)) == 1
 
     # ------------------------------------------------------------------------------------------------ results
     @torch.no_grad()

@@ -271,7 +271,8 @@ def test_mixed_precision_predicts_almost_the_same_labels(sample):
 @pytest.mark.parametrize("window", [
     {"roi_size": [16, 16, 16], "overlap": 0.25, "mode": "gaussian"},
     {"roi_size": [16, 20, 24], "overlap": 0.5, "mode": "constant", "sw_batch_size": 3},
-], ids=["gaussian", "constant-batched-padded"])
+    {"roi_size": [48, 48, 48], "overlap": 0.25, "mode": "gaussian"},
+], ids=["gaussian", "constant-batched-padded", "one-window"])
 def test_windowed_gradient_equals_autograd_through_the_sliding_window(window):
     generator = torch.Generator().manual_seed(0)
     volume = torch.rand((1, 1, 30, 28, 20), generator=generator, dtype=torch.float64) * 200.0
