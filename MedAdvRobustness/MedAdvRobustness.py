@@ -114,7 +114,7 @@ class MedAdvRobustnessParameterNode:
 
     referenceNode - optional label map or segmentation; referenceSegmentIds - its segments (comma-separated).
     probeParameters - JSON {probe: {parameter: value}}: each probe keeps its own settings.
-    regionSegmentation, regionSegmentId - optional segment that bounds the perturbation.
+    regionSegmentation, regionSegmentId - optional segment that bounds the perturbation (or the corruption).
     compareNetworks - the checked networks of "Compare networks" (comma-separated). Its volumes are node references
     under the role ``compareVolumes``, kept by the widget (the wrapper has no list-of-nodes widget binding).
     """
@@ -388,8 +388,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._blocked(combo, lambda: combo.setCurrentIndex(max(0, names.index(parameters.probe)
                                                                if parameters.probe in names else 0)))
         corruption = module_logic.is_corruption(parameters.probe)
-        for widget in (self.ui.epsilonsLineEdit, self.ui.epsilonsLabel, self.ui.regionSegmentSelector,
-                       self.ui.regionLabel):
+        for widget in (self.ui.epsilonsLineEdit, self.ui.epsilonsLabel):
             widget.visible = not corruption
         for widget in (self.ui.severitiesLineEdit, self.ui.severitiesLabel):
             widget.visible = corruption

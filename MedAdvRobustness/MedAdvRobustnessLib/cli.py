@@ -121,10 +121,10 @@ def _add_attack_arguments(parser, default_epsilons):
                         help="start at the clean volume")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="any attack parameter, repeatable (e.g. --param restart_criterion=loss)")
-    parser.add_argument("--region", help="label map on the volume's grid: the attack perturbs only its non-zero "
-                                         "voxels (or those of --region-labels)")
+    parser.add_argument("--region", help="label map on the volume's grid: the attack (or an intensity corruption) "
+                                         "changes only its non-zero voxels (or those of --region-labels)")
     parser.add_argument("--region-labels", type=int, nargs="+", metavar="LABEL",
-                        help="perturb only voxels with these labels of --region (without --region: of the "
+                        help="change only voxels with these labels of --region (without --region: of the "
                              "reference), e.g. one structure")
 
 
@@ -139,10 +139,9 @@ def probe_from_args(args):
         return attack_from_args(args), epsilons
     attack_options = [flag for flag, name, _kind, _help in ATTACK_OPTIONS
                       if name != "seed" and getattr(args, "attack_" + name) is not None]
-    attack_options += [flag for flag in ("--region", "--region-labels") if getattr(args, flag[2:].replace("-", "_"))]
     if args.attack or args.epsilon or args.param or args.attack_random_start is not None or attack_options:
-        raise InputError("--corruption takes --severity and --seed only; --attack, --epsilon and {} are attack "
-                         "options".format(", ".join(attack_options) or "the other options"))
+        raise InputError("--corruption takes --severity, --seed and --region only; --attack, --epsilon and {} are "
+                         "attack options".format(", ".join(attack_options) or "the other options"))
     seed = args.attack_seed if args.attack_seed is not None else 0
     return CorruptionProbe(args.corruption, seed=seed), args.severity or list(SEVERITIES)
 

@@ -84,11 +84,15 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     """Apply ``probe`` to ``volume`` at each strength; labels for attacks are ``reference`` if given, else the clean
     prediction.
 
-    ``region`` (boolean) and ``target`` (integer labels), optional arrays on the volume's grid, go to attacks: the
-    perturbation stays inside ``region``; ``target`` makes the attack targeted.
+    ``region`` (boolean), an optional array on the volume's grid, bounds the probe: an attack's perturbation stays
+    inside it, an intensity corruption is applied inside it only (a spatial one, which moves the anatomy, is
+    refused). ``target`` (integer labels) makes an attack targeted.
     ``progress(fraction, message)`` reports the work done; ``is_cancelled()`` stops between iterations.
     """
     strengths = probe.check_strengths(strengths)
+    if region is not None and getattr(probe, "spatial", False):
+        raise InputError("corruption {} moves the anatomy and cannot be restricted to a region; use an intensity "
+                         "corruption or drop the region".format(probe.name))
     low, high = volume.intensity_range
     if high <= low:
         raise InputError("volume {} has constant intensity; epsilon as a fraction of its range is undefined".format(
@@ -152,6 +156,8 @@ class _Sweep:
         if self.reference is not None:
             maps.append(torch.from_numpy(self.reference))
         corrupted, moved = corruption.apply(self.inputs, severity, spacing_from_affine(self.volume.affine), maps)
+        if self.region is not None:
+            corrupted = torch.where(self.region[None], corrupted, self.inputs)
         prediction = self.model.predict(corrupted)[0].numpy()
         outcome = Outcome(float(severity), corrupted[0, 0].numpy(), prediction)
         if corruption.spatial:

@@ -113,6 +113,27 @@ def test_affine_corruption_moves_the_reference_with_the_volume(tmp_path):
     assert float(mean["2.0"]["dice_reference"]) > unmoved_dice + 0.1
 
 
+def test_intensity_corruption_stays_inside_the_region(tmp_path):
+    """Rician noise at severity 5 restricted to the reference's white matter (label 3): every other voxel is the
+    input's, and the white matter is changed."""
+    out = tmp_path / "noise-in-wm"
+    completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", "demo", "--reference", SAMPLE_LABELS,
+                       "--corruption", "rician_noise", "--severity", "5", "--region-labels", "3", "--out", out)
+    assert completed.returncode == 0, completed.stderr
+    original = np.asarray(nib.load(str(SAMPLE_VOLUME)).dataobj, dtype=np.float32)
+    corrupted = np.asarray(nib.load(str(out / "corrupted_5.nii.gz")).dataobj, dtype=np.float32)
+    white_matter = np.asarray(nib.load(str(SAMPLE_LABELS)).dataobj) == 3
+    assert np.array_equal(corrupted[~white_matter], original[~white_matter])
+    assert np.abs(corrupted[white_matter] - original[white_matter]).mean() > 0.01 * np.ptp(original)
+
+
+def test_spatial_corruption_refuses_a_region(tmp_path):
+    completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", "demo", "--reference", SAMPLE_LABELS,
+                       "--corruption", "affine", "--severity", "2", "--region-labels", "3", "--out", tmp_path / "out")
+    assert completed.returncode == 2
+    assert "moves the anatomy" in completed.stderr and not (tmp_path / "out").exists()
+
+
 def test_corruption_refuses_attack_options(tmp_path):
     completed = medadv("run", "--volume", SAMPLE_VOLUME, "--model", "demo", "--corruption", "smoothing",
                        "--steps", "3", "--out", tmp_path / "out")
