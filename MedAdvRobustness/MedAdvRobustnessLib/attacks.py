@@ -151,7 +151,7 @@ def dlr_loss(scores, labels, target=None):
     ordered = scores.sort(dim=1, descending=True).values
     own = scores.gather(1, labels[:, None].long())[:, 0]
     if target is None:
-        top_is_own = scores.argmax(dim=1) == labels
+        top_is_own = scores.max(dim=1).indices == labels
         best_other = torch.where(top_is_own, ordered[:, 1], ordered[:, 0])
         return -(own - best_other) / (ordered[:, 0] - ordered[:, 2] + _TINY)
     wanted = scores.gather(1, target[:, None].long())[:, 0]
