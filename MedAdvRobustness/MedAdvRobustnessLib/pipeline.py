@@ -30,7 +30,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
     if anything fails.
 
     ``region_path`` (a label map on the volume's grid, else the reference when only ``region_labels`` is given)
-    restricts the probe (an attack, or an intensity corruption) to its voxels holding ``region_labels`` (default: every non-zero label)."""
+    restricts the probe (an attack, or an intensity corruption) to its voxels holding ``region_labels`` (default:
+    every non-zero label)."""
     strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()

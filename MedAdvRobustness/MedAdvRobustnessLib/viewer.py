@@ -32,6 +32,9 @@ def add_view_command(commands):
                       help="address to listen on (default {}: this machine only)".format(DEFAULT_HOST))
     view.add_argument("--port", type=int, default=DEFAULT_PORT,
                       help="port (default {}; 0: any free port)".format(DEFAULT_PORT))
+    view.add_argument("--model", metavar="SOURCE",
+                      help="network for new probes run from the page (anything --model of 'medadv run' takes; "
+                           "default: the results' network when it is a built-in one)")
     view.add_argument("--encoder", choices=ENCODERS, default="png",
                       help="image encoding of the views (default png: lossless, so that what you see is what the "
                            "voxels hold)")
@@ -40,7 +43,7 @@ def add_view_command(commands):
 
 
 def _view(args):
-    serve(args.results, host=args.host, port=args.port, encoder=args.encoder)
+    serve(args.results, host=args.host, port=args.port, encoder=args.encoder, model=args.model)
     return 0
 
 
@@ -81,8 +84,8 @@ def check_port_free(host, port):
             host, port, error.strerror or error))
 
 
-def build_app(results, encoder="png", server=None):
-    """The trame app for a results folder or ``.mrb`` (not started)."""
+def build_app(results, encoder="png", server=None, model=None):
+    """The trame app for a results folder or ``.mrb`` (not started); ``model``: the network of new probes."""
     path = scene_file(results)
     try:
         from .viewer_app import ResultsViewer
@@ -91,10 +94,10 @@ def build_app(results, encoder="png", server=None):
     if server is None:
         from trame.app import get_server
         server = get_server("medadv-view", client_type="vue3")
-    return ResultsViewer(path, server=server, rca_encoder=encoder)
+    return ResultsViewer(path, server=server, rca_encoder=encoder, model_source=model)
 
 
-def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png"):
+def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=None):
     """Serve the viewer until interrupted; prints the address once it listens."""
     if not 0 <= port <= 65535:
         raise InputError("--port must lie in 0..65535")
@@ -105,7 +108,7 @@ def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png"):
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         # Headless: render offscreen through EGL (Mesa llvmpipe without a GPU) instead of trying X first.
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    app = build_app(results, encoder=encoder)
+    app = build_app(results, encoder=encoder, model=model)
     server = app.server
     # The medadv command line is ours: trame must not parse sys.argv (--port/--host are given explicitly).
     os.environ["TRAME_ARGS"] = ""

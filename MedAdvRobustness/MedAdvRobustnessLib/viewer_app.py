@@ -4,14 +4,17 @@ Clean and attacked volumes side by side in two linked slice views (same slice pl
 its segmentation as outlines in the segments' names and colours, the perturbation as a colour overlay on the
 attacked view, the segment surfaces clean vs attacked in two 3D views, and beside them a strength selector (the
 attack's epsilons, or a corruption's severities) that switches every view, the metrics table and the Dice-vs-strength
-chart, all read from the scene itself.
+chart, all read from the scene itself. With a network (``--model``, or the results' own when it is built in), a
+new probe can be run from the page on the shown volume (:mod:`.viewer_probe`); its run joins the others.
 """
+import asyncio
 import base64
 import io
+import logging
 from pathlib import Path
 
 import vtk
-from trame.app import TrameApp
+from trame.app import TrameApp, asynchronous
 from trame.widgets import html
 from trame_slicer import module as trame_slicer_module
 from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
@@ -22,7 +25,7 @@ from trame_vuetify.ui.vuetify3 import VAppLayout
 from trame_vuetify.widgets import vuetify3 as v3
 
 from .errors import InputError
-from .viewer_scene import require_run, segment_legend, table_rows
+from .viewer_scene import find_runs, require_run, segment_legend, table_rows
 
 CLEAN_SLICE, ATTACKED_SLICE = "Clean", "Attacked"
 CLEAN_3D, ATTACKED_3D = "Clean3D", "Attacked3D"
@@ -39,6 +42,7 @@ METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("severity", "severity", "{:g}"), (
                   ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"), ("psnr", "PSNR dB", "{:.1f}"),
                   ("ssim", "SSIM", "{:.3f}"))
 HIDDEN_METRIC_COLUMNS = ("model", "attack", "linf_fraction", "l2_fraction")
+PROBE_POLL_SECONDS = 0.3
 
 
 def results_layout():
@@ -56,7 +60,7 @@ def results_layout():
 class ResultsViewer(TrameApp):
     """The app for one results scene (``scene.mrb``), loaded through trame-slicer's IO manager."""
 
-    def __init__(self, scene_path, server=None, rca_encoder="png", quiet_vtk=True):
+    def __init__(self, scene_path, server=None, rca_encoder="png", quiet_vtk=True, model_source=None):
         super().__init__(server)
         self.scene_path = Path(scene_path)
         self.server.enable_module(trame_slicer_module)
@@ -82,6 +86,10 @@ class ResultsViewer(TrameApp):
         self._syncing = False
         self._chart_key = None
         self._observers = []
+        self._window_groups = {}
+        self.probe_job = None
+        from .viewer_probe import network_for
+        self.model_source = network_for(self.runs, model_source)
         self._perturbation_colors = self._add_perturbation_colors()
         self._perturbation_reach = [self._prepare_display(run) for run in self.runs]
         self.metrics = [table_rows(run.metrics) if run.metrics is not None else [] for run in self.runs]
@@ -94,6 +102,11 @@ class ResultsViewer(TrameApp):
         state.show_segmentations = True
         state.shown_strength_key = ""
         state.chart_src = ""
+        state.new_probe = "fgsm"
+        state.probe_running = False
+        state.probe_progress = 0
+        state.probe_message = ""
+        self._on_new_probe("fgsm")
         self._select_run(0)
         self._build_ui()
         state.change("strength_key", "show_perturbation", "perturbation_opacity",
@@ -101,6 +114,7 @@ class ResultsViewer(TrameApp):
         state.change("run_index")(self._on_run_change)
         state.change("orientation")(self._on_orientation_change)
         state.change("intensity_window")(self._on_window_change)
+        state.change("new_probe")(lambda new_probe, **_: self._on_new_probe(new_probe))
         self._show_strength(state.strength_key)
         for view in (self.clean_view, self.attacked_view, self.clean_3d, self.attacked_3d):
             view.reset_view()
@@ -224,15 +238,16 @@ class ResultsViewer(TrameApp):
         target.UpdateMatrices()
         target.EndModify(modifying)
 
-    def _link_window_level(self):
+    def _link_window_level(self, runs=None):
         """A clean volume and every probed volume of its runs keep the same window/level, whichever view it was
-        changed in."""
-        groups = {}
-        for run in self.runs:
-            groups.setdefault(run.volume.GetID(), [_display_node(run.volume)]).extend(
-                _display_node(item.probed) for item in run.strengths)
-        for displays in groups.values():
-            for display in displays:
+        changed in (``runs``: link these too, e.g. a new run, into their volume's group)."""
+        for run in self.runs if runs is None else runs:
+            displays = self._window_groups.get(run.volume.GetID())
+            new = [] if displays is not None else [_display_node(run.volume)]
+            new += [_display_node(item.probed) for item in run.strengths]
+            displays = self._window_groups.setdefault(run.volume.GetID(), [])
+            displays.extend(new)  # the observers share this list: every display added later is linked too
+            for display in new:
                 self._observe(display, self._copy_window_level, displays)
 
     def _copy_window_level(self, source, displays):
@@ -312,6 +327,103 @@ class ResultsViewer(TrameApp):
         for view in (self.clean_view, self.attacked_view):
             view.schedule_render()
 
+    # ------------------------------------------------------------------------------------------- new probe
+    def _on_new_probe(self, new_probe):
+        from .viewer_probe import DEFAULT_STRENGTHS, strength_kind
+        kind = strength_kind(new_probe)
+        state = self.server.state
+        state.new_strengths = DEFAULT_STRENGTHS[kind]
+        state.new_strengths_label = "epsilons" if kind == "attack" else "severities (1-5)"
+
+    def start_probe(self):
+        """Start the page's probe on the shown volume; a poller shows its progress and adds its run when done."""
+        from .scene import SlicerScene
+        from .viewer_probe import PageProbe
+        state = self.server.state
+        if self.probe_job is not None or not self.model_source:
+            return
+        scene = SlicerScene(self.slicer_app.scene, self.slicer_app.volumes_logic, self.slicer_app.segmentations_logic)
+        try:
+            self.probe_job = PageProbe(scene, self.model_source, self.run, self.runs, state.new_probe,
+                                       state.new_strengths).start()
+        except InputError as error:
+            state.probe_message = str(error)
+            return
+        state.probe_running, state.probe_progress = True, 0
+        state.probe_message = "loading {}".format(self.model_source)
+        if _serving():  # a test without the server's loop calls finish_probe itself
+            asynchronous.create_task(self._poll_probe())
+
+    def cancel_probe(self):
+        if self.probe_job is not None:
+            self.probe_job.cancel()
+            self.server.state.probe_message = "cancelling..."
+
+    async def _poll_probe(self):
+        job = self.probe_job
+        while job is not None and not job.done:
+            fraction, message = job.progress
+            with self.server.state as state:
+                state.probe_progress = round(100 * fraction)
+                if not job.cancelled:
+                    state.probe_message = message
+            await asyncio.sleep(PROBE_POLL_SECONDS)
+        with self.server.state:
+            self.finish_probe()
+
+    def finish_probe(self):
+        """Once the job is done: add its nodes, show its run (or say why not; nothing is added then)."""
+        from .attacks import AttackCancelled
+        job, self.probe_job = self.probe_job, None
+        state = self.server.state
+        state.probe_running = False
+        if job is None:
+            return
+        job.wait()
+        scene = self.slicer_app.scene
+        before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+        try:
+            job.finish()
+        except AttackCancelled:
+            state.probe_message = "cancelled: nothing was added"
+            return
+        except InputError as error:
+            state.probe_message = str(error)
+            return
+        except Exception as error:  # shown on the page, details in the log
+            logging.exception("medadv view: the probe failed")
+            state.probe_message = "the probe failed: {}".format(error)
+            return
+        self._hide_segmentations(scene, before)
+        new = self._add_new_runs()
+        state.probe_message = "done: {}".format(", ".join(run.title for run in new))
+
+    @staticmethod
+    def _hide_segmentations(scene, before):
+        """New segmentations stay hidden until a run shows them (the job also adds its own copy of the clean
+        segmentation, which the page does not use)."""
+        for index in range(scene.GetNumberOfNodes()):
+            node = scene.GetNthNode(index)
+            if node.GetID() not in before and node.IsA("vtkMRMLSegmentationNode"):
+                node.CreateDefaultDisplayNodes()
+                node.GetDisplayNode().SetVisibility(False)
+
+    def _add_new_runs(self):
+        """Runs of the scene not shown yet: prepared, linked, offered in the run selector; the last one shown."""
+        shown = {(run.volume_name, run.probe, run.strength_name) for run in self.runs}
+        new = [run for run in find_runs(self.slicer_app.scene)
+               if (run.volume_name, run.probe, run.strength_name) not in shown]
+        if not new:
+            return new
+        for run in new:
+            self._perturbation_reach.append(self._prepare_display(run))
+            self.metrics.append(table_rows(run.metrics) if run.metrics is not None else [])
+        self.runs.extend(new)
+        self._link_window_level(new)
+        self._build_ui()
+        self.server.state.run_index = len(self.runs) - 1
+        return new
+
     # ----------------------------------------------------------------------------------------------------- chart
 
     def _chart(self, selected):
@@ -329,7 +441,7 @@ class ResultsViewer(TrameApp):
             for index in range(run.chart.GetNumberOfPlotSeriesNodes()):
                 plot = run.chart.GetNthPlotSeriesNode(index)
                 if plot is not None:
-                    series.append((plot.GetYColumnName(), plot.GetColor(), plot.GetName()))
+                    series.append((plot.GetYColumnName(), plot.GetColor(), plot.GetYColumnName()))
         else:
             series = [(name, None, name) for name in rows[0] if name != run.strength_name] if rows else []
         figure = Figure(figsize=(4.2, 2.9), dpi=100)
@@ -370,11 +482,11 @@ class ResultsViewer(TrameApp):
                     html.Div("{{ run_title }}", classes="text-subtitle-1 font-weight-bold", id="medadv-title")
                     html.Div(str(self.scene_path), classes="text-caption text-medium-emphasis mb-2",
                              style="word-break:break-all;")
+                    self.server.state.run_items = [{"title": run.title, "value": index}
+                                                   for index, run in enumerate(self.runs)]
                     if len(self.runs) > 1:
                         v3.VSelect(v_model=("run_index",), label="run", density="compact", hide_details=True,
-                                   items=("run_items", [{"title": run.title, "value": index}
-                                                        for index, run in enumerate(self.runs)]),
-                                   id="medadv-run")
+                                   items=("run_items",), id="medadv-run")
                     for index, run in enumerate(self.runs):
                         with html.Div(v_if="run_index === {}".format(index)):
                             self._strength_ui(run)
@@ -402,6 +514,27 @@ class ResultsViewer(TrameApp):
                             html.Img(src=("chart_src",), id="medadv-chart", style="width:100%;margin-top:8px;",
                                      alt="Dice vs " + run.strength_name)
                             self._metrics_ui(run, self.metrics[index])
+                    self._new_probe_ui()
+
+    def _new_probe_ui(self):
+        html.Div("new probe on this volume", classes="text-subtitle-2 mt-4")
+        if not self.model_source:
+            html.Div("start medadv view with --model to run probes from here", classes="text-caption")
+            return
+        from .viewer_probe import page_probe_names
+        html.Div("network: " + self.model_source, classes="text-caption", style="word-break:break-all;")
+        v3.VSelect(v_model=("new_probe",), items=("probe_names", page_probe_names()), label="probe",
+                   density="compact", hide_details=True, disabled=("probe_running",), id="medadv-new-probe")
+        v3.VTextField(v_model=("new_strengths",), label=("new_strengths_label",), density="compact",
+                      hide_details=True, disabled=("probe_running",), classes="mt-1", id="medadv-new-strengths")
+        with html.Div(classes="d-flex mt-1", style="gap:8px;"):
+            v3.VBtn("run", click=self.start_probe, disabled=("probe_running",), size="small", color="primary",
+                    id="medadv-run-probe")
+            v3.VBtn("cancel", click=self.cancel_probe, disabled=("!probe_running",), size="small",
+                    id="medadv-cancel-probe")
+        v3.VProgressLinear(model_value=("probe_progress",), v_show=("probe_running",), color="primary",
+                           classes="mt-1")
+        html.Div("{{ probe_message }}", classes="text-caption", id="medadv-probe-message")
 
     def _strength_ui(self, run):
         html.Div(_strength_title(run), classes="text-caption mt-1")
@@ -469,6 +602,15 @@ def _cell(value, pattern):
     if isinstance(value, float):
         return (pattern if pattern != "{}" else "{:g}").format(value)
     return str(value)
+
+
+def _serving():
+    """Whether this runs in the server's event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _callback(method, argument):

@@ -323,6 +323,58 @@ def test_a_scene_with_an_attack_and_a_corruption(results_dir, tmp_path):
     assert (probed_display.GetWindowLevelMin(), probed_display.GetWindowLevelMax()) == (0, 100)
 
 
+def test_a_probe_started_on_the_page_joins_the_runs(results_dir):
+    """The page's new-probe form, as its buttons drive it: Rician noise at severity 2 on the shown volume with the
+    results' own network; the run appears, is selected and shown; a repeat, bad strengths and a cancelled run add
+    nothing."""
+    app = build_app(results_dir)
+    state = app.server.state
+    state.ready()
+    scene = app.slicer_app.scene
+    assert app.model_source == "demo-unet"  # built in: no --model needed
+    state.new_probe = "rician_noise"
+    state.flush()
+    assert (state.new_strengths, state.new_strengths_label) == ("1 3 5", "severities (1-5)")
+    state.new_strengths = "2"
+    app.start_probe()
+    assert state.probe_running
+    app.probe_job.wait(timeout=300)
+    app.finish_probe()
+    state.flush()
+    assert not state.probe_running and state.probe_message == "done: MNI152_T1_2mm demo-unet rician_noise"
+    noise = app.runs[-1]
+    assert [(run.probe, run.strength_name) for run in app.runs] == [("fgsm", "epsilon"), ("rician_noise", "severity")]
+    assert app.run is noise and state.run_index == 1 and [item["title"] for item in state.run_items] == [
+        run.title for run in app.runs]
+    assert (state.shown_strength_key, state.strength_label) == ("2", "rician_noise severity 2")
+    assert app.attacked_view.get_background_volume_id() == noise.strengths[0].probed.GetID()
+    rows = app.metrics[-1]
+    assert all(row["dice_reference"] is not None for row in rows)  # the scene's reference label map was used
+    clean, noisy = (row["dice_reference"] for row in rows if row["label"] == "mean")
+    assert noisy < clean
+    state.intensity_window = [0, 100]  # the new run's volume is linked to the clean one's window
+    state.flush()
+    probed = noise.strengths[0].probed.GetDisplayNode()
+    assert (probed.GetWindowLevelMin(), probed.GetWindowLevelMax()) == (0, 100)
+
+    count = scene.GetNumberOfNodes()
+    for probe, strengths, message in (("rician_noise", "3", "already has a rician_noise run"),
+                                      ("pgd", "0.02 lots", "epsilons must be numbers"),
+                                      ("bias_field", "7", "severit")):
+        state.new_probe = probe
+        state.flush()
+        state.new_strengths = strengths
+        app.start_probe()
+        assert app.probe_job is None and message in state.probe_message, state.probe_message
+    state.new_probe, state.new_strengths = "pgd", "0.02"
+    app.start_probe()
+    app.cancel_probe()
+    app.probe_job.wait(timeout=300)
+    app.finish_probe()
+    assert state.probe_message == "cancelled: nothing was added" and scene.GetNumberOfNodes() == count
+    assert len(app.runs) == 2
+
+
 def test_views_in_headless_chromium(viewer_url, browser):
     assert re.match(r"http://127\.0\.0\.1:\d+/$", viewer_url)
     browser.navigate(viewer_url)
@@ -439,3 +491,26 @@ def only_near(differences, region, share=0.98):
     inside = (differences & region).sum() / max(differences.sum(), 1)
     assert inside >= share, "{:.1%} of the clean/attacked differences lie outside the perturbation".format(1 - inside)
     return True
+
+
+def test_probe_from_the_page_in_headless_chromium(viewer_url, browser):
+    """In the browser: pick a corruption, press run; the new run is offered and shown in every view."""
+    browser.navigate(viewer_url)
+    browser.wait_for("!!(window.trame && window.trame.state && window.trame.state.get('shown_strength_key'))",
+                     timeout=RENDER_TIMEOUT, what="the app's state")
+    before = wait_for_views(browser, slices_not_blank, "rendered views")
+    browser.evaluate("window.trame.state.set('new_probe', 'rician_noise')")
+    browser.wait_for("window.trame.state.get('new_strengths') === '1 3 5'", timeout=RENDER_TIMEOUT,
+                     what="the corruption's default severities")
+    browser.evaluate("window.trame.state.set('new_strengths', '4')")
+    browser.wait_for("window.trame.state.get('new_strengths') === '4'", timeout=RENDER_TIMEOUT, what="severities")
+    click(browser, "medadv-run-probe")
+    browser.wait_for("window.trame.state.get('shown_strength_key') === '4' && "
+                     "(window.trame.state.get('run_items') || []).length === 2", timeout=300, what="the new run")
+    after = wait_for_views(browser, lambda v: v["Attacked"]["digest"] != before["Attacked"]["digest"]
+                           and slices_not_blank(v), "the new run's views")
+    keep(browser, after, "06-new-probe-rician-noise-4")
+    assert browser.evaluate("!!document.getElementById('medadv-run')"), "no run selector after the new run"
+    assert "rician_noise severity 4" in browser.evaluate(
+        "document.querySelector('[data-view=\"Attacked\"]').textContent")
+    assert "done" in browser.evaluate("document.getElementById('medadv-probe-message').textContent")

@@ -1,0 +1,66 @@
+"""A new probe started from the viewer's page: the same runner on a shown run's clean volume, in a worker thread
+(progress polled, cancel asked), its result nodes added to the viewer's scene under the names :mod:`.results`
+gives them, so that the page finds the new run as it finds the others."""
+from .corruptions import CORRUPTIONS, CorruptionProbe
+from .errors import InputError
+from .models import BUILTIN_MODELS, load_model
+from .module_logic import WorkerRun, parse_strengths, probe_names
+from .nodes import labels_from_node, volume_from_node
+from .runner import run_sweep
+
+DEFAULT_STRENGTHS = {"attack": "0.01 0.02", "corruption": "1 3 5"}
+
+
+def page_probe_names():
+    return probe_names()
+
+
+def strength_kind(probe_name):
+    return "corruption" if probe_name in CORRUPTIONS else "attack"
+
+
+def network_for(runs, model_source=None):
+    """What new probes run on: ``model_source`` if given, else the shown results' network when it is built in."""
+    if model_source:
+        return str(model_source)
+    names = {run.model for run in runs}
+    return names.pop() if len(names) == 1 and next(iter(names)) in BUILTIN_MODELS else None
+
+
+def make_probe(probe_name, strengths_text):
+    """The attack (library defaults) or corruption, and its checked strengths."""
+    if probe_name not in page_probe_names():
+        raise InputError("unknown probe {!r}".format(probe_name))
+    if strength_kind(probe_name) == "corruption":
+        probe = CorruptionProbe(probe_name)
+        return probe, probe.check_strengths(parse_strengths(strengths_text, "severities"))
+    from .attacks import make_attack
+    probe = make_attack(probe_name)
+    return probe, probe.check_strengths(parse_strengths(strengths_text, "epsilons"))
+
+
+class PageProbe(WorkerRun):
+    """``probe_name`` at ``strengths_text`` on the clean volume of ``run`` (its reference label map if the scene
+    holds exactly one), with the network ``model_source``."""
+
+    def __init__(self, slicer_scene, model_source, run, runs, probe_name, strengths_text):
+        if any(other.volume is run.volume and other.probe == probe_name for other in runs):
+            raise InputError("{} already has a {} run here; pick another probe".format(run.volume_name, probe_name))
+        self.slicer_scene = slicer_scene
+        self.model_source = model_source
+        self.probe, self.strengths = make_probe(probe_name, strengths_text)
+        self.volume = volume_from_node(run.volume)
+        references = slicer_scene.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")
+        self.reference = None
+        if references.GetNumberOfItems() == 1:
+            self.reference = labels_from_node(references.GetItemAsObject(0), self.volume)
+        super().__init__()
+
+    def compute(self, progress, is_cancelled):
+        model = load_model(self.model_source)
+        with model.on_grid(self.volume):
+            return run_sweep(model, self.volume, self.probe, self.strengths, self.reference, progress, is_cancelled)
+
+    def add_nodes(self, result):
+        from .pipeline import add_nodes_or_nothing
+        return add_nodes_or_nothing(self.slicer_scene, result)
