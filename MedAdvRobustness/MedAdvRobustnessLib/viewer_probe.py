@@ -1,6 +1,8 @@
 """A new probe started from the viewer's page: the same runner on a shown run's clean volume, in a worker thread
 (progress polled, cancel asked), its result nodes added to the viewer's scene under the names :mod:`.results`
 gives them, so that the page finds the new run as it finds the others."""
+from pathlib import Path
+
 from .corruptions import CORRUPTIONS, CorruptionProbe
 from .errors import InputError
 from .models import BUILTIN_MODELS, load_model
@@ -22,6 +24,9 @@ def strength_kind(probe_name):
 def network_for(runs, model_source=None):
     """What new probes run on: ``model_source`` if given, else the shown results' network when it is built in."""
     if model_source:
+        if str(model_source) not in BUILTIN_MODELS and not Path(model_source).exists():
+            raise InputError("--model: not found: {} (built-in names: {})".format(
+                model_source, ", ".join(sorted(BUILTIN_MODELS))))
         return str(model_source)
     names = {run.model for run in runs}
     return names.pop() if len(names) == 1 and next(iter(names)) in BUILTIN_MODELS else None

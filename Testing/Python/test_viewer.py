@@ -262,6 +262,11 @@ def test_view_refuses_what_is_not_a_results_folder(tmp_path, results_dir, capsys
     assert not is_loopback("0.0.0.0")
 
 
+def test_view_refuses_a_model_that_does_not_exist(results_dir, capsys):
+    assert cli.main(["view", str(results_dir), "--port", "0", "--model", "/no/such/model"]) == 2
+    assert "--model: not found: /no/such/model" in capsys.readouterr().err
+
+
 def test_metrics_table_takes_any_extra_column():
     rows = [{"model": "m", "attack": "fgsm", "epsilon": 0.0, "label": "CSF", "dice_clean": 1.0, "hd95_clean": 0.0,
              "ssim": 1.0, "dice_reference": None, "nsd_clean": 0.25, "note": "text"},
