@@ -191,6 +191,20 @@ def test_yaml_study_reads_like_json(study):
     assert bench.resolve_study(bench.load_study(yaml_study)) == bench.resolve_study(bench.load_study(study))
 
 
+def test_training_is_reproducible(tmp_path):
+    """The same recipe and seed give the same weights (what makes the shipped networks reproducible)."""
+    from MedAdvRobustnessLib.training import train
+    for name in ("first", "second"):
+        train(tmp_path / name, iterations=3, architecture="segresnet", name=name, progress=lambda line: None)
+    first, second = (torch.load(str(tmp_path / name / "model.pt"), weights_only=True) for name in ("first", "second"))
+    assert list(first) == list(second)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    third = tmp_path / "other-seed"
+    train(third, iterations=3, seed=1, architecture="segresnet", name="other", progress=lambda line: None)
+    other = torch.load(str(third / "model.pt"), weights_only=True)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
 def test_training_another_family_writes_a_loadable_model_folder(tmp_path):
     from MedAdvRobustnessLib.models import load_model
     from MedAdvRobustnessLib.training import train
