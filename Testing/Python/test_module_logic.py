@@ -204,7 +204,8 @@ def test_settings_survive_a_saved_scene(tmp_path, slicer_scene, sample_nodes):
         inputVolume=volume, referenceNode=tissue, referenceSegmentIds=segment_id(tissue, "CSF"),
         networkKind="torchscript", networkPath="/models/net.ts", outputActivation="softmax", trustCheckpoint=True,
         probe="dag", probeParameters='{"dag": {"gamma": "0.25"}}', epsilons="0.01:0.04:4", severities="2 4",
-        regionSegmentation=tissue, regionSegmentId=segment_id(tissue, "white matter"), device="cuda")
+        regionSegmentation=tissue, regionSegmentId=segment_id(tissue, "white matter"), device="cuda",
+        compareVolumes=[volume], compareNetworks="demo-unet, /models/mine", compareFolder="/studies/one")
     module_logic.write_settings(module_logic.parameter_node(slicer_scene.scene), settings)
     slicer_scene.write_mrb(tmp_path / "scene.mrb")
 
@@ -213,7 +214,12 @@ def test_settings_survive_a_saved_scene(tmp_path, slicer_scene, sample_nodes):
     for name in module_logic.NODE_PARAMETERS:
         assert getattr(restored, name).GetName() == getattr(settings, name).GetName()
         assert getattr(restored, name).GetScene() is reloaded.scene
-    plain = [name for name in vars(settings) if name not in module_logic.NODE_PARAMETERS]
+    for name in module_logic.NODE_LIST_PARAMETERS:
+        assert [node.GetName() for node in getattr(restored, name)] == [node.GetName() for node in
+                                                                          getattr(settings, name)]
+        assert all(node.GetScene() is reloaded.scene for node in getattr(restored, name))
+    plain = [name for name in vars(settings)
+             if name not in module_logic.NODE_PARAMETERS + module_logic.NODE_LIST_PARAMETERS]
     assert {name: getattr(restored, name) for name in plain} == {name: getattr(settings, name) for name in plain}
 
 
