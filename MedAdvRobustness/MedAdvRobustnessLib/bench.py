@@ -32,8 +32,9 @@ HELDOUT_PREFIX = "heldout:"
 HELDOUT_RECIPE = (("elastic_deformation", 3), ("affine", 1), ("bias_field", 2))
 HELDOUT_SEED = 1000
 TABLE_KEYS = ("network", "case", "probe", "kind", "strength", "label")
-SUMMARY_COLUMNS = ("network", "probe", "kind", "cases", "clean_dice", "strengths", "dice", "robustness_score",
-                   "rood_degradation", "rood_overall")
+SUMMARY_COLUMNS = ("network", "probe", "kind", "cases", "clean_dice", "clean_dice_sd", "strengths", "dice",
+                   "robustness_score", "robustness_score_sd", "rood_degradation", "rood_degradation_sd",
+                   "rood_overall")
 
 
 # ----------------------------------------------------------------------------------------------------- the study
@@ -511,7 +512,8 @@ def curves(rows):
 
 def summary_rows(rows):
     """Per network and probe: clean Dice, Dice per strength, robustness score (attacks) and ROOD degradation
-    (corruptions), each averaged over the cases; then one ``overall`` row per network."""
+    (corruptions), each averaged over the cases, with the standard deviation over the cases (``_sd``, from two
+    cases on); then one ``overall`` row per network."""
     from .corruptions import rood_summary
     out = []
     for (network, probe, kind), by_case in curves(rows).items():
@@ -526,10 +528,13 @@ def summary_rows(rows):
                 degradations.append(summary["degradation"])
                 overalls.append(summary["overall"])
         dice = [_mean([values[s] for values in complete.values()]) for s in strengths]
+        cleans = [values[0.0] for values in complete.values() if 0.0 in values]
         out.append({"network": network, "probe": probe, "kind": kind, "cases": len(complete),
-                    "clean_dice": dice[0], "strengths": " ".join("{:g}".format(s) for s in strengths),
+                    "clean_dice": dice[0], "clean_dice_sd": _sd(cleans),
+                    "strengths": " ".join("{:g}".format(s) for s in strengths),
                     "dice": " ".join("{:.4f}".format(d) for d in dice), "robustness_score": _mean(scores),
-                    "rood_degradation": _mean(degradations), "rood_overall": _mean(overalls)})
+                    "robustness_score_sd": _sd(scores), "rood_degradation": _mean(degradations),
+                    "rood_degradation_sd": _sd(degradations), "rood_overall": _mean(overalls)})
     for network in _unique(row["network"] for row in out):
         mine = [row for row in out if row["network"] == network]
         attacks = [row for row in mine if row["kind"] == "attack"]
@@ -545,6 +550,15 @@ def summary_rows(rows):
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def _sd(values):
+    """Sample standard deviation; None for fewer than two values."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _unique(items):

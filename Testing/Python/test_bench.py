@@ -2,6 +2,7 @@
 Dask LocalCluster gives the same table; a killed study resumes without recomputing; the robustness score."""
 import csv
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -147,6 +148,20 @@ def test_robustness_score_on_hand_made_curves(strengths, dices, expected):
     if strengths == [0, 0.01, 0.03]:
         expected = (0.01 * (1 + 0.5) / 2 + 0.02 * (0.5 + 0) / 2) / 0.03
     assert bench.robustness_score(strengths, dices) == pytest.approx(expected)
+
+
+def test_summary_averages_over_cases_with_their_spread():
+    def rows(case, dices):
+        return [{"network": "net", "case": case, "probe": "fgsm", "kind": "attack", "strength": strength,
+                 "label": "mean", "dice": dice} for strength, dice in zip((0.0, 0.02), dices)]
+    summary = bench.summary_rows(rows("a", (0.8, 0.4)) + rows("b", (0.6, 0.6)))
+    fgsm = next(row for row in summary if row["probe"] == "fgsm")
+    assert fgsm["cases"] == 2 and fgsm["clean_dice"] == pytest.approx(0.7) and fgsm["dice"] == "0.7000 0.5000"
+    assert fgsm["clean_dice_sd"] == pytest.approx(math.sqrt(0.02))  # 0.8 and 0.6
+    assert fgsm["robustness_score"] == pytest.approx((0.75 + 1.0) / 2)  # half lost linearly; unaffected
+    assert fgsm["robustness_score_sd"] == pytest.approx(math.sqrt(2 * 0.125 ** 2))
+    single = next(row for row in bench.summary_rows(rows("a", (0.8, 0.4))) if row["probe"] == "fgsm")
+    assert single["clean_dice_sd"] is None and single["robustness_score_sd"] is None
 
 
 def test_robustness_score_needs_the_clean_point():
