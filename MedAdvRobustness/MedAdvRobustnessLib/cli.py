@@ -140,7 +140,7 @@ def probe_from_args(args):
     attack_options = [flag for flag, name, _kind, _help in ATTACK_OPTIONS
                       if name != "seed" and getattr(args, "attack_" + name) is not None]
     if args.attack or args.epsilon or args.param or args.attack_random_start is not None or attack_options:
-        raise InputError("--corruption takes --severity, --seed and --region only; --attack, --epsilon and {} are "
+        raise InputError("--corruption takes --severity, --seed, --region and --region-labels only; --attack, --epsilon and {} are "
                          "attack options".format(", ".join(attack_options) or "the other options"))
     seed = args.attack_seed if args.attack_seed is not None else 0
     return CorruptionProbe(args.corruption, seed=seed), args.severity or list(SEVERITIES)

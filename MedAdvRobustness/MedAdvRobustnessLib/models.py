@@ -173,6 +173,7 @@ class SegmentationModel(torch.nn.Module):
         if gradient_mode is not None and gradient_mode not in GRADIENT_MODES:
             raise ValueError("gradient_mode must be one of {}".format(GRADIENT_MODES))
         self.gradient_mode = gradient_mode or "windowed"
+        self._window_counts = {}
         self.detected_activation = None
         self.input_spacing = None
         self.amp = bool(amp)
@@ -295,7 +296,12 @@ class SegmentationModel(torch.nn.Module):
         return float(loss.detach()), gradient.to(volume.device), outputs.detach()
 
     def _one_window(self, inputs):
-        return inputs.shape[0] == 1 and len(WindowPlan(inputs.shape[2:], self.description.window)) == 1
+        if inputs.shape[0] != 1:
+            return False
+        key = (tuple(inputs.shape[2:]), repr(self.description.window))
+        if key not in self._window_counts:  # a plan builds the importance map: once per input size
+            self._window_counts[key] = len(WindowPlan(inputs.shape[2:], self.description.window))
+        return self._window_counts[key] == 1
 
     # ------------------------------------------------------------------------------------------------ results
     @torch.no_grad()

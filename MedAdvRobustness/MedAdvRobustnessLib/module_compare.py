@@ -7,6 +7,7 @@ the cells, ``results.csv``, ``summary.csv``, the figures and ``report.html``: ru
 only the missing cells are computed.
 """
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +29,20 @@ class CompareCase:
     volume: object
     reference: Optional[np.ndarray]
     reference_segments: Optional[list]  # [(segment name, mask)] of a segmentation reference
+    reference_name: str = ""
 
 
 @dataclass
 class CompareInputs:
     cases: list
-    networks: list  # built-in names or model paths
+    networks: list  # {"name", "source"}: a built-in name or a model path
     probe: dict  # a bench probe: {"attack": NAME, "epsilons": [...], "params": {...}} or a corruption
     folder: str
 
 
 def network_list(text):
-    """Built-in names or model paths, separated by commas, semicolons or new lines."""
-    networks = [item.strip() for item in re.split(r"[,;\n]+", str(text)) if item.strip()]
+    """Built-in names or model paths, separated by commas or new lines (as the widget stores them)."""
+    networks = [item.strip() for item in re.split(r"[,\n]+", str(text)) if item.strip()]
     if not networks:
         raise InputError("choose at least one network to compare")
     repeated = sorted({item for item in networks if networks.count(item) > 1})
@@ -59,9 +61,10 @@ def bench_probe(settings):
 
 
 def reference_node_of(scene, settings, volume_node):
-    """The reference of a checked volume: the one selected above for the input volume; else a label map named
-    after the volume (``NAME-label``, ``NAME_seg``...), else a segmentation made on the volume; else None."""
-    if volume_node is settings.inputVolume and settings.referenceNode is not None:
+    """The reference of a checked volume: for the input volume the one selected above (or none); for another
+    volume a label map named after it (``NAME-label``, ``NAME_seg``...), else a segmentation made on it (not the
+    region's); else None."""
+    if volume_node is settings.inputVolume:
         return settings.referenceNode
     for marker in REFERENCE_MARKERS:
         found = scene.GetNodesByClassByName("vtkMRMLLabelMapVolumeNode", volume_node.GetName() + marker)
@@ -71,7 +74,7 @@ def reference_node_of(scene, settings, volume_node):
     segmentations = scene.GetNodesByClass("vtkMRMLSegmentationNode")
     for index in range(segmentations.GetNumberOfItems()):
         segmentation = segmentations.GetItemAsObject(index)
-        if segmentation.GetNodeReference(role) is volume_node:
+        if segmentation.GetNodeReference(role) is volume_node and segmentation is not settings.regionSegmentation:
             return segmentation
     return None
 
@@ -85,8 +88,9 @@ def read_case(slicer_scene, settings, volume_node):
         ids = []
         if reference_node is settings.referenceNode:
             ids = [s for s in settings.referenceSegmentIds.split(",") if s.strip()]
-        return CompareCase(volume, None, segment_masks(slicer_scene, reference_node, ids, volume_node, volume))
-    return CompareCase(volume, labels_from_node(reference_node, volume), None)
+        return CompareCase(volume, None, segment_masks(slicer_scene, reference_node, ids, volume_node, volume),
+                           reference_node.GetName())
+    return CompareCase(volume, labels_from_node(reference_node, volume), None, reference_node.GetName())
 
 
 def read_compare_inputs(slicer_scene, settings):
@@ -94,10 +98,25 @@ def read_compare_inputs(slicer_scene, settings):
     volume_nodes = [node for node in settings.compareVolumes if node is not None]
     if not volume_nodes:
         raise InputError("check at least one volume to compare the networks on")
-    networks = network_list(settings.compareNetworks)
+    networks = study_networks(network_list(settings.compareNetworks))
     probe = bench_probe(settings)
     cases = [read_case(slicer_scene, settings, node) for node in volume_nodes]
     return CompareInputs(cases, networks, probe, settings.compareFolder.strip())
+
+
+def study_networks(sources):
+    """``{"name", "source"}`` per network, named after the built-in name or the file or folder, numbered where
+    two share a name (``run1/model.pt`` and ``run2/model.pt``)."""
+    from pathlib import PurePath
+    networks, names = [], []
+    for source in sources:
+        base = PurePath(source).name.replace(".json", "") or source
+        name, number = base, 2
+        while name in names:
+            name, number = "{} ({})".format(base, number), number + 1
+        names.append(name)
+        networks.append({"name": name, "source": source})
+    return networks
 
 
 def case_names(cases):
@@ -125,14 +144,17 @@ def write_cases(inputs, folder):
     from .results import write_volume_file
     folder.mkdir(parents=True, exist_ok=True)
     labels, cases = None, []
-    for case, name in zip(inputs.cases, case_names(inputs.cases)):
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    for index, (case, name) in enumerate(zip(inputs.cases, case_names(inputs.cases)), 1):
+        stem = "{:03d}-{}".format(index, re.sub(r"[^A-Za-z0-9._-]+", "_", name))  # unique however names read
         volume_path, reference_path = folder / (stem + ".nii.gz"), None
         write_volume_file(case.volume.array, case.volume, volume_path)
         reference = case.reference
         if case.reference_segments is not None:
-            labels = labels or network_labels(inputs.networks[0], case.volume)
-            reference = reference_from_segments(case.reference_segments, labels, case.volume.array.shape)
+            labels = labels or network_labels(inputs.networks[0]["source"], case.volume)
+            try:
+                reference = reference_from_segments(case.reference_segments, labels, case.volume.array.shape)
+            except InputError as error:
+                raise InputError("reference {} of {}: {}".format(case.reference_name, name, error))
         if reference is not None:
             reference_path = folder / (stem + "_seg.nii.gz")
             write_volume_file(reference, case.volume, reference_path, label_map=True)
@@ -143,18 +165,27 @@ def write_cases(inputs, folder):
 
 def compute_comparison(inputs, progress=None, is_cancelled=None):
     """Write the cases and run the study (no scene access: safe in a worker thread). Returns the StudyRun."""
+    import torch
     from .bench import run_study
     progress = progress or (lambda fraction, message: None)
-    folder = Path(inputs.folder) if inputs.folder else Path(tempfile.mkdtemp(prefix="medadv-compare-"))
+    temporary = not inputs.folder
+    folder = Path(tempfile.mkdtemp(prefix="medadv-compare-")) if temporary else Path(inputs.folder)
     progress(0.0, "writing the cases to {}".format(folder))
-    study = {"networks": inputs.networks, "cases": write_cases(inputs, folder / "cases"), "probes": [inputs.probe]}
+    try:
+        study = {"networks": inputs.networks, "cases": write_cases(inputs, folder / "cases"),
+                 "probes": [inputs.probe], "threads": torch.get_num_threads()}
 
-    def cell_done(done, total, record):
-        task = record["task"]
-        progress(done / total, "cell {}/{}: {} on {}, {} {:g}".format(
-            done, total, task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"]))
+        def cell_done(done, total, record):
+            task = record["task"]
+            progress(done / total, "cell {}/{}: {} on {}, {} {:g}".format(
+                done, total, task["network"]["name"], task["case"]["name"], task["probe"]["name"],
+                task["strength"]))
 
-    return run_study(study, folder, progress=cell_done, is_cancelled=is_cancelled)
+        return run_study(study, folder, progress=cell_done, is_cancelled=is_cancelled)
+    except BaseException:
+        if temporary:  # nothing of a failed or cancelled run is kept where nobody asked for it
+            shutil.rmtree(str(folder), ignore_errors=True)
+        raise
 
 
 def add_compare_nodes(slicer_scene, study_run, probe_name):

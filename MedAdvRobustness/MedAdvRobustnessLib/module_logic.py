@@ -236,6 +236,9 @@ def read_inputs(slicer_scene, settings):
                                settings.inputVolume, volume)[0][1]
         if not region.any():
             raise InputError("region segment {} is empty on the volume's grid".format(settings.regionSegmentId))
+        if getattr(probe, "spatial", False):
+            raise InputError("corruption {} moves the anatomy and cannot be restricted to a region; clear the "
+                             "region".format(probe.name))
     return RunInputs(volume, reference, segments, region, probe, strengths, network_source(settings),
                      output_activation(settings), bool(settings.trustCheckpoint), settings.device.strip() or "cpu")
 

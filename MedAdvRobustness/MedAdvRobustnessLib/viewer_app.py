@@ -383,7 +383,7 @@ class ResultsViewer(TrameApp):
         scene = self.slicer_app.scene
         before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
         try:
-            job.finish()
+            nodes = job.finish()
         except AttackCancelled:
             state.probe_message = "cancelled: nothing was added"
             return
@@ -395,7 +395,12 @@ class ResultsViewer(TrameApp):
             state.probe_message = "the probe failed: {}".format(error)
             return
         self._hide_segmentations(scene, before)
-        new = self._add_new_runs()
+        try:
+            new = self._add_new_runs(nodes["segmentation"].get(0.0))
+        except Exception as error:  # the nodes are in the scene, but the page could not show them
+            logging.exception("medadv view: the new run cannot be shown")
+            state.probe_message = "the probe ran but cannot be shown: {}".format(error)
+            return
         state.probe_message = "done: {}".format(", ".join(run.title for run in new))
 
     @staticmethod
@@ -408,16 +413,20 @@ class ResultsViewer(TrameApp):
                 node.CreateDefaultDisplayNodes()
                 node.GetDisplayNode().SetVisibility(False)
 
-    def _add_new_runs(self):
-        """Runs of the scene not shown yet: prepared, linked, offered in the run selector; the last one shown."""
+    def _add_new_runs(self, clean_segmentation=None):
+        """Runs of the scene not shown yet (with the probe's own ``clean_segmentation``: its network's, which may
+        not be the results'): prepared, linked, offered in the run selector; the last one shown."""
         shown = {(run.volume_name, run.probe, run.strength_name) for run in self.runs}
         new = [run for run in find_runs(self.slicer_app.scene)
                if (run.volume_name, run.probe, run.strength_name) not in shown]
         if not new:
             return new
         for run in new:
-            self._perturbation_reach.append(self._prepare_display(run))
-            self.metrics.append(table_rows(run.metrics) if run.metrics is not None else [])
+            run.clean_segmentation = clean_segmentation or run.clean_segmentation
+        reaches = [self._prepare_display(run) for run in new]
+        metrics = [table_rows(run.metrics) if run.metrics is not None else [] for run in new]
+        self._perturbation_reach.extend(reaches)  # the three lists stay aligned: extended together
+        self.metrics.extend(metrics)
         self.runs.extend(new)
         self._link_window_level(new)
         self._build_ui()

@@ -44,6 +44,17 @@ def make_probe(probe_name, strengths_text):
     return probe, probe.check_strengths(parse_strengths(strengths_text, "epsilons"))
 
 
+def scene_reference(scene, volume):
+    """The labels of the scene's label map on ``volume``'s grid when the scene holds exactly one; else None."""
+    label_maps = scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")
+    if label_maps.GetNumberOfItems() != 1:
+        return None
+    try:
+        return labels_from_node(label_maps.GetItemAsObject(0), volume)
+    except InputError:  # another volume's: no reference for this one
+        return None
+
+
 class PageProbe(WorkerRun):
     """``probe_name`` at ``strengths_text`` on the clean volume of ``run`` (its reference label map if the scene
     holds exactly one), with the network ``model_source``."""
@@ -55,10 +66,7 @@ class PageProbe(WorkerRun):
         self.model_source = model_source
         self.probe, self.strengths = make_probe(probe_name, strengths_text)
         self.volume = volume_from_node(run.volume)
-        references = slicer_scene.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")
-        self.reference = None
-        if references.GetNumberOfItems() == 1:
-            self.reference = labels_from_node(references.GetItemAsObject(0), self.volume)
+        self.reference = scene_reference(slicer_scene.scene, self.volume)
         super().__init__()
 
     def compute(self, progress, is_cancelled):

@@ -543,7 +543,7 @@ def test_region_restricts_the_attack_to_one_structure(tmp_path):
     (["--attack", "pgd", "--param", "steps"], "--param takes KEY=VALUE"),
     (["--attack", "dag", "--target-mode", "swap", "--source-label", "1"], "needs target_label"),
     (["--attack", "fgsm", "--region-labels", "9"], "the region is empty: no voxel holds label 9"),
-    (["--corruption", "smoothing", "--region-labels", "1"], "--corruption takes --severity, --seed and --region only"),
+    (["--corruption", "smoothing", "--region-labels", "1"], "--corruption takes --severity, --seed, --region"),
 ])
 def test_bad_attack_parameters_fail_cleanly(tmp_path, capsys, args, expected):
     """In process (the console command's error path is covered by test_cli): exit 2, one message, no output."""

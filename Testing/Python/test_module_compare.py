@@ -174,3 +174,36 @@ def test_compared_volumes_are_kept_in_the_parameter_node(scene_with_two_volumes)
     assert module_logic.read_settings(node).compareVolumes == [heldout, sample]
     module_logic.write_settings(node, settings_for([sample], ""))
     assert module_logic.read_settings(node).compareVolumes == [sample]
+
+
+def test_reference_is_the_selected_one_for_the_input_volume_and_never_the_region(scene_with_two_volumes):
+    slicer_scene, sample, heldout = scene_with_two_volumes
+    scene = slicer_scene.scene
+    segmentation = next(scene.GetNodesByClass("vtkMRMLSegmentationNode").GetItemAsObject(i)
+                        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))
+                        if scene.GetNodesByClass("vtkMRMLSegmentationNode").GetItemAsObject(i).GetName()
+                        == "heldout segmentation")
+    by_name = scene.GetFirstNodeByName(sample.GetName() + "-label")
+    settings = settings_for([sample, heldout], "")
+    assert module_compare.reference_node_of(scene, settings, sample) is by_name
+    assert module_compare.reference_node_of(scene, settings, heldout) is segmentation
+    settings.inputVolume = sample  # the input volume takes the reference selected under Inputs, here none
+    assert module_compare.reference_node_of(scene, settings, sample) is None
+    settings.regionSegmentation = segmentation  # a region is not a reference
+    assert module_compare.reference_node_of(scene, settings, heldout) is None
+
+
+def test_networks_and_cases_that_read_alike_stay_apart(tmp_path):
+    import dataclasses
+    networks = module_compare.study_networks(["demo-unet", "/runs/a/model.json", "/runs/b/model.json"])
+    assert [item["name"] for item in networks] == ["demo-unet", "model", "model (2)"]
+    volume, labels = heldout_volume(1)
+    cases = [module_compare.CompareCase(dataclasses.replace(volume, name=name, array=volume.array + offset),
+                                        labels, None) for offset, name in ((0, "a b"), (1, "a_b"), (2, "a b"))]
+    inputs = module_compare.CompareInputs(cases, networks, {}, "")
+    written = module_compare.write_cases(inputs, tmp_path)
+    assert [case["name"] for case in written] == ["a b", "a_b", "a b (2)"]
+    assert len({case["volume"] for case in written} | {case["reference"] for case in written}) == 6
+    import nibabel as nib
+    firsts = [float(np.asarray(nib.load(case["volume"]).dataobj).max()) for case in written]
+    assert firsts == sorted(set(firsts)) and len(set(firsts)) == 3  # each file holds its own volume

@@ -178,9 +178,12 @@ def test_cancel_midway_adds_no_node_and_no_folder(scene_with_sample, first_run):
 def test_bad_input_is_refused_before_anything_runs(scene_with_sample):
     slicer_scene, volume, labels = scene_with_sample
     scene = slicer_scene.scene
+    tissue = tissue_segmentation(slicer_scene, labels)
     before = node_ids(scene)
     cases = [
         (module_logic.ProbeSettings(), "select an input volume"),
+        (module_logic.ProbeSettings(inputVolume=volume, probe="affine", severities="2", regionSegmentation=tissue,
+                                    regionSegmentId=segment_id(tissue, "white matter")), "moves the anatomy"),
         (module_logic.ProbeSettings(inputVolume=volume, epsilons="0.01 x"), "epsilons must be numbers"),
         (module_logic.ProbeSettings(inputVolume=volume, epsilons="0.5 1.5"), "0 < epsilon < 1"),
         (module_logic.ProbeSettings(inputVolume=volume, probeParameters='{"pgd": {"stepz": "2"}}'),
