@@ -90,6 +90,7 @@ class ResultsViewer(TrameApp):
         self.probe_job = None
         from .viewer_probe import network_for
         self.model_source = network_for(self.runs, model_source)
+        self.model_given = bool(model_source)
         self._perturbation_colors = self._add_perturbation_colors()
         self._perturbation_reach = [self._prepare_display(run) for run in self.runs]
         self.metrics = [table_rows(run.metrics) if run.metrics is not None else [] for run in self.runs]
@@ -531,7 +532,9 @@ class ResultsViewer(TrameApp):
             html.Div("start medadv view with --model to run probes from here", classes="text-caption")
             return
         from .viewer_probe import page_probe_names
-        html.Div("network: " + self.model_source, classes="text-caption", style="word-break:break-all;")
+        built_in = "" if self.model_given else " (the built-in network of that name; --model to choose another)"
+        html.Div("network: " + self.model_source + built_in, classes="text-caption", style="word-break:break-all;",
+                 id="medadv-probe-network")
         v3.VSelect(v_model=("new_probe",), items=("probe_names", page_probe_names()), label="probe",
                    density="compact", hide_details=True, disabled=("probe_running",), id="medadv-new-probe")
         v3.VTextField(v_model=("new_strengths",), label=("new_strengths_label",), density="compact",
