@@ -278,8 +278,9 @@ def compute_cell(task, is_cancelled=None):
     import torch
     from .runner import run_sweep
     start = time.time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(task.get("threads", 1))))  # the same arithmetic in every worker
+    threads, wanted = torch.get_num_threads(), max(1, int(task.get("threads", 1)))
+    if wanted != threads:
+        torch.set_num_threads(wanted)  # the same arithmetic in every worker
     try:
         model = _cached_model(task["network"])
         volume, reference = _cached_case(task["case"])
@@ -287,7 +288,8 @@ def compute_cell(task, is_cancelled=None):
             result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference,
                                is_cancelled=is_cancelled)
     finally:
-        torch.set_num_threads(threads)
+        if wanted != threads:
+            torch.set_num_threads(threads)
     rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
     return {"key": task["key"], "task": task, "rows": rows, "seconds": round(time.time() - start, 3),
             "host": socket.gethostname(), "pid": os.getpid(), "versions": versions()}
