@@ -749,14 +749,7 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
 
     def test_MedAdvRobustness_pgd_on_sample(self):
         """PGD (2 steps) at epsilon 0.02 on the sample adds the result nodes in one folder on the input's grid."""
-        logic = MedAdvRobustnessLogic()
-        if logic.dependencyProblems():
-            self.skipTest("needs {}".format("; ".join(logic.dependencyProblems())))
-        volume = slicer.util.loadVolume(os.path.join(SAMPLE_DIR, "MNI152_T1_2mm.nii.gz"))
-        labels = slicer.util.loadLabelVolume(os.path.join(SAMPLE_DIR, "MNI152_tissue_2mm.nii.gz"))
-        parameters = logic.getParameterNode()
-        parameters.inputVolume = volume
-        parameters.referenceNode = labels
+        logic, parameters, volume = self._sampleParameters()
         parameters.probe = "pgd"
         parameters.probeParameters = json.dumps({"pgd": {"steps": "2"}})
         parameters.epsilons = "0.02"
@@ -778,14 +771,7 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
 
     def test_MedAdvRobustness_compare_networks_on_sample(self):
         """FGSM at epsilon 0.02 on two built-in networks over the sample fills one summary table and one chart."""
-        logic = MedAdvRobustnessLogic()
-        if logic.dependencyProblems():
-            self.skipTest("needs {}".format("; ".join(logic.dependencyProblems())))
-        volume = slicer.util.loadVolume(os.path.join(SAMPLE_DIR, "MNI152_T1_2mm.nii.gz"))
-        labels = slicer.util.loadLabelVolume(os.path.join(SAMPLE_DIR, "MNI152_tissue_2mm.nii.gz"))
-        parameters = logic.getParameterNode()
-        parameters.inputVolume = volume
-        parameters.referenceNode = labels
+        logic, parameters, volume = self._sampleParameters()
         parameters.parameterNode.AddNodeReferenceID("compareVolumes", volume.GetID())
         parameters.compareNetworks = "demo-unet-short, demo-slicewise2d"
         parameters.probe = "fgsm"
@@ -804,6 +790,17 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
         self.assertTrue(os.path.isfile(nodes["report"]))
         logic.showStudy(nodes)
         self.delayDisplay("Test passed")
+
+    def _sampleParameters(self):
+        """The logic and its parameter node with the sample and its tissue labels as input and reference."""
+        logic = MedAdvRobustnessLogic()
+        if logic.dependencyProblems():
+            self.skipTest("needs {}".format("; ".join(logic.dependencyProblems())))
+        volume = slicer.util.loadVolume(os.path.join(SAMPLE_DIR, "MNI152_T1_2mm.nii.gz"))
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = volume
+        parameters.referenceNode = slicer.util.loadLabelVolume(os.path.join(SAMPLE_DIR, "MNI152_tissue_2mm.nii.gz"))
+        return logic, parameters, volume
 
     @staticmethod
     def _ijkToRas(node):

@@ -18,7 +18,7 @@ import slicer
 
 from .bench import REFERENCE_MARKERS
 from .errors import InputError
-from .module_logic import (WorkerRun, add_nodes_in_folder, is_corruption, make_probe, read_settings,
+from .module_logic import (WorkerRun, add_nodes_in_folder, is_corruption, make_probe, numbered, read_settings,
                            reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
 from .nodes import labels_from_node, volume_from_node
 
@@ -108,13 +108,9 @@ def study_networks(sources):
     """``{"name", "source"}`` per network, named after the built-in name or the file or folder, numbered where
     two share a name (``run1/model.pt`` and ``run2/model.pt``)."""
     from pathlib import PurePath
-    networks, names = [], []
+    networks = []
     for source in sources:
-        base = PurePath(source).name.replace(".json", "") or source
-        name, number = base, 2
-        while name in names:
-            name, number = "{} ({})".format(base, number), number + 1
-        names.append(name)
+        name = numbered(PurePath(source).name.replace(".json", "") or source, {item["name"] for item in networks})
         networks.append({"name": name, "source": source})
     return networks
 
@@ -123,11 +119,7 @@ def case_names(cases):
     """The volume names, numbered where two volumes share one."""
     names = []
     for case in cases:
-        base = case.volume.name or "volume"
-        name, number = base, 2
-        while name in names:
-            name, number = "{} ({})".format(base, number), number + 1
-        names.append(name)
+        names.append(numbered(case.volume.name or "volume", names))
     return names
 
 

@@ -20,7 +20,7 @@ import slicer
 from .attacks import ATTACKS, AttackCancelled, Parameter, make_attack
 from .corruptions import CORRUPTIONS, CorruptionProbe
 from .errors import InputError
-from .nodes import labels_from_node, volume_from_node
+from .nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 
 MODULE_NAME = "MedAdvRobustness"
 NETWORK_KINDS = ("builtin", "torchscript", "bundle", "description")
@@ -263,7 +263,7 @@ def _segment_on_grid(slicer_scene, segmentation_node, segment_id, volume_node, v
     """The segment exported to a scratch label map on the volume's grid; every scratch node (label map, display,
     colour table) is removed again."""
     scene = slicer_scene.scene
-    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    before = node_ids(scene)
     try:
         label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("medadv scratch"))
         ids = vtk.vtkStringArray()
@@ -273,10 +273,7 @@ def _segment_on_grid(slicer_scene, segmentation_node, segment_id, volume_node, v
             raise InputError("cannot map segment {} onto the grid of {}".format(segment_id, volume_node.GetName()))
         return labels_from_node(label_map, volume)
     finally:
-        for index in reversed(range(scene.GetNumberOfNodes())):
-            node = scene.GetNthNode(index)
-            if node is not None and node.GetID() not in before:
-                scene.RemoveNode(node)
+        remove_nodes_added_since(scene, before)
 
 
 def reference_from_segments(segments, labels, shape):
@@ -410,7 +407,7 @@ def add_nodes_in_folder(scene, name, add_nodes):
     """Call ``add_nodes()`` (returns a dictionary of nodes) and put every node it added into a new folder
     ``name``; on any failure remove all of them and the folder. Returns the dictionary with ``"folder"``."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    before = node_ids(scene)
     folder = None
     try:
         nodes = add_nodes()
@@ -424,10 +421,7 @@ def add_nodes_in_folder(scene, name, add_nodes):
     except BaseException:
         if folder:
             hierarchy.RemoveItem(folder, False, False)
-        for index in reversed(range(scene.GetNumberOfNodes())):
-            node = scene.GetNthNode(index)
-            if node is not None and node.GetID() not in before:
-                scene.RemoveNode(node)
+        remove_nodes_added_since(scene, before)
         raise
 
 
@@ -443,9 +437,13 @@ def unique_folder_name(hierarchy, base):
     """``base``, numbered (``base (2)``...) when a folder of that name exists already."""
     existing = vtk.vtkIdList()
     hierarchy.GetItemChildren(hierarchy.GetSceneItemID(), existing, True)
-    names = {hierarchy.GetItemName(existing.GetId(index)) for index in range(existing.GetNumberOfIds())}
+    return numbered(base, {hierarchy.GetItemName(existing.GetId(index)) for index in range(existing.GetNumberOfIds())})
+
+
+def numbered(base, taken):
+    """``base``, or ``base (2)``, ``base (3)``... the first that is not in ``taken``."""
     name, number = base, 2
-    while name in names:
+    while name in taken:
         name, number = "{} ({})".format(base, number), number + 1
     return name
 

@@ -157,3 +157,16 @@ def add_line_chart(scene, table, x_column, series, name, x_title, y_title):
     chart.SetXAxisTitle(x_title)
     chart.SetYAxisTitle(y_title)
     return chart
+
+
+def node_ids(scene):
+    """The IDs of every node in ``scene`` (to tell later which nodes are new)."""
+    return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+
+
+def remove_nodes_added_since(scene, before):
+    """Remove every node whose ID is not in ``before`` (a :func:`node_ids` set), newest first."""
+    for index in reversed(range(scene.GetNumberOfNodes())):
+        node = scene.GetNthNode(index)
+        if node is not None and node.GetID() not in before:
+            scene.RemoveNode(node)

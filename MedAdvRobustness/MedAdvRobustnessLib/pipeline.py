@@ -3,7 +3,7 @@ import numpy as np
 
 from .errors import InputError
 from .models import describe, load_model
-from .nodes import labels_from_node, volume_from_node
+from .nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .report import write_report
 from .results import StagedOutput, add_result_nodes, write_result_files
 from .runner import run_sweep
@@ -70,13 +70,9 @@ def region_mask(region_map, region_labels=None):
 
 def add_nodes_or_nothing(slicer_scene, result):
     """Add the result nodes to the scene; if that fails midway, remove the ones already added."""
-    scene = slicer_scene.scene
-    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    before = node_ids(slicer_scene.scene)
     try:
         return add_result_nodes(slicer_scene, result)
     except BaseException:
-        for index in reversed(range(scene.GetNumberOfNodes())):
-            node = scene.GetNthNode(index)
-            if node is not None and node.GetID() not in before:
-                scene.RemoveNode(node)
+        remove_nodes_added_since(slicer_scene.scene, before)
         raise

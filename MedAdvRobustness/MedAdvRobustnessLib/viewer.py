@@ -4,6 +4,7 @@ The page shows the scene ``medadv run`` wrote (``DIR/scene.mrb``, or any ``.mrb`
 trame-slicer's IO manager, in Slicer's slice and 3D views; see :mod:`.viewer_app`. The server listens on the
 loopback interface unless told otherwise and runs until interrupted (Ctrl+C).
 """
+import asyncio
 import ipaddress
 import os
 import socket
@@ -97,6 +98,13 @@ def build_app(results, encoder="png", server=None, model=None):
     return ResultsViewer(path, server=server, rca_encoder=encoder, model_source=model)
 
 
+def ignore_closed_connections(loop, context):
+    """Event-loop error handler: a browser tab closed while an image was being sent is normal, not an error."""
+    if isinstance(context.get("exception"), ConnectionResetError):
+        return
+    loop.default_exception_handler(context)
+
+
 def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=None):
     """Serve the viewer until interrupted; prints the address once it listens."""
     if not 0 <= port <= 65535:
@@ -114,6 +122,7 @@ def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=No
     os.environ["TRAME_ARGS"] = ""
 
     def announce(**_):
+        asyncio.get_running_loop().set_exception_handler(ignore_closed_connections)
         shown = "[{}]".format(host) if ":" in host else host
         print("medadv view: {} ({})".format(app.run.title, app.scene_path), flush=True)
         print("medadv view: open http://{}:{}/ (Ctrl+C to stop)".format(shown, server.port), flush=True)

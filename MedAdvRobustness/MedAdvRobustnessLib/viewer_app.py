@@ -330,11 +330,12 @@ class ResultsViewer(TrameApp):
 
     # ------------------------------------------------------------------------------------------- new probe
     def _on_new_probe(self, new_probe):
-        from .viewer_probe import DEFAULT_STRENGTHS, strength_kind
-        kind = strength_kind(new_probe)
+        from .module_logic import is_corruption
+        from .viewer_probe import DEFAULT_EPSILONS, DEFAULT_SEVERITIES
         state = self.server.state
-        state.new_strengths = DEFAULT_STRENGTHS[kind]
-        state.new_strengths_label = "epsilons" if kind == "attack" else "severities (1-5)"
+        corruption = is_corruption(new_probe)
+        state.new_strengths = DEFAULT_SEVERITIES if corruption else DEFAULT_EPSILONS
+        state.new_strengths_label = "severities (1-5)" if corruption else "epsilons"
 
     def start_probe(self):
         """Start the page's probe on the shown volume; a poller shows its progress and adds its run when done."""
@@ -381,8 +382,6 @@ class ResultsViewer(TrameApp):
         if job is None:
             return
         job.wait()
-        scene = self.slicer_app.scene
-        before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
         try:
             nodes = job.finish()
         except AttackCancelled:
@@ -395,7 +394,9 @@ class ResultsViewer(TrameApp):
             logging.exception("medadv view: the probe failed")
             state.probe_message = "the probe failed: {}".format(error)
             return
-        self._hide_segmentations(scene, before)
+        # Hidden until a run shows them; the job's clean segmentation is a copy the page may not use.
+        for segmentation in nodes["segmentation"].values():
+            segmentation.GetDisplayNode().SetVisibility(False)
         try:
             new = self._add_new_runs(nodes["segmentation"].get(0.0))
         except Exception as error:  # the nodes are in the scene, but the page could not show them
@@ -403,16 +404,6 @@ class ResultsViewer(TrameApp):
             state.probe_message = "the probe ran but cannot be shown: {}".format(error)
             return
         state.probe_message = "done: {}".format(", ".join(run.title for run in new))
-
-    @staticmethod
-    def _hide_segmentations(scene, before):
-        """New segmentations stay hidden until a run shows them (the job also adds its own copy of the clean
-        segmentation, which the page does not use)."""
-        for index in range(scene.GetNumberOfNodes()):
-            node = scene.GetNthNode(index)
-            if node.GetID() not in before and node.IsA("vtkMRMLSegmentationNode"):
-                node.CreateDefaultDisplayNodes()
-                node.GetDisplayNode().SetVisibility(False)
 
     def _add_new_runs(self, clean_segmentation=None):
         """Runs of the scene not shown yet (with the probe's own ``clean_segmentation``: its network's, which may
@@ -531,11 +522,11 @@ class ResultsViewer(TrameApp):
         if not self.model_source:
             html.Div("start medadv view with --model to run probes from here", classes="text-caption")
             return
-        from .viewer_probe import page_probe_names
+        from .module_logic import probe_names
         built_in = "" if self.model_given else " (the built-in network of that name; --model to choose another)"
         html.Div("network: " + self.model_source + built_in, classes="text-caption", style="word-break:break-all;",
                  id="medadv-probe-network")
-        v3.VSelect(v_model=("new_probe",), items=("probe_names", page_probe_names()), label="probe",
+        v3.VSelect(v_model=("new_probe",), items=("probe_names", probe_names()), label="probe",
                    density="compact", hide_details=True, disabled=("probe_running",), id="medadv-new-probe")
         v3.VTextField(v_model=("new_strengths",), label=("new_strengths_label",), density="compact",
                       hide_details=True, disabled=("probe_running",), classes="mt-1", id="medadv-new-strengths")

@@ -3,22 +3,13 @@
 gives them, so that the page finds the new run as it finds the others."""
 from pathlib import Path
 
-from .corruptions import CORRUPTIONS, CorruptionProbe
 from .errors import InputError
 from .models import BUILTIN_MODELS, load_model
-from .module_logic import WorkerRun, parse_strengths, probe_names
+from .module_logic import ProbeSettings, WorkerRun, make_probe
 from .nodes import labels_from_node, volume_from_node
 from .runner import run_sweep
 
-DEFAULT_STRENGTHS = {"attack": "0.01 0.02", "corruption": "1 3 5"}
-
-
-def page_probe_names():
-    return probe_names()
-
-
-def strength_kind(probe_name):
-    return "corruption" if probe_name in CORRUPTIONS else "attack"
+DEFAULT_EPSILONS, DEFAULT_SEVERITIES = "0.01 0.02", "1 3 5"
 
 
 def network_for(runs, model_source=None):
@@ -30,18 +21,6 @@ def network_for(runs, model_source=None):
         return str(model_source)
     names = {run.model for run in runs}
     return names.pop() if len(names) == 1 and next(iter(names)) in BUILTIN_MODELS else None
-
-
-def make_probe(probe_name, strengths_text):
-    """The attack (library defaults) or corruption, and its checked strengths."""
-    if probe_name not in page_probe_names():
-        raise InputError("unknown probe {!r}".format(probe_name))
-    if strength_kind(probe_name) == "corruption":
-        probe = CorruptionProbe(probe_name)
-        return probe, probe.check_strengths(parse_strengths(strengths_text, "severities"))
-    from .attacks import make_attack
-    probe = make_attack(probe_name)
-    return probe, probe.check_strengths(parse_strengths(strengths_text, "epsilons"))
 
 
 def scene_reference(scene, volume):
@@ -64,7 +43,9 @@ class PageProbe(WorkerRun):
             raise InputError("{} already has a {} run here; pick another probe".format(run.volume_name, probe_name))
         self.slicer_scene = slicer_scene
         self.model_source = model_source
-        self.probe, self.strengths = make_probe(probe_name, strengths_text)
+        # the module's probe settings: library defaults, the text as epsilons or severities, whichever applies
+        self.probe, self.strengths = make_probe(ProbeSettings(probe=probe_name, epsilons=strengths_text,
+                                                              severities=strengths_text))
         self.volume = volume_from_node(run.volume)
         self.reference = scene_reference(slicer_scene.scene, self.volume)
         super().__init__()

@@ -1,6 +1,7 @@
 """Shared fixtures: real MRML scenes from slicer-core and the embedded sample; the test process's exit."""
 import os
 import sys
+import time
 
 import pytest
 import vtk
@@ -9,6 +10,22 @@ from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene import SlicerScene
 
 vtk.vtkOutputWindow.SetInstance(vtk.vtkStringOutputWindow())
+
+
+def drive_as_widget(slicer_scene, settings, start, cancel_on=None):
+    """Store ``settings`` in the module's parameter node, press the button (``start(slicer_scene, node)``), poll
+    like the widget's timer (cancel once a message holds ``cancel_on``); the run and its (fraction, message)s."""
+    from MedAdvRobustnessLib import module_logic
+    node = module_logic.parameter_node(slicer_scene.scene)
+    module_logic.write_settings(node, settings)
+    run = start(slicer_scene, node)
+    messages = []
+    while not run.done:
+        time.sleep(0.05)
+        messages.append(run.progress)
+        if cancel_on and cancel_on in messages[-1][1]:
+            run.cancel()
+    return run, messages
 
 
 @pytest.fixture

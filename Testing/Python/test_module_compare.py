@@ -1,13 +1,13 @@
 """The module's "compare networks" section driven as the widget drives it: parameter node in, one folder with the
 summary table and the Dice chart out, through the bench runner (real MRML, built-in networks, FGSM)."""
 import csv
-import time
 
 import numpy as np
 import pytest
 import slicer
 from slicer import util
 
+from conftest import drive_as_widget
 from MedAdvRobustnessLib import module_compare, module_logic
 from MedAdvRobustnessLib.attacks import AttackCancelled
 from MedAdvRobustnessLib.bench import heldout_volume
@@ -36,17 +36,10 @@ def without_nan(rows):
 
 
 def compare_as_widget(slicer_scene, settings, cancel_after_cells=None):
-    """Store ``settings``, press "Compare networks", poll like the widget's timer."""
-    node = module_logic.parameter_node(slicer_scene.scene)
-    module_logic.write_settings(node, settings)
-    run = module_compare.start_comparison(slicer_scene, node)
-    messages = []
-    while not run.done:
-        time.sleep(0.05)
-        messages.append(run.progress[1])
-        if cancel_after_cells and "cell {}/".format(cancel_after_cells) in messages[-1]:
-            run.cancel()
-    return run, messages
+    """Press "Compare networks" as the widget does (see conftest.drive_as_widget); the messages."""
+    cancel_on = "cell {}/".format(cancel_after_cells) if cancel_after_cells else None
+    run, progress = drive_as_widget(slicer_scene, settings, module_compare.start_comparison, cancel_on)
+    return run, [message for _, message in progress]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 Real MRML (slicer-core) on the embedded sample with a short PGD attack (2 steps, one epsilon).
 """
-import time
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import slicer
 import vtk
 from slicer import util
 
+from conftest import drive_as_widget
 from MedAdvRobustnessLib import module_logic
 from MedAdvRobustnessLib.attacks import AttackCancelled
 from MedAdvRobustnessLib.errors import InputError
@@ -60,18 +60,9 @@ def segment_names(segmentation_node):
 
 
 def apply_as_widget(slicer_scene, settings, cancel_after_step=None):
-    """Store ``settings`` in the module's parameter node, press Apply, poll like the widget's timer, finish."""
-    node = module_logic.parameter_node(slicer_scene.scene)
-    module_logic.write_settings(node, settings)
-    run = module_logic.start_run(slicer_scene, node)
-    messages = []
-    while not run.done:
-        time.sleep(0.05)
-        fraction, message = run.progress
-        messages.append((fraction, message))
-        if cancel_after_step and "step {}/".format(cancel_after_step) in message:
-            run.cancel()
-    return run, messages
+    """Press Apply as the widget does (see conftest.drive_as_widget)."""
+    cancel_on = "step {}/".format(cancel_after_step) if cancel_after_step else None
+    return drive_as_widget(slicer_scene, settings, module_logic.start_run, cancel_on)
 
 
 @pytest.fixture(scope="module")

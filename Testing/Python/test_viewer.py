@@ -7,6 +7,7 @@ are kept under ``test-artifacts/viewer/`` (emptied first). A missing Chromium fa
 ``scripts/system-packages.sh`` could have installed it (apt-get present, or ``CI`` set); it skips only elsewhere.
 ``MEDADV_UPDATE_SCREENSHOTS=1`` also writes the README's ``Resources/Screenshots/viewer.png``.
 """
+import asyncio
 import base64
 import gc
 import io
@@ -26,7 +27,7 @@ import pytest
 
 from headless_chromium import HeadlessChromium, end_process_group, end_with_parent, find_chromium, group_alive
 from MedAdvRobustnessLib import cli
-from MedAdvRobustnessLib.viewer import build_app, is_loopback, scene_file
+from MedAdvRobustnessLib.viewer import build_app, ignore_closed_connections, is_loopback, scene_file
 from MedAdvRobustnessLib.viewer_app import metric_columns
 from MedAdvRobustnessLib.viewer_scene import find_runs, segment_legend
 
@@ -265,6 +266,19 @@ def test_view_refuses_what_is_not_a_results_folder(tmp_path, results_dir, capsys
 def test_view_refuses_a_model_that_does_not_exist(results_dir, capsys):
     assert cli.main(["view", str(results_dir), "--port", "0", "--model", "/no/such/model"]) == 2
     assert "--model: not found: /no/such/model" in capsys.readouterr().err
+
+
+def test_a_closed_browser_tab_is_not_reported_but_other_loop_errors_are():
+    loop = asyncio.new_event_loop()
+    reported = []
+    loop.default_exception_handler = reported.append
+    try:
+        ignore_closed_connections(loop, {"message": "send", "exception": ConnectionResetError("closing transport")})
+        assert reported == []
+        ignore_closed_connections(loop, {"message": "bug", "exception": ValueError("bug")})
+        assert [context["message"] for context in reported] == ["bug"]
+    finally:
+        loop.close()
 
 
 def test_metrics_table_takes_any_extra_column():
