@@ -37,27 +37,6 @@ COMPARE_NETWORKS = ["demo-unet", "demo-unet-short", "demo-segresnet", "demo-atte
 OUTPUT_ACTIVATIONS = ["auto", "logits", "softmax", "sigmoid"]
 DEVICES = ["cpu", "cuda"]
 POLL_MILLISECONDS = 200
-COMPARISON_LAYOUT_ID = 58231
-COMPARISON_LAYOUT = """
-<layout type="vertical" split="true">
- <item splitSize="600"><layout type="horizontal" split="true">
-  <item><view class="vtkMRMLSliceNode" singletontag="Red">
-   <property name="orientation" action="default">Axial</property>
-   <property name="viewlabel" action="default">Clean</property>
-   <property name="viewcolor" action="default">#F34A33</property></view></item>
-  <item><view class="vtkMRMLSliceNode" singletontag="Yellow">
-   <property name="orientation" action="default">Axial</property>
-   <property name="viewlabel" action="default">Attacked</property>
-   <property name="viewcolor" action="default">#EDD54C</property></view></item>
- </layout></item>
- <item splitSize="400"><layout type="horizontal" split="true">
-  <item><view class="vtkMRMLPlotViewNode" singletontag="PlotView1">
-   <property name="viewlabel" action="default">P</property></view></item>
-  <item><view class="vtkMRMLTableViewNode" singletontag="TableView1">
-   <property name="viewlabel" action="default">T</property></view></item>
- </layout></item>
-</layout>
-"""
 
 
 #
@@ -374,8 +353,9 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateProbeForm(self) -> None:
         """Probe list and the selected probe's own parameters (library defaults); needs the library (torch)."""
         parameters = self._parameterNode
-        ready = not self.logic.missingDependencies()
-        self.ui.probeCollapsibleButton.enabled = ready
+        # Versions too: an old torch imported here would stay loaded after an upgrade.
+        ready = not self.logic.dependencyProblems()
+        self.ui.probeCollapsibleButton.enabled = ready and self._run is None
         if not ready:
             self.ui.probeSummaryLabel.text = _("Install PyTorch and MONAI (Results > Check / install) to choose "
                                                "a probe.")
@@ -451,8 +431,9 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setRunning(self, running: bool) -> None:
         for widget in (self.ui.inputsCollapsibleButton, self.ui.networkCollapsibleButton,
-                       self.ui.probeCollapsibleButton, self.ui.compareCollapsibleButton):
+                       self.ui.compareCollapsibleButton):
             widget.enabled = not running
+        self.ui.probeCollapsibleButton.enabled = not running and not self.logic.dependencyProblems()
         self.ui.cancelButton.enabled = running
         self._updateButtons()
 
@@ -595,11 +576,6 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return MedAdvRobustnessParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def missingDependencies():
-        """Names of the required Python packages that are not installed."""
-        return [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
-
     @classmethod
     def dependencyProblems(cls):
         """What is missing or too old, as text (empty: all good)."""
@@ -659,6 +635,8 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def showComparison(nodes) -> None:
         """Clean and attacked side by side (linked, outlines, perturbation overlay), plot and table below."""
+        from MedAdvRobustnessLib.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
+
         layoutManager = slicer.app.layoutManager()
         layoutNode = layoutManager.layoutLogic().GetLayoutNode()
         if not layoutNode.IsLayoutDescription(COMPARISON_LAYOUT_ID):
@@ -667,8 +645,8 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         strongest = max(nodes["adversarial"])
         clean = nodes["segmentation"][0.0]
         cleanVolume = nodes["input"]
-        views = (("Red", cleanVolume, clean), ("Yellow", nodes["adversarial"][strongest],
-                                                 nodes["segmentation"][strongest]))
+        views = ((CLEAN_VIEW, cleanVolume, clean),
+                 (ATTACKED_VIEW, nodes["adversarial"][strongest], nodes["segmentation"][strongest]))
         perturbation = nodes["perturbation"][strongest]
         perturbationDisplay = perturbation.GetDisplayNode()
         perturbationDisplay.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
@@ -677,6 +655,9 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         perturbationDisplay.SetWindowLevelMinMax(-largest, largest)  # zero perturbation in the middle colour
         for segmentation in nodes["segmentation"].values():
             segmentation.GetDisplayNode().SetVisibility(False)
+        # Linked slices need one orientation: the attacked view follows the clean one (the user may change it).
+        cleanSlice = layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode()
+        layoutManager.sliceWidget(ATTACKED_VIEW).mrmlSliceNode().SetOrientation(cleanSlice.GetOrientation())
         for viewName, background, segmentation in views:
             sliceWidget = layoutManager.sliceWidget(viewName)
             composite = sliceWidget.mrmlSliceCompositeNode()
@@ -767,6 +748,12 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
         self.assertEqual(hierarchy.GetItemName(nodes["folder"]), "MNI152_T1_2mm demo-unet pgd")
         self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(adversarial)), nodes["folder"])
         logic.showComparison(nodes)
+        from MedAdvRobustnessLib.layouts import ATTACKED_VIEW, CLEAN_VIEW
+        layoutManager = slicer.app.layoutManager()
+        cleanView, attackedView = (layoutManager.sliceWidget(name) for name in (CLEAN_VIEW, ATTACKED_VIEW))
+        self.assertEqual(cleanView.mrmlSliceNode().GetOrientation(), attackedView.mrmlSliceNode().GetOrientation())
+        self.assertEqual(attackedView.mrmlSliceCompositeNode().GetBackgroundVolumeID(), adversarial.GetID())
+        self.assertTrue(attackedView.mrmlSliceCompositeNode().GetLinkedControl())
         self.delayDisplay("Test passed")
 
     def test_MedAdvRobustness_compare_networks_on_sample(self):

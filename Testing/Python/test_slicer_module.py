@@ -422,3 +422,31 @@ def test_extension_catalog_entry_matches_the_cmake_metadata():
     assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY\s+"([^"]*)"\)', text).group(1)
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_url"].startswith(re.search(r'set\(EXTENSION_HOMEPAGE\s+"([^"]*)"\)', text).group(1))
+
+
+def test_comparison_layout_gives_two_axial_views_and_leaves_the_user_s_views_alone():
+    """Through Slicer's own layout logic, after the Conventional layout (whose Yellow view is sagittal): the
+    comparison's clean and attacked views are new axial views (linkable), and Red/Yellow keep their settings."""
+    import slicer
+    from MedAdvRobustnessLib.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
+
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    layout_logic = slicer.vtkMRMLLayoutLogic()
+    layout_logic.SetMRMLScene(scene)
+    layout_node = layout_logic.GetLayoutNode()
+    layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    layout_node.AddLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
+    layout_node.SetViewArrangement(COMPARISON_LAYOUT_ID)
+
+    def slice_views():
+        nodes = (scene.GetNthNodeByClass(index, "vtkMRMLSliceNode")
+                 for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")))
+        return {node.GetLayoutName(): (node.GetOrientation(), node.GetLayoutLabel()) for node in nodes}
+
+    views = slice_views()
+    assert views[CLEAN_VIEW] == ("Axial", "Clean")
+    assert views[ATTACKED_VIEW] == ("Axial", "Attacked")
+    assert views["Red"] == ("Axial", "R") and views["Yellow"] == ("Sagittal", "Y")
+    layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    assert slice_views()["Yellow"] == ("Sagittal", "Y")
