@@ -11,14 +11,17 @@ the curves into an MRML scene as table and chart nodes.
 import base64
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import platform
 import re
 import socket
-import tempfile
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +35,9 @@ HELDOUT_PREFIX = "heldout:"
 HELDOUT_RECIPE = (("elastic_deformation", 3), ("affine", 1), ("bias_field", 2))
 HELDOUT_SEED = 1000
 TABLE_KEYS = ("network", "case", "probe", "kind", "strength", "label")
-SUMMARY_COLUMNS = ("network", "probe", "kind", "cases", "clean_dice", "clean_dice_sd", "strengths", "dice",
-                   "robustness_score", "robustness_score_sd", "rood_degradation", "rood_degradation_sd",
-                   "rood_overall")
+SUMMARY_COLUMNS = ("network", "probe", "kind", "dice_against", "cases", "cases_without_reference", "clean_dice",
+                   "clean_dice_sd", "strengths", "dice", "robustness_score", "robustness_score_sd",
+                   "rood_degradation", "rood_degradation_sd", "rood_overall")
 
 
 # ----------------------------------------------------------------------------------------------------- the study
@@ -77,7 +80,10 @@ def _relative_networks(networks, base):
         networks = [{"name": name, "source": source} for name, source in networks.items()]
     fixed = []
     for item in networks:
-        source = item["source"] if isinstance(item, dict) else item
+        source = item.get("source") if isinstance(item, dict) else item
+        if not isinstance(source, str):
+            fixed.append(item)  # refused by resolve_study with the other study errors
+            continue
         if source not in BUILTIN_MODELS and not Path(source).is_absolute():
             source = str(base / source)
         fixed.append(dict(item, source=source) if isinstance(item, dict) else source)
@@ -120,16 +126,36 @@ def _network(item):
         raise InputError("study: a network needs a source (built-in name or model folder), got {!r}".format(item))
     source = str(source)
     if source in BUILTIN_MODELS:
-        folder = MODELS_DIR / BUILTIN_MODELS[source]
-        files = [folder / DESCRIPTION_FILE, folder / json.loads((folder / DESCRIPTION_FILE).read_text())["weights"]]
+        files = _model_files(MODELS_DIR / BUILTIN_MODELS[source] / DESCRIPTION_FILE)
     else:
         path = Path(source)
         if not path.exists():
             raise InputError("study: network not found: {} (built-in names: {})".format(
                 source, ", ".join(sorted(BUILTIN_MODELS))))
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = _model_files(path)
         source = str(path.resolve())
     return {"name": str(name or Path(source).name.replace(".json", "")), "source": source, "hash": _hash_files(files)}
+
+
+def _model_files(path):
+    """Every file that determines a network: a folder's files, a description and the weights it names."""
+    from .models import DESCRIPTION_FILE
+    if not path.is_dir():
+        return [path, _weights_file(path)] if path.suffix == ".json" else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if (path / DESCRIPTION_FILE).is_file():  # its weights may lie outside the folder
+        weights = _weights_file(path / DESCRIPTION_FILE)
+        files += [] if weights.resolve() in {p.resolve() for p in files} else [weights]
+    return files
+
+
+def _weights_file(description):
+    """The weights file a ``model.json`` names (relative to it), as :func:`~.models.load_model` finds it."""
+    from .models import ModelDescription
+    weights = description.parent / ModelDescription.from_json(description).weights
+    if not weights.is_file():
+        raise InputError("study: weights not found: {} (named by {})".format(weights, description))
+    return weights
 
 
 def _cases(item):
@@ -268,31 +294,58 @@ def cell_key(task):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-_MODELS = {}
-_CASES = {}
+_CACHE = threading.local()  # per thread (a Dask worker runs cells in threads): on_grid changes a model
+_THREADS = {"lock": threading.Lock(), "cells": 0, "before": None}
 
 
 def compute_cell(task, is_cancelled=None):
-    """Run one cell (in any process: local worker, Dask worker, or this one) and return its record.
-    ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled."""
-    import torch
+    """Run one cell (in any process or thread: local worker, Dask worker, or this one) and return its record.
+    ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled; any other error
+    says which cell failed."""
+    from .attacks import AttackCancelled
     from .runner import run_sweep
     start = time.time()
-    threads, wanted = torch.get_num_threads(), max(1, int(task.get("threads", 1)))
-    if wanted != threads:
-        torch.set_num_threads(wanted)  # the same arithmetic in every worker
     try:
-        model = _cached_model(task["network"])
-        volume, reference = _cached_case(task["case"])
-        with model.on_grid(volume):
-            result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference,
-                               is_cancelled=is_cancelled)
-    finally:
-        if wanted != threads:
-            torch.set_num_threads(threads)
+        with _torch_threads(max(1, int(task.get("threads", 1)))):  # the same arithmetic in every worker
+            model = _cached_model(task["network"])
+            volume, reference = _cached_case(task["case"])
+            with model.on_grid(volume):
+                result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference,
+                                   is_cancelled=is_cancelled)
+    except AttackCancelled:
+        raise
+    except Exception as error:
+        raise _cell_error(task, error) from error
     rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
     return {"key": task["key"], "task": task, "rows": rows, "seconds": round(time.time() - start, 3),
             "host": socket.gethostname(), "pid": os.getpid(), "versions": versions()}
+
+
+@contextmanager
+def _torch_threads(wanted):
+    """torch's thread count (one per process) at ``wanted`` while cells run, restored after the last one."""
+    import torch
+    with _THREADS["lock"]:
+        if _THREADS["cells"] == 0:
+            _THREADS["before"] = torch.get_num_threads()
+        _THREADS["cells"] += 1
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        with _THREADS["lock"]:
+            _THREADS["cells"] -= 1
+            if _THREADS["cells"] == 0 and torch.get_num_threads() != _THREADS["before"]:
+                torch.set_num_threads(_THREADS["before"])
+
+
+def _cell_error(task, error):
+    """``error`` with the cell it stopped in front of its message (an InputError stays one)."""
+    text = str(error) if isinstance(error, InputError) else "{}: {}".format(type(error).__name__, error)
+    message = "cell failed (network {}, case {}, probe {}, strength {:g}): {}".format(
+        task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"], text)
+    return (InputError if isinstance(error, InputError) else RuntimeError)(message)
 
 
 def _table_row(task, row, strength_name, against):
@@ -303,22 +356,29 @@ def _table_row(task, row, strength_name, against):
     return out
 
 
+def _cache(name):
+    """This thread's cache ``name`` (a dictionary)."""
+    if not hasattr(_CACHE, name):
+        setattr(_CACHE, name, {})
+    return getattr(_CACHE, name)
+
+
 def _cached_model(network):
     from .models import load_model
-    key = (network["source"], network["hash"])
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = load_model(network["source"])
-    return _MODELS[key]
+    models, key = _cache("models"), (network["source"], network["hash"])
+    if key not in models:
+        models.clear()
+        models[key] = load_model(network["source"])
+    return models[key]
 
 
 def _cached_case(case):
-    key = json.dumps(case, sort_keys=True)
-    if key not in _CASES:
-        if len(_CASES) > 8:
-            _CASES.clear()
-        _CASES[key] = heldout_volume(case["heldout"]) if case.get("heldout") else _load_case(case)
-    return _CASES[key]
+    cases, key = _cache("cases"), json.dumps(case, sort_keys=True)
+    if key not in cases:
+        if len(cases) > 8:
+            cases.clear()
+        cases[key] = heldout_volume(case["heldout"]) if case.get("heldout") else _load_case(case)
+    return cases[key]
 
 
 def _load_case(case):
@@ -445,17 +505,22 @@ def _read_cell(cells_dir, key):
 
 
 def _write_json_atomic(path, data):
-    """Write to a temporary file in the same folder, then rename: a reader sees the whole file or none."""
-    handle, temporary = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=str(path.parent))
+    _write_atomic(path, json.dumps(data, indent=1, default=_json_default))
+
+
+def _write_atomic(path, text):
+    """Write to a temporary file in the same folder, then rename: a reader sees the whole file or none. The file
+    is created as open() creates one (permissions from the umask); a failed write leaves nothing behind."""
+    temporary = path.with_name(".{}.{}.tmp".format(path.name, uuid.uuid4().hex[:12]))
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=1, default=_json_default)
+        with open(str(temporary), "x", encoding="utf-8", newline="") as stream:
+            stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, str(path))
+        os.replace(str(temporary), str(path))
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if temporary.exists():
+            temporary.unlink()
         raise
 
 
@@ -501,52 +566,83 @@ def table_rows(records):
 
 
 def curves(rows):
-    """Mean Dice over the cases per (network, probe, strength) and per case, from the mean-label rows."""
+    """Mean-label Dice per (network, probe, kind), case and strength, from :func:`scored_rows`."""
     per_case = {}
-    for row in rows:
-        if row["label"] == "mean" and row["dice"] is not None:
-            per_case[(row["network"], row["probe"], row["kind"], row["case"], float(row["strength"]))] = row["dice"]
+    for row in scored_rows(rows):
+        per_case[(row["network"], row["probe"], row["kind"], row["case"], float(row["strength"]))] = row["dice"]
     grouped = {}
     for (network, probe, kind, case, strength), dice in per_case.items():
         grouped.setdefault((network, probe, kind), {}).setdefault(case, {})[strength] = dice
     return grouped
 
 
+def scored_rows(rows):
+    """The mean-label rows that Dice is averaged over, never mixing two kinds of Dice: per (network, probe, kind),
+    the rows against the reference when any case has one, else (no case has one) those against the clean
+    prediction."""
+    referenced = {_group(row) for row in rows if row.get("against") == "reference"}
+    return [row for row in rows if row["label"] == "mean" and row["dice"] is not None
+            and (row.get("against") == "reference") == (_group(row) in referenced)]
+
+
+def _group(row):
+    return row["network"], row["probe"], row["kind"]
+
+
 def summary_rows(rows):
     """Per network and probe: clean Dice, Dice per strength, robustness score (attacks) and ROOD degradation
-    (corruptions), each averaged over the cases, with the standard deviation over the cases (``_sd``, from two
-    cases on); then one ``overall`` row per network."""
-    from .corruptions import rood_summary
-    out = []
-    for (network, probe, kind), by_case in curves(rows).items():
-        strengths = sorted({s for values in by_case.values() for s in values})
-        complete = {case: values for case, values in by_case.items() if set(values) == set(strengths)}
-        scores, degradations, overalls = [], [], []
-        for values in complete.values():
-            ordered = [values[s] for s in strengths]
-            scores.append(robustness_score(strengths, ordered))
-            if kind == "corruption":
-                summary = rood_summary({int(s): values[s] for s in strengths if s > 0}, values[0.0])
-                degradations.append(summary["degradation"])
-                overalls.append(summary["overall"])
-        dice = [_mean([values[s] for values in complete.values()]) for s in strengths]
-        cleans = [values[0.0] for values in complete.values() if 0.0 in values]
-        out.append({"network": network, "probe": probe, "kind": kind, "cases": len(complete),
-                    "clean_dice": dice[0], "clean_dice_sd": _sd(cleans),
-                    "strengths": " ".join("{:g}".format(s) for s in strengths),
-                    "dice": " ".join("{:.4f}".format(d) for d in dice), "robustness_score": _mean(scores),
-                    "robustness_score_sd": _sd(scores), "rood_degradation": _mean(degradations),
-                    "rood_degradation_sd": _sd(degradations), "rood_overall": _mean(overalls)})
+    (corruptions), each averaged over the cases (see :func:`scored_rows`; ``dice_against`` says against what, and
+    ``cases_without_reference`` how many cases were left out for want of a reference), with the standard deviation
+    over them (``_sd``, from two cases on); then one ``overall`` row per network."""
+    referenced, unreferenced = set(), {}
+    for row in rows:
+        if row.get("against") == "reference":
+            referenced.add(_group(row))
+        else:
+            unreferenced.setdefault(_group(row), set()).add(row["case"])
+    out = [dict(_probe_summary(key, by_case), dice_against="reference" if key in referenced else "clean prediction",
+                cases_without_reference=len(unreferenced.get(key, ()))) for key, by_case in curves(rows).items()]
     for network in _unique(row["network"] for row in out):
-        mine = [row for row in out if row["network"] == network]
-        attacks = [row for row in mine if row["kind"] == "attack"]
-        corruptions = [row for row in mine if row["kind"] == "corruption"]
-        out.append({"network": network, "probe": "overall", "kind": "", "cases": max(row["cases"] for row in mine),
-                    "clean_dice": _mean([row["clean_dice"] for row in mine]), "strengths": "", "dice": "",
-                    "robustness_score": _mean([row["robustness_score"] for row in attacks]),
-                    "rood_degradation": _mean([row["rood_degradation"] for row in corruptions]),
-                    "rood_overall": _mean([row["rood_overall"] for row in corruptions])})
+        out.append(_overall_summary(network, [row for row in out if row["network"] == network]))
     return out
+
+
+def _probe_summary(key, by_case):
+    """The summary row of one (network, probe, kind) from its Dice per case and strength."""
+    from .corruptions import rood_summary
+    network, probe, kind = key
+    strengths = sorted({s for values in by_case.values() for s in values})
+    complete = {case: values for case, values in by_case.items() if set(values) == set(strengths)}
+    scores, degradations, overalls = [], [], []
+    for values in complete.values():
+        ordered = [values[s] for s in strengths]
+        scores.append(robustness_score(strengths, ordered))
+        if kind == "corruption":
+            summary = rood_summary({int(s): values[s] for s in strengths if s > 0}, values[0.0])
+            degradations.append(summary["degradation"])
+            overalls.append(summary["overall"])
+    dice = [_mean([values[s] for values in complete.values()]) for s in strengths]
+    cleans = [values[0.0] for values in complete.values() if 0.0 in values]
+    return {"network": network, "probe": probe, "kind": kind, "cases": len(complete),
+            "clean_dice": dice[0] if dice else None, "clean_dice_sd": _sd(cleans),
+            "strengths": " ".join("{:g}".format(s) for s in strengths),
+            "dice": " ".join("{:.4f}".format(d) for d in dice), "robustness_score": _mean(scores),
+            "robustness_score_sd": _sd(scores), "rood_degradation": _mean(degradations),
+            "rood_degradation_sd": _sd(degradations), "rood_overall": _mean(overalls)}
+
+
+def _overall_summary(network, mine):
+    """The ``overall`` row of a network from its probe rows (those against the reference, if any are)."""
+    mine = [row for row in mine if row["dice_against"] == "reference"] or mine
+    attacks = [row for row in mine if row["kind"] == "attack"]
+    corruptions = [row for row in mine if row["kind"] == "corruption"]
+    return {"network": network, "probe": "overall", "kind": "", "dice_against": mine[0]["dice_against"],
+            "cases": max(row["cases"] for row in mine),
+            "cases_without_reference": max(row["cases_without_reference"] for row in mine),
+            "clean_dice": _mean([row["clean_dice"] for row in mine]), "strengths": "", "dice": "",
+            "robustness_score": _mean([row["robustness_score"] for row in attacks]),
+            "rood_degradation": _mean([row["rood_degradation"] for row in corruptions]),
+            "rood_overall": _mean([row["rood_overall"] for row in corruptions])}
 
 
 def _mean(values):
@@ -611,13 +707,12 @@ def _columns(rows):
 
 
 def _write_csv(path, rows, columns):
-    handle, temporary = tempfile.mkstemp(prefix="." + path.name, dir=str(path.parent))
-    with os.fdopen(handle, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _cell_text(row.get(key)) for key in columns})
-    os.replace(temporary, str(path))
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell_text(row.get(key)) for key in columns})
+    _write_atomic(path, stream.getvalue())
 
 
 def _cell_text(value):
@@ -638,7 +733,8 @@ def write_figures(folder, rows, summary):
     folder.mkdir(parents=True, exist_ok=True)
     grouped = curves(rows)
     probes = _unique(key[1] for key in grouped)
-    overall = [row for row in summary if row["probe"] == "overall" and row["robustness_score"] is not None]
+    overall = [row for row in summary if row["probe"] == "overall" and row["robustness_score"] is not None
+               and row["dice_against"] == "reference"]  # clean Dice against the clean prediction is always 1
     paths = []
     for probe in probes:
         figure, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
@@ -651,6 +747,8 @@ def write_figures(folder, rows, summary):
         paths.append(_save(figure, folder / "clean_vs_robustness.png"))
         plt.close(figure)
     panels = len(probes) + (1 if overall else 0)
+    if not panels:
+        return paths
     figure, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.0), constrained_layout=True, squeeze=False)
     for ax, probe in zip(axes[0], probes):
         _plot_probe(ax, grouped, probe)
@@ -713,13 +811,13 @@ def write_html(path, resolved, summary, figures, provenance):
     text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medadv bench</title><style>{}"
             "</style></head><body><h1>Networks compared: clean Dice and robustness</h1>"
             "<p>Robustness score: area under the Dice-vs-epsilon curve relative to the clean Dice, normalised to "
-            "[0, 1]. ROOD degradation: clean Dice minus the severity-weighted mean Dice (alpha 2/3).</p>"
+            "[0, 1]. ROOD degradation: clean Dice minus the severity-weighted mean Dice (alpha 2/3). Dice is against "
+            "the reference label map; cases without one (cases_without_reference) are left out of the averages, "
+            "unless no case has one: then Dice is against the clean prediction (dice_against), and the clean Dice "
+            "(1) is left out of the scatter.</p>"
             "<table><tr>{}</tr>{}</table>{}<h2>Study and provenance</h2><pre>{}</pre></body></html>").format(
         STYLE, header, body, images, html.escape(json.dumps(provenance, indent=1, default=str)))
-    handle, temporary = tempfile.mkstemp(prefix="." + path.name, dir=str(path.parent))
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, str(path))
+    _write_atomic(path, text)
 
 
 def add_study_nodes(scene, records):
@@ -813,8 +911,8 @@ def _bench(args):
                                                            Path(args.out) / "report.html"))
     for row in summary_rows(table_rows(run.records)):
         if row["probe"] == "overall":
-            print("{:<24} clean Dice {:.3f}  robustness {}  ROOD degradation {}".format(
-                row["network"], row["clean_dice"], _fmt(row["robustness_score"]), _fmt(row["rood_degradation"])))
+            print("{:<24} clean Dice {}  robustness {}  ROOD degradation {}".format(
+                row["network"], _fmt(row["clean_dice"]), _fmt(row["robustness_score"]), _fmt(row["rood_degradation"])))
     return 0
 
 

@@ -3,10 +3,13 @@ Dask LocalCluster gives the same table; a killed study resumes without recomputi
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -24,16 +27,22 @@ TINY = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_chann
                                  "strides": [2], "num_res_units": 0}}
 
 
-def tiny_network(folder, seed):
-    """A small untrained MONAI UNet saved as a model folder (whole-volume input, no resampling)."""
+def tiny_network(folder, seed, labels=("background", "CSF", "grey matter", "white matter"), **fields):
+    """A small untrained MONAI UNet saved as a model folder (whole-volume input, no resampling unless ``spacing``
+    is among ``fields``)."""
     folder.mkdir()
-    torch.manual_seed(seed)
-    torch.save(build_network(TINY).state_dict(), str(folder / "model.pt"))
-    description = {"name": folder.name, "labels": ["background", "CSF", "grey matter", "white matter"],
-                   "output_activation": "logits", "architecture": TINY, "pad_divisible": 2,
-                   "intensity": {"type": "percentile", "lower": 0.0, "upper": 99.5}}
+    architecture = dict(TINY, args=dict(TINY["args"], out_channels=len(labels)))
+    save_weights(folder / "model.pt", architecture, seed)
+    description = dict({"name": folder.name, "labels": list(labels), "output_activation": "logits",
+                        "architecture": architecture, "pad_divisible": 2,
+                        "intensity": {"type": "percentile", "lower": 0.0, "upper": 99.5}}, **fields)
     (folder / "model.json").write_text(json.dumps(description))
     return folder
+
+
+def save_weights(path, architecture, seed):
+    torch.manual_seed(seed)
+    torch.save(build_network(architecture).state_dict(), str(path))
 
 
 def half_size_case(folder, name, flip):
@@ -153,7 +162,7 @@ def test_robustness_score_on_hand_made_curves(strengths, dices, expected):
 def test_summary_averages_over_cases_with_their_spread():
     def rows(case, dices):
         return [{"network": "net", "case": case, "probe": "fgsm", "kind": "attack", "strength": strength,
-                 "label": "mean", "dice": dice} for strength, dice in zip((0.0, 0.02), dices)]
+                 "label": "mean", "dice": dice, "against": "reference"} for strength, dice in zip((0.0, 0.02), dices)]
     summary = bench.summary_rows(rows("a", (0.8, 0.4)) + rows("b", (0.6, 0.6)))
     fgsm = next(row for row in summary if row["probe"] == "fgsm")
     assert fgsm["cases"] == 2 and fgsm["clean_dice"] == pytest.approx(0.7) and fgsm["dice"] == "0.7000 0.5000"
@@ -235,3 +244,118 @@ def test_training_another_family_writes_a_loadable_model_folder(tmp_path):
     outputs = model(volume)
     outputs[:, 1].sum().backward()
     assert outputs.shape == (1, 4, 16, 24, 8) and float(volume.grad.abs().sum()) > 0
+
+
+def test_network_hash_covers_the_weights_its_description_names(tmp_path):
+    """Given as its model.json, or as a folder whose model.json names weights outside it, a network's hash changes
+    with its weights."""
+    folder = tiny_network(tmp_path / "net", 1)
+    (tmp_path / "shared").mkdir()
+    save_weights(tmp_path / "shared" / "weights.pt", TINY, 1)
+    outside = tiny_network(tmp_path / "outside", 1, weights="../shared/weights.pt")
+    (outside / "model.pt").unlink()
+    sources = [str(folder / "model.json"), str(outside)]
+    before = [bench._network(source)["hash"] for source in sources]
+    save_weights(folder / "model.pt", TINY, 2)
+    save_weights(tmp_path / "shared" / "weights.pt", TINY, 2)
+    after = [bench._network(source)["hash"] for source in sources]
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_network_without_a_source_is_refused_clearly(tmp_path):
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"networks": [{"name": "x"}], "cases": ["sample"],
+                                "probes": [{"attack": "fgsm", "epsilons": [0.01]}]}))
+    with pytest.raises(InputError, match="a network needs a source"):
+        bench.run_study(str(path), tmp_path / "out")
+
+
+def test_threads_computing_cells_at_once_match_one_by_one(study, tmp_path, monkeypatch):
+    """Two threads of one process (a Dask worker's) compute a network at 4 mm on cases at 2 and 4 mm at the same
+    time (both inside the runner before either goes on) and get what one thread gets."""
+    from MedAdvRobustnessLib import runner
+    network = tiny_network(tmp_path / "spaced", 1, spacing=[4.0, 4.0, 4.0])
+    cases = study.parent / "cases"
+    tasks = bench.study_cells(bench.resolve_study({
+        "networks": [str(network)], "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
+        "cases": ["sample", {"name": "straight", "volume": str(cases / "straight.nii.gz"),
+                             "reference": str(cases / "straight_seg.nii.gz")}]}))
+    one_by_one = [json.dumps(bench.compute_cell(task)["rows"]) for task in tasks]
+    together, run_sweep = threading.Barrier(2, timeout=120), runner.run_sweep
+
+    def meeting(*args, **kwargs):
+        together.wait()
+        return run_sweep(*args, **kwargs)
+    monkeypatch.setattr(runner, "run_sweep", meeting)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        at_once = [json.dumps(record["rows"]) for record in pool.map(bench.compute_cell, tasks)]
+    assert at_once == one_by_one
+
+
+def test_failing_cell_names_itself_and_keeps_the_finished_cells(study, tmp_path):
+    two_labels = tiny_network(tmp_path / "two-labels", 1, labels=("background", "brain"))
+    cases = study.parent / "cases"
+    straight = {"name": "straight", "volume": str(cases / "straight.nii.gz"),
+                "reference": str(cases / "straight_seg.nii.gz")}
+    with pytest.raises(InputError, match=r"network two-labels, case straight, probe fgsm, strength 0.02\): "
+                                         r"the reference holds label 3"):
+        bench.run_study({"networks": [str(study.parent / "tiny-a"), str(two_labels)], "cases": [straight],
+                         "probes": [{"attack": "fgsm", "epsilons": [0.02]}]}, tmp_path / "out")
+    assert [p.name.split("__")[0] for p in (tmp_path / "out" / "cells").glob("*.json")] == ["tiny-a"]
+
+
+@pytest.fixture(scope="module")
+def unreferenced(study, tmp_path_factory):
+    """tiny-a under FGSM on the straight case with its reference and on a copy without one, run under umask 002."""
+    root = tmp_path_factory.mktemp("unreferenced")
+    cases = study.parent / "cases"
+    (root / "plain.nii.gz").write_bytes((cases / "straight.nii.gz").read_bytes())
+    mask = os.umask(0o002)
+    try:
+        bench.run_study({"networks": [str(study.parent / "tiny-a")], "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
+                         "cases": [{"name": "straight", "volume": str(cases / "straight.nii.gz"),
+                                    "reference": str(cases / "straight_seg.nii.gz")}, str(root / "plain.nii.gz")]},
+                        root / "out")
+    finally:
+        os.umask(mask)
+    return root / "out"
+
+
+def test_summary_averages_only_dice_against_a_reference(unreferenced):
+    results = read_table(unreferenced / "results.csv")
+    clean = {(row["case"], row["against"]): float(row["dice"]) for row in results
+             if row["label"] == "mean" and float(row["strength"]) == 0}
+    assert clean[("plain", "clean")] == 1.0 and clean[("straight", "reference")] < 0.9
+    fgsm = next(row for row in read_table(unreferenced / "summary.csv") if row["probe"] == "fgsm")
+    assert (fgsm["cases"], fgsm["cases_without_reference"]) == ("1", "1")
+    assert float(fgsm["clean_dice"]) == pytest.approx(clean[("straight", "reference")], abs=1e-5)
+    assert fgsm["dice_against"] == "reference"
+    assert "cases_without_reference" in (unreferenced / "report.html").read_text()
+
+
+def test_without_any_reference_the_summary_is_against_the_clean_prediction(study, unreferenced, tmp_path):
+    """A study of volumes without labels (a radiologist's own scans) still gets a summary: Dice against the clean
+    prediction, said so, and no point in the clean-vs-robustness scatter (its clean Dice is 1 by definition)."""
+    run = bench.run_study({"networks": [str(study.parent / "tiny-a")],
+                           "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
+                           "cases": [str(unreferenced.parent / "plain.nii.gz")]}, tmp_path / "out")
+    fgsm = next(row for row in read_table(tmp_path / "out" / "summary.csv") if row["probe"] == "fgsm")
+    assert (fgsm["dice_against"], fgsm["cases"], fgsm["cases_without_reference"]) == ("clean prediction", "1", "1")
+    assert float(fgsm["clean_dice"]) == 1.0 and float(fgsm["dice"].split()[1]) < 1.0
+    figures = {path.name for path in (tmp_path / "out" / "figures").glob("*.png")}
+    assert "dice_vs_fgsm.png" in figures and "clean_vs_robustness.png" not in figures
+    assert len(run.records) == 1
+
+
+def test_outputs_are_created_with_the_umask(unreferenced):
+    outputs = list((unreferenced / "cells").glob("*.json")) + [
+        unreferenced / name for name in ("results.csv", "summary.csv", "study.json", "report.html")]
+    assert len(outputs) == 6
+    assert {oct(path.stat().st_mode & 0o777) for path in outputs} == {oct(0o664)}
+    assert not [path for path in unreferenced.rglob(".*") if path.is_file()]  # no temporary file left
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(UnicodeEncodeError):
+        bench._write_csv(tmp_path / "table.csv", [{"a": "\ud800"}], ["a"])  # a lone surrogate: not UTF-8
+    assert list(tmp_path.iterdir()) == []
