@@ -1,7 +1,7 @@
 """3D Slicer module: probe a segmentation network with adversarial attacks or MRI corruptions, results in the scene.
 
 All computation lives in MedAdvRobustnessLib (imported lazily: it needs torch and MONAI). The widget binds the
-.ui to a parameter node; Apply hands that node to ``MedAdvRobustnessLib.module_logic.start_run`` (worker thread),
+.ui to a parameter node; Apply hands that node to ``MedAdvRobustnessLib.module_logic.start_run`` (worker process),
 a timer polls its progress, and the results are added on the main thread when it is done.
 """
 import importlib.util

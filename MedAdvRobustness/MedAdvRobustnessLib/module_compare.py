@@ -1,11 +1,12 @@
 """The module's "compare networks" section: the selected probe, several networks, the volumes checked in the scene.
 
 It is ``medadv bench`` driven from the scene: the checked volumes (with their references) are written as bench
-cases into the study folder, the study runs cell by cell in a worker thread (progress, cancel), and its summary
+cases into the study folder, the study runs cell by cell in a worker process (progress, cancel), and its summary
 table and Dice curves land in the scene as table and chart nodes, all in one new folder. The study folder keeps
 the cells, ``results.csv``, ``summary.csv``, the figures and ``report.html``: run again with the same folder and
 only the missing cells are computed.
 """
+import functools
 import re
 import shutil
 import tempfile
@@ -156,7 +157,7 @@ def write_cases(inputs, folder):
 
 
 def compute_comparison(inputs, progress=None, is_cancelled=None):
-    """Write the cases and run the study (no scene access: safe in a worker thread). Returns the StudyRun."""
+    """Write the cases and run the study (no scene access: runs in the worker process). Returns the StudyRun."""
     import torch
     from .bench import run_study
     progress = progress or (lambda fraction, message: None)
@@ -204,8 +205,8 @@ class CompareRun(WorkerRun):
         self.inputs = read_compare_inputs(slicer_scene, settings)
         super().__init__()
 
-    def compute(self, progress, is_cancelled):
-        return compute_comparison(self.inputs, progress, is_cancelled)
+    def job(self):
+        return functools.partial(compute_comparison, self.inputs)
 
     def add_nodes(self, result):
         return add_compare_nodes(self.slicer_scene, result, self.settings.probe)

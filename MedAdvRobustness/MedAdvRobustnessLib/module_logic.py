@@ -3,13 +3,13 @@
 The widget stores its settings in a ``vtkMRMLScriptedModuleNode`` through Slicer's ``parameterNodeWrapper``;
 :func:`read_settings` reads the same parameters, stored the same way (text, ``True``/``False``, node references
 under the parameter's name). :class:`ProbeRun` then reads the input nodes on the calling (main) thread, computes
-in a worker thread (progress and cancel are polled), and adds every result node only when :meth:`ProbeRun.finish`
-is called on the main thread: all of them in a new subject-hierarchy folder, or none.
+in a child process (progress and cancel are polled; see :mod:`.worker`), and adds every result node only when
+:meth:`ProbeRun.finish` is called on the main thread: all of them in a new subject-hierarchy folder, or none.
 """
+import functools
 import json
 import logging
 import re
-import threading
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -21,6 +21,7 @@ from .attacks import ATTACKS, AttackCancelled, Parameter, make_attack
 from .corruptions import CORRUPTIONS, CorruptionProbe
 from .errors import InputError
 from .nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
+from .worker import ProcessRun
 
 MODULE_NAME = "MedAdvRobustness"
 NETWORK_KINDS = ("builtin", "torchscript", "bundle", "description")
@@ -289,7 +290,7 @@ def reference_from_segments(segments, labels, shape):
 
 
 def compute(inputs, progress=None, is_cancelled=None):
-    """Load the network and run the sweep (no scene access: safe in a worker thread)."""
+    """Load the network and run the sweep (no scene access: runs in the worker process)."""
     from .models import describe, load_model
     from .runner import run_sweep
 
@@ -307,18 +308,15 @@ def compute(inputs, progress=None, is_cancelled=None):
 
 
 class WorkerRun:
-    """Work started from the main thread, computed in a worker thread (progress polled, cancel asked), and its
-    nodes added on the main thread by :meth:`finish`. Subclasses define :meth:`compute` and :meth:`add_nodes`."""
+    """Work started from the main thread, computed in a child process (:class:`.worker.ProcessRun`: progress
+    polled, cancel asked), and its nodes added on the main thread by :meth:`finish`. Subclasses define :meth:`job`
+    and :meth:`add_nodes`, and call ``super().__init__()`` once the inputs are read."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._fraction, self._message = 0.0, "loading the network"
-        self._result, self._error = None, None
-        self._thread = threading.Thread(target=self._work, name="MedAdvRobustness run", daemon=True)
+        self._process = ProcessRun(self.job())
 
-    def compute(self, progress, is_cancelled):
-        """In the worker thread: no scene access."""
+    def job(self):
+        """A picklable callable ``(progress, is_cancelled)`` that computes the result without any scene access."""
         raise NotImplementedError
 
     def add_nodes(self, result):
@@ -326,40 +324,28 @@ class WorkerRun:
         raise NotImplementedError
 
     def start(self):
-        self._thread.start()
+        self._process.start()
         return self
 
     def cancel(self):
         """Ask the worker to stop at its next iteration; :meth:`finish` then adds nothing."""
-        self._cancel.set()
+        self._process.cancel()
 
     @property
     def cancelled(self):
-        return self._cancel.is_set()
+        return self._process.cancelled
 
     @property
     def done(self):
-        return self._thread.ident is not None and not self._thread.is_alive()
+        return self._process.done
 
     @property
     def progress(self):
         """(fraction 0..1, message) of the work done."""
-        with self._lock:
-            return self._fraction, self._message
+        return self._process.progress
 
     def wait(self, timeout=None):
-        self._thread.join(timeout)
-        return self.done
-
-    def _report(self, fraction, message):
-        with self._lock:
-            self._fraction, self._message = float(fraction), str(message)
-
-    def _work(self):
-        try:
-            self._result = self.compute(self._report, self._cancel.is_set)
-        except BaseException as error:  # handed to the main thread by finish()
-            self._error = error
+        return self._process.wait(timeout)
 
     def finish(self):
         """On the main thread, once :attr:`done`: add the result nodes and return them.
@@ -368,11 +354,10 @@ class WorkerRun:
         """
         if not self.done:
             raise RuntimeError("the run has not finished")
-        if self._error is not None:
-            raise self._error
+        result = self._process.outcome()
         if self.cancelled:
             raise AttackCancelled()
-        return self.add_nodes(self._result)
+        return self.add_nodes(result)
 
 
 class ProbeRun(WorkerRun):
@@ -384,8 +369,8 @@ class ProbeRun(WorkerRun):
         self.inputs = read_inputs(slicer_scene, settings)
         super().__init__()
 
-    def compute(self, progress, is_cancelled):
-        return compute(self.inputs, progress, is_cancelled)
+    def job(self):
+        return functools.partial(compute, self.inputs)
 
     def add_nodes(self, result):
         nodes = add_run_nodes(self.slicer_scene, result)

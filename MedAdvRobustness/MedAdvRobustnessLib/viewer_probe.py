@@ -1,6 +1,7 @@
-"""A new probe started from the viewer's page: the same runner on a shown run's clean volume, in a worker thread
+"""A new probe started from the viewer's page: the same runner on a shown run's clean volume, in a worker process
 (progress polled, cancel asked), its result nodes added to the viewer's scene under the names :mod:`.results`
 gives them, so that the page finds the new run as it finds the others."""
+import functools
 from pathlib import Path
 
 from .errors import InputError
@@ -34,6 +35,13 @@ def scene_reference(scene, volume):
         return None
 
 
+def sweep_on_network(model_source, volume, probe, strengths, reference, progress=None, is_cancelled=None):
+    """The probe's sweep on ``volume`` with the network ``model_source`` (no scene access: runs in the worker)."""
+    model = load_model(model_source)
+    with model.on_grid(volume):
+        return run_sweep(model, volume, probe, strengths, reference, progress, is_cancelled)
+
+
 class PageProbe(WorkerRun):
     """``probe_name`` at ``strengths_text`` on the clean volume of ``run`` (its reference label map if the scene
     holds exactly one), with the network ``model_source``."""
@@ -50,10 +58,9 @@ class PageProbe(WorkerRun):
         self.reference = scene_reference(slicer_scene.scene, self.volume)
         super().__init__()
 
-    def compute(self, progress, is_cancelled):
-        model = load_model(self.model_source)
-        with model.on_grid(self.volume):
-            return run_sweep(model, self.volume, self.probe, self.strengths, self.reference, progress, is_cancelled)
+    def job(self):
+        return functools.partial(sweep_on_network, self.model_source, self.volume, self.probe, self.strengths,
+                                 self.reference)
 
     def add_nodes(self, result):
         from .pipeline import add_nodes_or_nothing

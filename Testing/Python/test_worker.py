@@ -1,0 +1,86 @@
+"""Runs compute in a child process: it advances while the caller holds Python's GIL (as Slicer's main thread does
+in Qt's event loop), errors come back with their type, a dead worker is reported, and nothing is left behind (cancel: see
+test_module_logic).
+
+Real MRML (slicer-core) on the embedded sample, the module's logic as the widget drives it.
+"""
+import ctypes
+import ctypes.util
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from MedAdvRobustnessLib import module_logic
+from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
+
+FGSM = '{"fgsm": {}}'
+DEADLINE_SECONDS = 180
+
+
+def hold_the_gil(seconds):
+    """Sleep in C without releasing the GIL (ctypes.PyDLL keeps it), as PythonQt's main thread does."""
+    libc = ctypes.PyDLL(ctypes.util.find_library("c"))
+    libc.usleep(int(seconds * 1e6))
+
+
+def run_folders():
+    return set(Path(tempfile.gettempdir()).glob("medadv-run-*"))
+
+
+@pytest.fixture
+def sample(slicer_scene):
+    module_logic.parameter_node(slicer_scene.scene)  # as the widget has it before Apply
+    return slicer_scene, slicer_scene.load_volume(SAMPLE_VOLUME), slicer_scene.load_volume(SAMPLE_LABELS,
+                                                                                             label_map=True)
+
+
+def start_fgsm(slicer_scene, volume, labels, **changes):
+    settings = module_logic.ProbeSettings(inputVolume=volume, referenceNode=labels, probe="fgsm",
+                                          probeParameters=FGSM, epsilons="0.02", **changes)
+    node = module_logic.parameter_node(slicer_scene.scene)
+    module_logic.write_settings(node, settings)
+    return module_logic.start_run(slicer_scene, node)
+
+
+def test_a_run_finishes_while_the_caller_holds_the_gil(sample):
+    """The caller runs Python only for a moment every half second, like the widget's timer; a worker thread would
+    get the GIL only in those moments and crawl. The worker process finishes regardless."""
+    slicer_scene, volume, labels = sample
+    folders_before = run_folders()
+    started = time.monotonic()
+    run = start_fgsm(slicer_scene, volume, labels)
+    while not run.done and time.monotonic() - started < DEADLINE_SECONDS:
+        hold_the_gil(0.5)
+    elapsed = time.monotonic() - started
+    assert run.done, "the worker did not finish within {} s while the caller held the GIL".format(DEADLINE_SECONDS)
+    nodes = run.finish()
+    print("FGSM on the sample in a worker process, caller holding the GIL: {:.1f} s".format(elapsed))
+    assert sorted(nodes["adversarial"]) == [0.02]
+    assert run_folders() == folders_before, "the worker's temporary folder was left behind"
+
+
+def test_an_error_in_the_worker_reaches_the_caller_with_its_type_and_adds_nothing(sample):
+    slicer_scene, volume, labels = sample
+    before = slicer_scene.scene.GetNumberOfNodes()
+    run = start_fgsm(slicer_scene, volume, labels, networkKind="torchscript", networkPath=str(SAMPLE_VOLUME))
+    run.wait(DEADLINE_SECONDS)
+    with pytest.raises(InputError):
+        run.finish()
+    assert slicer_scene.scene.GetNumberOfNodes() == before
+
+
+def test_a_worker_that_dies_is_reported_and_adds_nothing(sample):
+    slicer_scene, volume, labels = sample
+    before, folders_before = slicer_scene.scene.GetNumberOfNodes(), run_folders()
+    run = start_fgsm(slicer_scene, volume, labels)
+    os.kill(run._process.pid, signal.SIGKILL)
+    run.wait(DEADLINE_SECONDS)
+    with pytest.raises(RuntimeError, match="ended with status -9 before finishing"):
+        run.finish()
+    assert slicer_scene.scene.GetNumberOfNodes() == before
+    assert run_folders() == folders_before
