@@ -43,7 +43,7 @@ class ProcessRun:
         with open(str(self._folder / LOG), "wb") as log:
             self._process = subprocess.Popen([sys.executable, "-m", "MedAdvRobustnessLib.worker", str(self._folder)],
                                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             env=environment)
+                                             env=environment, **_hidden_console())
         return self
 
     def cancel(self):
@@ -95,6 +95,16 @@ class ProcessRun:
                 self._process.returncode, "\n".join(log.splitlines()[-20:])))
         finally:
             shutil.rmtree(str(self._folder), ignore_errors=True)
+
+
+def _hidden_console():
+    """Popen arguments that keep Windows from opening a console window for the child (as Slicer's own
+    ``launchConsoleProcess`` does)."""
+    if os.name != "nt":
+        return {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags, info.wShowWindow = subprocess.STARTF_USESHOWWINDOW, 0  # SW_HIDE
+    return {"startupinfo": info}
 
 
 def _load(path):
