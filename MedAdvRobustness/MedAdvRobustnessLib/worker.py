@@ -138,12 +138,15 @@ def main(folder):
     def is_cancelled():  # asked by the user, or the application is gone
         return (folder / CANCEL).exists() or os.getppid() != parent
 
+    job = _load(folder / JOB)
+    (folder / JOB).unlink()  # the inputs can be large: not kept once read
     try:
-        result = _load(folder / JOB)(progress=progress, is_cancelled=is_cancelled)
-        _dump_atomically(result, folder / RESULT, pickle.dump)
+        _dump_atomically(job(progress=progress, is_cancelled=is_cancelled), folder / RESULT, pickle.dump)
     except BaseException as error:
         traceback.print_exc()
         _dump_atomically(_picklable(error), folder / ERROR, pickle.dump)
+    if os.getppid() != parent:  # nobody will collect the outcome
+        shutil.rmtree(str(folder), ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,3 +86,34 @@ def test_a_worker_that_dies_is_reported_and_adds_nothing(sample):
         run.finish()
     assert slicer_scene.scene.GetNumberOfNodes() == before
     assert run_folders() == folders_before
+
+
+APPLICATION = """
+import os, sys, time
+from MedAdvRobustnessLib import module_logic
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
+from MedAdvRobustnessLib.scene import SlicerScene
+scene = SlicerScene.standalone()
+volume, labels = scene.load_volume(SAMPLE_VOLUME), scene.load_volume(SAMPLE_LABELS, label_map=True)
+node = module_logic.parameter_node(scene.scene)
+module_logic.write_settings(node, module_logic.ProbeSettings(inputVolume=volume, referenceNode=labels, probe="pgd",
+                                                             probeParameters='{"pgd": {"steps": "500"}}'))
+run = module_logic.start_run(scene, node)
+while "step 1/" not in run.progress[1]:
+    time.sleep(0.1)
+print(run._process._folder, flush=True)
+os._exit(0)  # the application is gone without finishing the run
+"""
+
+
+def test_a_worker_whose_application_is_gone_stops_and_removes_its_folder(tmp_path):
+    script = tmp_path / "application.py"
+    script.write_text(APPLICATION)
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                               timeout=DEADLINE_SECONDS)
+    assert completed.returncode == 0, completed.stderr
+    folder = Path(completed.stdout.strip())
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists(), "the orphaned worker neither stopped nor removed {}".format(folder)
