@@ -882,7 +882,7 @@ def add_bench_command(commands):
     bench.add_argument("--corruptions", nargs="+", default=[], help="corruptions, each at every --severities")
     bench.add_argument("--severities", nargs="+", type=int, default=[])
     bench.add_argument("--steps", type=int, help="steps of the iterative attacks")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, help="seed of the probes' random draws (default 0)")
     bench.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     bench.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:8786) to run the cells on")
     bench.add_argument("--write-cases", metavar="DIR", help="also write the held-out cases as NIfTI pairs to DIR")
@@ -891,13 +891,17 @@ def add_bench_command(commands):
 
 def _bench(args):
     if args.study:
-        if args.networks or args.cases or args.attacks or args.corruptions:
-            raise InputError("give a study file or --networks/--cases/--attacks/--corruptions, not both")
+        listed = [option for option, value in (("--networks", args.networks), ("--cases", args.cases),
+                                                ("--attacks", args.attacks), ("--epsilons", args.epsilons),
+                                                ("--corruptions", args.corruptions), ("--severities", args.severities),
+                                                ("--steps", args.steps), ("--seed", args.seed)) if value not in (None, [])]
+        if listed:
+            raise InputError("give a study file or {}, not both: the study file sets them".format("/".join(listed)))
         study = load_study(args.study)
     else:
         params = {"steps": args.steps} if args.steps else {}
         study = study_from_lists(args.networks, args.cases, args.attacks, args.epsilons, args.corruptions,
-                                 args.severities, params, args.seed)
+                                 args.severities, params, 0 if args.seed is None else args.seed)
     if args.write_cases:
         resolve_study(study)  # bad input refused before anything is written
         count = sum(int(c[len(HELDOUT_PREFIX):]) for c in study["cases"] if str(c).startswith(HELDOUT_PREFIX))

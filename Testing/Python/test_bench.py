@@ -275,6 +275,28 @@ def test_network_without_a_source_is_refused_clearly(tmp_path):
         bench.run_study(str(path), tmp_path / "out")
 
 
+def test_probe_options_next_to_a_study_file_are_refused_not_ignored(study, tmp_path, capsys):
+    from MedAdvRobustnessLib import cli
+    assert cli.main(["bench", str(study), "--out", str(tmp_path / "out"), "--epsilons", "0.1", "--seed", "0"]) == 2
+    assert "give a study file or --epsilons/--seed, not both" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_lists_make_the_same_cells_as_the_study_file(study, tmp_path, capsys):
+    """--networks/--cases/--attacks/--epsilons give the cells the study file gives for the same grid (stored cells
+    of one are found by the other)."""
+    from MedAdvRobustnessLib import cli
+    root, out = study.parent, tmp_path / "out"
+    file_study = tmp_path / "study.json"
+    file_study.write_text(json.dumps({"networks": [str(root / "tiny-a")], "cases": [str(root / "cases")],
+                                      "probes": [{"attack": "fgsm", "epsilons": [0.02]}]}))
+    assert cli.main(["bench", str(file_study), "--out", str(out)]) == 0
+    assert "2 cell(s) computed, 0 found stored" in capsys.readouterr().out
+    assert cli.main(["bench", "--networks", str(root / "tiny-a"), "--cases", str(root / "cases"), "--attacks", "fgsm",
+                     "--epsilons", "0.02", "--out", str(out)]) == 0
+    assert "0 cell(s) computed, 2 found stored" in capsys.readouterr().out
+
+
 def test_threads_computing_cells_at_once_match_one_by_one(study, tmp_path, monkeypatch):
     """Two threads of one process (a Dask worker's) compute a network at 4 mm on cases at 2 and 4 mm at the same
     time (both inside the runner before either goes on) and get what one thread gets."""
