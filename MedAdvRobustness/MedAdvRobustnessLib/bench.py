@@ -10,6 +10,7 @@ the curves into an MRML scene as table and chart nodes.
 """
 import base64
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -189,7 +190,7 @@ def heldout_case(index):
     from .sample import SAMPLE_LABELS, SAMPLE_VOLUME
     recipe = [list(step) for step in HELDOUT_RECIPE]
     return {"name": "heldout-{}".format(index), "heldout": index, "recipe": recipe,
-            "hash": _hash_files([SAMPLE_VOLUME, SAMPLE_LABELS], extra=json.dumps(recipe))}
+            "hash": _hash_files([SAMPLE_VOLUME, SAMPLE_LABELS], extra=json.dumps([recipe, HELDOUT_SEED]))}
 
 
 def folder_cases(folder):
@@ -287,11 +288,17 @@ def study_cells(resolved):
 def cell_key(task):
     """File name of a cell: readable names and a hash of everything that determines its result."""
     spec = json.dumps({"network": task["network"], "case": task["case"], "probe": task["probe"],
-                       "strength": task["strength"]}, sort_keys=True)
+                       "settings": probe_settings(task["probe"]), "strength": task["strength"]}, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
     text = "{}__{}__{}__{:g}__{}".format(task["network"]["name"], task["case"]["name"], task["probe"]["name"],
                                          task["strength"], digest)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def probe_settings(probe):
+    """Every setting the probe runs with, defaults included: a cell stored before a default changed is not reused."""
+    made = make_probe(probe)
+    return {item.name: getattr(made, item.name) for item in dataclasses.fields(made)}
 
 
 _CACHE = threading.local()  # per thread (a Dask worker runs cells in threads): on_grid changes a model
@@ -395,7 +402,6 @@ def _load_case(case):
 def heldout_volume(index):
     """The sample deformed elastically, rotated and given a bias field (:data:`HELDOUT_RECIPE`, seed
     ``HELDOUT_SEED + index``), its labels moved with it: a (Volume, labels) pair training never saw."""
-    import dataclasses
     import torch
     from .corruptions import corrupt_with_labels, spacing_from_affine
     from .sample import SAMPLE_LABELS, SAMPLE_VOLUME

@@ -1,6 +1,7 @@
 """``medadv bench``: a 2 networks x 2 cases x 2 probes x 2 strengths study through the CLI (local workers) and a
 Dask LocalCluster gives the same table; a killed study resumes without recomputing; the robustness score."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -295,6 +296,22 @@ def test_command_line_lists_make_the_same_cells_as_the_study_file(study, tmp_pat
     assert cli.main(["bench", "--networks", str(root / "tiny-a"), "--cases", str(root / "cases"), "--attacks", "fgsm",
                      "--epsilons", "0.02", "--out", str(out)]) == 0
     assert "0 cell(s) computed, 2 found stored" in capsys.readouterr().out
+
+
+def test_cell_key_changes_when_a_default_of_the_probe_changes(study, monkeypatch):
+    """A stored cell is not reused when the library's default of a setting the study does not write changes."""
+    from MedAdvRobustnessLib.attacks import ATTACKS
+    task = bench.study_cells(bench.resolve_study(bench.load_study(str(study))))[0]
+    assert task["probe"]["name"] == "fgsm" and "grow_voxels" not in task["probe"]["params"]
+    before = bench.cell_key(task)
+    assert bench.cell_key(task) == before
+
+    @dataclasses.dataclass
+    class NewDefaultFGSM(ATTACKS["fgsm"]):
+        grow_voxels: int = 2
+
+    monkeypatch.setitem(ATTACKS, "fgsm", NewDefaultFGSM)
+    assert bench.cell_key(task) != before
 
 
 def test_threads_computing_cells_at_once_match_one_by_one(study, tmp_path, monkeypatch):
