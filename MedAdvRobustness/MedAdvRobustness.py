@@ -178,7 +178,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         self._timer.stop()
         if self._run is not None:
-            self._run.cancel()
+            self._run.abandon()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -641,6 +641,8 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         layoutNode = layoutManager.layoutLogic().GetLayoutNode()
         if not layoutNode.IsLayoutDescription(COMPARISON_LAYOUT_ID):
             layoutNode.AddLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
+        else:  # after a module reload the registered text may be an older one
+            layoutNode.SetLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
         layoutManager.setLayout(COMPARISON_LAYOUT_ID)
         strongest = max(nodes["adversarial"])
         clean = nodes["segmentation"][0.0]

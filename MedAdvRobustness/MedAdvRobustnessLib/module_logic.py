@@ -331,6 +331,10 @@ class WorkerRun:
         """Ask the worker to stop at its next iteration; :meth:`finish` then adds nothing."""
         self._process.cancel()
 
+    def abandon(self):
+        """Cancel for good (the application quits): nobody will call :meth:`finish`; the worker cleans up."""
+        self._process.abandon()
+
     @property
     def cancelled(self):
         return self._process.cancelled
@@ -354,10 +358,10 @@ class WorkerRun:
         """
         if not self.done:
             raise RuntimeError("the run has not finished")
-        result = self._process.outcome()
-        if self.cancelled:
+        if self.cancelled:  # even if the worker finished before it saw the cancel
+            self._process.outcome_or_none()
             raise AttackCancelled()
-        return self.add_nodes(result)
+        return self.add_nodes(self._process.outcome())
 
 
 class ProbeRun(WorkerRun):

@@ -20,38 +20,56 @@ import tempfile
 import traceback
 from pathlib import Path
 
-JOB, RESULT, ERROR, PROGRESS, CANCEL, LOG = "job.pickle", "result.pickle", "error.pickle", "progress.json", \
-    "cancel", "log.txt"
+JOB, RESULT, ERROR, PROGRESS, CANCEL, ABANDONED, LOG = ("job.pickle", "result.pickle", "error.pickle",
+                                                         "progress.json", "cancel", "abandoned", "log.txt")
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent
 
 
 class ProcessRun:
     """``job`` computed in a child process: :meth:`start`, poll :attr:`progress` and :attr:`done`, :meth:`cancel`
-    (the job stops at its next check), then :meth:`outcome` once done."""
+    (the job stops at its next check), then :meth:`outcome` once done (or :meth:`abandon` it)."""
 
     def __init__(self, job):
         self._folder = Path(tempfile.mkdtemp(prefix="medadv-run-"))
-        with open(str(self._folder / JOB), "wb") as stream:
-            pickle.dump(job, stream, protocol=pickle.HIGHEST_PROTOCOL)
-        self._process = None
-        self._progress = (0.0, "starting")
+        self._process, self._progress, self._cancelled, self._collected = None, (0.0, "starting"), False, False
+        try:
+            with open(str(self._folder / JOB), "wb") as stream:
+                pickle.dump(job, stream, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            self._remove_folder()
+            raise
 
     def start(self):
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(LIBRARY_PARENT)] + [path for path in [environment.get("PYTHONPATH")] if path])
-        with open(str(self._folder / LOG), "wb") as log:
-            self._process = subprocess.Popen([sys.executable, "-m", "MedAdvRobustnessLib.worker", str(self._folder)],
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             env=environment, **_hidden_console())
+        command = [sys.executable, "-m", "MedAdvRobustnessLib.worker", str(self._folder), str(os.getpid())]
+        try:
+            with open(str(self._folder / LOG), "wb") as log:
+                # cwd: a stray module in the application's working directory must not shadow a package
+                self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                                 stderr=subprocess.STDOUT, env=environment, cwd=str(self._folder),
+                                                 **_hidden_console())
+        except BaseException:
+            self._remove_folder()
+            raise
         return self
 
     def cancel(self):
-        (self._folder / CANCEL).touch()
+        """Ask the job to stop at its next check; :attr:`cancelled` is true from now on, finished or not."""
+        self._cancelled = True
+        self._mark(CANCEL)
+
+    def abandon(self):
+        """Cancel, and let the child remove the folder: nobody will call :meth:`outcome` (the application quits)."""
+        self._mark(ABANDONED)
+        self.cancel()
+        if self.done:
+            self.outcome_or_none()
 
     @property
     def cancelled(self):
-        return (self._folder / CANCEL).exists()
+        return self._cancelled
 
     @property
     def pid(self):
@@ -81,8 +99,10 @@ class ProcessRun:
         return self.done
 
     def outcome(self):
-        """Once done: the job's result; raises the job's error (AttackCancelled when cancelled). The temporary
-        folder is removed either way."""
+        """Once done, once: the job's result, or raises the job's error. The temporary folder is removed."""
+        if self._collected:
+            raise RuntimeError("the outcome of this run was already collected")
+        self._collected = True
         try:
             log = (self._folder / LOG).read_text(errors="replace")
             for line in log.splitlines():
@@ -90,11 +110,41 @@ class ProcessRun:
             if (self._folder / RESULT).exists():
                 return _load(self._folder / RESULT)
             if (self._folder / ERROR).exists():
-                raise _load(self._folder / ERROR)
-            raise RuntimeError("the worker process ended with status {} before finishing; its last output:\n{}".format(
-                self._process.returncode, "\n".join(log.splitlines()[-20:])))
+                raise _loaded_error(self._folder / ERROR, log)
+            raise RuntimeError("the worker process ended with status {} before finishing; {}".format(
+                self._process.returncode, _last_lines(log)))
         finally:
-            shutil.rmtree(str(self._folder), ignore_errors=True)
+            self._remove_folder()
+
+    def outcome_or_none(self):
+        """:meth:`outcome` for cleaning up: its error is ignored."""
+        try:
+            return self.outcome()
+        except Exception:
+            return None
+
+    def _mark(self, name):
+        """Leave the file ``name`` for the child (unless the folder is gone: then nobody reads it)."""
+        try:
+            (self._folder / name).touch()
+        except OSError:
+            pass
+
+    def _remove_folder(self):
+        shutil.rmtree(str(self._folder), ignore_errors=True)
+
+
+def _last_lines(log, count=20):
+    return "its last output:\n" + "\n".join(log.splitlines()[-count:])
+
+
+def _loaded_error(path, log):
+    """The job's error as pickled by the child, or a RuntimeError if it cannot be loaded here."""
+    try:
+        return _load(path)
+    except Exception as error:
+        return RuntimeError("the worker failed and its error cannot be read here ({}); {}".format(error,
+                                                                                                _last_lines(log)))
 
 
 def _hidden_console():
@@ -120,23 +170,49 @@ def _dump_atomically(value, path, write):
 
 
 def _picklable(error):
+    """``error`` if it travels (an Exception that pickles), else a RuntimeError with its text."""
+    if isinstance(error, Exception):
+        try:
+            return pickle.loads(pickle.dumps(error))
+        except Exception:
+            pass
+    return RuntimeError("".join(traceback.format_exception_only(type(error), error)).strip())
+
+
+def is_alive(pid):
+    """Whether process ``pid`` is running (without signalling it: on Windows os.kill would end it)."""
+    if os.name == "nt":
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        running = kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value == 259  # STILL_ACTIVE
+        kernel32.CloseHandle(handle)
+        return bool(running)
     try:
-        return pickle.loads(pickle.dumps(error))
-    except Exception:
-        return RuntimeError("".join(traceback.format_exception_only(type(error), error)).strip())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def main(folder):
-    """In the child: run the job of ``folder``, leaving its result or error there."""
-    folder = Path(folder)
+def main(folder, application):
+    """In the child: run the job of ``folder`` for process ``application``, leaving its result or error there."""
+    folder, application = Path(folder), int(application)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    parent = os.getppid()
 
     def progress(fraction, message):
-        _dump_atomically([float(fraction), str(message)], folder / PROGRESS, json.dump)
+        try:
+            _dump_atomically([float(fraction), str(message)], folder / PROGRESS, json.dump)
+        except OSError:  # Windows refuses to replace a file the application is reading: skip this update
+            pass
 
     def is_cancelled():  # asked by the user, or the application is gone
-        return (folder / CANCEL).exists() or os.getppid() != parent
+        return (folder / CANCEL).exists() or not is_alive(application)
 
     job = _load(folder / JOB)
     (folder / JOB).unlink()  # the inputs can be large: not kept once read
@@ -145,9 +221,9 @@ def main(folder):
     except BaseException as error:
         traceback.print_exc()
         _dump_atomically(_picklable(error), folder / ERROR, pickle.dump)
-    if os.getppid() != parent:  # nobody will collect the outcome
+    if (folder / ABANDONED).exists() or not is_alive(application):  # nobody will collect the outcome
         shutil.rmtree(str(folder), ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -5,6 +5,7 @@ test_module_logic).
 Real MRML (slicer-core) on the embedded sample, the module's logic as the widget drives it.
 """
 import ctypes
+import functools
 import ctypes.util
 import os
 import signal
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from MedAdvRobustnessLib import module_logic
+from MedAdvRobustnessLib import module_logic, worker
+from MedAdvRobustnessLib.attacks import AttackCancelled
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 
@@ -90,7 +92,8 @@ def test_a_worker_that_dies_is_reported_and_adds_nothing(sample):
 
 APPLICATION = """
 import os, sys, time
-from MedAdvRobustnessLib import module_logic
+from MedAdvRobustnessLib import module_logic, worker
+from MedAdvRobustnessLib.attacks import AttackCancelled
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene import SlicerScene
 scene = SlicerScene.standalone()
@@ -117,3 +120,48 @@ def test_a_worker_whose_application_is_gone_stops_and_removes_its_folder(tmp_pat
     while folder.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not folder.exists(), "the orphaned worker neither stopped nor removed {}".format(folder)
+
+
+def test_a_cancel_that_comes_after_the_worker_finished_still_adds_nothing(sample):
+    slicer_scene, volume, labels = sample
+    before, folders_before = slicer_scene.scene.GetNumberOfNodes(), run_folders()
+    run = start_fgsm(slicer_scene, volume, labels)
+    assert run.wait(DEADLINE_SECONDS)
+    run.cancel()  # e.g. the scene closed between the worker's end and the widget's next poll
+    with pytest.raises(AttackCancelled):
+        run.finish()
+    assert slicer_scene.scene.GetNumberOfNodes() == before
+    assert run_folders() == folders_before
+
+
+def test_an_abandoned_run_removes_its_folder(sample):
+    slicer_scene, volume, labels = sample
+    folders_before = run_folders()
+    run = start_fgsm(slicer_scene, volume, labels)
+    run.abandon()  # the application quits: nobody will call finish()
+    run.wait(DEADLINE_SECONDS)
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while run_folders() != folders_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run_folders() == folders_before
+
+
+def test_what_cannot_travel_or_start_leaves_nothing_and_collects_once(monkeypatch):
+    folders_before = run_folders()
+    with pytest.raises(Exception):
+        worker.ProcessRun(lambda progress, is_cancelled: None)  # a lambda does not pickle
+    monkeypatch.setattr(worker.sys, "executable", "/no/such/python")
+    with pytest.raises(OSError):
+        worker.ProcessRun(functools.partial(len, [])).start()
+    assert run_folders() == folders_before
+    assert isinstance(worker._picklable(KeyboardInterrupt()), RuntimeError)  # never raised as such in the caller
+    assert isinstance(worker._picklable(InputError("bad")), InputError)
+
+
+def test_outcome_is_collected_once():
+    run = worker.ProcessRun(functools.partial(sorted, [3, 1, 2], key=None)).start()
+    assert run.wait(DEADLINE_SECONDS)
+    with pytest.raises(TypeError):  # sorted() takes no progress/is_cancelled: the job's own error comes back
+        run.outcome()
+    with pytest.raises(RuntimeError, match="already collected"):
+        run.outcome()
