@@ -296,7 +296,8 @@ def cell_key(task):
 
 
 def probe_settings(probe):
-    """Every setting the probe runs with, defaults included: a cell stored before a default changed is not reused."""
+    """Every parameter the probe is made with, defaults included: a cell stored before a default changed is not
+    reused."""
     made = make_probe(probe)
     return {item.name: getattr(made, item.name) for item in dataclasses.fields(made)}
 
