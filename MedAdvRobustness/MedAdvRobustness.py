@@ -353,9 +353,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateProbeForm(self) -> None:
         """Probe list and the selected probe's own parameters (library defaults); needs the library (torch)."""
         parameters = self._parameterNode
-        # Versions too: an old torch imported here would stay loaded after an upgrade.
-        ready = not self.logic.dependencyProblems()
-        self.ui.probeCollapsibleButton.enabled = ready and self._run is None
+        ready = self._updateProbePanelEnabled()
         if not ready:
             self.ui.probeSummaryLabel.text = _("Install PyTorch and MONAI (Results > Check / install) to choose "
                                                "a probe.")
@@ -375,6 +373,13 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.visible = corruption
         self.ui.probeSummaryLabel.text = module_logic.probe_summary(parameters.probe)
         self._buildParameterEditors(module_logic.probe_parameters(parameters.probe), parameters.probe)
+
+    def _updateProbePanelEnabled(self) -> bool:
+        """The probe panel is usable when no run is going and PyTorch and MONAI are there in good versions (an old
+        torch imported by the form would stay loaded after an upgrade); returns whether the dependencies are."""
+        ready = not self.logic.dependencyProblems()
+        self.ui.probeCollapsibleButton.enabled = ready and self._run is None
+        return ready
 
     def _buildParameterEditors(self, probeParameters, probe) -> None:
         """One line edit per parameter, holding the stored value or showing the library default."""
@@ -433,7 +438,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.inputsCollapsibleButton, self.ui.networkCollapsibleButton,
                        self.ui.compareCollapsibleButton):
             widget.enabled = not running
-        self.ui.probeCollapsibleButton.enabled = not running and not self.logic.dependencyProblems()
+        self._updateProbePanelEnabled()
         self.ui.cancelButton.enabled = running
         self._updateButtons()
 

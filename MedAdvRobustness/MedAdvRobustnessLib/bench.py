@@ -587,9 +587,14 @@ def scored_rows(rows):
     """The mean-label rows that Dice is averaged over, never mixing two kinds of Dice: per (network, probe, kind),
     the rows against the reference when any case has one, else (no case has one) those against the clean
     prediction."""
-    referenced = {_group(row) for row in rows if row.get("against") == "reference"}
+    referenced = _referenced_groups(rows)
     return [row for row in rows if row["label"] == "mean" and row["dice"] is not None
             and (row.get("against") == "reference") == (_group(row) in referenced)]
+
+
+def _referenced_groups(rows):
+    """The (network, probe, kind) groups with Dice against a reference."""
+    return {_group(row) for row in rows if row.get("against") == "reference"}
 
 
 def _group(row):
@@ -601,11 +606,9 @@ def summary_rows(rows):
     (corruptions), each averaged over the cases (see :func:`scored_rows`; ``dice_against`` says against what, and
     ``cases_without_reference`` how many cases were left out for want of a reference), with the standard deviation
     over them (``_sd``, from two cases on); then one ``overall`` row per network."""
-    referenced, unreferenced = set(), {}
+    referenced, unreferenced = _referenced_groups(rows), {}
     for row in rows:
-        if row.get("against") == "reference":
-            referenced.add(_group(row))
-        else:
+        if row.get("against") != "reference":
             unreferenced.setdefault(_group(row), set()).add(row["case"])
     out = [dict(_probe_summary(key, by_case), dice_against="reference" if key in referenced else "clean prediction",
                 cases_without_reference=len(unreferenced.get(key, ()))) for key, by_case in curves(rows).items()]

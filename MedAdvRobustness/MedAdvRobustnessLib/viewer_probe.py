@@ -5,10 +5,9 @@ import functools
 from pathlib import Path
 
 from .errors import InputError
-from .models import BUILTIN_MODELS, load_model
-from .module_logic import ProbeSettings, WorkerRun, make_probe
+from .models import BUILTIN_MODELS
+from .module_logic import ProbeSettings, RunInputs, WorkerRun, compute, make_probe
 from .nodes import labels_from_node, volume_from_node
-from .runner import run_sweep
 
 DEFAULT_EPSILONS, DEFAULT_SEVERITIES = "0.01 0.02", "1 3 5"
 
@@ -35,13 +34,6 @@ def scene_reference(scene, volume):
         return None
 
 
-def sweep_on_network(model_source, volume, probe, strengths, reference, progress=None, is_cancelled=None):
-    """The probe's sweep on ``volume`` with the network ``model_source`` (no scene access: runs in the worker)."""
-    model = load_model(model_source)
-    with model.on_grid(volume):
-        return run_sweep(model, volume, probe, strengths, reference, progress, is_cancelled)
-
-
 class PageProbe(WorkerRun):
     """``probe_name`` at ``strengths_text`` on the clean volume of ``run`` (its reference label map if the scene
     holds exactly one), with the network ``model_source``."""
@@ -50,17 +42,16 @@ class PageProbe(WorkerRun):
         if any(other.volume is run.volume and other.probe == probe_name for other in runs):
             raise InputError("{} already has a {} run here; pick another probe".format(run.volume_name, probe_name))
         self.slicer_scene = slicer_scene
-        self.model_source = model_source
         # the module's probe settings: library defaults, the text as epsilons or severities, whichever applies
-        self.probe, self.strengths = make_probe(ProbeSettings(probe=probe_name, epsilons=strengths_text,
-                                                              severities=strengths_text))
-        self.volume = volume_from_node(run.volume)
-        self.reference = scene_reference(slicer_scene.scene, self.volume)
+        probe, strengths = make_probe(ProbeSettings(probe=probe_name, epsilons=strengths_text,
+                                                    severities=strengths_text))
+        volume = volume_from_node(run.volume)
+        self.inputs = RunInputs(volume, scene_reference(slicer_scene.scene, volume), None, None, probe, strengths,
+                                model_source, None, False, "cpu")
         super().__init__()
 
     def job(self):
-        return functools.partial(sweep_on_network, self.model_source, self.volume, self.probe, self.strengths,
-                                 self.reference)
+        return functools.partial(compute, self.inputs)
 
     def add_nodes(self, result):
         from .pipeline import add_nodes_or_nothing

@@ -13,16 +13,13 @@ from MedAdvRobustnessLib.attacks import AttackCancelled
 from MedAdvRobustnessLib.bench import heldout_volume
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.models import Label, PALETTE
-from MedAdvRobustnessLib.nodes import add_color_table, add_label_map_node, add_segmentation_node, add_volume_node
+from MedAdvRobustnessLib.nodes import (add_color_table, add_label_map_node, add_segmentation_node, add_volume_node,
+                                       node_ids)
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
 from MedAdvRobustnessLib.scene import SlicerScene
 
 NETWORKS = "demo-unet-short, demo-slicewise2d"
 EPSILON = 0.02
-
-
-def node_ids(scene):
-    return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
 
 
 def table_rows(table_node):

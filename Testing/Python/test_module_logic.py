@@ -14,17 +14,13 @@ from MedAdvRobustnessLib import module_logic
 from MedAdvRobustnessLib.attacks import AttackCancelled
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.models import Label, PALETTE
-from MedAdvRobustnessLib.nodes import add_color_table, add_segmentation_node
+from MedAdvRobustnessLib.nodes import add_color_table, add_segmentation_node, node_ids
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
 from MedAdvRobustnessLib.scene import SlicerScene
 
 EPSILON = 0.02
 SHORT_PGD = '{"pgd": {"steps": "2", "seed": "3"}, "fgsm": {}}'
 NETWORK_LABELS = ["CSF", "grey matter", "white matter"]
-
-
-def node_ids(scene):
-    return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
 
 
 def hierarchy_of(scene):
