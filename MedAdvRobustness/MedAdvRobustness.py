@@ -1,7 +1,7 @@
 """3D Slicer module: probe a segmentation network with adversarial attacks or MRI corruptions, results in the scene.
 
 All computation lives in MedAdvRobustnessLib (imported lazily: it needs torch and MONAI). The widget binds the
-.ui to a parameter node; Apply hands that node to ``MedAdvRobustnessLib.module_logic.start_run`` (worker process),
+.ui to a parameter node; Apply hands that node to ``MedAdvRobustnessLib.module.logic.start_run`` (worker process),
 a timer polls its progress, and the results are added on the main thread when it is done.
 """
 import importlib.util
@@ -90,7 +90,7 @@ def registerSampleData():
 
 @parameterNodeWrapper
 class MedAdvRobustnessParameterNode:
-    """The module's settings (MedAdvRobustnessLib.module_logic.ProbeSettings reads the same parameters).
+    """The module's settings (MedAdvRobustnessLib.module.logic.ProbeSettings reads the same parameters).
 
     referenceNode - optional label map or segmentation; referenceSegmentIds - its segments (comma-separated).
     probeParameters - JSON {probe: {parameter: value}}: each probe keeps its own settings.
@@ -358,7 +358,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.probeSummaryLabel.text = _("Install PyTorch and MONAI (Results > Check / install) to choose "
                                                "a probe.")
             return
-        from MedAdvRobustnessLib import module_logic
+        from MedAdvRobustnessLib.module import logic as module_logic
 
         names = module_logic.probe_names()
         combo = self.ui.probeComboBox
@@ -492,7 +492,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._run = None
-        from MedAdvRobustnessLib.attacks import AttackCancelled
+        from MedAdvRobustnessLib.probes.attacks import AttackCancelled
 
         try:
             with slicer.util.WaitCursor():
@@ -573,7 +573,7 @@ def _defaultText(value) -> str:
 
 
 class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
-    """Thin binding of MedAdvRobustnessLib.module_logic to the application's scene; usable without the widget."""
+    """Thin binding of MedAdvRobustnessLib.module.logic to the application's scene; usable without the widget."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -617,16 +617,16 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
 
     def start(self, parameterNode):
         """Start a run from the parameter node (InputError on bad input, nothing added); see module_logic."""
-        from MedAdvRobustnessLib.module_logic import start_run
-        from MedAdvRobustnessLib.scene import SlicerScene
+        from MedAdvRobustnessLib.module.logic import start_run
+        from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
         node = getattr(parameterNode, "parameterNode", parameterNode)
         return start_run(SlicerScene.current(), node)
 
     def startComparison(self, parameterNode):
         """Start "compare networks" from the parameter node; see module_compare."""
-        from MedAdvRobustnessLib.module_compare import start_comparison
-        from MedAdvRobustnessLib.scene import SlicerScene
+        from MedAdvRobustnessLib.module.compare import start_comparison
+        from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
         node = getattr(parameterNode, "parameterNode", parameterNode)
         return start_comparison(SlicerScene.current(), node)
@@ -640,7 +640,7 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def showComparison(nodes) -> None:
         """Clean and attacked side by side (linked, outlines, perturbation overlay), plot and table below."""
-        from MedAdvRobustnessLib.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
+        from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
 
         layoutManager = slicer.app.layoutManager()
         layoutNode = layoutManager.layoutLogic().GetLayoutNode()
@@ -755,7 +755,7 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
         self.assertEqual(hierarchy.GetItemName(nodes["folder"]), "MNI152_T1_2mm demo-unet pgd")
         self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(adversarial)), nodes["folder"])
         logic.showComparison(nodes)
-        from MedAdvRobustnessLib.layouts import ATTACKED_VIEW, CLEAN_VIEW
+        from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW
         layoutManager = slicer.app.layoutManager()
         cleanView, attackedView = (layoutManager.sliceWidget(name) for name in (CLEAN_VIEW, ATTACKED_VIEW))
         self.assertEqual(cleanView.mrmlSliceNode().GetOrientation(), attackedView.mrmlSliceNode().GetOrientation())

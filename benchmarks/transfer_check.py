@@ -12,11 +12,11 @@ import dataclasses
 
 import numpy as np
 
-from MedAdvRobustnessLib.attacks import make_attack
-from MedAdvRobustnessLib.bench import heldout_volume
-from MedAdvRobustnessLib.metrics import dice_per_label
-from MedAdvRobustnessLib.models import load_model
-from MedAdvRobustnessLib.runner import run_sweep
+from MedAdvRobustnessLib.probes.attacks import make_attack
+from MedAdvRobustnessLib.study.bench import heldout_volume
+from MedAdvRobustnessLib.evaluation.metrics import dice_per_label
+from MedAdvRobustnessLib.networks.models import load_model
+from MedAdvRobustnessLib.evaluation.sweep import run_sweep
 
 NETWORKS = ["demo-unet", "demo-unet-short", "demo-segresnet", "demo-attentionunet", "demo-slicewise2d"]
 

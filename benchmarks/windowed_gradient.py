@@ -64,9 +64,9 @@ def synchronize(device):
 def measure(args):
     """One mode in this process: a dict of figures."""
     import torch
-    from MedAdvRobustnessLib.attacks import PGD
-    from MedAdvRobustnessLib.models import load_model
-    from MedAdvRobustnessLib.windowed import WindowPlan
+    from MedAdvRobustnessLib.probes.attacks import PGD
+    from MedAdvRobustnessLib.networks.models import load_model
+    from MedAdvRobustnessLib.networks.windowed import WindowPlan
     if args.threads:
         torch.set_num_threads(args.threads)
     volume = brain_volume()

@@ -3,10 +3,10 @@ import argparse
 import sys
 import time
 
-from .attacks import ATTACKS, NORMS, TARGET_MODES, describe_attacks, make_attack
-from .corruptions import CORRUPTIONS, SEVERITIES, CorruptionProbe, describe_corruptions
+from .probes.attacks import ATTACKS, NORMS, TARGET_MODES, describe_attacks, make_attack
+from .probes.corruptions import CORRUPTIONS, SEVERITIES, CorruptionProbe, describe_corruptions
 from .errors import InputError
-from .outputs import ACTIVATIONS
+from .networks.outputs import ACTIVATIONS
 
 DEMO_EPSILONS = (0.005, 0.01, 0.02, 0.04)
 
@@ -57,9 +57,9 @@ def build_parser():
     train.add_argument("--name", help="network name in model.json (default demo-ARCHITECTURE)")
     train.set_defaults(handler=_train)
 
-    from .viewer import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer.py)
+    from .viewer.serve import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer.py)
     add_view_command(commands)
-    from .bench import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
+    from .study.bench import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
     return parser
 
 

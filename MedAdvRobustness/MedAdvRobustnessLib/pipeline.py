@@ -2,12 +2,12 @@
 import numpy as np
 
 from .errors import InputError
-from .models import describe, load_model
-from .nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
+from .networks.models import describe, load_model
+from .scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .report import write_report
-from .results import StagedOutput, add_result_nodes, write_result_files
-from .runner import run_sweep
-from .scene import SlicerScene
+from .scene.results import StagedOutput, add_result_nodes, write_result_files
+from .evaluation.sweep import run_sweep
+from .scene.slicer_scene import SlicerScene
 
 
 def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_node=None, progress=None,

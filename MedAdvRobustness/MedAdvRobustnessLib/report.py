@@ -1,7 +1,7 @@
 """``report.png``: clean vs attacked slices with segmentation overlays and the perturbation, and the Dice curve."""
 import numpy as np
 
-from .results import dice_curve_rows, outcome_title
+from .scene.results import dice_curve_rows, outcome_title
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .models import Label, ModelDescription, SegmentationModel, build_network
+from .networks.models import Label, ModelDescription, SegmentationModel, build_network
 from .sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
 
 ARCHITECTURE = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4,
@@ -101,7 +101,7 @@ def augmentations(seed):
 
 
 def normalize_like_model(image):
-    from .preprocessing import normalize_intensity
+    from .networks.preprocessing import normalize_intensity
     return normalize_intensity(torch.as_tensor(image)[None].float(), INTENSITY)[0]
 
 
@@ -170,7 +170,7 @@ def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARC
 
 def evaluate(model, sample):
     """Dice per tissue label of the model's prediction on a network-convention sample."""
-    from .metrics import dice_per_label
+    from .evaluation.metrics import dice_per_label
     prediction = model.predict(sample["image"].as_tensor()[None].float())[0]
     reference = sample["label"].as_tensor()[0].long()
     scores = dice_per_label(prediction, reference, len(TISSUE_LABELS))

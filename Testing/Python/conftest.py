@@ -7,7 +7,7 @@ import pytest
 import vtk
 
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 vtk.vtkOutputWindow.SetInstance(vtk.vtkStringOutputWindow())
 
@@ -15,7 +15,7 @@ vtk.vtkOutputWindow.SetInstance(vtk.vtkStringOutputWindow())
 def drive_as_widget(slicer_scene, settings, start, cancel_on=None):
     """Store ``settings`` in the module's parameter node, press the button (``start(slicer_scene, node)``), poll
     like the widget's timer (cancel once a message holds ``cancel_on``); the run and its (fraction, message)s."""
-    from MedAdvRobustnessLib import module_logic
+    from MedAdvRobustnessLib.module import logic as module_logic
     node = module_logic.parameter_node(slicer_scene.scene)
     module_logic.write_settings(node, settings)
     run = start(slicer_scene, node)

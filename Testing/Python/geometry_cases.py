@@ -55,7 +55,7 @@ def ijk_to_ras_matrix(node):
 def network_view(array_kji, ijk_to_ras):
     """The (x, y, z) array and affine the network gets: the same for any two grids that put the same voxels at
     the same RAS points, whatever their voxel order."""
-    from MedAdvRobustnessLib.geometry import GridOrientation
+    from MedAdvRobustnessLib.networks.volume import GridOrientation
     orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
     return orientation.to_network(array_kji), orientation.network_affine(ijk_to_ras)
 

@@ -11,18 +11,19 @@ import pytest
 import torch
 
 from MedAdvRobustnessLib import cli
-from MedAdvRobustnessLib.attacks import (ATTACKS, DAG, FGSM, PGD, AttackCancelled, AttackRecord, apgd_checkpoints,
+from MedAdvRobustnessLib.probes.attacks import (ATTACKS, DAG, FGSM, PGD, AttackCancelled, AttackRecord, apgd_checkpoints,
                                          class_scores, dlr_loss, foreground_dice, make_attack, make_target,
                                          project_l2)
-from MedAdvRobustnessLib.corruptions import CORRUPTIONS
+from MedAdvRobustnessLib.probes.corruptions import CORRUPTIONS
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.geometry import GridOrientation
-from MedAdvRobustnessLib.models import ModelDescription, SegmentationModel, load_model
-from MedAdvRobustnessLib.nodes import Volume, labels_from_node, volume_from_node
-from MedAdvRobustnessLib.outputs import predict_labels, voxel_loss
-from MedAdvRobustnessLib.runner import run_sweep
+from MedAdvRobustnessLib.networks.volume import GridOrientation
+from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel, load_model
+from MedAdvRobustnessLib.networks.volume import Volume
+from MedAdvRobustnessLib.scene.nodes import labels_from_node, volume_from_node
+from MedAdvRobustnessLib.networks.outputs import predict_labels, voxel_loss
+from MedAdvRobustnessLib.evaluation.sweep import run_sweep
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 MEDADV = str(Path(sys.executable).with_name("medadv"))
 SHAPE = (12, 10, 8)

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from MedAdvRobustnessLib.attacks import FGSM, PGD, AttackCancelled, project_linf
+from MedAdvRobustnessLib.probes.attacks import FGSM, PGD, AttackCancelled, project_linf
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.models import ModelDescription, SegmentationModel, load_model
-from MedAdvRobustnessLib.nodes import labels_from_node, volume_from_node
-from MedAdvRobustnessLib.outputs import predict_labels, voxel_loss
+from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel, load_model
+from MedAdvRobustnessLib.scene.nodes import labels_from_node, volume_from_node
+from MedAdvRobustnessLib.networks.outputs import predict_labels, voxel_loss
 from MedAdvRobustnessLib.pipeline import run_on_nodes
-from MedAdvRobustnessLib.runner import check_epsilons, run_sweep
+from MedAdvRobustnessLib.evaluation.sweep import check_epsilons, run_sweep
 
 
 def tiny_model(activation="logits", window=None, seed=0):

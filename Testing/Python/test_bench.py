@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from MedAdvRobustnessLib import bench
+from MedAdvRobustnessLib.study import bench
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.models import build_network
+from MedAdvRobustnessLib.networks.models import build_network
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 
 MEDADV = str(Path(sys.executable).with_name("medadv"))
@@ -236,7 +236,7 @@ def test_training_is_reproducible(tmp_path):
 
 
 def test_training_another_family_writes_a_loadable_model_folder(tmp_path):
-    from MedAdvRobustnessLib.models import load_model
+    from MedAdvRobustnessLib.networks.models import load_model
     from MedAdvRobustnessLib.training import train
     with pytest.raises(InputError, match="unknown architecture"):
         train(tmp_path / "none", iterations=2, architecture="resnet")
@@ -300,7 +300,7 @@ def test_command_line_lists_make_the_same_cells_as_the_study_file(study, tmp_pat
 
 def test_cell_key_changes_when_a_default_of_the_probe_changes(study, monkeypatch):
     """A stored cell is not reused when the library's default of a setting the study does not write changes."""
-    from MedAdvRobustnessLib.attacks import ATTACKS
+    from MedAdvRobustnessLib.probes.attacks import ATTACKS
     task = bench.study_cells(bench.resolve_study(bench.load_study(str(study))))[0]
     assert task["probe"]["name"] == "fgsm" and "grow_voxels" not in task["probe"]["params"]
     before = bench.cell_key(task)
@@ -317,7 +317,7 @@ def test_cell_key_changes_when_a_default_of_the_probe_changes(study, monkeypatch
 def test_threads_computing_cells_at_once_match_one_by_one(study, tmp_path, monkeypatch):
     """Two threads of one process (a Dask worker's) compute a network at 4 mm on cases at 2 and 4 mm at the same
     time (both inside the runner before either goes on) and get what one thread gets."""
-    from MedAdvRobustnessLib import runner
+    from MedAdvRobustnessLib.evaluation import sweep as runner
     network = tiny_network(tmp_path / "spaced", 1, spacing=[4.0, 4.0, 4.0])
     cases = study.parent / "cases"
     tasks = bench.study_cells(bench.resolve_study({

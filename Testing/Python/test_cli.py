@@ -13,7 +13,7 @@ import torch
 from slicer import util
 
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 MEDADV = str(Path(sys.executable).with_name("medadv"))
 

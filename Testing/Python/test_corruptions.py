@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedAdvRobustnessLib.corruptions import (CORRUPTIONS, SEVERITIES, corrupt, corrupt_with_labels,
+from MedAdvRobustnessLib.probes.corruptions import (CORRUPTIONS, SEVERITIES, corrupt, corrupt_with_labels,
                                              corruption_names, corruption_parameters, rood_summary,
                                              spacing_from_affine)
 from MedAdvRobustnessLib.errors import InputError

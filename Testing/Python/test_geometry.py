@@ -11,11 +11,11 @@ from slicer import util
 from geometry_cases import (KINDS, add_node, assert_same_voxels_in_space, ijk_to_ras_matrix, random_ijk_to_ras,
                             random_shape_kji, ras_of_network_voxels)
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.geometry import GridOrientation, ras_axes
-from MedAdvRobustnessLib.models import Label
-from MedAdvRobustnessLib.nodes import (add_color_table, add_label_map_node, add_segmentation_node, add_volume_node,
+from MedAdvRobustnessLib.networks.volume import GridOrientation, ras_axes
+from MedAdvRobustnessLib.networks.models import Label
+from MedAdvRobustnessLib.scene.nodes import (add_color_table, add_label_map_node, add_segmentation_node, add_volume_node,
                                        labels_from_node, volume_from_node)
-from MedAdvRobustnessLib.results import write_volume_file
+from MedAdvRobustnessLib.scene.results import write_volume_file
 
 MATRICES_PER_KIND = 150
 COLOR_TOLERANCE = 1.0 / 255  # colour tables keep 8 bits per channel

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from MedAdvRobustnessLib.metrics import dice_per_label, mean_dice, perturbation_metrics, structural_similarity, \
+from MedAdvRobustnessLib.evaluation.metrics import dice_per_label, mean_dice, perturbation_metrics, structural_similarity, \
     surface_distances_per_label
 
 

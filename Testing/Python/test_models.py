@@ -11,15 +11,15 @@ import torch
 from monai.networks.nets import UNet
 
 from MedAdvRobustnessLib import cli
-from MedAdvRobustnessLib.attacks import FGSM
+from MedAdvRobustnessLib.probes.attacks import FGSM
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.models import (ModelDescription, SegmentationModel, UnsafeCheckpoint, describe,
+from MedAdvRobustnessLib.networks.models import (ModelDescription, SegmentationModel, UnsafeCheckpoint, describe,
                                         detect_activation, load_model)
-from MedAdvRobustnessLib.nodes import volume_from_node
-from MedAdvRobustnessLib.outputs import voxel_loss
+from MedAdvRobustnessLib.scene.nodes import volume_from_node
+from MedAdvRobustnessLib.networks.outputs import voxel_loss
 from MedAdvRobustnessLib.pipeline import run_on_files, run_on_nodes
 from MedAdvRobustnessLib.sample import SAMPLE_VOLUME
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2],
              "num_res_units": 0}

@@ -8,15 +8,16 @@ import slicer
 from slicer import util
 
 from conftest import drive_as_widget
-from MedAdvRobustnessLib import module_compare, module_logic
-from MedAdvRobustnessLib.attacks import AttackCancelled
-from MedAdvRobustnessLib.bench import heldout_volume
+from MedAdvRobustnessLib.module import compare as module_compare
+from MedAdvRobustnessLib.module import logic as module_logic
+from MedAdvRobustnessLib.probes.attacks import AttackCancelled
+from MedAdvRobustnessLib.study.bench import heldout_volume
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.models import Label, PALETTE
-from MedAdvRobustnessLib.nodes import (add_color_table, add_label_map_node, add_segmentation_node, add_volume_node,
+from MedAdvRobustnessLib.networks.models import Label, PALETTE
+from MedAdvRobustnessLib.scene.nodes import (add_color_table, add_label_map_node, add_segmentation_node, add_volume_node,
                                        node_ids)
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 NETWORKS = "demo-unet-short, demo-slicewise2d"
 EPSILON = 0.02

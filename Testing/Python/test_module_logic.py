@@ -10,13 +10,13 @@ import vtk
 from slicer import util
 
 from conftest import drive_as_widget
-from MedAdvRobustnessLib import module_logic
-from MedAdvRobustnessLib.attacks import AttackCancelled
+from MedAdvRobustnessLib.module import logic as module_logic
+from MedAdvRobustnessLib.probes.attacks import AttackCancelled
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.models import Label, PALETTE
-from MedAdvRobustnessLib.nodes import add_color_table, add_segmentation_node, node_ids
+from MedAdvRobustnessLib.networks.models import Label, PALETTE
+from MedAdvRobustnessLib.scene.nodes import add_color_table, add_segmentation_node, node_ids
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME, TISSUE_LABELS
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 EPSILON = 0.02
 SHORT_PGD = '{"pgd": {"steps": "2", "seed": "3"}, "fgsm": {}}'

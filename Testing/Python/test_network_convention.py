@@ -5,9 +5,9 @@ import pytest
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
 from scipy.spatial.transform import Rotation
 
-from MedAdvRobustnessLib.nodes import labels_from_node, volume_from_node
+from MedAdvRobustnessLib.scene.nodes import labels_from_node, volume_from_node
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 SHAPE_IJK = (7, 9, 11)
 pytestmark = pytest.mark.filterwarnings("ignore:.*Orientation.__init__.labels.*:FutureWarning")

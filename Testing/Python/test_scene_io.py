@@ -9,10 +9,10 @@ from slicer import util
 
 from geometry_cases import add_node, assert_same_voxels_in_space, ijk_to_ras_matrix, random_ijk_to_ras
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.models import Label
-from MedAdvRobustnessLib.nodes import (add_label_map_node, add_line_chart, add_segmentation_node, add_table_node,
+from MedAdvRobustnessLib.networks.models import Label
+from MedAdvRobustnessLib.scene.nodes import (add_label_map_node, add_line_chart, add_segmentation_node, add_table_node,
                                        add_volume_node, labels_from_node, volume_from_node)
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 COLOR_TOLERANCE = 1.0 / 255  # colour tables keep 8 bits per channel
 LABELS = [Label(0, "background", (0.0, 0.0, 0.0)), Label(1, "CSF", (0.2, 0.4, 1.0)),

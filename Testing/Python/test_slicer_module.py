@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from MedAdvRobustnessLib import module_logic
+from MedAdvRobustnessLib.module import logic as module_logic
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "MedAdvRobustness"
@@ -174,7 +174,7 @@ def test_wrapper_defaults_and_choices_are_the_logic_s():
     assert wrapper_defaults() == expected
     assert module_constant("NETWORK_KINDS") == list(module_logic.NETWORK_KINDS)
     assert module_constant("OUTPUT_ACTIVATIONS") == list(module_logic.OUTPUT_ACTIVATIONS)
-    from MedAdvRobustnessLib.models import BUILTIN_MODELS
+    from MedAdvRobustnessLib.networks.models import BUILTIN_MODELS
     assert set(module_constant("BUILTIN_NETWORKS")) <= set(BUILTIN_MODELS)
     assert set(module_constant("COMPARE_NETWORKS")) <= set(BUILTIN_MODELS)
 
@@ -200,7 +200,7 @@ def test_module_does_not_import_torch_monai_or_the_library_at_module_level():
 def test_logic_is_a_thin_call_into_the_library():
     logic = top_level_classes(module_tree())["MedAdvRobustnessLogic"]
     source = ast.get_source_segment(MODULE_FILE.read_text(), logic)
-    assert "from MedAdvRobustnessLib.module_logic import start_run" in source
+    assert "from MedAdvRobustnessLib.module.logic import start_run" in source
     assert "start_run(SlicerScene.current(), node)" in source
 
 
@@ -428,7 +428,7 @@ def test_comparison_layout_gives_two_axial_views_and_leaves_the_user_s_views_alo
     """Through Slicer's own layout logic, after the Conventional layout (whose Yellow view is sagittal): the
     comparison's clean and attacked views are new axial views (linkable), and Red/Yellow keep their settings."""
     import slicer
-    from MedAdvRobustnessLib.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
+    from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
 
     scene = slicer.vtkMRMLScene()
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)

@@ -27,9 +27,9 @@ import pytest
 
 from headless_chromium import HeadlessChromium, end_process_group, end_with_parent, find_chromium, group_alive
 from MedAdvRobustnessLib import cli
-from MedAdvRobustnessLib.viewer import build_app, ignore_closed_connections, is_loopback, scene_file
-from MedAdvRobustnessLib.viewer_app import metric_columns
-from MedAdvRobustnessLib.viewer_scene import find_runs, segment_legend
+from MedAdvRobustnessLib.viewer.serve import build_app, ignore_closed_connections, is_loopback, scene_file
+from MedAdvRobustnessLib.viewer.app import metric_columns
+from MedAdvRobustnessLib.viewer.scene import find_runs, segment_legend
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "viewer"
@@ -227,7 +227,7 @@ def slices_not_blank(views):
 # --------------------------------------------------------------------------------------------------------- tests
 
 def test_results_scene_is_found_by_node_names(results_dir):
-    from MedAdvRobustnessLib.scene import SlicerScene
+    from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
     runs = find_runs(SlicerScene.read_mrb(results_dir / "scene.mrb").scene)
     assert len(runs) == 1
     run = runs[0]
@@ -294,10 +294,10 @@ def test_metrics_table_takes_any_extra_column():
 def test_a_scene_with_an_attack_and_a_corruption(results_dir, tmp_path):
     """What the Slicer module leaves after two probes: a corruption run (severities, its extra metric columns) next
     to the attack in one scene; the page offers both and switches every view and panel between them."""
-    from MedAdvRobustnessLib.corruptions import CorruptionProbe
-    from MedAdvRobustnessLib.models import load_model
+    from MedAdvRobustnessLib.probes.corruptions import CorruptionProbe
+    from MedAdvRobustnessLib.networks.models import load_model
     from MedAdvRobustnessLib.pipeline import run_on_nodes
-    from MedAdvRobustnessLib.scene import SlicerScene
+    from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
     slicer_scene = SlicerScene.read_mrb(results_dir / "scene.mrb")
     volume, reference = (slicer_scene.scene.GetFirstNodeByName(name)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from MedAdvRobustnessLib import module_logic, worker
-from MedAdvRobustnessLib.attacks import AttackCancelled
+from MedAdvRobustnessLib.module import logic as module_logic
+
+from MedAdvRobustnessLib.module import worker
+from MedAdvRobustnessLib.probes.attacks import AttackCancelled
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 
@@ -92,10 +94,11 @@ def test_a_worker_that_dies_is_reported_and_adds_nothing(sample):
 
 APPLICATION = """
 import os, sys, time
-from MedAdvRobustnessLib import module_logic, worker
-from MedAdvRobustnessLib.attacks import AttackCancelled
+from MedAdvRobustnessLib.module import logic as module_logic
+from MedAdvRobustnessLib.module import worker
+from MedAdvRobustnessLib.probes.attacks import AttackCancelled
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
-from MedAdvRobustnessLib.scene import SlicerScene
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 scene = SlicerScene.standalone()
 volume, labels = scene.load_volume(SAMPLE_VOLUME), scene.load_volume(SAMPLE_LABELS, label_map=True)
 node = module_logic.parameter_node(scene.scene)

@@ -4,10 +4,10 @@ gives them, so that the page finds the new run as it finds the others."""
 import functools
 from pathlib import Path
 
-from .errors import InputError
-from .models import BUILTIN_MODELS
-from .module_logic import ProbeSettings, RunInputs, WorkerRun, compute, make_probe
-from .nodes import labels_from_node, volume_from_node
+from ..errors import InputError
+from ..networks.models import BUILTIN_MODELS
+from ..module.logic import ProbeSettings, RunInputs, WorkerRun, compute, make_probe
+from ..scene.nodes import labels_from_node, volume_from_node
 
 DEFAULT_EPSILONS, DEFAULT_SEVERITIES = "0.01 0.02", "1 3 5"
 
@@ -54,5 +54,5 @@ class PageProbe(WorkerRun):
         return functools.partial(compute, self.inputs)
 
     def add_nodes(self, result):
-        from .pipeline import add_nodes_or_nothing
+        from ..pipeline import add_nodes_or_nothing
         return add_nodes_or_nothing(self.slicer_scene, result)

@@ -24,8 +24,8 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, Vi
 from trame_vuetify.ui.vuetify3 import VAppLayout
 from trame_vuetify.widgets import vuetify3 as v3
 
-from .errors import InputError
-from .viewer_scene import find_runs, require_run, segment_legend, table_rows
+from ..errors import InputError
+from .scene import find_runs, require_run, segment_legend, table_rows
 
 CLEAN_SLICE, ATTACKED_SLICE = "Clean", "Attacked"
 CLEAN_3D, ATTACKED_3D = "Clean3D", "Attacked3D"
@@ -88,7 +88,7 @@ class ResultsViewer(TrameApp):
         self._observers = []
         self._window_groups = {}
         self.probe_job = None
-        from .viewer_probe import network_for
+        from .probe import network_for
         self.model_source = network_for(self.runs, model_source)
         self.model_given = bool(model_source)
         self._perturbation_colors = self._add_perturbation_colors()
@@ -330,8 +330,8 @@ class ResultsViewer(TrameApp):
 
     # ------------------------------------------------------------------------------------------- new probe
     def _on_new_probe(self, new_probe):
-        from .module_logic import is_corruption
-        from .viewer_probe import DEFAULT_EPSILONS, DEFAULT_SEVERITIES
+        from ..module.logic import is_corruption
+        from .probe import DEFAULT_EPSILONS, DEFAULT_SEVERITIES
         state = self.server.state
         corruption = is_corruption(new_probe)
         state.new_strengths = DEFAULT_SEVERITIES if corruption else DEFAULT_EPSILONS
@@ -339,8 +339,8 @@ class ResultsViewer(TrameApp):
 
     def start_probe(self):
         """Start the page's probe on the shown volume; a poller shows its progress and adds its run when done."""
-        from .scene import SlicerScene
-        from .viewer_probe import PageProbe
+        from ..scene.slicer_scene import SlicerScene
+        from .probe import PageProbe
         state = self.server.state
         if self.probe_job is not None or not self.model_source:
             return
@@ -375,7 +375,7 @@ class ResultsViewer(TrameApp):
 
     def finish_probe(self):
         """Once the job is done: add its nodes, show its run (or say why not; nothing is added then)."""
-        from .attacks import AttackCancelled
+        from ..probes.attacks import AttackCancelled
         job, self.probe_job = self.probe_job, None
         state = self.server.state
         state.probe_running = False
@@ -522,7 +522,7 @@ class ResultsViewer(TrameApp):
         if not self.model_source:
             html.Div("start medadv view with --model to run probes from here", classes="text-caption")
             return
-        from .module_logic import probe_names
+        from ..module.logic import probe_names
         built_in = "" if self.model_given else " (the built-in network of that name; --model to choose another)"
         html.Div("network: " + self.model_source + built_in, classes="text-caption", style="word-break:break-all;",
                  id="medadv-probe-network")

@@ -17,11 +17,11 @@ from typing import Optional
 import numpy as np
 import slicer
 
-from .bench import REFERENCE_MARKERS
-from .errors import InputError
-from .module_logic import (WorkerRun, add_nodes_in_folder, is_corruption, make_probe, numbered, read_settings,
+from ..study.bench import REFERENCE_MARKERS
+from ..errors import InputError
+from .logic import (WorkerRun, add_nodes_in_folder, is_corruption, make_probe, numbered, read_settings,
                            reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
-from .nodes import labels_from_node, volume_from_node
+from ..scene.nodes import labels_from_node, volume_from_node
 
 
 @dataclass
@@ -126,7 +126,7 @@ def case_names(cases):
 
 def network_labels(source, volume):
     """The labels of a network, as it reports them on ``volume``."""
-    from .models import describe, load_model
+    from ..networks.models import describe, load_model
     model = load_model(source)
     with model.on_grid(volume):
         return describe(model, volume).labels
@@ -134,7 +134,7 @@ def network_labels(source, volume):
 
 def write_cases(inputs, folder):
     """Each case as ``<name>.nii.gz`` (+ ``<name>_seg.nii.gz``) on its own grid; returns the study's cases."""
-    from .results import write_volume_file
+    from ..scene.results import write_volume_file
     folder.mkdir(parents=True, exist_ok=True)
     labels, cases = None, []
     for index, (case, name) in enumerate(zip(inputs.cases, case_names(inputs.cases)), 1):
@@ -159,7 +159,7 @@ def write_cases(inputs, folder):
 def compute_comparison(inputs, progress=None, is_cancelled=None):
     """Write the cases and run the study (no scene access: runs in the worker process). Returns the StudyRun."""
     import torch
-    from .bench import run_study
+    from ..study.bench import run_study
     progress = progress or (lambda fraction, message: None)
     temporary = not inputs.folder
     folder = Path(tempfile.mkdtemp(prefix="medadv-compare-")) if temporary else Path(inputs.folder)
@@ -183,7 +183,7 @@ def compute_comparison(inputs, progress=None, is_cancelled=None):
 
 def add_compare_nodes(slicer_scene, study_run, probe_name):
     """The summary table and the chart of mean Dice per network against the strength, in a new folder."""
-    from .bench import add_study_nodes
+    from ..study.bench import add_study_nodes
     scene = slicer_scene.scene
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 

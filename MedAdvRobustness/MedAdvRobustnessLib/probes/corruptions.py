@@ -56,7 +56,7 @@ from monai.transforms import (AdjustContrast, Affine, GaussianSmooth, GibbsNoise
 from monai.transforms.utils import create_grid, create_rotate, create_translate
 from monai.utils import convert_to_tensor
 
-from .errors import InputError
+from ..errors import InputError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ROOD_ALPHA = 2.0 / 3.0

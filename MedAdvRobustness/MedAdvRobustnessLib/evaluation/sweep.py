@@ -9,12 +9,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .attacks import check_cancel, check_epsilons  # noqa: F401  (check_epsilons: the runner's public helper)
-from .corruptions import rood_summary, spacing_from_affine
-from .errors import InputError
+from ..probes.attacks import check_cancel, check_epsilons  # noqa: F401  (check_epsilons: the runner's public helper)
+from ..probes.corruptions import rood_summary, spacing_from_affine
+from ..errors import InputError
 from .metrics import LabelSurfaces, dice_per_label, mean_dice, perturbation_metrics, structural_similarity
-from .models import Label
-from .outputs import predict_labels
+from ..networks.models import Label
+from ..networks.outputs import predict_labels
 
 METRIC_COLUMNS = ("model", "attack", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
                   "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference", "hd95_clean",

@@ -1,4 +1,4 @@
-"""The network input convention and the way back to Slicer's voxel order.
+"""A volume as the network sees it: the network input convention and the way back to Slicer's voxel order.
 
 Slicer arrays are indexed (k, j, i). The network sees what MONAI's ``LoadImage`` + ``EnsureChannelFirst`` +
 ``Orientation("RAS")`` give: axes permuted and flipped (never resampled) so that array axes 0, 1, 2 point
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,26 @@ def ras_axes(ijk_to_ras):
         ras_axis = int(np.argmax(column))
         axes[ras_axis], flips[ras_axis] = int(ijk_axis), bool(closest[ras_axis, ijk_axis] < 0)
     return tuple(axes), tuple(flips)
+
+
+@dataclass
+class Volume:
+    """A scalar volume as the network sees it, with what is needed to write results back on its grid."""
+    name: str
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    orientation: GridOrientation
+    transform_node_id: str = None
+
+    @property
+    def intensity_range(self):
+        return float(self.array.min()), float(self.array.max())
+
+    @property
+    def affine(self):
+        """Voxel-to-RAS matrix of the network-convention array."""
+        return self.orientation.network_affine(self.ijk_to_ras)
+
+    def as_tensor(self):
+        """(1, 1, X, Y, Z) float32 tensor of raw intensities."""
+        return torch.from_numpy(self.array.astype(np.float32, copy=False))[None, None]

@@ -17,10 +17,10 @@ import numpy as np
 import vtk
 import slicer
 
-from .attacks import ATTACKS, AttackCancelled, Parameter, make_attack
-from .corruptions import CORRUPTIONS, CorruptionProbe
-from .errors import InputError
-from .nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
+from ..probes.attacks import ATTACKS, AttackCancelled, Parameter, make_attack
+from ..probes.corruptions import CORRUPTIONS, CorruptionProbe
+from ..errors import InputError
+from ..scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .worker import ProcessRun
 
 MODULE_NAME = "MedAdvRobustness"
@@ -291,8 +291,8 @@ def reference_from_segments(segments, labels, shape):
 
 def compute(inputs, progress=None, is_cancelled=None):
     """Load the network and run the sweep (no scene access: runs in the worker process)."""
-    from .models import describe, load_model
-    from .runner import run_sweep
+    from ..networks.models import describe, load_model
+    from ..evaluation.sweep import run_sweep
 
     model = load_model(inputs.source, inputs.activation, trust_checkpoint=inputs.trust_checkpoint,
                        device=inputs.device)
@@ -384,7 +384,7 @@ class ProbeRun(WorkerRun):
 
 def add_run_nodes(slicer_scene, result):
     """Add the result nodes under a new subject-hierarchy folder; on any failure remove all of them and it."""
-    from .pipeline import add_result_nodes
+    from ..pipeline import add_result_nodes
 
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
     name = "{} {} {}".format(result.volume.name, result.model_name, result.attack_name)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 JOB, RESULT, ERROR, PROGRESS, CANCEL, ABANDONED, LOG = ("job.pickle", "result.pickle", "error.pickle",
                                                          "progress.json", "cancel", "abandoned", "log.txt")
-LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+LIBRARY_PARENT = Path(__file__).resolve().parents[2]
 
 
 class ProcessRun:
@@ -43,7 +43,7 @@ class ProcessRun:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(LIBRARY_PARENT)] + [path for path in [environment.get("PYTHONPATH")] if path])
-        command = [sys.executable, "-m", "MedAdvRobustnessLib.worker", str(self._folder), str(os.getpid())]
+        command = [sys.executable, "-m", "MedAdvRobustnessLib.module.worker", str(self._folder), str(os.getpid())]
         try:
             with open(str(self._folder / LOG), "wb") as log:
                 # cwd: a stray module in the application's working directory must not shadow a package

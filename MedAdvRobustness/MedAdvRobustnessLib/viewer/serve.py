@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -89,7 +89,7 @@ def build_app(results, encoder="png", server=None, model=None):
     """The trame app for a results folder or ``.mrb`` (not started); ``model``: the network of new probes."""
     path = scene_file(results)
     try:
-        from .viewer_app import ResultsViewer
+        from .app import ResultsViewer
     except ImportError as error:
         raise InputError("{} ({})".format(MISSING_VIEWER, error))
     if server is None:

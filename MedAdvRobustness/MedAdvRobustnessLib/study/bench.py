@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 STUDY_KEYS = ("networks", "cases", "probes", "seed", "threads")
 CASE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -76,7 +76,7 @@ def _relative_to(item, base):
 
 
 def _relative_networks(networks, base):
-    from .models import BUILTIN_MODELS
+    from ..networks.models import BUILTIN_MODELS
     if isinstance(networks, dict):
         networks = [{"name": name, "source": source} for name, source in networks.items()]
     fixed = []
@@ -118,7 +118,7 @@ def _non_empty(study, key):
 
 def _network(item):
     """``{"name", "source", "hash"}`` of a built-in name, a model folder or file (name: the folder's)."""
-    from .models import BUILTIN_MODELS, DESCRIPTION_FILE, MODELS_DIR
+    from ..networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, MODELS_DIR
     if isinstance(item, dict):
         name, source = item.get("name"), item.get("source")
     else:
@@ -140,7 +140,7 @@ def _network(item):
 
 def _model_files(path):
     """Every file that determines a network: a folder's files, a description and the weights it names."""
-    from .models import DESCRIPTION_FILE
+    from ..networks.models import DESCRIPTION_FILE
     if not path.is_dir():
         return [path, _weights_file(path)] if path.suffix == ".json" else [path]
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -152,7 +152,7 @@ def _model_files(path):
 
 def _weights_file(description):
     """The weights file a ``model.json`` names (relative to it), as :func:`~.models.load_model` finds it."""
-    from .models import ModelDescription
+    from ..networks.models import ModelDescription
     weights = description.parent / ModelDescription.from_json(description).weights
     if not weights.is_file():
         raise InputError("study: weights not found: {} (named by {})".format(weights, description))
@@ -176,7 +176,7 @@ def _cases(item):
             raise InputError("study: {!r}: give heldout:N with N >= 1 held-out variants of the sample".format(item))
         return [heldout_case(index) for index in range(1, count + 1)]
     if item == "sample":
-        from .sample import SAMPLE_LABELS, SAMPLE_VOLUME
+        from ..sample import SAMPLE_LABELS, SAMPLE_VOLUME
         return [_file_case(SAMPLE_VOLUME, SAMPLE_LABELS, "sample")]
     path = Path(item)
     if path.is_dir():
@@ -187,7 +187,7 @@ def _cases(item):
 def heldout_case(index):
     """Held-out variant ``index`` of the sample: a seeded elastic deformation, rotation and bias field it was never
     trained on (labels moved with the image); see :func:`heldout_volume`."""
-    from .sample import SAMPLE_LABELS, SAMPLE_VOLUME
+    from ..sample import SAMPLE_LABELS, SAMPLE_VOLUME
     recipe = [list(step) for step in HELDOUT_RECIPE]
     return {"name": "heldout-{}".format(index), "heldout": index, "recipe": recipe,
             "hash": _hash_files([SAMPLE_VOLUME, SAMPLE_LABELS], extra=json.dumps([recipe, HELDOUT_SEED]))}
@@ -251,9 +251,9 @@ def _probe(item, seed):
 def make_probe(probe):
     """The attack or :class:`~.corruptions.CorruptionProbe` of a resolved probe."""
     if probe["kind"] == "attack":
-        from .attacks import make_attack
+        from ..probes.attacks import make_attack
         return make_attack(probe["probe"], **probe["params"])
-    from .corruptions import CorruptionProbe
+    from ..probes.corruptions import CorruptionProbe
     params = dict(probe["params"])
     seed = int(params.pop("seed", 0))
     if params:
@@ -310,8 +310,8 @@ def compute_cell(task, is_cancelled=None):
     """Run one cell (in any process or thread: local worker, Dask worker, or this one) and return its record.
     ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled; any other error
     says which cell failed."""
-    from .attacks import AttackCancelled
-    from .runner import run_sweep
+    from ..probes.attacks import AttackCancelled
+    from ..evaluation.sweep import run_sweep
     start = time.time()
     try:
         with _torch_threads(max(1, int(task.get("threads", 1)))):  # the same arithmetic in every worker
@@ -372,7 +372,7 @@ def _cache(name):
 
 
 def _cached_model(network):
-    from .models import load_model
+    from ..networks.models import load_model
     models, key = _cache("models"), (network["source"], network["hash"])
     if key not in models:
         models.clear()
@@ -390,8 +390,8 @@ def _cached_case(case):
 
 
 def _load_case(case):
-    from .nodes import labels_from_node, volume_from_node
-    from .scene import SlicerScene
+    from ..scene.nodes import labels_from_node, volume_from_node
+    from ..scene.slicer_scene import SlicerScene
     scene = SlicerScene.standalone()
     volume = volume_from_node(scene.load_volume(case["volume"], name=case["name"]))
     reference = None
@@ -404,8 +404,8 @@ def heldout_volume(index):
     """The sample deformed elastically, rotated and given a bias field (:data:`HELDOUT_RECIPE`, seed
     ``HELDOUT_SEED + index``), its labels moved with it: a (Volume, labels) pair training never saw."""
     import torch
-    from .corruptions import corrupt_with_labels, spacing_from_affine
-    from .sample import SAMPLE_LABELS, SAMPLE_VOLUME
+    from ..probes.corruptions import corrupt_with_labels, spacing_from_affine
+    from ..sample import SAMPLE_LABELS, SAMPLE_VOLUME
     volume, labels = _load_case({"name": "sample", "volume": str(SAMPLE_VOLUME), "reference": str(SAMPLE_LABELS)})
     image, moved = volume.as_tensor(), torch.from_numpy(labels.astype(np.int64))
     spacing = spacing_from_affine(volume.affine)
@@ -431,7 +431,7 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
     cases, the case files at the same paths. ``progress(done, total, record)`` after each stored cell.
     ``is_cancelled()`` true stops the study with AttackCancelled (the cells stored so far are kept).
     """
-    from .attacks import AttackCancelled
+    from ..probes.attacks import AttackCancelled
     if not isinstance(study, dict):
         study = load_study(study)
     resolved = resolve_study(study)
@@ -619,7 +619,7 @@ def summary_rows(rows):
 
 def _probe_summary(key, by_case):
     """The summary row of one (network, probe, kind) from its Dice per case and strength."""
-    from .corruptions import rood_summary
+    from ..probes.corruptions import rood_summary
     network, probe, kind = key
     strengths = sorted({s for values in by_case.values() for s in values})
     complete = {case: values for case, values in by_case.items() if set(values) == set(strengths)}
@@ -833,8 +833,8 @@ def write_html(path, resolved, summary, figures, provenance):
 def add_study_nodes(scene, records):
     """The study in an MRML scene (the Slicer module's view of it): the summary table, and per probe a table of
     the mean Dice of every network against the strength with its chart. Returns (summary table, charts)."""
-    from .models import PALETTE
-    from .nodes import add_line_chart, add_table_node
+    from ..networks.models import PALETTE
+    from ..scene.nodes import add_line_chart, add_table_node
     rows = table_rows(records)
     summary = add_table_node(scene, summary_rows(rows), SUMMARY_COLUMNS, "bench summary")
     grouped = curves(rows)
@@ -858,7 +858,7 @@ def add_study_nodes(scene, records):
 
 def write_heldout_cases(folder, count):
     """Write held-out variants 1..count of the sample as NIfTI pairs (``heldout-N.nii.gz``, ``heldout-N_seg``)."""
-    from .results import write_volume_file
+    from ..scene.results import write_volume_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(1, count + 1):

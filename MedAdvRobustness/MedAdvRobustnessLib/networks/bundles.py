@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .models import (TRUST_HINT, ModelDescription, SegmentationModel, _torchscript, network_with_weights,
                      parse_labels)
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from .errors import InputError
+from ..errors import InputError
 
 # The word in node names, the strength's name (the metrics table's column) and how the page writes it.
 STRENGTHS = {"eps": ("epsilon", "ε"), "severity": ("severity", "severity")}

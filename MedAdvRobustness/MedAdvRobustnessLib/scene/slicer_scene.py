@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import slicer
 
-from .errors import InputError
+from ..errors import InputError
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img", ".vtk", ".mgz")
 

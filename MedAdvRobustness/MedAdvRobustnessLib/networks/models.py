@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 from .outputs import check_activation, label_count, predict_labels
 from .preprocessing import (crop, divisible_padding, foreground_box, normalize_intensity, pad_outputs_back,
                             resample, resampled_size, unpad)
 from .windowed import GRADIENT_MODES, WindowPlan, sliding_window_outputs, window_settings, window_vjp
 
-MODELS_DIR = Path(__file__).resolve().parent / "Resources" / "Models"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
                   "demo-slicewise2d": "demo-slicewise2d", "demo-segresnet": "demo-segresnet",
                   "demo-attentionunet": "demo-attentionunet"}
@@ -562,7 +562,7 @@ def network_in_channels(network):
 
 @torch.no_grad()
 def describe(model, volume):
-    """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.nodes.Volume`) and report what
+    """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.volume.Volume`) and report what
     it is: declared settings and what the outputs show. An undeclared output activation is detected from the
     outputs and adopted by the model."""
     spacing = model.input_spacing

@@ -42,9 +42,9 @@ from typing import ClassVar, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .metrics import dice_per_label, mean_dice
-from .outputs import label_count, predict_labels, voxel_loss
+from ..errors import InputError
+from ..evaluation.metrics import dice_per_label, mean_dice
+from ..networks.outputs import label_count, predict_labels, voxel_loss
 
 NORMS = ("linf", "l2")
 TARGET_MODES = ("permute", "swap", "turn", "grow", "vanish")

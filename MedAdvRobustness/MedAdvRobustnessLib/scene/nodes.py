@@ -1,38 +1,13 @@
 """Adapters between MRML nodes and arrays in the network convention, keeping the node's exact geometry."""
 import math
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 from slicer import util
 
-from .errors import InputError
-from .geometry import GridOrientation
+from ..errors import InputError
+from ..networks.volume import GridOrientation, Volume
 
 GRID_TOLERANCE = 1e-4
-
-
-@dataclass
-class Volume:
-    """A scalar volume as the network sees it, with what is needed to write results back on its grid."""
-    name: str
-    array: np.ndarray
-    ijk_to_ras: np.ndarray
-    orientation: GridOrientation
-    transform_node_id: str = None
-
-    @property
-    def intensity_range(self):
-        return float(self.array.min()), float(self.array.max())
-
-    @property
-    def affine(self):
-        """Voxel-to-RAS matrix of the network-convention array."""
-        return self.orientation.network_affine(self.ijk_to_ras)
-
-    def as_tensor(self):
-        """(1, 1, X, Y, Z) float32 tensor of raw intensities."""
-        return torch.from_numpy(self.array.astype(np.float32, copy=False))[None, None]
 
 
 def volume_from_node(node):

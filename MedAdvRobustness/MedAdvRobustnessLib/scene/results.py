@@ -8,7 +8,7 @@ from pathlib import Path
 
 import slicer
 
-from .errors import InputError
+from ..errors import InputError
 from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
     add_volume_node
 MEAN_COLOR = (0.1, 0.1, 0.1)
