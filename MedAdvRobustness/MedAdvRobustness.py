@@ -358,21 +358,21 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.probeSummaryLabel.text = _("Install PyTorch and MONAI (Results > Check / install) to choose "
                                                "a probe.")
             return
-        from MedAdvRobustnessLib.module import logic as module_logic
+        from MedAdvRobustnessLib.probes import registry
 
-        names = module_logic.probe_names()
+        names = registry.probe_names()
         combo = self.ui.probeComboBox
         if combo.count != len(names):
             self._blocked(combo, lambda: (combo.clear(), [combo.addItem(name) for name in names]))
         self._blocked(combo, lambda: combo.setCurrentIndex(max(0, names.index(parameters.probe)
                                                                if parameters.probe in names else 0)))
-        corruption = module_logic.is_corruption(parameters.probe)
+        corruption = registry.is_corruption(parameters.probe)
         for widget in (self.ui.epsilonsLineEdit, self.ui.epsilonsLabel):
             widget.visible = not corruption
         for widget in (self.ui.severitiesLineEdit, self.ui.severitiesLabel):
             widget.visible = corruption
-        self.ui.probeSummaryLabel.text = module_logic.probe_summary(parameters.probe)
-        self._buildParameterEditors(module_logic.probe_parameters(parameters.probe), parameters.probe)
+        self.ui.probeSummaryLabel.text = registry.probe_summary(parameters.probe)
+        self._buildParameterEditors(registry.probe_parameters(parameters.probe), parameters.probe)
 
     def _updateProbePanelEnabled(self) -> bool:
         """The probe panel is usable when no run is going and PyTorch and MONAI are there in good versions (an old
@@ -649,11 +649,11 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         else:  # after a module reload the registered text may be an older one
             layoutNode.SetLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
         layoutManager.setLayout(COMPARISON_LAYOUT_ID)
-        strongest = max(nodes["adversarial"])
+        strongest = max(nodes["probed"])
         clean = nodes["segmentation"][0.0]
         cleanVolume = nodes["input"]
         views = ((CLEAN_VIEW, cleanVolume, clean),
-                 (ATTACKED_VIEW, nodes["adversarial"][strongest], nodes["segmentation"][strongest]))
+                 (ATTACKED_VIEW, nodes["probed"][strongest], nodes["segmentation"][strongest]))
         perturbation = nodes["perturbation"][strongest]
         perturbationDisplay = perturbation.GetDisplayNode()
         perturbationDisplay.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
@@ -745,7 +745,7 @@ class MedAdvRobustnessTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Attacking (PGD, 2 steps, epsilon 0.02)")
         nodes = logic.process(parameters)
 
-        adversarial = nodes["adversarial"][0.02]
+        adversarial = nodes["probed"][0.02]
         self.assertEqual(adversarial.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         self.assertEqual(self._ijkToRas(adversarial), self._ijkToRas(volume))
         self.assertEqual(sorted(nodes["segmentation"]), [0.0, 0.02])

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from MedAdvRobustnessLib.probes.attacks import make_attack
+from MedAdvRobustnessLib.probes.registry import make_probe
 from MedAdvRobustnessLib.study.bench import heldout_volume
 from MedAdvRobustnessLib.evaluation.metrics import dice_per_label
 from MedAdvRobustnessLib.networks.models import load_model
@@ -39,10 +39,10 @@ def main():
     models = {name: load_model(name) for name in NETWORKS}
     adversarial = {}
     for name, model in models.items():
-        attack = make_attack("pgd", steps=args.steps, restarts=args.restarts, seed=0)
+        attack = make_probe("pgd", steps=args.steps, restarts=args.restarts, seed=0)
         with model.on_grid(volume):
             result = run_sweep(model, volume, attack, [args.epsilon], reference)
-        adversarial[name] = dataclasses.replace(volume, array=result.outcomes[-1].adversarial.astype(np.float32))
+        adversarial[name] = dataclasses.replace(volume, array=result.outcomes[-1].probed.astype(np.float32))
         print("made PGD volume on", name, flush=True)
     print("\nmean foreground Dice of the target (rows) on PGD-{} epsilon {} volumes made on the source (columns)"
           .format(args.steps, args.epsilon))

@@ -3,10 +3,12 @@ import argparse
 import sys
 import time
 
-from .probes.attacks import ATTACKS, NORMS, TARGET_MODES, describe_attacks, make_attack
-from .probes.corruptions import CORRUPTIONS, SEVERITIES, CorruptionProbe, describe_corruptions
 from .errors import InputError
 from .networks.outputs import ACTIVATIONS
+from .probes.attacks import ATTACKS
+from .probes.corruptions import CORRUPTIONS, SEVERITIES
+from .probes.parameters import value_text
+from .probes.registry import describe_probes, make_probe, probe_class
 
 DEMO_EPSILONS = (0.005, 0.01, 0.02, 0.04)
 
@@ -59,26 +61,25 @@ def build_parser():
 
     from .viewer.serve import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer.py)
     add_view_command(commands)
-    from .study.bench import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
+    from .study.command import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
     return parser
 
 
-# Attack options: (flag, parameter, type, help). Each given one becomes a parameter of the attack; an attack that
-# does not take it refuses it (see `medadv attacks`).
-ATTACK_OPTIONS = (
-    ("--steps", "steps", int, "iterations (pgd/segpgd/cospgd/apgd-*: 10, dag: at most 20)"),
-    ("--seed", "seed", int, "seed of random starts and of the permute target (default 0)"),
-    ("--norm", "norm", NORMS, "threat model of pgd/segpgd/cospgd/apgd-* (default linf; with l2, epsilon is the "
-                              "root-mean-square perturbation as a fraction of the range)"),
-    ("--restarts", "restarts", int, "random restarts, keeping the worst case per volume (default 1)"),
-    ("--step-size", "step_size", float, "step as a fraction of epsilon (pgd family: 2.5/steps, apgd: 2)"),
-    ("--gamma", "gamma", float, "dag: L-infinity step as a fraction of epsilon (default 0.5)"),
-    ("--target-mode", "target_mode", TARGET_MODES, "targeted attack: permute (random labels), swap A<->B, "
-                                                   "turn A into B, grow A, vanish A (dag default: permute)"),
-    ("--source-label", "source_label", int, "label A of swap/turn/grow/vanish"),
-    ("--target-label", "target_label", int, "label B of swap/turn"),
-    ("--grow-voxels", "grow_voxels", int, "grow: voxels A spreads into its neighbours (default 1)"),
-)
+def probe_options():
+    """Every parameter of any attack, as ``(flag, parameter, names of the attacks that take it)``: each one given
+    on the command line becomes a parameter of the attack (an attack that does not take it refuses it)."""
+    takers = {}
+    for name in sorted(ATTACKS):
+        for parameter in ATTACKS[name].parameters():
+            takers.setdefault(parameter.name, (parameter, []))[1].append(name)
+    return [("--" + key.replace("_", "-"), parameter, names) for key, (parameter, names) in takers.items()]
+
+
+def _option_help(parameter, names):
+    defaults = {value_text(next(p.default for p in ATTACKS[n].parameters() if p.name == parameter.name))
+                for n in names}
+    who = "every attack" if len(names) == len(ATTACKS) else "/".join(names)
+    return "{} ({}; default {})".format(parameter.help, who, " or ".join(sorted(defaults)))
 
 
 MODEL_HELP = ("'demo'; a model folder with model.json (or that file: an architecture from monai.networks.nets with "
@@ -110,15 +111,15 @@ def _add_attack_arguments(parser, default_epsilons):
     parser.add_argument("--severity", type=int, nargs="+", choices=SEVERITIES,
                         help="corruption severities (default 1 2 3 4 5)")
     parser.set_defaults(default_epsilons=default_epsilons)
-    for flag, name, kind, help_text in ATTACK_OPTIONS:
-        if isinstance(kind, tuple):
-            parser.add_argument(flag, dest="attack_" + name, choices=kind, help=help_text)
+    for flag, parameter, names in probe_options():
+        dest, help_text = "param_" + parameter.name, _option_help(parameter, names)
+        if parameter.kind is bool:
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+            parser.add_argument("--no-" + flag[2:], dest=dest, action="store_false", help="not " + flag)
+        elif parameter.choices:
+            parser.add_argument(flag, dest=dest, choices=parameter.choices, help=help_text)
         else:
-            parser.add_argument(flag, dest="attack_" + name, type=kind, metavar=name.upper(), help=help_text)
-    parser.add_argument("--random-start", dest="attack_random_start", action="store_true", default=None,
-                        help="start at a random point of the epsilon ball (pgd family and apgd: the default)")
-    parser.add_argument("--no-random-start", dest="attack_random_start", action="store_false",
-                        help="start at the clean volume")
+            parser.add_argument(flag, dest=dest, type=parameter.kind, metavar=parameter.name.upper(), help=help_text)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="any attack parameter, repeatable (e.g. --param restart_criterion=loss)")
     parser.add_argument("--region", help="label map on the volume's grid: the attack (or an intensity corruption) "
@@ -130,34 +131,33 @@ def _add_attack_arguments(parser, default_epsilons):
 
 def probe_from_args(args):
     """The probe and its strengths: ``--corruption`` at ``--severity``, else ``--attack`` at ``--epsilon``."""
+    params = _given_parameters(args)
     if args.corruption is None:
         if args.severity:
             raise InputError("--severity goes with --corruption; attacks take --epsilon")
         epsilons = args.epsilon or args.default_epsilons
         if not epsilons:
             raise InputError("give --epsilon (one or more budgets) for an attack, or --corruption")
-        return attack_from_args(args), epsilons
-    attack_options = [flag for flag, name, _kind, _help in ATTACK_OPTIONS
-                      if name != "seed" and getattr(args, "attack_" + name) is not None]
-    if args.attack or args.epsilon or args.param or args.attack_random_start is not None or attack_options:
-        raise InputError("--corruption takes --severity, --seed, --region and --region-labels only; --attack, --epsilon and {} are "
-                         "attack options".format(", ".join(attack_options) or "the other options"))
-    seed = args.attack_seed if args.attack_seed is not None else 0
-    return CorruptionProbe(args.corruption, seed=seed), args.severity or list(SEVERITIES)
+        return make_probe(args.attack or "pgd", **params), epsilons
+    taken = {parameter.name for parameter in probe_class(args.corruption).parameters()}
+    refused = ["--" + key.replace("_", "-") for key in params if key not in taken]
+    if args.attack or args.epsilon or args.param or refused:
+        raise InputError("--corruption takes --severity, {}, --region and --region-labels only; --attack, --epsilon "
+                         "and {} are attack options".format(", ".join("--" + key for key in sorted(taken)),
+                                                            ", ".join(refused) or "--param"))
+    return make_probe(args.corruption, **params), args.severity or list(SEVERITIES)
 
 
-def attack_from_args(args):
-    """The attack the command line asks for: its parameters are the options given and the --param pairs."""
-    params = {name: getattr(args, "attack_" + name) for _flag, name, _kind, _help in ATTACK_OPTIONS
-              if getattr(args, "attack_" + name) is not None}
-    if args.attack_random_start is not None:
-        params["random_start"] = args.attack_random_start
+def _given_parameters(args):
+    """The probe parameters the command line gives: the options and the ``--param`` pairs."""
+    params = {parameter.name: getattr(args, "param_" + parameter.name) for _flag, parameter, _names in probe_options()
+              if getattr(args, "param_" + parameter.name) is not None}
     for item in args.param:
         key, separator, value = item.partition("=")
         if not separator or not key.strip():
             raise InputError("--param takes KEY=VALUE, got {!r}".format(item))
         params[key.strip().replace("-", "_")] = value
-    return make_attack(args.attack or "pgd", **params)
+    return params
 
 
 def _run(args):
@@ -182,9 +182,7 @@ def _attack(volume, model, reference, args, output_activation):
 
 
 def _list_attacks(args):
-    print(describe_attacks(), end="")
-    print()
-    print(describe_corruptions(), end="")
+    print(describe_probes(), end="")
     return 0
 
 
@@ -199,7 +197,7 @@ def summary(result, seconds):
     """The clean Dice per label, then per strength the mean Dice, HD95, SSIM and PSNR, as text."""
     key, against = result.strength_name, result.against
     kind = "attack" if key == "epsilon" else "corruption"
-    lines = ["{} on {} ({} {}), {:.0f} s".format(result.model_name, result.volume.name, result.attack_name, kind,
+    lines = ["{} on {} ({} {}), {:.0f} s".format(result.model_name, result.volume.name, result.probe_name, kind,
                                                  seconds)]
     if result.reference is not None:
         clean = ["{} {:.3f}".format(row["label"], row["dice_reference"]) for row in result.rows if row[key] == 0]

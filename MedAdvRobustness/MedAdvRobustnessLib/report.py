@@ -19,15 +19,15 @@ def write_report(result, path):
     zooms = np.linalg.norm(volume.affine[:3, :3], axis=0)
     colors = ListedColormap([label.color for label in result.labels])
     low, high = volume.intensity_range
-    limit = max(float(np.abs(attacked.adversarial - volume.array).max()), 1e-12)
+    limit = max(float(np.abs(attacked.probed - volume.array).max()), 1e-12)
 
     figure = plt.figure(figsize=(16, 11), constrained_layout=True)
     grid = figure.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.3])
     for row, (view, axis) in enumerate(VIEWS):
         index = most_changed_slice(clean.prediction, attacked.prediction, axis, result.reference)
         aspect = _aspect(zooms, axis)
-        panels = ((clean.adversarial, clean.prediction, "clean"),
-                  (attacked.adversarial, attacked.prediction, outcome_title(result, attacked)))
+        panels = ((clean.probed, clean.prediction, "clean"),
+                  (attacked.probed, attacked.prediction, outcome_title(result, attacked)))
         for column, (image, prediction, title) in enumerate(panels):
             ax = figure.add_subplot(grid[row, column])
             ax.imshow(display_slice(image, axis, index), cmap="gray", vmin=low, vmax=high, aspect=aspect)
@@ -37,7 +37,7 @@ def write_report(result, path):
             ax.set_title("{} ({} {})".format(title, view, index), fontsize=10)
             ax.axis("off")
         ax = figure.add_subplot(grid[row, 2])
-        shown = ax.imshow(display_slice(attacked.adversarial - volume.array, axis, index), cmap="RdBu_r",
+        shown = ax.imshow(display_slice(attacked.probed - volume.array, axis, index), cmap="RdBu_r",
                           vmin=-limit, vmax=limit, aspect=aspect)
         ax.set_title("perturbation (intensity units)", fontsize=10)
         ax.axis("off")
@@ -45,7 +45,7 @@ def write_report(result, path):
     _plot_curve(figure.add_subplot(grid[:, 3]), result)
     kind = "attack" if result.strength_name == "epsilon" else "corruption"
     figure.suptitle("{} on {}: {} {} (clean mean Dice {}){}{}".format(
-        result.model_name, volume.name, result.attack_name, kind, _clean_dice_text(result),
+        result.model_name, volume.name, result.probe_name, kind, _clean_dice_text(result),
         _strongest_text(result, attacked), _rood_text(result)), fontsize=13)
     figure.savefig(str(path), dpi=80)
     plt.close(figure)

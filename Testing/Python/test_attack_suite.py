@@ -12,9 +12,10 @@ import torch
 
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.probes.attacks import (ATTACKS, DAG, FGSM, PGD, AttackCancelled, AttackRecord, apgd_checkpoints,
-                                         class_scores, dlr_loss, foreground_dice, make_attack, make_target,
+                                         class_scores, dlr_loss, foreground_dice, make_target,
                                          project_l2)
 from MedAdvRobustnessLib.probes.corruptions import CORRUPTIONS
+from MedAdvRobustnessLib.probes.registry import make_probe
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.volume import GridOrientation
 from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel, load_model
@@ -130,7 +131,7 @@ def suite_id(case):
 @pytest.mark.parametrize("case", SUITE, ids=[suite_id(case) for case in SUITE])
 def test_every_attack_respects_its_budget_the_bounds_and_the_region(case, use_region):
     name, params = case
-    attack = make_attack(name, **params)
+    attack = make_probe(name, **params)
     model, volume = tiny_model(), random_volume()
     low, high = bounds_of(volume)
     labels = model.predict(volume)
@@ -227,7 +228,7 @@ def test_segpgd_weights_follow_the_schedule():
     model = one_by_one_model([0.0, 1.0, -2.0], [0.5, 0.0, 0.0])
     labels = torch.tensor([1, 2, 0, 1, 2, 0, 2, 2]).view(1, 2, 2, 2)
     steps = 4
-    _, record = make_attack("segpgd", steps=steps, random_start=False, step_size=0.01)(
+    _, record = make_probe("segpgd", steps=steps, random_start=False, step_size=0.01)(
         model, HAND_VOLUME, labels, 0.02, (-10.0, 10.0))
     # first step: the clean volume, l_1 = 0: CE of correct voxels over all 8
     outputs = model(HAND_VOLUME).detach()
@@ -246,14 +247,14 @@ def test_cospgd_weights_ce_by_the_cosine_similarity():
     ce = voxel_loss(outputs, labels, "logits").flatten()
     y = labels.flatten()
     cosine = p[y, torch.arange(8)] / p.norm(dim=0)  # cos(p, e_y) = p_y / |p|
-    _, record = make_attack("cospgd", steps=1, random_start=False)(model, HAND_VOLUME, labels, 0.02, (-10.0, 10.0))
+    _, record = make_probe("cospgd", steps=1, random_start=False)(model, HAND_VOLUME, labels, 0.02, (-10.0, 10.0))
     assert record.losses[0] == pytest.approx(float((cosine * ce).mean()), rel=1e-12)
     # targeted: (1 - cos) to the target, and the attack lowers that loss
     target = torch.tensor([2, 0, 1, 1, 1, 2, 0, 0]).view(1, 2, 2, 2)
     t = target.flatten()
     ce_t = voxel_loss(outputs, target, "logits").flatten()
     cos_t = p[t, torch.arange(8)] / p.norm(dim=0)
-    adversarial, record = make_attack("cospgd", steps=3, random_start=False)(
+    adversarial, record = make_probe("cospgd", steps=3, random_start=False)(
         model, HAND_VOLUME, labels, 0.5, (-10.0, 10.0), target=target)
     assert record.losses[0] == pytest.approx(float(((1 - cos_t) * ce_t).mean()), rel=1e-12)
     assert record.losses[-1] < record.losses[0]
@@ -267,15 +268,15 @@ def test_target_weight_balances_voxels_to_change_and_to_keep():
     ce = voxel_loss(model(HAND_VOLUME).detach(), target, "logits").flatten()
     change = (target != labels).flatten()
     for weight in (0.9, 0.5):
-        _, record = make_attack("pgd", steps=1, random_start=False, target_weight=weight)(
+        _, record = make_probe("pgd", steps=1, random_start=False, target_weight=weight)(
             model, HAND_VOLUME, labels, 0.02, (-10.0, 10.0), target=target)
         expected = weight * ce[change].mean() + (1 - weight) * ce[~change].mean()
         assert record.losses[0] == pytest.approx(float(expected), rel=1e-12)
-    _, record = make_attack("pgd", steps=1, random_start=False)(model, HAND_VOLUME, labels, 0.02, (-10.0, 10.0),
+    _, record = make_probe("pgd", steps=1, random_start=False)(model, HAND_VOLUME, labels, 0.02, (-10.0, 10.0),
                                                                 target=target)
     assert record.losses[0] == pytest.approx(float(ce.mean()), rel=1e-12)
     with pytest.raises(InputError, match="target_weight"):
-        make_attack("pgd", target_weight=1.5)
+        make_probe("pgd", target_weight=1.5)
 
 
 def test_dlr_loss_by_hand_and_scores_of_every_activation():
@@ -319,7 +320,7 @@ def test_target_generators():
     with pytest.raises(InputError, match="not a label"):
         make_target("turn", labels, 4, source_label=1, target_label=7)
     with pytest.raises(InputError, match="needs source_label"):
-        make_attack("pgd", target_mode="vanish")
+        make_probe("pgd", target_mode="vanish")
 
 
 # --- restarts and APGD ---------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def test_apgd_schedule_and_best_point():
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     model, volume = tiny_model(seed=2), random_volume(seed=2)
     labels = model.predict(volume)
-    attack = make_attack("apgd-ce", steps=12)
+    attack = make_probe("apgd-ce", steps=12)
     adversarial, record = attack(model, volume, labels, 40.0, bounds_of(volume))
     assert record.details["checkpoints"] == apgd_checkpoints(12) == [3, 5, 7, 9, 10, 11]
     assert any(halved for _, (halved,) in record.details["halvings"][0])
@@ -367,7 +368,7 @@ def test_progress_reports_loss_and_dice_and_cancel_stops(name):
     labels = model.predict(volume)
     labels[0, :3] = 0  # not all correct: Dice below 1
     seen = []
-    attack = make_attack(name) if name == "fgsm" else make_attack(name, steps=3)
+    attack = make_probe(name) if name == "fgsm" else make_probe(name, steps=3)
     _, record = attack(model, volume, labels, 12.0, bounds_of(volume),
                        progress=lambda step, steps, loss, dice: seen.append((step, steps, loss, dice)))
     assert [s[0] for s in seen] == list(range(1, len(seen) + 1))
@@ -394,10 +395,10 @@ def test_runner_passes_region_and_target_and_reports_dice():
     region = box_region()[0].numpy()
     target = np.zeros(SHAPE, dtype=np.int64)
     messages = []
-    attack = make_attack("pgd", steps=2, random_start=False)
+    attack = make_probe("pgd", steps=2, random_start=False)
     result = run_sweep(model, volume, attack, [0.05], progress=lambda f, m: messages.append(m), region=region,
                        target=target)
-    delta = result.outcomes[1].adversarial.astype(np.float64) - volume.array
+    delta = result.outcomes[1].probed.astype(np.float64) - volume.array
     assert np.abs(delta[~region]).max() == 0 and np.abs(delta[region]).max() > 0
     assert np.abs(delta).max() <= 0.05 * (float(volume.array.max()) - float(volume.array.min()))
     assert "Dice" in messages[-1] and "step 2/2" in messages[-1]
@@ -408,22 +409,22 @@ def test_runner_passes_region_and_target_and_reports_dice():
     assert record.losses[0] == pytest.approx(towards_target, rel=1e-6)
 
 
-def test_make_attack_checks_names_and_parameters():
-    with pytest.raises(InputError, match="unknown attack 'nope'"):
-        make_attack("nope")
+def test_make_probe_checks_names_and_parameters():
+    with pytest.raises(InputError, match="unknown probe 'nope'"):
+        make_probe("nope")
     with pytest.raises(InputError, match="fgsm has no parameter steps"):
-        make_attack("fgsm", steps=3)
+        make_probe("fgsm", steps=3)
     with pytest.raises(InputError, match="not one of"):
-        make_attack("pgd", norm="l1")
+        make_probe("pgd", norm="l1")
     with pytest.raises(InputError, match="cannot read 'many' as int"):
-        make_attack("pgd", steps="many")
+        make_probe("pgd", steps="many")
     with pytest.raises(InputError, match="at least 1"):
-        make_attack("dag", steps=0)
-    attack = make_attack("pgd", steps="7", random_start="false", step_size="0.5", norm="l2")
+        make_probe("dag", steps=0)
+    attack = make_probe("pgd", steps="7", random_start="false", step_size="0.5", norm="l2")
     assert (attack.steps, attack.random_start, attack.step_size, attack.norm) == (7, False, 0.5, "l2")
     for name, attack_class in ATTACKS.items():
         defaults = {p.name: p.default for p in attack_class.parameters()}
-        assert make_attack(name) == attack_class(**defaults)
+        assert make_probe(name) == attack_class(**defaults)
 
 
 # --- (c) and (d) on the demo network -----------------------------------------------------------------------------
@@ -443,7 +444,7 @@ def test_iterative_attacks_lower_dice_at_least_as_much_as_fgsm(demo_case):
     with torch.no_grad():
         dice["clean"] = foreground_dice(model(volume), "logits", labels)[0]
     for name in ("fgsm", "pgd", "segpgd", "cospgd", "apgd-ce"):
-        attack = make_attack(name) if name == "fgsm" else make_attack(name, steps=3)
+        attack = make_probe(name) if name == "fgsm" else make_probe(name, steps=3)
         adversarial, _ = attack(model, volume, labels, epsilon, (low, high))
         with torch.no_grad():
             dice[name] = foreground_dice(model(adversarial), "logits", labels)[0]
@@ -462,7 +463,7 @@ def test_dag_on_the_demo_network_shrinks_the_active_set_and_reaches_targets(demo
     by the 99th percentile of |r| instead (and clips to [-1, 1]).
     """
     model, volume, labels, (low, high) = demo_case
-    attack = make_attack("dag", steps=5, target_mode="turn", source_label=3, target_label=2, scale_quantile=0.99)
+    attack = make_probe("dag", steps=5, target_mode="turn", source_label=3, target_label=2, scale_quantile=0.99)
     adversarial, record = attack(model, volume, labels, 0.05 * (high - low), (low, high))
     with torch.no_grad():
         prediction = model.predict(adversarial)
@@ -517,7 +518,7 @@ def test_run_dag_end_to_end_on_the_sample(tmp_path):
     assert "dag epsilon 0.05: step 3/3" in completed.stderr and "Dice" in completed.stderr
     with open(str(out / "metrics.csv")) as stream:
         rows = [row for row in csv.DictReader(stream) if row["label"] in ("mean", "CSF")]
-    assert {row["attack"] for row in rows} == {"dag"}
+    assert {row["probe"] for row in rows} == {"dag"}
     dice = {(row["epsilon"], row["label"]): float(row["dice_reference"]) for row in rows}
     print("medadv run --attack dag (vanish CSF, eps 0.05, 3 iterations): CSF Dice {:.3f} -> {:.3f}".format(
         dice[("0.0", "CSF")], dice[("0.05", "CSF")]))
@@ -559,10 +560,10 @@ def test_command_line_options_become_attack_parameters():
     parser = cli.build_parser()
     args = parser.parse_args(["demo", "--out", "x", "--attack", "pgd", "--steps", "4", "--norm", "l2",
                               "--no-random-start", "--step-size", "0.3", "--param", "restart_criterion=loss"])
-    assert cli.attack_from_args(args) == PGD(steps=4, norm="l2", random_start=False, step_size=0.3,
+    assert cli.probe_from_args(args)[0] == PGD(steps=4, norm="l2", random_start=False, step_size=0.3,
                                              restart_criterion="loss")
     args = parser.parse_args(["demo", "--out", "x", "--attack", "dag", "--gamma", "0.25", "--target-mode", "grow",
                               "--source-label", "2", "--grow-voxels", "3", "--seed", "4"])
-    assert cli.attack_from_args(args) == DAG(gamma=0.25, target_mode="grow", source_label=2, grow_voxels=3, seed=4)
+    assert cli.probe_from_args(args)[0] == DAG(gamma=0.25, target_mode="grow", source_label=2, grow_voxels=3, seed=4)
     args = parser.parse_args(["demo", "--out", "x", "--attack", "fgsm"])
-    assert cli.attack_from_args(args) == FGSM()
+    assert cli.probe_from_args(args)[0] == FGSM()

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from MedAdvRobustnessLib.probes.attacks import FGSM, PGD, AttackCancelled, project_linf
+from MedAdvRobustnessLib.probes.attacks import FGSM, PGD, AttackCancelled, check_epsilons, project_linf
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel, load_model
 from MedAdvRobustnessLib.scene.nodes import labels_from_node, volume_from_node
 from MedAdvRobustnessLib.networks.outputs import predict_labels, voxel_loss
 from MedAdvRobustnessLib.pipeline import run_on_nodes
-from MedAdvRobustnessLib.evaluation.sweep import check_epsilons, run_sweep
+from MedAdvRobustnessLib.evaluation.sweep import run_sweep
 
 
 def tiny_model(activation="logits", window=None, seed=0):
@@ -150,7 +150,7 @@ def test_attacks_lower_dice_of_the_demo_network(demo, sample):
     assert result.mean_dice(0.04, "clean") < result.mean_dice(0.01, "clean") < 1.0
     for outcome in result.outcomes[1:]:
         epsilon = outcome.strength * (float(volume.array.max()) - float(volume.array.min()))
-        assert np.abs(outcome.adversarial.astype(np.float64) - volume.array).max() <= epsilon
+        assert np.abs(outcome.probed.astype(np.float64) - volume.array).max() <= epsilon
 
 
 def test_run_on_nodes_leaves_input_untouched_and_cancel_leaves_no_node(demo, slicer_scene, sample_nodes):
@@ -163,7 +163,7 @@ def test_run_on_nodes_leaves_input_untouched_and_cancel_leaves_no_node(demo, sli
     assert slicer_scene.scene.GetNumberOfNodes() == node_count
     result, nodes = run_on_nodes(slicer_scene, volume_node, demo, FGSM(), [0.01, 0.02], label_node)
     assert (np.array(volume_node.GetImageData().GetPointData().GetScalars()).sum(), volume_node.GetMTime()) == checksum
-    assert sorted(nodes["adversarial"]) == [0.01, 0.02]
+    assert sorted(nodes["probed"]) == [0.01, 0.02]
     assert sorted(nodes["segmentation"]) == [0.0, 0.01, 0.02]
     assert nodes["metrics"].GetNumberOfRows() == len(result.rows) == 3 * 4
     assert nodes["chart"].GetNumberOfPlotSeriesNodes() == 4

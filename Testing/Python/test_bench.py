@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from MedAdvRobustnessLib.study import bench
+from MedAdvRobustnessLib.study import cases, cells, definition, execution, outputs, scores
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import build_network
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
@@ -126,9 +126,9 @@ def resumed(study, tmp_path_factory):
     outputs_after_kill = (out / "results.csv").exists()
     (out / "cells" / ".half-written.json.tmp").write_text('{"key": ')  # what a kill during a write leaves
     before = {name: (out / "cells" / name).stat().st_mtime_ns for name in stored}
-    run = bench.run_study(str(study), out)
+    run = execution.run_study(str(study), out)
     after = {name: (out / "cells" / name).stat().st_mtime_ns for name in stored}
-    again = bench.run_study(str(study), out)
+    again = execution.run_study(str(study), out)
     return dict(stored=stored, outputs_after_kill=outputs_after_kill, before=before, after=after, run=run,
                 again=again, returncode=process.returncode)
 
@@ -145,7 +145,7 @@ def test_killed_study_resumes_without_recomputing(resumed):
 
 
 def test_study_in_a_scene(resumed, slicer_scene):
-    summary, charts = bench.add_study_nodes(slicer_scene.scene, resumed["again"].records)
+    summary, charts = outputs.add_study_nodes(slicer_scene.scene, resumed["again"].records)
     assert summary.GetNumberOfRows() == 2 * 2 + 2  # (network, probe) rows and one overall row per network
     assert [chart.GetNumberOfPlotSeriesNodes() for chart in charts] == [2, 2]
 
@@ -162,50 +162,50 @@ def test_study_in_a_scene(resumed, slicer_scene):
 def test_robustness_score_on_hand_made_curves(strengths, dices, expected):
     if strengths == [0, 0.01, 0.03]:
         expected = (0.01 * (1 + 0.5) / 2 + 0.02 * (0.5 + 0) / 2) / 0.03
-    assert bench.robustness_score(strengths, dices) == pytest.approx(expected)
+    assert scores.robustness_score(strengths, dices) == pytest.approx(expected)
 
 
 def test_summary_averages_over_cases_with_their_spread():
     def rows(case, dices):
         return [{"network": "net", "case": case, "probe": "fgsm", "kind": "attack", "strength": strength,
                  "label": "mean", "dice": dice, "against": "reference"} for strength, dice in zip((0.0, 0.02), dices)]
-    summary = bench.summary_rows(rows("a", (0.8, 0.4)) + rows("b", (0.6, 0.6)))
+    summary = scores.summary_rows(rows("a", (0.8, 0.4)) + rows("b", (0.6, 0.6)))
     fgsm = next(row for row in summary if row["probe"] == "fgsm")
     assert fgsm["cases"] == 2 and fgsm["clean_dice"] == pytest.approx(0.7) and fgsm["dice"] == "0.7000 0.5000"
     assert fgsm["clean_dice_sd"] == pytest.approx(math.sqrt(0.02))  # 0.8 and 0.6
     assert fgsm["robustness_score"] == pytest.approx((0.75 + 1.0) / 2)  # half lost linearly; unaffected
     assert fgsm["robustness_score_sd"] == pytest.approx(math.sqrt(2 * 0.125 ** 2))
-    single = next(row for row in bench.summary_rows(rows("a", (0.8, 0.4))) if row["probe"] == "fgsm")
+    single = next(row for row in scores.summary_rows(rows("a", (0.8, 0.4))) if row["probe"] == "fgsm")
     assert single["clean_dice_sd"] is None and single["robustness_score_sd"] is None
 
 
 def test_robustness_score_needs_the_clean_point():
     with pytest.raises(InputError, match="strength 0"):
-        bench.robustness_score([0.01, 0.02], [0.5, 0.4])
+        scores.robustness_score([0.01, 0.02], [0.5, 0.4])
 
 
 def test_bad_studies_are_refused_clearly(study, tmp_path):
-    good = bench.load_study(study)
+    good = definition.load_study(study)
     for change, message in ((dict(probes=[{"attack": "nope", "epsilons": [0.1]}]), "unknown attack"),
                             (dict(probes=[{"corruption": "bias_field", "severities": [7]}]), "severit"),
                             (dict(networks=["/no/such/model"]), "network not found"),
                             (dict(cases=["heldout:0"]), "heldout:N"),
                             (dict(colour="red"), "unknown key")):
         with pytest.raises(InputError, match=message):
-            bench.run_study(dict(good, **change), tmp_path / "bad")
+            execution.run_study(dict(good, **change), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
 def test_folder_cases_pair_volumes_with_references(study):
-    cases = bench.folder_cases(study.parent / "cases")
-    assert [(case["name"], Path(case["reference"]).name) for case in cases] == [
+    found = cases.folder_cases(study.parent / "cases")
+    assert [(case["name"], Path(case["reference"]).name) for case in found] == [
         ("mirrored", "mirrored_seg.nii.gz"), ("straight", "straight_seg.nii.gz")]
 
 
 def test_heldout_cases_are_seeded_variants_training_never_saw():
-    first, labels = bench.heldout_volume(1)
-    again, labels_again = bench.heldout_volume(1)
-    second, _ = bench.heldout_volume(2)
+    first, labels = cases.heldout_volume(1)
+    again, labels_again = cases.heldout_volume(1)
+    second, _ = cases.heldout_volume(2)
     sample = nib.load(str(SAMPLE_VOLUME)).get_fdata()
     assert np.array_equal(first.array, again.array) and np.array_equal(labels, labels_again)
     assert not np.allclose(first.array, second.array)
@@ -218,7 +218,7 @@ def test_yaml_study_reads_like_json(study):
     yaml_study.write_text("networks: [tiny-a, tiny-b]\ncases: [cases]\nprobes:\n"
                           "  - {attack: fgsm, epsilons: [0.01, 0.04]}\n"
                           "  - {corruption: bias_field, severities: [2, 5]}\n")
-    assert bench.resolve_study(bench.load_study(yaml_study)) == bench.resolve_study(bench.load_study(study))
+    assert definition.resolve_study(definition.load_study(yaml_study)) == definition.resolve_study(definition.load_study(study))
 
 
 def test_training_is_reproducible(tmp_path):
@@ -261,10 +261,10 @@ def test_network_hash_covers_the_weights_its_description_names(tmp_path):
     outside = tiny_network(tmp_path / "outside", 1, weights="../shared/weights.pt")
     (outside / "model.pt").unlink()
     sources = [str(folder / "model.json"), str(outside)]
-    before = [bench._network(source)["hash"] for source in sources]
+    before = [definition._network(source)["hash"] for source in sources]
     save_weights(folder / "model.pt", TINY, 2)
     save_weights(tmp_path / "shared" / "weights.pt", TINY, 2)
-    after = [bench._network(source)["hash"] for source in sources]
+    after = [definition._network(source)["hash"] for source in sources]
     assert before[0] != after[0] and before[1] != after[1]
 
 
@@ -273,7 +273,7 @@ def test_network_without_a_source_is_refused_clearly(tmp_path):
     path.write_text(json.dumps({"networks": [{"name": "x"}], "cases": ["sample"],
                                 "probes": [{"attack": "fgsm", "epsilons": [0.01]}]}))
     with pytest.raises(InputError, match="a network needs a source"):
-        bench.run_study(str(path), tmp_path / "out")
+        execution.run_study(str(path), tmp_path / "out")
 
 
 def test_probe_options_next_to_a_study_file_are_refused_not_ignored(study, tmp_path, capsys):
@@ -301,38 +301,37 @@ def test_command_line_lists_make_the_same_cells_as_the_study_file(study, tmp_pat
 def test_cell_key_changes_when_a_default_of_the_probe_changes(study, monkeypatch):
     """A stored cell is not reused when the library's default of a setting the study does not write changes."""
     from MedAdvRobustnessLib.probes.attacks import ATTACKS
-    task = bench.study_cells(bench.resolve_study(bench.load_study(str(study))))[0]
+    task = cells.study_cells(definition.resolve_study(definition.load_study(str(study))))[0]
     assert task["probe"]["name"] == "fgsm" and "grow_voxels" not in task["probe"]["params"]
-    before = bench.cell_key(task)
-    assert bench.cell_key(task) == before
+    before = cells.cell_key(task)
+    assert cells.cell_key(task) == before
 
     @dataclasses.dataclass
     class NewDefaultFGSM(ATTACKS["fgsm"]):
         grow_voxels: int = 2
 
     monkeypatch.setitem(ATTACKS, "fgsm", NewDefaultFGSM)
-    assert bench.cell_key(task) != before
+    assert cells.cell_key(task) != before
 
 
 def test_threads_computing_cells_at_once_match_one_by_one(study, tmp_path, monkeypatch):
     """Two threads of one process (a Dask worker's) compute a network at 4 mm on cases at 2 and 4 mm at the same
     time (both inside the runner before either goes on) and get what one thread gets."""
-    from MedAdvRobustnessLib.evaluation import sweep as runner
     network = tiny_network(tmp_path / "spaced", 1, spacing=[4.0, 4.0, 4.0])
     cases = study.parent / "cases"
-    tasks = bench.study_cells(bench.resolve_study({
+    tasks = cells.study_cells(definition.resolve_study({
         "networks": [str(network)], "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
         "cases": ["sample", {"name": "straight", "volume": str(cases / "straight.nii.gz"),
                              "reference": str(cases / "straight_seg.nii.gz")}]}))
-    one_by_one = [json.dumps(bench.compute_cell(task)["rows"]) for task in tasks]
-    together, run_sweep = threading.Barrier(2, timeout=120), runner.run_sweep
+    one_by_one = [json.dumps(cells.compute_cell(task)["rows"]) for task in tasks]
+    together, run_sweep = threading.Barrier(2, timeout=120), cells.run_sweep
 
     def meeting(*args, **kwargs):
         together.wait()
         return run_sweep(*args, **kwargs)
-    monkeypatch.setattr(runner, "run_sweep", meeting)
+    monkeypatch.setattr(cells, "run_sweep", meeting)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        at_once = [json.dumps(record["rows"]) for record in pool.map(bench.compute_cell, tasks)]
+        at_once = [json.dumps(record["rows"]) for record in pool.map(cells.compute_cell, tasks)]
     assert at_once == one_by_one
 
 
@@ -343,7 +342,7 @@ def test_failing_cell_names_itself_and_keeps_the_finished_cells(study, tmp_path)
                 "reference": str(cases / "straight_seg.nii.gz")}
     with pytest.raises(InputError, match=r"network two-labels, case straight, probe fgsm, strength 0.02\): "
                                          r"the reference holds label 3"):
-        bench.run_study({"networks": [str(study.parent / "tiny-a"), str(two_labels)], "cases": [straight],
+        execution.run_study({"networks": [str(study.parent / "tiny-a"), str(two_labels)], "cases": [straight],
                          "probes": [{"attack": "fgsm", "epsilons": [0.02]}]}, tmp_path / "out")
     assert [p.name.split("__")[0] for p in (tmp_path / "out" / "cells").glob("*.json")] == ["tiny-a"]
 
@@ -356,7 +355,7 @@ def unreferenced(study, tmp_path_factory):
     (root / "plain.nii.gz").write_bytes((cases / "straight.nii.gz").read_bytes())
     mask = os.umask(0o002)
     try:
-        bench.run_study({"networks": [str(study.parent / "tiny-a")], "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
+        execution.run_study({"networks": [str(study.parent / "tiny-a")], "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
                          "cases": [{"name": "straight", "volume": str(cases / "straight.nii.gz"),
                                     "reference": str(cases / "straight_seg.nii.gz")}, str(root / "plain.nii.gz")]},
                         root / "out")
@@ -380,7 +379,7 @@ def test_summary_averages_only_dice_against_a_reference(unreferenced):
 def test_without_any_reference_the_summary_is_against_the_clean_prediction(study, unreferenced, tmp_path):
     """A study of volumes without labels (a radiologist's own scans) still gets a summary: Dice against the clean
     prediction, said so, and no point in the clean-vs-robustness scatter (its clean Dice is 1 by definition)."""
-    run = bench.run_study({"networks": [str(study.parent / "tiny-a")],
+    run = execution.run_study({"networks": [str(study.parent / "tiny-a")],
                            "probes": [{"attack": "fgsm", "epsilons": [0.02]}],
                            "cases": [str(unreferenced.parent / "plain.nii.gz")]}, tmp_path / "out")
     fgsm = next(row for row in read_table(tmp_path / "out" / "summary.csv") if row["probe"] == "fgsm")
@@ -401,5 +400,5 @@ def test_outputs_are_created_with_the_umask(unreferenced):
 
 def test_failed_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(UnicodeEncodeError):
-        bench._write_csv(tmp_path / "table.csv", [{"a": "\ud800"}], ["a"])  # a lone surrogate: not UTF-8
+        outputs._write_csv(tmp_path / "table.csv", [{"a": "\ud800"}], ["a"])  # a lone surrogate: not UTF-8
     assert list(tmp_path.iterdir()) == []

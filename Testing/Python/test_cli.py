@@ -50,7 +50,7 @@ def test_metrics_csv_rows_and_columns(demo_run):
     out, _ = demo_run
     with open(str(out / "metrics.csv")) as stream:
         rows = list(csv.DictReader(stream))
-    assert list(rows[0]) == ["model", "attack", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
+    assert list(rows[0]) == ["model", "probe", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
                              "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference",
                              "hd95_clean", "asd_clean"]
     assert [(row["epsilon"], row["label"]) for row in rows] == [
@@ -85,7 +85,7 @@ def test_corruption_run_writes_severities_and_the_rood_summary(tmp_path):
     assert {"corrupted_1.nii.gz", "corrupted_5.nii.gz", "prediction_5.nii.gz", "rood_summary.json"} <= names
     with open(str(out / "metrics.csv")) as stream:
         rows = list(csv.DictReader(stream))
-    assert list(rows[0])[:4] == ["model", "attack", "severity", "label"]
+    assert list(rows[0])[:4] == ["model", "probe", "severity", "label"]
     mean = {row["severity"]: float(row["dice_reference"]) for row in rows if row["label"] == "mean"}
     assert set(mean) == {"0.0", "1.0", "5.0"} and mean["5.0"] < mean["1.0"] <= mean["0.0"] + 1e-6
     summary = json.loads((out / "rood_summary.json").read_text())

@@ -11,7 +11,7 @@ from conftest import drive_as_widget
 from MedAdvRobustnessLib.module import compare as module_compare
 from MedAdvRobustnessLib.module import logic as module_logic
 from MedAdvRobustnessLib.probes.attacks import AttackCancelled
-from MedAdvRobustnessLib.study.bench import heldout_volume
+from MedAdvRobustnessLib.study.cases import heldout_volume
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import Label, PALETTE
 from MedAdvRobustnessLib.scene.nodes import (add_color_table, add_label_map_node, add_segmentation_node, add_volume_node,

@@ -11,6 +11,7 @@ from slicer import util
 
 from conftest import drive_as_widget
 from MedAdvRobustnessLib.module import logic as module_logic
+from MedAdvRobustnessLib.probes import registry
 from MedAdvRobustnessLib.probes.attacks import AttackCancelled
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import Label, PALETTE
@@ -87,7 +88,7 @@ def test_run_adds_its_nodes_in_one_folder_named_after_volume_network_and_probe(s
     hierarchy = hierarchy_of(slicer_scene.scene)
     assert hierarchy.GetItemName(nodes["folder"]) == "MNI152_T1_2mm demo-unet pgd"
     in_folder = module_logic.folder_nodes(hierarchy, nodes["folder"])
-    expected = [nodes["adversarial"][EPSILON], nodes["perturbation"][EPSILON], nodes["segmentation"][0.0],
+    expected = [nodes["probed"][EPSILON], nodes["perturbation"][EPSILON], nodes["segmentation"][0.0],
                 nodes["segmentation"][EPSILON], nodes["metrics"], nodes["curve"], nodes["chart"]]
     for node in expected:
         assert node in in_folder, node.GetName()
@@ -99,7 +100,7 @@ def test_run_adds_its_nodes_in_one_folder_named_after_volume_network_and_probe(s
 def test_run_results_are_within_budget_and_carry_the_network_labels(scene_with_sample, first_run):
     _, volume, _ = scene_with_sample
     nodes, _, original, _ = first_run
-    adversarial = util.arrayFromVolume(nodes["adversarial"][EPSILON]).astype(np.float64)
+    adversarial = util.arrayFromVolume(nodes["probed"][EPSILON]).astype(np.float64)
     budget = EPSILON * (original.max() - original.min())
     assert 0 < np.abs(adversarial - original).max() <= budget * (1 + 1e-6)
     np.testing.assert_allclose(util.arrayFromVolume(nodes["perturbation"][EPSILON]), adversarial - original,
@@ -121,7 +122,7 @@ def test_second_run_keeps_the_first_and_takes_a_segmentation_reference_and_a_reg
     slicer_scene, volume, labels = scene_with_sample
     first_nodes, _, original, _ = first_run
     first_arrays = {key: util.arrayFromVolume(first_nodes[key][EPSILON]).copy()
-                    for key in ("adversarial", "perturbation")}
+                    for key in ("probed", "perturbation")}
     tissue = tissue_segmentation(slicer_scene, labels)
     settings = module_logic.ProbeSettings(
         inputVolume=volume, referenceNode=tissue,
@@ -221,9 +222,9 @@ def test_parse_strengths_takes_lists_and_sweeps():
 
 
 def test_every_probe_has_its_library_parameters():
-    names = module_logic.probe_names()
+    names = registry.probe_names()
     assert names[:7] == ["apgd-ce", "apgd-dlr", "cospgd", "dag", "fgsm", "pgd", "segpgd"]
     assert "smoothing" in names and "rician_noise" in names
-    pgd = {parameter.name: parameter.default for parameter in module_logic.probe_parameters("pgd")}
+    pgd = {parameter.name: parameter.default for parameter in registry.probe_parameters("pgd")}
     assert pgd["steps"] == 10 and pgd["norm"] == "linf"
-    assert [p.name for p in module_logic.probe_parameters("smoothing")] == ["seed"]
+    assert [p.name for p in registry.probe_parameters("smoothing")] == ["seed"]

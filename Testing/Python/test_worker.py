@@ -66,7 +66,7 @@ def test_a_run_finishes_while_the_caller_holds_the_gil(sample):
     assert run.done, "the worker did not finish within {} s while the caller held the GIL".format(DEADLINE_SECONDS)
     nodes = run.finish()
     print("FGSM on the sample in a worker process, caller holding the GIL: {:.1f} s".format(elapsed))
-    assert sorted(nodes["adversarial"]) == [0.02]
+    assert sorted(nodes["probed"]) == [0.02]
     assert run_folders() == folders_before, "the worker's temporary folder was left behind"
 
 

@@ -17,10 +17,11 @@ from typing import Optional
 import numpy as np
 import slicer
 
-from ..study.bench import REFERENCE_MARKERS
+from ..study.cases import REFERENCE_MARKERS
 from ..errors import InputError
-from .logic import (WorkerRun, add_nodes_in_folder, is_corruption, make_probe, numbered, read_settings,
-                           reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
+from ..probes.registry import is_corruption
+from .logic import (WorkerRun, add_nodes_in_folder, numbered, probe_from_settings, read_settings,
+                    reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
 from ..scene.nodes import labels_from_node, volume_from_node
 
 
@@ -54,7 +55,7 @@ def network_list(text):
 
 def bench_probe(settings):
     """The selected probe, its parameters and strengths as a bench study probe (checked like a single run)."""
-    _, strengths = make_probe(settings)
+    _, strengths = probe_from_settings(settings)
     params = stored_probe_parameters(settings)
     if is_corruption(settings.probe):
         return {"corruption": settings.probe, "severities": strengths, "params": params}
@@ -159,7 +160,7 @@ def write_cases(inputs, folder):
 def compute_comparison(inputs, progress=None, is_cancelled=None):
     """Write the cases and run the study (no scene access: runs in the worker process). Returns the StudyRun."""
     import torch
-    from ..study.bench import run_study
+    from ..study.execution import run_study
     progress = progress or (lambda fraction, message: None)
     temporary = not inputs.folder
     folder = Path(tempfile.mkdtemp(prefix="medadv-compare-")) if temporary else Path(inputs.folder)
@@ -183,7 +184,7 @@ def compute_comparison(inputs, progress=None, is_cancelled=None):
 
 def add_compare_nodes(slicer_scene, study_run, probe_name):
     """The summary table and the chart of mean Dice per network against the strength, in a new folder."""
-    from ..study.bench import add_study_nodes
+    from ..study.outputs import add_study_nodes
     scene = slicer_scene.scene
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 

@@ -17,8 +17,8 @@ import numpy as np
 import vtk
 import slicer
 
-from ..probes.attacks import ATTACKS, AttackCancelled, Parameter, make_attack
-from ..probes.corruptions import CORRUPTIONS, CorruptionProbe
+from ..probes.attacks import AttackCancelled
+from ..probes.registry import is_corruption, make_probe
 from ..errors import InputError
 from ..scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .worker import ProcessRun
@@ -26,34 +26,6 @@ from .worker import ProcessRun
 MODULE_NAME = "MedAdvRobustness"
 NETWORK_KINDS = ("builtin", "torchscript", "bundle", "description")
 OUTPUT_ACTIVATIONS = ("auto", "logits", "softmax", "sigmoid")
-CORRUPTION_SEED = Parameter("seed", 0, int, "seed of the corruption's random draws")
-
-
-def probe_names():
-    """Every attack, then every corruption, as the probe list of the module."""
-    return sorted(ATTACKS) + list(CORRUPTIONS)
-
-
-def is_corruption(probe):
-    return probe in CORRUPTIONS
-
-
-def probe_parameters(probe):
-    """The parameters (name, library default, type, help, choices) the probe takes."""
-    if is_corruption(probe):
-        return [CORRUPTION_SEED]
-    if probe not in ATTACKS:
-        raise InputError("unknown probe {!r}; expected one of {}".format(probe, ", ".join(probe_names())))
-    return ATTACKS[probe].parameters()
-
-
-def probe_summary(probe):
-    """One line on what the probe does (and what its strengths are)."""
-    if is_corruption(probe):
-        return "MRI corruption at severities 1-5: {}".format(CORRUPTIONS[probe].description)
-    if probe not in ATTACKS:
-        raise InputError("unknown probe {!r}; expected one of {}".format(probe, ", ".join(probe_names())))
-    return ATTACKS[probe].summary
 
 
 @dataclass
@@ -163,22 +135,12 @@ def stored_probe_parameters(settings):
     return {key: value for key, value in values.items() if str(value).strip() != ""}
 
 
-def make_probe(settings):
+def probe_from_settings(settings):
     """The attack or corruption probe and its strengths (epsilons or severities)."""
-    values = stored_probe_parameters(settings)
-    if is_corruption(settings.probe):
-        unknown = sorted(set(values) - {"seed"})
-        if unknown:
-            raise InputError("corruption {} has no parameter {}; it takes seed only".format(
-                settings.probe, ", ".join(unknown)))
-        try:
-            seed = int(float(values.get("seed", 0)))
-        except ValueError:
-            raise InputError("corruption seed must be an integer, got {!r}".format(values["seed"]))
-        probe = CorruptionProbe(settings.probe, seed=seed)
-        return probe, probe.check_strengths(parse_strengths(settings.severities, "severities"))
-    probe = make_attack(settings.probe, **values)
-    return probe, probe.check_strengths(parse_strengths(settings.epsilons, "epsilons"))
+    probe = make_probe(settings.probe, **stored_probe_parameters(settings))
+    text, what = ((settings.severities, "severities") if is_corruption(settings.probe) else
+                  (settings.epsilons, "epsilons"))
+    return probe, probe.check_strengths(parse_strengths(text, what))
 
 
 def network_source(settings):
@@ -220,7 +182,7 @@ def read_inputs(slicer_scene, settings):
     if settings.inputVolume is None:
         raise InputError("select an input volume")
     volume = volume_from_node(settings.inputVolume)
-    probe, strengths = make_probe(settings)
+    probe, strengths = probe_from_settings(settings)
     reference, segments = None, None
     if settings.referenceNode is not None:
         if settings.referenceNode.IsA("vtkMRMLSegmentationNode"):
@@ -237,7 +199,7 @@ def read_inputs(slicer_scene, settings):
                                settings.inputVolume, volume)[0][1]
         if not region.any():
             raise InputError("region segment {} is empty on the volume's grid".format(settings.regionSegmentId))
-        if getattr(probe, "spatial", False):
+        if probe.moves_anatomy:
             raise InputError("corruption {} moves the anatomy and cannot be restricted to a region; clear the "
                              "region".format(probe.name))
     return RunInputs(volume, reference, segments, region, probe, strengths, network_source(settings),
@@ -387,7 +349,7 @@ def add_run_nodes(slicer_scene, result):
     from ..pipeline import add_result_nodes
 
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
-    name = "{} {} {}".format(result.volume.name, result.model_name, result.attack_name)
+    name = "{} {} {}".format(result.volume.name, result.model_name, result.probe_name)
     return add_nodes_in_folder(slicer_scene.scene, unique_folder_name(hierarchy, name),
                                lambda: add_result_nodes(slicer_scene, result))
 

@@ -7,6 +7,7 @@ differentiably, so attacks get gradients in the volume's own intensities and gri
 """
 import json
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -360,6 +361,28 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
     model.amp = bool(amp)
     model.to_device(device)
     return model.eval()
+
+
+def as_segmentation_model(network):
+    """``network`` as a :class:`SegmentationModel`: itself if it is one; a plain ``torch.nn.Module`` wrapped as
+    logits on the raw whole volume (no preprocessing), with a warning saying so."""
+    if isinstance(network, SegmentationModel):
+        return network
+    if not isinstance(network, torch.nn.Module):
+        raise InputError("the network must be a torch.nn.Module or a model from load_model, got {}".format(
+            type(network).__name__))
+    name = type(network).__name__
+    warnings.warn("{} is a plain torch.nn.Module: taken as logits on the raw whole volume, without intensity "
+                  "preprocessing, resampling or sliding windows; wrap it as SegmentationModel(network, "
+                  "ModelDescription(...)) to say otherwise".format(name), stacklevel=3)
+    return SegmentationModel(network, ModelDescription(name=name, output_activation="logits"),
+                             device=_module_device(network))
+
+
+def _module_device(network):
+    for tensor in list(network.parameters()) + list(network.buffers()):
+        return tensor.device
+    return "cpu"
 
 
 def build_network(architecture):

@@ -1,7 +1,7 @@
 """Adversarial attacks on dense (per-voxel) segmentation outputs, in the volume's own intensity space.
 
 Every attack is a dataclass whose fields are its parameters (with defaults, listed by ``medadv attacks``), built
-by name with :func:`make_attack`, and called the same way::
+by name with :func:`~.registry.make_probe`, and called the same way::
 
     adversarial, record = attack(model, volume, labels, epsilon, bounds, region=None, target=None,
                                  progress=None, is_cancelled=None)
@@ -44,7 +44,10 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..evaluation.metrics import dice_per_label, mean_dice
+from ..networks.models import as_segmentation_model
 from ..networks.outputs import label_count, predict_labels, voxel_loss
+from .base import Probe
+from .parameters import check_parameters, describe_parameter, parameter, parameter_fields, seed_parameter, value_text
 
 NORMS = ("linf", "l2")
 TARGET_MODES = ("permute", "swap", "turn", "grow", "vanish")
@@ -225,25 +228,8 @@ def _check_label(name, value, labels_count, mode):
         raise InputError("{} {} is not a label of this network (0..{})".format(name, value, labels_count - 1))
 
 
-# --- parameters ----------------------------------------------------------------------------------------------------
-
-def _param(default, kind, help, choices=None, minimum=None, optional=False):
-    """A dataclass field that describes an attack parameter for the CLI and :func:`make_attack`."""
-    return field(default=default, metadata=dict(kind=kind, help=help, choices=choices, minimum=minimum,
-                                                optional=optional or default is None))
-
-
-@dataclass(frozen=True)
-class Parameter:
-    name: str
-    default: object
-    kind: type
-    help: str
-    choices: Optional[tuple] = None
-
-
 @dataclass
-class Attack:
+class Attack(Probe):
     """Base class: the call protocol, the norm geometry and the targeting shared by every attack."""
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -251,29 +237,19 @@ class Attack:
     strength_name: ClassVar[str] = "epsilon"
     strength_label: ClassVar[str] = "epsilon (fraction of intensity range)"
 
-    seed: int = _param(0, int, "seed of random starts and of the permute target")
-    target_mode: Optional[str] = _param(None, str, "targeted attack: target map built from the labels",
-                                        choices=TARGET_MODES)
-    source_label: Optional[int] = _param(None, int, "label A of swap/turn/grow/vanish")
-    target_label: Optional[int] = _param(None, int, "label B of swap/turn")
-    grow_voxels: int = _param(1, int, "grow: voxels label A spreads into its neighbours", minimum=1)
-    region_loss: bool = _param(False, bool, "restrict the loss (not only the perturbation) to the region")
-    target_weight: Optional[float] = _param(None, float, "targeted: share of the loss on the voxels whose target "
-                                            "differs from their label, the rest on keeping the others (Metzen et "
-                                            "al. 2017); none: one mean over all voxels", minimum=0.0)
+    seed: int = seed_parameter("seed of random starts and of the permute target")
+    target_mode: Optional[str] = parameter(None, str, "targeted attack: target map built from the labels",
+                                           choices=TARGET_MODES)
+    source_label: Optional[int] = parameter(None, int, "label A of swap/turn/grow/vanish")
+    target_label: Optional[int] = parameter(None, int, "label B of swap/turn")
+    grow_voxels: int = parameter(1, int, "grow: voxels label A spreads into its neighbours", minimum=1)
+    region_loss: bool = parameter(False, bool, "restrict the loss (not only the perturbation) to the region")
+    target_weight: Optional[float] = parameter(None, float, "targeted: share of the loss on the voxels whose target "
+                                               "differs from their label, the rest on keeping the others (Metzen et "
+                                               "al. 2017); none: one mean over all voxels", minimum=0.0)
 
     def __post_init__(self):
-        for item in fields(self):
-            meta = item.metadata
-            value = getattr(self, item.name)
-            if value is None and meta.get("optional"):
-                continue
-            if meta.get("choices") and value not in meta["choices"]:
-                raise InputError("{} {}: {!r} is not one of {}".format(self.name, item.name, value,
-                                                                       ", ".join(meta["choices"])))
-            if meta.get("minimum") is not None and value < meta["minimum"]:
-                raise InputError("{} {} must be at least {:g}, got {:g}".format(self.name, item.name,
-                                                                               meta["minimum"], value))
+        check_parameters(self)
         if self.target_weight is not None and not self.target_weight <= 1.0:
             raise InputError("{} target_weight must be in [0, 1], got {:g}".format(self.name, self.target_weight))
         if self.target_mode in ("swap", "turn", "grow", "vanish") and self.source_label is None:
@@ -285,9 +261,8 @@ class Attack:
     def parameters(cls):
         """The parameters (name, default, type, help) this attack takes: its own first, then the common ones."""
         common = {item.name for item in fields(Attack)}
-        ordered = sorted(fields(cls), key=lambda item: item.name in common)
-        return [Parameter(item.name, item.default, item.metadata["kind"], item.metadata["help"],
-                          item.metadata.get("choices")) for item in ordered]
+        ordered = sorted(parameter_fields(cls), key=lambda item: item.name in common)
+        return [describe_parameter(item) for item in ordered]
 
     def check_strengths(self, epsilons):
         return check_epsilons(epsilons)
@@ -305,14 +280,23 @@ class Attack:
 
     def __call__(self, model, volume, labels, epsilon, bounds, region=None, target=None, progress=None,
                  is_cancelled=None):
-        context = _Context(self, model, volume, labels, float(epsilon), bounds, region, target, progress,
-                           is_cancelled)
-        adversarial = self._attack(context)
+        context = _Context(self, as_segmentation_model(model), volume, labels, float(epsilon), bounds, region, target,
+                           progress, is_cancelled)
+        adversarial = self.run(context)
         context.record.seconds = time.time() - context.start
         return adversarial.detach(), context.record
 
-    def _attack(self, context):
+    def run(self, context):
+        """The adversarial volume of one call (``context``: inputs, projections, gradient evaluations)."""
         raise NotImplementedError
+
+    def outcome(self, sweep, epsilon, report):
+        budget = self.intensity_budget(epsilon, sweep.intensity_span, sweep.inputs, sweep.region)
+        extra = {key: value for key, value in (("region", sweep.region), ("target", sweep.target))
+                 if value is not None}
+        probed, record = self(sweep.model, sweep.inputs, sweep.loss_labels, budget, sweep.bounds, progress=report,
+                              is_cancelled=sweep.is_cancelled, **extra)
+        return sweep.outcome(epsilon, probed, record)
 
     def _loss(self, context, outputs, step, steps):
         """Per-volume loss (B,): mean cross-entropy towards the loss labels (the target when targeted)."""
@@ -483,7 +467,7 @@ class FGSM(Attack):
     summary: ClassVar[str] = ("Fast Gradient Sign Method (Goodfellow et al. 2015): one L-infinity step of epsilon "
                               "along the sign of the cross-entropy gradient")
 
-    def _attack(self, context):
+    def run(self, context):
         context.plan(1)
         _, gradient, _ = context.evaluate(context.volume, lambda out: self._loss(context, out, 1, 1))
         return context.ascend(context.volume, gradient, context.epsilon, "linf")
@@ -495,15 +479,15 @@ class PGD(Attack):
     summary: ClassVar[str] = ("Projected Gradient Descent (Madry et al. 2018), L-infinity (sign steps) or L2 "
                               "(normalised steps), on the per-voxel cross-entropy")
 
-    steps: int = _param(10, int, "iterations (gradient evaluations) per restart", minimum=1)
-    norm: str = _param("linf", str, "threat model", choices=NORMS)
-    step_size: Optional[float] = _param(None, float, "step as a fraction of epsilon (default 2.5/steps)",
-                                        minimum=0.0)
-    random_start: bool = _param(True, bool, "start at a random point of the epsilon ball (seeded)")
-    restarts: int = _param(1, int, "random restarts; per volume the worst case is kept", minimum=1)
-    restart_criterion: str = _param("dice", str, "worst case of the restarts: lowest mean Dice against the "
-                                    "labels (targeted: highest against the target) or highest loss",
-                                    choices=RESTART_CRITERIA)
+    steps: int = parameter(10, int, "iterations (gradient evaluations) per restart", minimum=1)
+    norm: str = parameter("linf", str, "threat model", choices=NORMS)
+    step_size: Optional[float] = parameter(None, float, "step as a fraction of epsilon (default 2.5/steps)",
+                                           minimum=0.0)
+    random_start: bool = parameter(True, bool, "start at a random point of the epsilon ball (seeded)")
+    restarts: int = parameter(1, int, "random restarts; per volume the worst case is kept", minimum=1)
+    restart_criterion: str = parameter("dice", str, "worst case of the restarts: lowest mean Dice against the "
+                                       "labels (targeted: highest against the target) or highest loss",
+                                       choices=RESTART_CRITERIA)
 
     def __post_init__(self):
         super().__post_init__()
@@ -511,7 +495,7 @@ class PGD(Attack):
             raise InputError("{}: restarts need random_start (without it every restart is the same)".format(
                 self.name))
 
-    def _attack(self, context):
+    def run(self, context):
         context.plan(self.steps * self.restarts)
         size = (self.step_size if self.step_size is not None else 2.5 / self.steps) * context.epsilon
         best, best_score, scores = None, None, []
@@ -583,13 +567,13 @@ class APGD(Attack):
     summary: ClassVar[str] = "Auto-PGD (Croce & Hein 2020)"
     loss_name: ClassVar[str] = "ce"
 
-    steps: int = _param(10, int, "gradient evaluations per restart", minimum=2)
-    norm: str = _param("linf", str, "threat model", choices=NORMS)
-    random_start: bool = _param(True, bool, "start at a random point of the epsilon ball (seeded)")
-    restarts: int = _param(1, int, "random restarts; per volume the highest loss is kept", minimum=1)
-    step_size: float = _param(2.0, float, "initial step as a fraction of epsilon (the paper's 2)", minimum=0.0)
-    momentum: float = _param(0.75, float, "weight alpha of the new step (1 - alpha: momentum)", minimum=0.0)
-    rho: float = _param(0.75, float, "halve the step when fewer than rho of the steps since the last "
+    steps: int = parameter(10, int, "gradient evaluations per restart", minimum=2)
+    norm: str = parameter("linf", str, "threat model", choices=NORMS)
+    random_start: bool = parameter(True, bool, "start at a random point of the epsilon ball (seeded)")
+    restarts: int = parameter(1, int, "random restarts; per volume the highest loss is kept", minimum=1)
+    step_size: float = parameter(2.0, float, "initial step as a fraction of epsilon (the paper's 2)", minimum=0.0)
+    momentum: float = parameter(0.75, float, "weight alpha of the new step (1 - alpha: momentum)", minimum=0.0)
+    rho: float = parameter(0.75, float, "halve the step when fewer than rho of the steps since the last "
                         "checkpoint raised the loss", minimum=0.0)
 
     def _loss(self, context, outputs, step, steps):
@@ -599,7 +583,7 @@ class APGD(Attack):
         target = context.target(outputs) if context.targeted else None
         return context.reduce(dlr_loss(scores, context.labels, target))
 
-    def _attack(self, context):
+    def run(self, context):
         context.plan(self.steps * self.restarts)
         best, best_value = None, None
         for restart in range(self.restarts):
@@ -695,11 +679,11 @@ class DAG(Attack):
                               "r = grad sum over the active voxels of (z_target - z_label), step gamma*eps*r/|r|inf, "
                               "until no voxel is active; always targeted (default: random label permutation)")
 
-    target_mode: Optional[str] = _param("permute", str, "target map built from the labels", choices=TARGET_MODES)
-    steps: int = _param(20, int, "maximum iterations", minimum=1)
-    gamma: float = _param(0.5, float, "L-infinity size of each step as a fraction of epsilon", minimum=0.0)
-    scale_quantile: float = _param(1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] "
-                                   "(1: the paper's r/|r|inf)", minimum=0.0)
+    target_mode: Optional[str] = parameter("permute", str, "target map built from the labels", choices=TARGET_MODES)
+    steps: int = parameter(20, int, "maximum iterations", minimum=1)
+    gamma: float = parameter(0.5, float, "L-infinity size of each step as a fraction of epsilon", minimum=0.0)
+    scale_quantile: float = parameter(1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] "
+                                      "(1: the paper's r/|r|inf)", minimum=0.0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -737,7 +721,7 @@ class DAG(Attack):
             active = active & context.loss_mask
         return active
 
-    def _attack(self, context):
+    def run(self, context):
         if not context.targeted:
             raise InputError("dag needs a target map or a target mode")
         context.direction = 1.0  # DAG raises z_target - z_label itself
@@ -760,75 +744,15 @@ class DAG(Attack):
 ATTACKS = {attack.name: attack for attack in (FGSM, PGD, SegPGD, CosPGD, APGDCE, APGDDLR, DAG)}
 
 
-def make_attack(name, **params):
-    """The attack ``name`` with ``params`` (values may be text, as from ``--param key=value``)."""
-    attack_class = ATTACKS.get(name)
-    if attack_class is None:
-        raise InputError("unknown attack {!r}; expected one of {}".format(name, ", ".join(sorted(ATTACKS))))
-    known = {item.name: item for item in fields(attack_class)}
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise InputError("attack {} has no parameter {}; its parameters are {}".format(
-            name, ", ".join(unknown), ", ".join(sorted(known))))
-    return attack_class(**{key: _convert(name, known[key], value) for key, value in params.items()})
-
-
-def applicable_parameters(name, **options):
-    """Those of ``options`` that attack ``name`` takes (for forms that offer e.g. steps and seed to every attack)."""
-    attack_class = ATTACKS.get(name)
-    if attack_class is None:
-        raise InputError("unknown attack {!r}; expected one of {}".format(name, ", ".join(sorted(ATTACKS))))
-    known = {item.name for item in fields(attack_class)}
-    return {key: value for key, value in options.items() if key in known}
-
-
 def describe_attacks():
     """Every attack with its summary and its parameters with their defaults, as text."""
     lines = []
     for name in sorted(ATTACKS):
         attack_class = ATTACKS[name]
         lines.append("{}: {}".format(name, attack_class.summary))
-        for parameter in attack_class.parameters():
-            choices = " ({})".format("|".join(parameter.choices)) if parameter.choices else ""
-            lines.append("    {:<18} default {:<8} {}{}".format(
-                parameter.name, _text(parameter.default), parameter.help, choices))
+        for item in attack_class.parameters():
+            choices = " ({})".format("|".join(item.choices)) if item.choices else ""
+            lines.append("    {:<18} default {:<8} {}{}".format(item.name, value_text(item.default), item.help,
+                                                               choices))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _text(value):
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "{:g}".format(value) if isinstance(value, float) else str(value)
-
-
-def _convert(attack_name, item, value):
-    meta = item.metadata
-    kind = meta["kind"]
-    if isinstance(value, str):
-        text = value.strip()
-        if meta.get("optional") and text.lower() in ("none", ""):
-            return None
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                    raise ValueError(text)
-                return text.lower() in ("true", "1", "yes", "on")
-            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
-        except ValueError:
-            raise InputError("attack {} parameter {}: cannot read {!r} as {}".format(attack_name, item.name, value,
-                                                                                 kind.__name__))
-    if value is None:
-        if meta.get("optional"):
-            return None
-        raise InputError("attack {} parameter {} cannot be none".format(attack_name, item.name))
-    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
-        return value
-    if kind is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
-        return int(value)
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise InputError("attack {} parameter {} must be {}, got {!r}".format(attack_name, item.name, kind.__name__,
-                                                                         value))

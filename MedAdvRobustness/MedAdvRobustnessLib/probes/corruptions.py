@@ -57,6 +57,8 @@ from monai.transforms.utils import create_grid, create_rotate, create_translate
 from monai.utils import convert_to_tensor
 
 from ..errors import InputError
+from .base import Probe
+from .parameters import check_parameters, seed_parameter
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ROOD_ALPHA = 2.0 / 3.0
@@ -113,15 +115,24 @@ def corrupt_with_labels(name, volume, labels, severity, seed=0, spacing=(1.0, 1.
 
 
 @dataclass(frozen=True)
-class CorruptionProbe:
-    """A corruption family as a probe for the runner: the strengths are severities 1..5."""
+class CorruptionProbe(Probe):
+    """A corruption family as a probe: its strengths are severities 1..5, its one parameter the seed."""
     name: str
-    seed: int = 0
+    seed: int = seed_parameter("seed of the corruption's random draws")
     strength_name = "severity"
     strength_label = "severity (1-5)"
 
     def __post_init__(self):
         _corruption(self.name)
+        check_parameters(self)
+
+    @property
+    def summary(self):
+        return "MRI corruption at severities 1-5: {}".format(_corruption(self.name).description)
+
+    @property
+    def moves_anatomy(self):
+        return _corruption(self.name).spatial
 
     def check_strengths(self, severities):
         """Sorted distinct severities, each one of 1..5."""
@@ -130,17 +141,25 @@ class CorruptionProbe:
             raise InputError("give at least one severity")
         return values
 
-    @property
-    def spatial(self):
-        return _corruption(self.name).spatial
-
     def apply(self, inputs, severity, spacing, label_maps):
         """The corrupted volume at ``severity``, and each (X, Y, Z) label map moved with it where it moves."""
         corrupted = corrupt(self.name, inputs, severity, self.seed, spacing)
-        if not self.spatial:
+        if not self.moves_anatomy:
             return corrupted, list(label_maps)
         return corrupted, [corrupt_with_labels(self.name, inputs, labels, severity, self.seed, spacing)[1]
                            for labels in label_maps]
+
+    def outcome(self, sweep, severity, report):
+        moved_maps = [sweep.clean_prediction] + ([] if sweep.reference is None else [sweep.reference])
+        corrupted, moved = self.apply(sweep.inputs, severity, sweep.spacing, [torch.from_numpy(m) for m in moved_maps])
+        if sweep.region is not None:
+            corrupted = torch.where(sweep.region[None], corrupted, sweep.inputs)
+        outcome = sweep.outcome(float(severity), corrupted)
+        if self.moves_anatomy:
+            outcome.clean_prediction = moved[0].numpy()
+            outcome.reference = moved[1].numpy() if sweep.reference is not None else None
+        report(1, 1)
+        return outcome
 
 
 def describe_corruptions():

@@ -23,7 +23,7 @@ def outcome_title(result, outcome):
     """``clean``, ``<attack> eps <e>`` or ``<corruption> severity <s>``: how nodes and figures name an outcome."""
     if outcome.strength == 0:
         return "clean"
-    return "{} {} {}".format(result.attack_name, STRENGTH_WORDS[result.strength_name][0],
+    return "{} {} {}".format(result.probe_name, STRENGTH_WORDS[result.strength_name][0],
                              epsilon_text(outcome.strength))
 
 
@@ -31,20 +31,20 @@ def add_result_nodes(slicer_scene, result):
     """Adversarial (or corrupted) volume, perturbation and segmentation per strength, clean segmentation, metrics
     and chart.
 
-    Returns the new nodes by role (``adversarial``/``perturbation``/``segmentation`` map the strength to a node).
+    Returns the new nodes by role (``probed``/``perturbation``/``segmentation`` map the strength to a node).
     """
     scene, volume = slicer_scene.scene, result.volume
-    title = "{} {} {}".format(volume.name, result.model_name, result.attack_name)
+    title = "{} {} {}".format(volume.name, result.model_name, result.probe_name)
     colors = add_color_table(scene, result.labels, "{} {} labels".format(volume.name, result.model_name))
-    nodes = {"adversarial": {}, "perturbation": {}, "segmentation": {}, "colors": colors}
+    nodes = {"probed": {}, "perturbation": {}, "segmentation": {}, "colors": colors}
     for outcome in result.outcomes:
         suffix = outcome_title(result, outcome)
         if outcome.strength > 0:
-            nodes["adversarial"][outcome.strength] = add_volume_node(
-                scene, outcome.adversarial, volume, "{} {} {}".format(
+            nodes["probed"][outcome.strength] = add_volume_node(
+                scene, outcome.probed, volume, "{} {} {}".format(
                     volume.name, STRENGTH_WORDS[result.strength_name][1], suffix))
             nodes["perturbation"][outcome.strength] = add_volume_node(
-                scene, outcome.adversarial - volume.array, volume, "{} perturbation {}".format(volume.name, suffix))
+                scene, outcome.probed - volume.array, volume, "{} perturbation {}".format(volume.name, suffix))
         name = "{} segmentation {}".format(volume.name, suffix)
         label_map = add_label_map_node(scene, outcome.prediction, volume, name + " label map", result.labels, colors)
         nodes["segmentation"][outcome.strength] = add_segmentation_node(slicer_scene, label_map, name)
@@ -102,7 +102,7 @@ def write_result_files(result, out_dir):
     volume_prefix = STRENGTH_WORDS[result.strength_name][1]
     for outcome in result.outcomes:
         strength = epsilon_text(outcome.strength)
-        write_volume_file(outcome.adversarial, result.volume, out_dir / "{}_{}.nii.gz".format(volume_prefix, strength))
+        write_volume_file(outcome.probed, result.volume, out_dir / "{}_{}.nii.gz".format(volume_prefix, strength))
         write_volume_file(outcome.prediction, result.volume, out_dir / "prediction_{}.nii.gz".format(strength),
                           label_map=True)
     write_metrics_csv(result, out_dir / "metrics.csv")

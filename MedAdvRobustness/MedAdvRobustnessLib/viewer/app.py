@@ -41,7 +41,7 @@ METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("severity", "severity", "{:g}"), (
                   ("hd95_clean", "HD95 clean mm", "{:.1f}"), ("asd_clean", "ASD clean mm", "{:.2f}"),
                   ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"), ("psnr", "PSNR dB", "{:.1f}"),
                   ("ssim", "SSIM", "{:.3f}"))
-HIDDEN_METRIC_COLUMNS = ("model", "attack", "linf_fraction", "l2_fraction")
+HIDDEN_METRIC_COLUMNS = ("model", "probe", "attack", "linf_fraction", "l2_fraction")  # attack: older scenes
 PROBE_POLL_SECONDS = 0.3
 
 
@@ -330,7 +330,7 @@ class ResultsViewer(TrameApp):
 
     # ------------------------------------------------------------------------------------------- new probe
     def _on_new_probe(self, new_probe):
-        from ..module.logic import is_corruption
+        from ..probes.registry import is_corruption
         from .probe import DEFAULT_EPSILONS, DEFAULT_SEVERITIES
         state = self.server.state
         corruption = is_corruption(new_probe)
@@ -522,7 +522,7 @@ class ResultsViewer(TrameApp):
         if not self.model_source:
             html.Div("start medadv view with --model to run probes from here", classes="text-caption")
             return
-        from ..module.logic import probe_names
+        from ..probes.registry import probe_names
         built_in = "" if self.model_given else " (the built-in network of that name; --model to choose another)"
         html.Div("network: " + self.model_source + built_in, classes="text-caption", style="word-break:break-all;",
                  id="medadv-probe-network")

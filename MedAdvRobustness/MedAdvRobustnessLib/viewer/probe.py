@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..networks.models import BUILTIN_MODELS
-from ..module.logic import ProbeSettings, RunInputs, WorkerRun, compute, make_probe
+from ..module.logic import ProbeSettings, RunInputs, WorkerRun, compute, probe_from_settings
 from ..scene.nodes import labels_from_node, volume_from_node
 
 DEFAULT_EPSILONS, DEFAULT_SEVERITIES = "0.01 0.02", "1 3 5"
@@ -43,8 +43,8 @@ class PageProbe(WorkerRun):
             raise InputError("{} already has a {} run here; pick another probe".format(run.volume_name, probe_name))
         self.slicer_scene = slicer_scene
         # the module's probe settings: library defaults, the text as epsilons or severities, whichever applies
-        probe, strengths = make_probe(ProbeSettings(probe=probe_name, epsilons=strengths_text,
-                                                    severities=strengths_text))
+        probe, strengths = probe_from_settings(ProbeSettings(probe=probe_name, epsilons=strengths_text,
+                                                             severities=strengths_text))
         volume = volume_from_node(run.volume)
         self.inputs = RunInputs(volume, scene_reference(slicer_scene.scene, volume), None, None, probe, strengths,
                                 model_source, None, False, "cpu")

@@ -1,0 +1,140 @@
+"""Cases of a study: volume files with optional references, folders of them, and held-out variants of the
+embedded sample (deformed, rotated and given a bias field), each hashed with its files."""
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..probes.corruptions import corrupt_with_labels, spacing_from_affine
+from ..sample import SAMPLE_LABELS, SAMPLE_VOLUME
+
+
+CASE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+REFERENCE_MARKERS = ("_seg", "_label", "_labels", "-label", "_reference")
+
+
+HELDOUT_PREFIX = "heldout:"
+
+
+HELDOUT_RECIPE = (("elastic_deformation", 3), ("affine", 1), ("bias_field", 2))
+
+
+HELDOUT_SEED = 1000
+
+
+def resolve_cases(item):
+    """Cases of one study entry: ``heldout:N``, ``sample``, a folder, a volume file, or ``{name, volume,
+    reference}``."""
+    if isinstance(item, dict):
+        if not item.get("volume"):
+            raise InputError("study: a case needs a volume, got {!r}".format(item))
+        return [_file_case(item["volume"], item.get("reference"), item.get("name"))]
+    item = str(item)
+    if item.startswith(HELDOUT_PREFIX):
+        try:
+            count = int(item[len(HELDOUT_PREFIX):])
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise InputError("study: {!r}: give heldout:N with N >= 1 held-out variants of the sample".format(item))
+        return [heldout_case(index) for index in range(1, count + 1)]
+    if item == "sample":
+        return [_file_case(SAMPLE_VOLUME, SAMPLE_LABELS, "sample")]
+    path = Path(item)
+    if path.is_dir():
+        return folder_cases(path)
+    return [_file_case(path, None, None)]
+
+
+def heldout_case(index):
+    """Held-out variant ``index`` of the sample: a seeded elastic deformation, rotation and bias field it was never
+    trained on (labels moved with the image); see :func:`heldout_volume`."""
+    recipe = [list(step) for step in HELDOUT_RECIPE]
+    return {"name": "heldout-{}".format(index), "heldout": index, "recipe": recipe,
+            "hash": hash_files([SAMPLE_VOLUME, SAMPLE_LABELS], extra=json.dumps([recipe, HELDOUT_SEED]))}
+
+
+def folder_cases(folder):
+    """Cases of a folder: each volume file, with the file of the same stem + ``_seg``/``_label``/``-label``/...
+    as its reference label map."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and _case_stem(p) is not None)
+    stems = {_case_stem(p): p for p in files}
+    cases = []
+    for stem, path in sorted(stems.items()):
+        if any(stem.endswith(marker) for marker in REFERENCE_MARKERS):
+            continue
+        reference = next((stems[stem + marker] for marker in REFERENCE_MARKERS if stem + marker in stems), None)
+        cases.append(_file_case(path, reference, stem))
+    if not cases:
+        raise InputError("no volume files ({}) in {}".format(", ".join(CASE_SUFFIXES), folder))
+    return cases
+
+
+def _case_stem(path):
+    name = path.name
+    for suffix in CASE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return None
+
+
+def _file_case(volume, reference, name):
+    volume = Path(volume)
+    if not volume.is_file():
+        raise InputError("study: case volume not found: {}".format(volume))
+    if reference is not None and not Path(reference).is_file():
+        raise InputError("study: reference not found: {}".format(reference))
+    files = [volume] + ([Path(reference)] if reference is not None else [])
+    return {"name": str(name or _case_stem(volume) or volume.stem), "volume": str(volume.resolve()),
+            "reference": str(Path(reference).resolve()) if reference is not None else None,
+            "hash": hash_files(files)}
+
+
+def load_case(case):
+    from ..scene.nodes import labels_from_node, volume_from_node
+    from ..scene.slicer_scene import SlicerScene
+    scene = SlicerScene.standalone()
+    volume = volume_from_node(scene.load_volume(case["volume"], name=case["name"]))
+    reference = None
+    if case.get("reference"):
+        reference = labels_from_node(scene.load_volume(case["reference"], label_map=True), volume)
+    return volume, reference
+
+
+def heldout_volume(index):
+    """The sample deformed elastically, rotated and given a bias field (:data:`HELDOUT_RECIPE`, seed
+    ``HELDOUT_SEED + index``), its labels moved with it: a (Volume, labels) pair training never saw."""
+    import torch
+    volume, labels = load_case({"name": "sample", "volume": str(SAMPLE_VOLUME), "reference": str(SAMPLE_LABELS)})
+    image, moved = volume.as_tensor(), torch.from_numpy(labels.astype(np.int64))
+    spacing = spacing_from_affine(volume.affine)
+    for step, (family, severity) in enumerate(HELDOUT_RECIPE):
+        image, moved = corrupt_with_labels(family, image, moved, severity, HELDOUT_SEED + 10 * index + step, spacing)
+    array = np.ascontiguousarray(image[0, 0].numpy().astype(np.float32))
+    return dataclasses.replace(volume, name="heldout-{}".format(index), array=array), moved.numpy().astype(np.int64)
+
+
+def write_heldout_cases(folder, count):
+    """Write held-out variants 1..count of the sample as NIfTI pairs (``heldout-N.nii.gz``, ``heldout-N_seg``)."""
+    from ..scene.results import write_volume_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(1, count + 1):
+        volume, labels = heldout_volume(index)
+        write_volume_file(volume.array, volume, folder / "heldout-{}.nii.gz".format(index))
+        write_volume_file(labels, volume, folder / "heldout-{}_seg.nii.gz".format(index), label_map=True)
+
+
+def hash_files(files, extra=""):
+    digest = hashlib.sha256(extra.encode())
+    for path in files:
+        digest.update(Path(path).name.encode())
+        with open(str(path), "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

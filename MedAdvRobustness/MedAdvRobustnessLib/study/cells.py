@@ -1,0 +1,133 @@
+"""Cells: one (network, case, probe, strength) each, keyed by everything that determines its result, computed by
+the sweep in any process (a local worker, a Dask worker or this one)."""
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+from ..errors import InputError
+from ..evaluation.sweep import run_sweep
+from ..networks.models import load_model
+from ..probes.attacks import AttackCancelled
+from .cases import heldout_volume, load_case
+from .definition import make_probe
+from .outputs import versions
+
+
+def study_cells(resolved):
+    """Every cell of a resolved study as a plain (picklable, JSON-able) task dictionary, in a fixed order."""
+    cells = []
+    for network in resolved["networks"]:
+        for case in resolved["cases"]:
+            for probe in resolved["probes"]:
+                for strength in probe["strengths"]:
+                    task = {"network": network, "case": case, "probe": {k: v for k, v in probe.items()
+                                                                        if k != "strengths"},
+                            "strength": strength, "threads": resolved["threads"]}
+                    task["key"] = cell_key(task)
+                    cells.append(task)
+    return cells
+
+
+def cell_key(task):
+    """File name of a cell: readable names and a hash of everything that determines its result."""
+    spec = json.dumps({"network": task["network"], "case": task["case"], "probe": task["probe"],
+                       "settings": probe_settings(task["probe"]), "strength": task["strength"]}, sort_keys=True)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    text = "{}__{}__{}__{:g}__{}".format(task["network"]["name"], task["case"]["name"], task["probe"]["name"],
+                                         task["strength"], digest)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def probe_settings(probe):
+    """Every parameter the probe is made with, defaults included: a cell stored before a default changed is not
+    reused."""
+    return make_probe(probe).settings()
+
+
+_CACHE = threading.local()  # per thread (a Dask worker runs cells in threads): on_grid changes a model
+_THREADS = {"lock": threading.Lock(), "cells": 0, "before": None}
+
+
+def compute_cell(task, is_cancelled=None):
+    """Run one cell (in any process or thread: local worker, Dask worker, or this one) and return its record.
+    ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled; any other error
+    says which cell failed."""
+    start = time.time()
+    try:
+        with _torch_threads(max(1, int(task.get("threads", 1)))):  # the same arithmetic in every worker
+            model = _cached_model(task["network"])
+            volume, reference = _cached_case(task["case"])
+            with model.on_grid(volume):
+                result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference,
+                                   is_cancelled=is_cancelled)
+    except AttackCancelled:
+        raise
+    except Exception as error:
+        raise _cell_error(task, error) from error
+    rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
+    return {"key": task["key"], "task": task, "rows": rows, "seconds": round(time.time() - start, 3),
+            "host": socket.gethostname(), "pid": os.getpid(), "versions": versions()}
+
+
+@contextmanager
+def _torch_threads(wanted):
+    """torch's thread count (one per process) at ``wanted`` while cells run, restored after the last one."""
+    import torch
+    with _THREADS["lock"]:
+        if _THREADS["cells"] == 0:
+            _THREADS["before"] = torch.get_num_threads()
+        _THREADS["cells"] += 1
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        with _THREADS["lock"]:
+            _THREADS["cells"] -= 1
+            if _THREADS["cells"] == 0 and torch.get_num_threads() != _THREADS["before"]:
+                torch.set_num_threads(_THREADS["before"])
+
+
+def _cell_error(task, error):
+    """``error`` with the cell it stopped in front of its message (an InputError stays one)."""
+    text = str(error) if isinstance(error, InputError) else "{}: {}".format(type(error).__name__, error)
+    message = "cell failed (network {}, case {}, probe {}, strength {:g}): {}".format(
+        task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"], text)
+    return (InputError if isinstance(error, InputError) else RuntimeError)(message)
+
+
+def _table_row(task, row, strength_name, against):
+    out = {"network": task["network"]["name"], "case": task["case"]["name"], "probe": task["probe"]["name"],
+           "kind": task["probe"]["kind"], "strength": row[strength_name], "label": row["label"],
+           "dice": row["dice_" + against], "against": against}
+    out.update({key: value for key, value in row.items() if key not in ("model", "probe", strength_name, "label")})
+    return out
+
+
+def _cache(name):
+    """This thread's cache ``name`` (a dictionary)."""
+    if not hasattr(_CACHE, name):
+        setattr(_CACHE, name, {})
+    return getattr(_CACHE, name)
+
+
+def _cached_model(network):
+    models, key = _cache("models"), (network["source"], network["hash"])
+    if key not in models:
+        models.clear()
+        models[key] = load_model(network["source"])
+    return models[key]
+
+
+def _cached_case(case):
+    cases, key = _cache("cases"), json.dumps(case, sort_keys=True)
+    if key not in cases:
+        if len(cases) > 8:
+            cases.clear()
+        cases[key] = heldout_volume(case["heldout"]) if case.get("heldout") else load_case(case)
+    return cases[key]

@@ -1,0 +1,104 @@
+"""Running a study: the missing cells in this process, in local worker processes or on a Dask cluster, each
+stored atomically as it finishes; cancel between cells."""
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from ..probes.attacks import AttackCancelled
+from .cells import compute_cell, study_cells
+from .definition import load_study, resolve_study
+from .outputs import write_json_atomic, write_outputs
+
+
+class StudyRun:
+    """What :func:`run_study` did: the records of all cells, which it computed now and which it found stored."""
+
+    def __init__(self, out_dir, records, computed, reused):
+        self.out_dir, self.records, self.computed, self.reused = out_dir, records, computed, reused
+
+
+def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cancelled=None):
+    """Compute the missing cells of ``study`` (dictionary, or path of a JSON/YAML file) and write the outputs.
+
+    ``workers``: local worker processes (1: in this process). ``scheduler``: address of a Dask distributed
+    scheduler (``tcp://host:8786``) or a ``distributed.Client``; its workers need this package and, for file
+    cases, the case files at the same paths. ``progress(done, total, record)`` after each stored cell.
+    ``is_cancelled()`` true stops the study with AttackCancelled (the cells stored so far are kept).
+    """
+    if not isinstance(study, dict):
+        study = load_study(study)
+    resolved = resolve_study(study)
+    if int(workers) < 1:
+        raise InputError("workers must be at least 1, got {}".format(workers))
+    out_dir = Path(out_dir)
+    cells_dir = out_dir / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    tasks = study_cells(resolved)
+    stored = {task["key"]: _read_cell(cells_dir, task["key"]) for task in tasks}
+    pending = [task for task in tasks if stored[task["key"]] is None]
+    records = {key: record for key, record in stored.items() if record is not None}
+    reused = sorted(records)
+    computed = []
+
+    def finished(record):
+        write_json_atomic(cells_dir / (record["key"] + ".json"), record)
+        records[record["key"]] = record
+        computed.append(record["key"])
+        if progress:
+            progress(len(records), len(tasks), record)
+        if is_cancelled and is_cancelled():
+            raise AttackCancelled()
+
+    if scheduler is not None:
+        _run_dask(pending, scheduler, finished)
+    elif int(workers) > 1 and len(pending) > 1:
+        _run_pool(pending, int(workers), finished)
+    else:
+        for task in pending:
+            finished(compute_cell(task, is_cancelled))
+    ordered = [records[task["key"]] for task in tasks]
+    write_outputs(out_dir, resolved, ordered)
+    return StudyRun(out_dir, ordered, computed, reused)
+
+
+def _run_pool(tasks, workers, finished):
+    """Local worker processes (spawned: no forked torch state); cells are stored as they finish."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(compute_cell, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                finished(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _run_dask(tasks, scheduler, finished):
+    """The cells as Dask futures on the cluster at ``scheduler``; stored here as they finish."""
+    from distributed import Client, as_completed
+    client = scheduler if isinstance(scheduler, Client) else Client(str(scheduler))
+    try:
+        futures = client.map(compute_cell, tasks, key=["medadv-cell-" + task["key"] for task in tasks], pure=False)
+        try:
+            for future in as_completed(futures):
+                finished(future.result())
+        except BaseException:
+            client.cancel(futures)
+            raise
+    finally:
+        if client is not scheduler:
+            client.close()
+
+
+def _read_cell(cells_dir, key):
+    path = cells_dir / (key + ".json")
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return None  # unreadable (should not happen: cells are written atomically): computed again
+    return record if record.get("key") == key else None
