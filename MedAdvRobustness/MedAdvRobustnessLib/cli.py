@@ -59,7 +59,7 @@ def build_parser():
     train.add_argument("--name", help="network name in model.json (default demo-ARCHITECTURE)")
     train.set_defaults(handler=_train)
 
-    from .viewer.serve import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer.py)
+    from .viewer.serve import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer/serve.py)
     add_view_command(commands)
     from .study.command import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
     return parser

@@ -2,14 +2,40 @@
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 import vtk
 
+from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 vtk.vtkOutputWindow.SetInstance(vtk.vtkStringOutputWindow())
+MEDADV = str(Path(sys.executable).with_name("medadv"))  # the console command of this environment
+SHAPE = (12, 10, 8)
+
+
+def tiny_model(activation="logits", labels=4, hidden=6, seed=0, dtype=torch.float32, intensity="percentile",
+               window=None):
+    """A seeded two-layer network (``labels`` labels, background included) with percentile normalisation."""
+    torch.manual_seed(seed)
+    channels = labels - 1 if activation == "sigmoid" else labels
+    layers = [torch.nn.Conv3d(1, hidden, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(hidden, channels, 3, padding=1)]
+    if activation == "softmax":
+        layers.append(torch.nn.Softmax(dim=1))
+    elif activation == "sigmoid":
+        layers.append(torch.nn.Sigmoid())
+    spec = {"type": "percentile", "lower": 1.0, "upper": 99.0} if intensity == "percentile" else {"type": "none"}
+    description = ModelDescription(name="tiny", output_activation=activation, intensity=spec, window=window)
+    return SegmentationModel(torch.nn.Sequential(*layers), description).to(dtype).eval()
+
+
+def random_volume(shape=SHAPE, seed=0, dtype=torch.float32):
+    """A seeded (1, 1, *shape) volume of intensities uniform in [-50, 350)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand((1, 1) + tuple(shape), generator=generator, dtype=torch.float64) * 400.0 - 50.0).to(dtype)
 
 
 def drive_as_widget(slicer_scene, settings, start, cancel_on=None):

@@ -3,13 +3,12 @@ rule, Dice on the demo network, progress/cancel, and the command line."""
 import csv
 import math
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import MEDADV, SHAPE, random_volume, tiny_model
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.probes.attacks import (ATTACKS, DAG, FGSM, PGD, AttackCancelled, AttackRecord, apgd_checkpoints,
                                          class_scores, dlr_loss, foreground_dice, make_target,
@@ -25,28 +24,6 @@ from MedAdvRobustnessLib.networks.outputs import predict_labels, voxel_loss
 from MedAdvRobustnessLib.evaluation.sweep import run_sweep
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
-
-MEDADV = str(Path(sys.executable).with_name("medadv"))
-SHAPE = (12, 10, 8)
-
-
-def tiny_model(activation="logits", labels=4, seed=0, dtype=torch.float32, intensity="percentile"):
-    torch.manual_seed(seed)
-    channels = labels - 1 if activation == "sigmoid" else labels
-    layers = [torch.nn.Conv3d(1, 6, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(6, channels, 3, padding=1)]
-    if activation == "softmax":
-        layers.append(torch.nn.Softmax(dim=1))
-    elif activation == "sigmoid":
-        layers.append(torch.nn.Sigmoid())
-    spec = {"type": "percentile", "lower": 1.0, "upper": 99.0} if intensity == "percentile" else {"type": "none"}
-    description = ModelDescription(name="tiny", output_activation=activation, intensity=spec)
-    return SegmentationModel(torch.nn.Sequential(*layers), description).to(dtype).eval()
-
-
-def random_volume(seed=0, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand((1, 1) + SHAPE, generator=generator, dtype=torch.float64) * 400.0 - 50.0).to(dtype)
-
 
 def box_region():
     region = torch.zeros((1,) + SHAPE, dtype=torch.bool)
@@ -103,21 +80,25 @@ def test_fgsm_and_pgd_equal_torchattacks(case):
 
 # --- (b) budgets, bounds and region ---------------------------------------------------------------------------
 
-SUITE = [
-    ("fgsm", {}),
-    ("pgd", {"steps": 3}),
-    ("pgd", {"steps": 3, "norm": "l2"}),
+def registry_suite():
+    """Every attack of the registry: with few steps, with each other norm it offers, and targeted (turn 2 into 3)."""
+    cases = []
+    for name in sorted(ATTACKS):
+        taken = {parameter.name: parameter for parameter in ATTACKS[name].parameters()}
+        base = {"steps": 3} if "steps" in taken else {}
+        cases.append((name, base))
+        if "norm" in taken:
+            cases += [(name, dict(base, norm=norm)) for norm in taken["norm"].choices
+                      if norm != taken["norm"].default]
+        cases.append((name, dict(base, target_mode="turn", source_label=2, target_label=3)))
+    return cases
+
+
+SUITE = registry_suite() + [
     ("pgd", {"steps": 2, "restarts": 2}),
     ("pgd", {"steps": 3, "target_mode": "vanish", "source_label": 1}),
-    ("segpgd", {"steps": 3}),
-    ("segpgd", {"steps": 3, "target_mode": "turn", "source_label": 2, "target_label": 3}),
-    ("cospgd", {"steps": 3}),
     ("cospgd", {"steps": 3, "norm": "l2", "target_mode": "swap", "source_label": 1, "target_label": 2}),
-    ("apgd-ce", {"steps": 4}),
-    ("apgd-ce", {"steps": 4, "norm": "l2"}),
-    ("apgd-dlr", {"steps": 4}),
     ("apgd-dlr", {"steps": 4, "target_mode": "permute"}),
-    ("dag", {"steps": 4}),
     ("dag", {"steps": 4, "target_mode": "grow", "source_label": 1, "grow_voxels": 2, "scale_quantile": 0.9}),
 ]
 

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_volume, tiny_model as shared_tiny_model
 from MedAdvRobustnessLib.probes.attacks import FGSM, PGD, AttackCancelled, check_epsilons, project_linf
 from MedAdvRobustnessLib.errors import InputError
-from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel, load_model
+from MedAdvRobustnessLib.networks.models import load_model
 from MedAdvRobustnessLib.scene.nodes import labels_from_node, volume_from_node
 from MedAdvRobustnessLib.networks.outputs import predict_labels, voxel_loss
 from MedAdvRobustnessLib.pipeline import run_on_nodes
@@ -13,18 +14,7 @@ from MedAdvRobustnessLib.evaluation.sweep import run_sweep
 
 
 def tiny_model(activation="logits", window=None, seed=0):
-    torch.manual_seed(seed)
-    layers = [torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 3, 3, padding=1)]
-    if activation == "softmax":
-        layers.append(torch.nn.Softmax(dim=1))
-    description = ModelDescription(name="tiny", output_activation=activation, window=window,
-                                   intensity={"type": "percentile", "lower": 1.0, "upper": 99.0})
-    return SegmentationModel(torch.nn.Sequential(*layers), description).eval()
-
-
-def random_volume(shape=(12, 10, 8), seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand((1, 1) + shape, generator=generator) * 400.0 - 50.0)
+    return shared_tiny_model(activation, labels=3, hidden=4, seed=seed, window=window)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MEDADV
 from MedAdvRobustnessLib.study import cases, cells, definition, execution, outputs, scores
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import build_network
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 
-MEDADV = str(Path(sys.executable).with_name("medadv"))
 TINY = {"name": "UNet", "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8],
                                  "strides": [2], "num_res_units": 0}}
 

@@ -3,7 +3,6 @@ import csv
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,10 +11,10 @@ import pytest
 import torch
 from slicer import util
 
+from conftest import MEDADV
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
-MEDADV = str(Path(sys.executable).with_name("medadv"))
 
 
 def medadv(*args, cwd=None):

@@ -26,15 +26,16 @@ import numpy as np
 import pytest
 
 from headless_chromium import HeadlessChromium, end_process_group, end_with_parent, find_chromium, group_alive
+from conftest import MEDADV as SHARED_MEDADV
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.viewer.serve import build_app, ignore_closed_connections, is_loopback, scene_file
-from MedAdvRobustnessLib.viewer.app import metric_columns
+from MedAdvRobustnessLib.viewer.page import metric_columns
 from MedAdvRobustnessLib.viewer.scene import find_runs, segment_legend
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 README_SCREENSHOT = ROOT / "Resources" / "Screenshots" / "viewer.png"
-MEDADV = Path(sys.executable).with_name("medadv")
+MEDADV = Path(SHARED_MEDADV)
 # Generous deadlines for a loaded 2-core machine without GPU (measured under a load average of 15: server start-up
 # about 25 s, each change of the views under 5 s).
 SERVER_START_TIMEOUT = 180

@@ -88,6 +88,18 @@ class Volume:
     orientation: GridOrientation
     transform_node_id: str = None
 
+    @classmethod
+    def from_array(cls, array_ijk, ijk_to_ras=None, name="volume"):
+        """A volume from an (i, j, k) array and its voxel-to-RAS matrix (nibabel's ``img.get_fdata()`` and
+        ``img.affine``; default: 1 mm voxels along R, A, S). The array is copied, never modified."""
+        array_ijk = np.asarray(array_ijk)
+        if array_ijk.ndim != 3:
+            raise ValueError("a volume is a 3D array, got shape {}".format(array_ijk.shape))
+        ijk_to_ras = np.eye(4) if ijk_to_ras is None else np.asarray(ijk_to_ras, dtype=np.float64)
+        array_kji = np.transpose(array_ijk, (2, 1, 0))
+        orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
+        return cls(name, orientation.to_network(array_kji).astype(np.float32), ijk_to_ras, orientation)
+
     @property
     def intensity_range(self):
         return float(self.array.min()), float(self.array.max())

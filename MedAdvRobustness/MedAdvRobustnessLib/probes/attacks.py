@@ -6,7 +6,7 @@ by name with :func:`~.registry.make_probe`, and called the same way::
     adversarial, record = attack(model, volume, labels, epsilon, bounds, region=None, target=None,
                                  progress=None, is_cancelled=None)
 
-- ``volume`` (B, C, X, Y, Z) raw intensities (the runner uses B = 1); ``labels`` (B, X, Y, Z) integer labels
+- ``volume`` (B, C, X, Y, Z) raw intensities (the sweep uses B = 1); ``labels`` (B, X, Y, Z) integer labels
   the attack moves away from (the reference, else the clean prediction).
 - ``epsilon`` the budget in intensity units: L-infinity (max |delta|) or, for ``norm="l2"``, the L2 norm of the
   perturbation (:meth:`Attack.intensity_budget` converts a fraction of the intensity range). ``bounds`` the

@@ -1,4 +1,4 @@
-"""Write a :class:`~.runner.RobustnessResult` into an MRML scene and into a results folder."""
+"""Write a :class:`~..evaluation.records.RobustnessResult` into an MRML scene and into a results folder."""
 import csv
 import json
 import os

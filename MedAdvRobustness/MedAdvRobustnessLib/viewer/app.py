@@ -5,59 +5,31 @@ its segmentation as outlines in the segments' names and colours, the perturbatio
 attacked view, the segment surfaces clean vs attacked in two 3D views, and beside them a strength selector (the
 attack's epsilons, or a corruption's severities) that switches every view, the metrics table and the Dice-vs-strength
 chart, all read from the scene itself. With a network (``--model``, or the results' own when it is built in), a
-new probe can be run from the page on the shown volume (:mod:`.viewer_probe`); its run joins the others.
+new probe can be run from the page on the shown volume (:mod:`.probe`); the view links are in :mod:`.links`, the page in :mod:`.page`; its run joins the others.
 """
 import asyncio
-import base64
-import io
 import logging
 from pathlib import Path
 
 import vtk
 from trame.app import TrameApp, asynchronous
-from trame.widgets import html
 from trame_slicer import module as trame_slicer_module
-from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui, create_vertical_view_gutter_ui
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
-from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps
-from trame_vuetify.ui.vuetify3 import VAppLayout
-from trame_vuetify.widgets import vuetify3 as v3
+from trame_slicer.views import ViewProps
 
 from ..errors import InputError
-from .scene import find_runs, require_run, segment_legend, table_rows
+from .links import ViewLinks, display_node
+from .page import ATTACKED_3D, ATTACKED_SLICE, CLEAN_3D, CLEAN_SLICE, ORIENTATIONS, ResultsPage, results_layout
+from .scene import find_runs, require_run, table_rows
 
-CLEAN_SLICE, ATTACKED_SLICE = "Clean", "Attacked"
-CLEAN_3D, ATTACKED_3D = "Clean3D", "Attacked3D"
-ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 PERTURBATION_OPACITY = 0.5
 SEGMENT_SURFACE_OPACITY = 1.0
 LAYOUT_ID = "medadv"
-# Metrics table columns shown first, in this order, with a title and a format; any other column of the table (a
-# metric added later) follows under its own name; the HIDDEN ones and columns without any value are left out.
-METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("severity", "severity", "{:g}"), ("label", "label", "{}"),
-                  ("dice_reference", "Dice ref", "{:.3f}"), ("dice_clean", "Dice clean", "{:.3f}"),
-                  ("hd95_reference", "HD95 ref mm", "{:.1f}"), ("asd_reference", "ASD ref mm", "{:.2f}"),
-                  ("hd95_clean", "HD95 clean mm", "{:.1f}"), ("asd_clean", "ASD clean mm", "{:.2f}"),
-                  ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"), ("psnr", "PSNR dB", "{:.1f}"),
-                  ("ssim", "SSIM", "{:.3f}"))
-HIDDEN_METRIC_COLUMNS = ("model", "probe", "attack", "linf_fraction", "l2_fraction")  # attack: older scenes
 PROBE_POLL_SECONDS = 0.3
 
 
-def results_layout():
-    """Clean | attacked slice views above clean | attacked 3D views."""
-    clean = ViewLayoutDefinition.slice_view("Axial", label=CLEAN_SLICE, color="#4a90d9")
-    attacked = ViewLayoutDefinition.slice_view("Axial", label=ATTACKED_SLICE, color="#d9534a")
-    clean_3d = ViewLayoutDefinition.threed_view(name=CLEAN_3D, label="clean")
-    attacked_3d = ViewLayoutDefinition.threed_view(name=ATTACKED_3D, label="attacked")
-    return Layout(LayoutDirection.Vertical, [
-        Layout(LayoutDirection.Horizontal, [clean, attacked]),
-        Layout(LayoutDirection.Horizontal, [clean_3d, attacked_3d]),
-    ], flex_sizes=["3", "2"])
-
-
-class ResultsViewer(TrameApp):
+class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
     """The app for one results scene (``scene.mrb``), loaded through trame-slicer's IO manager."""
 
     def __init__(self, scene_path, server=None, rca_encoder="png", quiet_vtk=True, model_source=None):
@@ -147,15 +119,15 @@ class ResultsViewer(TrameApp):
         reach = max([max(abs(value) for value in node.GetImageData().GetScalarRange()) for node in perturbations]
                     + [1e-6])
         for node in perturbations:
-            display = _display_node(node)
+            display = display_node(node)
             display.SetAndObserveColorNodeID(self._perturbation_colors.GetID())
             display.AutoWindowLevelOff()
             display.SetWindowLevelMinMax(-reach, reach)
             display.SetInterpolate(False)
-        clean_display = _display_node(run.volume)
+        clean_display = display_node(run.volume)
         clean_display.AutoWindowLevelOff()
         for item in run.strengths:
-            probed = _display_node(item.probed)
+            probed = display_node(item.probed)
             probed.AutoWindowLevelOff()
             probed.SetWindowLevel(clean_display.GetWindow(), clean_display.GetLevel())
         for segmentation in [run.clean_segmentation] + [item.segmentation for item in run.strengths]:
@@ -179,7 +151,7 @@ class ResultsViewer(TrameApp):
         self.clean_view.set_background_volume_id(run.volume.GetID())
         self.clean_view.set_foreground_volume_id(None)
         self._show_segmentation(run.clean_segmentation, self.clean_view, self.clean_3d)
-        clean_display = _display_node(run.volume)
+        clean_display = display_node(run.volume)
         low, high = (float(value) for value in run.volume.GetImageData().GetScalarRange())
         state.intensity_range = [low, high, (high - low) / 200.0 or 1.0]
         state.intensity_window = [round(clean_display.GetWindowLevelMin(), 2),
@@ -200,79 +172,6 @@ class ResultsViewer(TrameApp):
         display.SetVisibility2D(visible_2d)
         display.SetVisibility3D(True)
         display.SetVisibility(True)
-
-    # ---------------------------------------------------------------------------------------------------- linking
-
-    def _observe(self, node, method, argument):
-        """Call ``method(node, argument)`` on every change of ``node`` (not while another copy is under way). The
-        app keeps the node and the observer: Python's cycle collector would otherwise free an observer that only
-        VTK still refers to (a crash)."""
-        observer = _callback(lambda source, target: self._copy_without_echo(method, source, target), argument)
-        node.AddObserver(vtk.vtkCommand.ModifiedEvent, observer)
-        self._observers.append((node, observer, argument))
-
-    def _copy_without_echo(self, copy, source, target):
-        """Run ``copy(source, target)`` unless a copy is under way (the copy's own changes must not echo back)."""
-        if self._syncing:
-            return
-        self._syncing = True
-        try:
-            copy(source, target)
-        finally:
-            self._syncing = False
-        self._chart_key = None
-
-    def _link_slice_views(self):
-        """Both slice views show the same plane: any change of one slice node (slider, scroll, pan, zoom) is copied."""
-        nodes = [self.clean_view.get_view_node(), self.attacked_view.get_view_node()]
-        for source, target in (nodes, nodes[::-1]):
-            self._observe(source, self._copy_slice, target)
-
-    def _copy_slice(self, source, target):
-        modifying = target.StartModify()
-        matrix = vtk.vtkMatrix4x4()
-        matrix.DeepCopy(source.GetSliceToRAS())
-        target.GetSliceToRAS().DeepCopy(matrix)
-        target.SetFieldOfView(*source.GetFieldOfView())
-        target.SetXYZOrigin(*source.GetXYZOrigin())
-        target.SetOrientation(source.GetOrientation())
-        target.UpdateMatrices()
-        target.EndModify(modifying)
-
-    def _link_window_level(self, runs=None):
-        """A clean volume and every probed volume of its runs keep the same window/level, whichever view it was
-        changed in (``runs``: link these too, e.g. a new run, into their volume's group)."""
-        for run in self.runs if runs is None else runs:
-            displays = self._window_groups.get(run.volume.GetID())
-            new = [] if displays is not None else [_display_node(run.volume)]
-            new += [_display_node(item.probed) for item in run.strengths]
-            displays = self._window_groups.setdefault(run.volume.GetID(), [])
-            displays.extend(new)  # the observers share this list: every display added later is linked too
-            for display in new:
-                self._observe(display, self._copy_window_level, displays)
-
-    def _copy_window_level(self, source, displays):
-        for display in displays:
-            if display is not source and (display.GetWindow(), display.GetLevel()) != (
-                    source.GetWindow(), source.GetLevel()):
-                display.AutoWindowLevelOff()
-                display.SetWindowLevel(source.GetWindow(), source.GetLevel())
-
-    def _link_cameras(self):
-        cameras = [view.get_camera_node() for view in (self.clean_3d, self.attacked_3d)]
-        if None in cameras:
-            return
-        for source, target in (cameras, cameras[::-1]):
-            self._observe(source, self._copy_camera, target)
-
-    def _copy_camera(self, source, target):
-        modifying = target.StartModify()
-        target.SetPosition(source.GetPosition())
-        target.SetFocalPoint(source.GetFocalPoint())
-        target.SetViewUp(source.GetViewUp())
-        target.SetParallelScale(source.GetParallelScale())
-        target.EndModify(modifying)
-        target.ResetClippingRange()
 
     # --------------------------------------------------------------------------------------------------- switching
 
@@ -316,7 +215,7 @@ class ResultsViewer(TrameApp):
         except (TypeError, ValueError):
             return
         if high > low:
-            _display_node(self.run.volume).SetWindowLevelMinMax(low, high)
+            display_node(self.run.volume).SetWindowLevelMinMax(low, high)
 
     def _on_orientation_change(self, orientation, **_):
         if orientation not in ORIENTATIONS:
@@ -425,187 +324,6 @@ class ResultsViewer(TrameApp):
         self.server.state.run_index = len(self.runs) - 1
         return new
 
-    # ----------------------------------------------------------------------------------------------------- chart
-
-    def _chart(self, selected):
-        """Dice vs strength from the scene's table and chart nodes (series, colours, titles), as a PNG data URL."""
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        run = self.run
-        if run.dice_table is None:
-            return ""
-        rows = table_rows(run.dice_table)
-        series = []
-        if run.chart is not None:
-            for index in range(run.chart.GetNumberOfPlotSeriesNodes()):
-                plot = run.chart.GetNthPlotSeriesNode(index)
-                if plot is not None:
-                    series.append((plot.GetYColumnName(), plot.GetColor(), plot.GetYColumnName()))
-        else:
-            series = [(name, None, name) for name in rows[0] if name != run.strength_name] if rows else []
-        figure = Figure(figsize=(4.2, 2.9), dpi=100)
-        axes = figure.add_subplot()
-        x_values = [row.get(run.strength_name) for row in rows]
-        for column, color, name in series:
-            axes.plot(x_values, [row.get(column) for row in rows], marker="o", label=name, color=color,
-                      linewidth=2.2 if column == "mean" else 1.4)
-        axes.axvline(selected.strength, color="#d9534a", linestyle="--", linewidth=1)
-        axes.set_xlabel(_strength_title(self.run), fontsize=8)
-        axes.set_ylabel(run.chart.GetYAxisTitle() if run.chart is not None else "Dice", fontsize=8)
-        axes.tick_params(labelsize=7)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, loc="lower left")
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-    # --------------------------------------------------------------------------------------------------------- UI
-
-    def _slice_view_ui(self, server, view_id, view):
-        create_vertical_slice_view_gutter_ui(server, view_id, view)
-        _view_label("clean" if view.name == CLEAN_SLICE else "attacked · {{ strength_label }}", view.name)
-
-    def _three_d_view_ui(self, server, view_id, view):
-        create_vertical_view_gutter_ui(server, view_id, view)
-        _view_label("clean segments" if view.name == CLEAN_3D else "attacked segments · {{ strength_label }}",
-                    view.name)
-
-    def _build_ui(self):
-        with VAppLayout(self.server, full_height=True) as self.ui:
-            with html.Div(style="display:flex;flex-direction:row;height:100vh;width:100vw;overflow:hidden;"):
-                with html.Div(style="flex:1;display:flex;flex-direction:column;min-width:0;"):
-                    self.layout_manager.initialize_layout_grid(self.ui)
-                with html.Div(classes="pa-3", style="width:460px;overflow-y:auto;font-size:13px;",
-                              id="medadv-panel"):
-                    html.Div("{{ run_title }}", classes="text-subtitle-1 font-weight-bold", id="medadv-title")
-                    html.Div(str(self.scene_path), classes="text-caption text-medium-emphasis mb-2",
-                             style="word-break:break-all;")
-                    self.server.state.run_items = [{"title": run.title, "value": index}
-                                                   for index, run in enumerate(self.runs)]
-                    if len(self.runs) > 1:
-                        v3.VSelect(v_model=("run_index",), label="run", density="compact", hide_details=True,
-                                   items=("run_items",), id="medadv-run")
-                    for index, run in enumerate(self.runs):
-                        with html.Div(v_if="run_index === {}".format(index)):
-                            self._strength_ui(run)
-                    html.Div("slice orientation", classes="text-caption mt-2")
-                    with v3.VBtnToggle(v_model=("orientation",), mandatory=True, density="compact",
-                                       divided=True, variant="outlined"):
-                        for orientation in ORIENTATIONS:
-                            v3.VBtn(orientation, value=orientation, size="small", id="orientation-" + orientation)
-                    v3.VRangeSlider(v_model=("intensity_window",), min=("intensity_range[0]",),
-                                    max=("intensity_range[1]",), step=("intensity_range[2]",),
-                                    label="window", density="compact", hide_details=True, strict=True,
-                                    classes="ml-2 mr-2 mt-2", id="medadv-window")
-                    v3.VSwitch(v_model=("show_perturbation",),
-                               label=("'perturbation overlay (blue −, red +; full colour at ±' + perturbation_scale "
-                                      "+ ')'",),
-                               density="compact", hide_details=True, color="red-darken-2", id="medadv-perturbation")
-                    v3.VSlider(v_model=("perturbation_opacity",), min=0.1, max=1.0, step=0.05, density="compact",
-                               hide_details=True, label="opacity", disabled=("!show_perturbation",),
-                               color="red-darken-2", classes="ml-2 mr-2", id="medadv-perturbation-opacity")
-                    v3.VSwitch(v_model=("show_segmentations",), label="segmentations in slice views",
-                               density="compact", hide_details=True, color="primary", id="medadv-segmentations")
-                    for index, run in enumerate(self.runs):
-                        with html.Div(v_if="run_index === {}".format(index)):
-                            self._legend_ui(run)
-                            html.Img(src=("chart_src",), id="medadv-chart", style="width:100%;margin-top:8px;",
-                                     alt="Dice vs " + run.strength_name)
-                            self._metrics_ui(run, self.metrics[index])
-                    self._new_probe_ui()
-
-    def _new_probe_ui(self):
-        html.Div("new probe on this volume", classes="text-subtitle-2 mt-4")
-        if not self.model_source:
-            html.Div("start medadv view with --model to run probes from here", classes="text-caption")
-            return
-        from ..probes.registry import probe_names
-        built_in = "" if self.model_given else " (the built-in network of that name; --model to choose another)"
-        html.Div("network: " + self.model_source + built_in, classes="text-caption", style="word-break:break-all;",
-                 id="medadv-probe-network")
-        v3.VSelect(v_model=("new_probe",), items=("probe_names", probe_names()), label="probe",
-                   density="compact", hide_details=True, disabled=("probe_running",), id="medadv-new-probe")
-        v3.VTextField(v_model=("new_strengths",), label=("new_strengths_label",), density="compact",
-                      hide_details=True, disabled=("probe_running",), classes="mt-1", id="medadv-new-strengths")
-        with html.Div(classes="d-flex mt-1", style="gap:8px;"):
-            v3.VBtn("run", click=self.start_probe, disabled=("probe_running",), size="small", color="primary",
-                    id="medadv-run-probe")
-            v3.VBtn("cancel", click=self.cancel_probe, disabled=("!probe_running",), size="small",
-                    id="medadv-cancel-probe")
-        v3.VProgressLinear(model_value=("probe_progress",), v_show=("probe_running",), color="primary",
-                           classes="mt-1")
-        html.Div("{{ probe_message }}", classes="text-caption", id="medadv-probe-message")
-
-    def _strength_ui(self, run):
-        html.Div(_strength_title(run), classes="text-caption mt-1")
-        with v3.VBtnToggle(v_model=("strength_key",), mandatory=True, density="compact", color="red-darken-2",
-                           divided=True, variant="outlined", id="medadv-strength"):
-            for item in run.strengths:
-                v3.VBtn(item.text, value=item.key, id="strength-" + item.key, size="small")
-
-    @staticmethod
-    def _legend_ui(run):
-        with html.Div(classes="mt-2", id="medadv-legend"):
-            for name, color in segment_legend(run.clean_segmentation):
-                with html.Span(style="margin-right:12px;white-space:nowrap;"):
-                    html.Span(style="display:inline-block;width:11px;height:11px;margin-right:4px;"
-                                    "background:{};border:1px solid #444;".format(_css(color)))
-                    html.Span(name)
-
-    @staticmethod
-    def _metrics_ui(run, rows):
-        if not rows:
-            return
-        html.Div(run.metrics.GetName(), classes="text-caption mt-2")
-        has_means = any(row.get("label") == "mean" for row in rows)
-        if has_means:
-            v3.VSwitch(v_model=("metrics_per_label", False), label="every label (else the mean over labels)",
-                       density="compact", hide_details=True, color="primary", id="medadv-per-label")
-        columns = metric_columns(rows)
-        with html.Div(style="overflow-x:auto;"), v3.VTable(density="compact", id="medadv-metrics",
-                                                             style="font-size:12px;"):
-            with html.Thead(), html.Tr():
-                for name, title, _ in columns:
-                    html.Th(title, style="padding:0 4px;white-space:nowrap;",
-                            raw_attrs=['data-column="{}"'.format(name)])
-            with html.Tbody():
-                for row in rows:
-                    key = next((item.key for item in run.strengths if item.strength == row.get(run.strength_name)),
-                               "")
-                    selected = "strength_key === '{}' ? 'bg-red-lighten-4' : ''".format(key) if key else ""
-                    shown = {"v_show": "metrics_per_label"} if has_means and row.get("label") != "mean" else {}
-                    with html.Tr(classes=(selected,) if selected else "", **shown,
-                                 raw_attrs=['data-strength="{}"'.format(key or "0")]):
-                        for name, _, pattern in columns:
-                            html.Td(_cell(row.get(name), pattern), style="padding:0 4px;white-space:nowrap;")
-
-
-def _strength_title(run):
-    """The chart's x-axis title as the scene has it, e.g. 'epsilon (fraction of intensity range)'."""
-    title = run.chart.GetXAxisTitle() if run.chart is not None else ""
-    return title or run.strength_name
-
-
-def metric_columns(rows):
-    """(column, title, format) of the metrics table as shown: the known ones in order, then any other column of
-    the table under its own name; hidden ones and columns without a single value left out."""
-    present = [name for name in rows[0] if name not in HIDDEN_METRIC_COLUMNS
-               and any(row.get(name) is not None for row in rows)] if rows else []
-    known = [column for column in METRIC_COLUMNS if column[0] in present]
-    named = {column[0] for column in known}
-    return known + [(name, name, "{:.4g}") for name in present if name not in named]
-
-
-def _cell(value, pattern):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return (pattern if pattern != "{}" else "{:g}").format(value)
-    return str(value)
-
 
 def _serving():
     """Whether this runs in the server's event loop."""
@@ -614,30 +332,3 @@ def _serving():
     except RuntimeError:
         return False
     return True
-
-
-def _callback(method, argument):
-    """A VTK observer calling ``method(caller, argument)``."""
-    def observer(caller, _event):
-        method(caller, argument)
-    return observer
-
-
-def _view_label(text, view_name):
-    """The view's caption; ``data-view`` also lets a test find the view's image."""
-    html.Div(text, classes="medadv-view-label", raw_attrs=['data-view="{}"'.format(view_name)],
-             style="position:absolute;top:6px;right:10px;color:white;font:13px sans-serif;"
-                   "text-shadow:0 0 3px black;pointer-events:none;")
-
-
-def _display_node(volume_node):
-    display = volume_node.GetDisplayNode()
-    if display is None:
-        volume_node.CreateDefaultDisplayNodes()
-        display = volume_node.GetDisplayNode()
-    return display
-
-
-def _css(color):
-    return "rgb({},{},{})".format(*(int(round(255 * channel)) for channel in color[:3]))
-

@@ -1,7 +1,7 @@
 """``medadv view DIR``: visual QA of a results folder in the browser, on Slicer's own core (trame-slicer).
 
 The page shows the scene ``medadv run`` wrote (``DIR/scene.mrb``, or any ``.mrb`` given directly), loaded through
-trame-slicer's IO manager, in Slicer's slice and 3D views; see :mod:`.viewer_app`. The server listens on the
+trame-slicer's IO manager, in Slicer's slice and 3D views; see :mod:`.app`. The server listens on the
 loopback interface unless told otherwise and runs until interrupted (Ctrl+C).
 """
 import asyncio
