@@ -5,7 +5,9 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, ModelDescription, MODELS_DIR
-from ..probes.registry import is_corruption, make_probe as make_named_probe
+from ..probes.attacks import ATTACKS
+from ..probes.corruptions import CORRUPTIONS
+from ..probes.registry import make_probe as make_named_probe
 from .cases import HELDOUT_PREFIX, hash_files, resolve_cases
 
 
@@ -146,7 +148,7 @@ def _probe(item, seed):
 
 def make_probe(probe):
     """The probe of a resolved study probe (``kind``, ``probe`` name, ``params``)."""
-    if is_corruption(probe["probe"]) != (probe["kind"] == "corruption"):
+    if probe["probe"] not in (ATTACKS if probe["kind"] == "attack" else CORRUPTIONS):
         raise InputError("study: unknown {} {!r}".format(probe["kind"], probe["probe"]))
     return make_named_probe(probe["probe"], **probe["params"])
 
