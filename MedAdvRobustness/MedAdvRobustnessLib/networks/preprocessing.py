@@ -67,23 +67,31 @@ def normalize_intensity(volume, spec):
 def percentiles(flat, q):
     """The fractions ``q`` (in [0, 1]) of ``flat`` along its last axis, each as a (..., 1) tensor: linear
     interpolation between the order statistics at ``q * (n - 1)``, as ``torch.quantile`` (which refuses more
-    than 2^24 elements) and ``numpy.percentile``. By selection, not sorting, and differentiable as
-    ``torch.quantile``: the gradient goes to the two voxels interpolated, with the same weights."""
+    than 2^24 elements) and ``numpy.percentile``. By selection, not sorting, and differentiable: the gradient goes
+    to the voxels interpolated, with the same weights."""
     n = flat.shape[-1]
+    rows = flat.reshape(-1, n)
     values = []
     for fraction in q:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError("percentile fraction {!r} outside [0, 1]".format(fraction))
         position = float(fraction) * (n - 1)
         below = int(math.floor(position))
-        weight = position - below
-        value = flat.kthvalue(below + 1, dim=-1, keepdim=True).values
-        if weight > 0:  # the next order statistic: the same value where tied, else the smallest one above
-            tied = (flat <= value).sum(dim=-1, keepdim=True) > below + 1
-            above = torch.where(flat > value, flat, math.inf).min(dim=-1, keepdim=True).values
-            value = torch.lerp(value, torch.where(tied, value, above), weight)
-        values.append(value)
+        value = order_statistic(rows, below)
+        if position > below:
+            value = torch.lerp(value, order_statistic(rows, below + 1), position - below)
+        values.append(value.reshape(flat.shape[:-1] + (1,)))
     return values
+
+
+def order_statistic(rows, k):
+    """The ``k``-th smallest value (0-based) of each row of a (R, N) tensor, taken from one voxel so that the
+    gradient goes there; among equal values the one a stable sort would put at ``k`` (the lowest index first), so
+    the choice does not depend on the other voxels."""
+    detached = rows.detach()
+    kth = detached.kthvalue(k + 1, dim=-1).values
+    indices = [torch.nonzero(row == value)[k - int((row < value).sum()), 0] for row, value in zip(detached, kth)]
+    return rows.gather(1, torch.stack(indices)[:, None])[:, 0]
 
 
 def _scale(flat, low, high, b_min, b_max, clip):
