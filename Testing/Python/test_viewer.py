@@ -12,6 +12,7 @@ import base64
 import gc
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,7 +29,8 @@ import pytest
 from headless_chromium import HeadlessChromium, end_process_group, end_with_parent, find_chromium, group_alive
 from conftest import MEDADV as SHARED_MEDADV
 from MedAdvRobustnessLib import cli
-from MedAdvRobustnessLib.viewer.serve import build_app, ignore_closed_connections, is_loopback, scene_file
+from MedAdvRobustnessLib.viewer.serve import (build_app, drop_closed_connection_logs, ignore_closed_connections,
+                                              is_loopback, scene_file)
 from MedAdvRobustnessLib.viewer.page import metric_columns
 from MedAdvRobustnessLib.viewer.scene import find_runs, segment_legend
 
@@ -280,6 +282,22 @@ def test_a_closed_browser_tab_is_not_reported_but_other_loop_errors_are():
         assert [context["message"] for context in reported] == ["bug"]
     finally:
         loop.close()
+
+
+def test_wslink_logs_of_a_closed_connection_are_dropped_but_other_errors_are_kept():
+    """wslink logs an error it handles as plain records (no exc_info); the filter looks at the error in hand."""
+    kept = []
+    logger = logging.getLogger("medadv-test-wslink")
+    logger.addFilter(drop_closed_connection_logs)
+    logger.addHandler(logging.Handler())
+    logger.handlers[-1].emit = lambda record: kept.append(record.getMessage())
+    for error in (ConnectionResetError("Cannot write to closing transport"), ValueError("a real bug")):
+        try:
+            raise error
+        except Exception as handled:
+            logger.error("Exception raised")
+            logger.error(repr(handled))
+    assert kept == ["Exception raised", "ValueError('a real bug')"]
 
 
 def test_metrics_table_takes_any_extra_column():

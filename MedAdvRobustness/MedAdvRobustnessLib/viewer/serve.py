@@ -6,6 +6,7 @@ loopback interface unless told otherwise and runs until interrupted (Ctrl+C).
 """
 import asyncio
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -105,6 +106,12 @@ def ignore_closed_connections(loop, context):
     loop.default_exception_handler(context)
 
 
+def drop_closed_connection_logs(record):
+    """Logging filter: wslink logs an error it is handling as three records without the exception attached; while
+    that error is a closed connection (a browser tab closed mid-send), they are dropped."""
+    return not isinstance(sys.exc_info()[1], ConnectionResetError)
+
+
 def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=None):
     """Serve the viewer until interrupted; prints the address once it listens."""
     if not 0 <= port <= 65535:
@@ -117,6 +124,7 @@ def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=No
         # Headless: render offscreen through EGL (Mesa llvmpipe without a GPU) instead of trying X first.
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     app = build_app(results, encoder=encoder, model=model)
+    logging.getLogger("wslink.protocol").addFilter(drop_closed_connection_logs)
     server = app.server
     # The medadv command line is ours: trame must not parse sys.argv (--port/--host are given explicitly).
     os.environ["TRAME_ARGS"] = ""
