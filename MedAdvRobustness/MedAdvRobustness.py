@@ -616,7 +616,7 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install("--upgrade monai>={}.{}".format(*DEPENDENCIES["monai"]))
 
     def start(self, parameterNode):
-        """Start a run from the parameter node (InputError on bad input, nothing added); see module_logic."""
+        """Start a run from the parameter node (InputError on bad input, nothing added); see MedAdvRobustnessLib.module.logic."""
         from MedAdvRobustnessLib.module.logic import start_run
         from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
@@ -624,7 +624,7 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         return start_run(SlicerScene.current(), node)
 
     def startComparison(self, parameterNode):
-        """Start "compare networks" from the parameter node; see module_compare."""
+        """Start "compare networks" from the parameter node; see MedAdvRobustnessLib.module.compare."""
         from MedAdvRobustnessLib.module.compare import start_comparison
         from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from MedAdvRobustnessLib.probes.registry import make_probe
-from MedAdvRobustnessLib.study.bench import heldout_volume
+from MedAdvRobustnessLib.study.cases import heldout_volume
 from MedAdvRobustnessLib.evaluation.metrics import dice_per_label
 from MedAdvRobustnessLib.networks.models import load_model
 from MedAdvRobustnessLib.evaluation.sweep import run_sweep

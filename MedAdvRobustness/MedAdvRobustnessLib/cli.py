@@ -8,7 +8,7 @@ from .networks.outputs import ACTIVATIONS
 from .probes.attacks import ATTACKS
 from .probes.corruptions import CORRUPTIONS, SEVERITIES
 from .probes.parameters import value_text
-from .probes.registry import describe_probes, make_probe, probe_class
+from .probes.registry import describe_probes, make_probe, probe_class, probe_names, probe_parameters
 
 DEMO_EPSILONS = (0.005, 0.01, 0.02, 0.04)
 
@@ -66,20 +66,23 @@ def build_parser():
 
 
 def probe_options():
-    """Every parameter of any attack, as ``(flag, parameter, names of the attacks that take it)``: each one given
-    on the command line becomes a parameter of the attack (an attack that does not take it refuses it)."""
+    """Every parameter of any probe of the registry, as ``(flag, parameter, {probe name: its default})``: each one
+    given on the command line becomes a parameter of the probe (a probe that does not take it refuses it). The
+    help is the default attack's (pgd) where it takes the parameter."""
     takers = {}
-    for name in sorted(ATTACKS):
-        for parameter in ATTACKS[name].parameters():
-            takers.setdefault(parameter.name, (parameter, []))[1].append(name)
-    return [("--" + key.replace("_", "-"), parameter, names) for key, (parameter, names) in takers.items()]
+    for name in sorted(probe_names(), key=lambda name: name != "pgd"):
+        for parameter in probe_parameters(name):
+            takers.setdefault(parameter.name, (parameter, {}))[1][name] = parameter.default
+    return [("--" + key.replace("_", "-"), parameter, defaults) for key, (parameter, defaults) in takers.items()]
 
 
-def _option_help(parameter, names):
-    defaults = {value_text(next(p.default for p in ATTACKS[n].parameters() if p.name == parameter.name))
-                for n in names}
-    who = "every attack" if len(names) == len(ATTACKS) else "/".join(names)
-    return "{} ({}; default {})".format(parameter.help, who, " or ".join(sorted(defaults)))
+def _option_help(parameter, defaults):
+    """The parameter's help, then its default: the most common one, and the probes that differ."""
+    texts = {name: value_text(value) for name, value in defaults.items()}
+    common = max(sorted(set(texts.values())), key=list(texts.values()).count)
+    others = ", ".join("{}: {}".format(name, text) for name, text in sorted(texts.items()) if text != common)
+    who = "every probe" if len(defaults) == len(probe_names()) else "/".join(sorted(defaults))
+    return "{} ({}; default {}{})".format(parameter.help, who, common, "; " + others if others else "")
 
 
 MODEL_HELP = ("'demo'; a model folder with model.json (or that file: an architecture from monai.networks.nets with "
@@ -141,10 +144,10 @@ def probe_from_args(args):
         return make_probe(args.attack or "pgd", **params), epsilons
     taken = {parameter.name for parameter in probe_class(args.corruption).parameters()}
     refused = ["--" + key.replace("_", "-") for key in params if key not in taken]
-    if args.attack or args.epsilon or args.param or refused:
-        raise InputError("--corruption takes --severity, {}, --region and --region-labels only; --attack, --epsilon "
-                         "and {} are attack options".format(", ".join("--" + key for key in sorted(taken)),
-                                                            ", ".join(refused) or "--param"))
+    if args.attack or args.epsilon or refused:
+        raise InputError("--corruption takes --severity, {}, --region, --region-labels and --param only; --attack, "
+                         "--epsilon and {} are attack options".format(", ".join("--" + key for key in sorted(taken)),
+                                                                      ", ".join(refused) or "the other options"))
     return make_probe(args.corruption, **params), args.severity or list(SEVERITIES)
 
 

@@ -401,3 +401,15 @@ def test_failed_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         outputs._write_csv(tmp_path / "table.csv", [{"a": "\ud800"}], ["a"])  # a lone surrogate: not UTF-8
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cell_keys_stay_those_earlier_versions_stored():
+    """Stored cells are found again after an upgrade: the keys of one attack and one corruption cell, as earlier
+    versions computed them."""
+    network, case = {"name": "n", "source": "demo", "hash": "h"}, {"name": "c"}
+    corruption = {"kind": "corruption", "probe": "ghosting", "params": {"seed": 0}, "name": "ghosting"}
+    attack = {"kind": "attack", "probe": "fgsm", "params": {"seed": 0}, "name": "fgsm"}
+    assert cells.cell_key({"network": network, "case": case, "probe": corruption, "strength": 1.0}) == \
+        "n__c__ghosting__1__ae0f0c7e933f"
+    assert cells.cell_key({"network": network, "case": case, "probe": attack, "strength": 0.02}) == \
+        "n__c__fgsm__0.02__f51c88f785d3"

@@ -3,7 +3,6 @@ layout table."""
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import MedAdvRobustnessLib
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.evaluation.sweep import run_sweep
+from MedAdvRobustnessLib.networks.models import load_model
 from MedAdvRobustnessLib.networks.volume import Volume
 from MedAdvRobustnessLib.probes.attacks import ATTACKS
 from MedAdvRobustnessLib.probes.base import Probe
@@ -107,6 +107,8 @@ def test_a_plain_module_is_attacked_as_logits_with_a_warning_and_anything_else_i
     assert float((adversarial - volume).abs().max()) == pytest.approx(2.0)
     with pytest.raises(InputError, match="must be a torch.nn.Module"):
         run_sweep(lambda x: x, Volume.from_array(volume[0, 0].numpy()), make_probe("fgsm"), [0.1])
+    with pytest.warns(UserWarning, match="plain torch.nn.Module"):
+        assert load_model(network).activation == "logits"
 
 
 def test_readme_layout_table_matches_the_tree():

@@ -12,7 +12,6 @@ METRIC_COLUMNS = ("model", "probe", "strength", "label", "dice_reference", "dice
                   "asd_clean")
 
 
-
 def metric_columns(strength_name):
     """The columns of the metric rows, the strength column named ``strength_name`` (epsilon or severity)."""
     return tuple(strength_name if column == "strength" else column for column in METRIC_COLUMNS)

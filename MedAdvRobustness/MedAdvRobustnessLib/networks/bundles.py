@@ -114,17 +114,14 @@ def _load_root(root, trust_checkpoint, where):
     description = ModelDescription(name=str(metadata.get("name") or root.name), output_activation=None)
     if inputs_format.get(image_key, {}).get("num_channels"):
         description.in_channels = int(inputs_format[image_key]["num_channels"])
-    intensity = []
-    for name, args in reader.transforms("preprocessing", image_key, MAPPED):
-        _map_preprocessing(name, args, description, intensity, notes)
-    description.intensity = intensity if len(intensity) != 1 else intensity[0]
-    if not intensity:
-        description.intensity = {"type": "none"}
+    steps = [step for name, args in reader.transforms("preprocessing", image_key, MAPPED)
+             for step in _twin(name, args, where)]
+    description.preprocessing = steps
+    intensity = [step["intensity"] for step in steps if "intensity" in step]
+    description.intensity = intensity[0] if len(intensity) == 1 else (intensity or {"type": "none"})
+    description.spacing = next((step["spacing"] for step in steps if "spacing" in step), None)
     description.window = _window(reader, config, notes)
-    activation, sigmoid_logits = _activation(reader)
-    if sigmoid_logits:
-        network = torch.nn.Sequential(network, torch.nn.Sigmoid())
-        notes.append("postprocessing applies a sigmoid: it is part of the network here")
+    activation, description.activation_after_inference = _activation(reader)
     description.output_activation = activation
     description.labels = _labels(outputs_format, activation, where)
     version = metadata.get("version")
@@ -247,46 +244,62 @@ MAPPED = {"Orientation", "Spacing", "ScaleIntensityRange", "ScaleIntensityRangeP
 KNOWN = NEUTRAL | MAPPED | {"Activations", "AsDiscrete", "Invert", "KeepLargestConnectedComponent"}
 
 
-def _map_preprocessing(name, args, description, intensity, notes):
+def _twin(name, args, where):
+    """The steps (:mod:`.steps`) that reproduce transform ``name`` of a bundle's preprocessing: none for loading and
+    type transforms; InputError for a transform, or a setting, this cannot reproduce exactly."""
     if name in NEUTRAL:
-        return
+        return []
     if args is None:
-        notes.append("preprocessing transform {} is not reproduced".format(name))
-        return
+        raise InputError("bundle {}: preprocessing transform {} has no differentiable twin here, so the attacked "
+                         "pipeline would differ from the bundle's; reproduced are {}".format(
+                             where, name, ", ".join(sorted(MAPPED))))
+
+    def refuse(setting):
+        raise InputError("bundle {}: {}({}) is not reproduced".format(where, name, setting))
     if name == "Orientation":
-        axcodes = args.get("axcodes")
-        if axcodes and str(axcodes).upper() != "RAS":
-            notes.append("the bundle orients images to {}; the network gets them RAS-oriented here".format(axcodes))
-    elif name == "Spacing":
-        pixdim = args.get("pixdim")
-        if pixdim is not None:
-            pixdim = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * 3)]
-            description.spacing = pixdim[:3]
-    elif name == "ScaleIntensityRange":
-        intensity.append({"type": "range", "a_min": float(args["a_min"]), "a_max": float(args["a_max"]),
-                          "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
-                          "clip": bool(args.get("clip", False))})
-    elif name == "ScaleIntensityRangePercentiles":
+        if str(args.get("axcodes", "RAS")).upper() != "RAS":
+            refuse("axcodes={}".format(args.get("axcodes")))
+        return []  # the network convention is RAS (MONAI's Orientation("RAS"), tested in test_network_convention)
+    if name == "Spacing":
+        for setting, default in (("padding_mode", "border"), ("align_corners", False), ("diagonal", False),
+                                 ("scale_extent", False)):
+            if str(args.get(setting, default)).lower() != str(default).lower():
+                refuse("{}={}".format(setting, args.get(setting)))
+        pixdim = args["pixdim"]
+        pixdim = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * 3)]
+        mode = str(args.get("mode", "bilinear")).lower()
+        if mode not in ("bilinear", "nearest"):
+            refuse("mode={}".format(mode))
+        return [{"spacing": pixdim[:3], "mode": mode}]
+    if name == "ScaleIntensityRange":
+        return [{"intensity": {"type": "range", "a_min": float(args["a_min"]), "a_max": float(args["a_max"]),
+                               "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
+                               "clip": bool(args.get("clip", False))}}]
+    if name == "ScaleIntensityRangePercentiles":
         if args.get("relative"):
-            notes.append("ScaleIntensityRangePercentiles(relative=True) is read as relative=False")
-        intensity.append({"type": "percentile", "lower": float(args["lower"]), "upper": float(args["upper"]),
-                          "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
-                          "clip": bool(args.get("clip", False))})
-    elif name == "NormalizeIntensity":
-        intensity.append({"type": "zscore", "nonzero": bool(args.get("nonzero", False)),
-                          "mean": _number(args.get("subtrahend")), "std": _number(args.get("divisor"))})
-    elif name == "ScaleIntensity":
+            refuse("relative=True")
+        return [{"intensity": {"type": "percentile", "lower": float(args["lower"]), "upper": float(args["upper"]),
+                               "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
+                               "clip": bool(args.get("clip", False))}}]
+    if name == "NormalizeIntensity":
+        return [{"intensity": {"type": "zscore", "nonzero": bool(args.get("nonzero", False)),
+                               "mean": _number(args.get("subtrahend")), "std": _number(args.get("divisor"))}}]
+    if name == "ScaleIntensity":
         if args.get("factor") is not None:
-            notes.append("ScaleIntensity(factor=...) is not reproduced")
-        else:
-            intensity.append({"type": "minmax", "min": _number(args.get("minv", 0.0)),
-                              "max": _number(args.get("maxv", 1.0))})
-    elif name == "CropForeground":
+            refuse("factor={}".format(args.get("factor")))
+        return [{"intensity": {"type": "minmax", "min": _number(args.get("minv", 0.0)),
+                               "max": _number(args.get("maxv", 1.0))}}]
+    if name == "CropForeground":
         if args.get("select_fn") not in (None, "is_positive") and not callable(args.get("select_fn")):
-            notes.append("CropForeground select_fn {} read as x > 0".format(args.get("select_fn")))
-        description.crop = {"threshold": 0.0, "margin": args.get("margin", 0)}
-    elif name == "DivisiblePad":
-        description.pad_divisible = args.get("k")
+            refuse("select_fn={}".format(args.get("select_fn")))
+        if args.get("k_divisible", 1) not in (1, [1, 1, 1], (1, 1, 1)):
+            refuse("k_divisible={}".format(args.get("k_divisible")))
+        return [{"crop": {"threshold": 0.0, "margin": args.get("margin", 0)}}]
+    if name == "DivisiblePad":
+        if str(args.get("method", "symmetric")).lower() != "symmetric":
+            refuse("method={}".format(args.get("method")))
+        return [{"pad_divisible": args.get("k")}]
+    raise AssertionError(name)
 
 
 def _number(value):
@@ -319,14 +332,18 @@ def _window(reader, config, notes):
 
 
 def _activation(reader):
-    """(output activation, whether the network's outputs are sigmoid logits)."""
-    for name, args in reader.transforms("postprocessing", reader.output_key, {"Activations"}):
-        if args is not None:
+    """(output activation, the activation applied to the aggregated outputs before the preprocessing is undone):
+    a sigmoid always; a softmax where ``Invertd`` follows it (MONAI then resamples probabilities, not logits),
+    else the outputs are read as the softmax's logits."""
+    found = reader.transforms("postprocessing", reader.output_key, {"Activations"})
+    for index, (name, args) in enumerate(found):
+        if name == "Activations" and args is not None:
             if args.get("sigmoid"):
-                return "sigmoid", True
+                return "sigmoid", "sigmoid"
             if args.get("softmax"):
-                return "logits", False
-    return None, False
+                inverted = any(later == "Invert" for later, _ in found[index + 1:])
+                return ("softmax", "softmax") if inverted else ("logits", None)
+    return None, None
 
 
 def _data_format(metadata):

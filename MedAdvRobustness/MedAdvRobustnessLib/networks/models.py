@@ -15,12 +15,10 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from .outputs import check_activation, label_count, predict_labels
-from .preprocessing import (crop, divisible_padding, foreground_box, normalize_intensity, pad_outputs_back,
-                            resample, resampled_size, unpad)
+from .steps import apply_step, check_steps, default_steps, step_text
 from .windowed import GRADIENT_MODES, WindowPlan, sliding_window_outputs, window_settings, window_vjp
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
@@ -70,7 +68,23 @@ class ModelDescription:
     spacing: Optional[List[float]] = None
     crop: Optional[dict] = None
     pad_divisible: Optional[int] = None
+    preprocessing: Optional[list] = None
+    activation_after_inference: Optional[str] = None
     notes: str = ""
+
+    def activate(self, outputs):
+        """``activation_after_inference`` (``softmax`` or ``sigmoid``) on the network's aggregated outputs, before
+        the preprocessing is undone, as a MONAI bundle's ``Activationsd`` before ``Invertd``; else the outputs."""
+        if self.activation_after_inference == "softmax":
+            return torch.softmax(outputs, dim=1)
+        if self.activation_after_inference == "sigmoid":
+            return torch.sigmoid(outputs)
+        return outputs
+
+    def steps(self):
+        """The preprocessing steps in the order they run (:mod:`.steps`): ``preprocessing`` where given (a MONAI
+        bundle's transforms in their order), else intensity, crop, spacing and padding from the fields."""
+        return check_steps(self.preprocessing if self.preprocessing is not None else default_steps(self))
 
     @classmethod
     def from_json(cls, path):
@@ -97,7 +111,12 @@ class ModelDescription:
                 check_activation(data["output_activation"])
             except ValueError as error:
                 raise InputError("{}: {}".format(where, error))
-        return cls(**data)
+        description = cls(**data)
+        try:
+            description.steps()
+        except InputError as error:
+            raise InputError("{}: {}".format(where, error))
+        return description
 
     def to_json(self, path):
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -125,6 +144,16 @@ def parse_labels(labels, where="labels"):
         except (KeyError, TypeError, ValueError):
             raise InputError("{}: a label needs a value and a name, got {!r}".format(where, item))
     return parsed
+
+
+def grid_affine(spacing_or_affine):
+    """Voxel-to-RAS matrix of the network-convention grid: given (or a Volume's), or the diagonal of a spacing."""
+    if spacing_or_affine is None:
+        return None
+    if hasattr(spacing_or_affine, "affine"):
+        spacing_or_affine = spacing_or_affine.affine
+    array = np.asarray(spacing_or_affine, dtype=np.float64)
+    return array.copy() if array.ndim == 2 else np.diag(list(array[:3]) + [1.0])
 
 
 def grid_spacing(spacing_or_affine):
@@ -176,13 +205,18 @@ class SegmentationModel(torch.nn.Module):
         self.gradient_mode = gradient_mode or "windowed"
         self._window_counts = {}
         self.detected_activation = None
-        self.input_spacing = None
+        self.input_affine = None
         self.amp = bool(amp)
         self.source = source
         self.load_notes = []
         self.to_device(device)
 
     # ----------------------------------------------------------------------------------------------- settings
+    @property
+    def input_spacing(self):
+        """Voxel size (mm along x, y, z) of the volumes given to the model (see :meth:`on_grid`), or None."""
+        return None if self.input_affine is None else grid_spacing(self.input_affine)
+
     @property
     def activation(self):
         return self.description.output_activation or self.detected_activation or "logits"
@@ -202,40 +236,37 @@ class SegmentationModel(torch.nn.Module):
     @contextmanager
     def on_grid(self, spacing_or_affine):
         """Within this block, inputs have this spacing (or the spacing of this voxel-to-RAS matrix / Volume)."""
-        previous = self.input_spacing
-        self.input_spacing = grid_spacing(spacing_or_affine)
+        previous = self.input_affine
+        self.input_affine = grid_affine(spacing_or_affine)
         try:
             yield self
         finally:
-            self.input_spacing = previous
+            self.input_affine = previous
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, volume):
         inputs, plan = self.prepare(volume)
-        return self.restore(self.infer(inputs), plan)
+        return self.restore(self.description.activate(self.infer(inputs)), plan)
 
     def prepare(self, volume):
-        """Raw volume on its grid → network input (normalised, cropped, resampled, padded) and the way back."""
+        """Raw volume on its grid → network input (each preprocessing step in order) and the way back."""
         channels = self.description.in_channels
         if channels and volume.shape[1] != channels:
             raise InputError("the network takes {} input channel(s) but the volume has {}".format(
                 channels, volume.shape[1]))
-        inputs = normalize_intensity(volume.to(self.device), self.description.intensity)
-        box = foreground_box(inputs, self.description.crop) if self.description.crop else None
-        inputs = crop(inputs, box)
-        cropped = tuple(inputs.shape[2:])
-        inputs = resample(inputs, resampled_size(cropped, self.input_spacing, self.description.spacing))
-        padding = divisible_padding(inputs.shape[2:], self.description.pad_divisible)
-        if padding is not None:
-            inputs = F.pad(inputs, padding)
-        plan = {"box": box, "full": tuple(volume.shape[2:]), "cropped": cropped, "padding": padding,
-                "device": volume.device, "network_size": tuple(inputs.shape[2:])}
+        inputs, affine, undo, box = volume.to(self.device), self.input_affine, [], None
+        for step in self.description.steps():
+            inputs, affine, back, cropped = apply_step(step, inputs, affine, self.activation)
+            undo.append(back)
+            box = box if cropped is None else cropped
+        plan = {"undo": undo, "box": box, "device": volume.device, "network_size": tuple(inputs.shape[2:])}
         return inputs, plan
 
     def restore(self, outputs, plan):
-        """Network outputs → outputs on the input's grid (unpadded, resampled back, background outside the crop)."""
-        outputs = resample(unpad(outputs, plan["padding"]), plan["cropped"])
-        outputs = pad_outputs_back(outputs, plan["box"], plan["full"], self.activation)
+        """Network outputs → outputs on the input's grid (each step undone, last first)."""
+        for back in reversed(plan["undo"]):
+            if back is not None:
+                outputs = back(outputs)
         return outputs.to(plan["device"])
 
     def infer(self, inputs):
@@ -279,14 +310,14 @@ class SegmentationModel(torch.nn.Module):
         volume = volume.detach().requires_grad_(True)
         inputs, plan = self.prepare(volume)
         if not self.windowed_gradients or self._one_window(inputs):  # one window: autograd holds no more memory
-            outputs = self.restore(self.infer(inputs), plan)
+            outputs = self.restore(self.description.activate(self.infer(inputs)), plan)
             loss = loss_fn(outputs)
             gradient, = torch.autograd.grad(loss, volume)
             return float(loss.detach()), gradient, outputs.detach()
         with torch.no_grad():
             network_outputs = self.infer(inputs.detach())
         network_outputs.requires_grad_(True)
-        outputs = self.restore(network_outputs, plan)
+        outputs = self.restore(self.description.activate(network_outputs), plan)
         loss = loss_fn(outputs)
         output_gradient, = torch.autograd.grad(loss, network_outputs)
         input_gradient = window_vjp(self.run_network, inputs.detach(), output_gradient, self.description.window)
@@ -326,8 +357,14 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
     - a MONAI bundle, folder or ``.zip``, with ``configs/inference.json`` and ``models/model.pt`` or ``model.ts``;
     - a pickled network or checkpoint, only with ``trust_checkpoint`` (unpickling can run code from the file).
 
-    Weights load with ``weights_only=True``; a file that needs more is refused unless ``trust_checkpoint``.
+    Weights load with ``weights_only=True``; a file that needs more is refused unless ``trust_checkpoint``. A
+    ``torch.nn.Module`` is taken as it is (see :func:`as_segmentation_model`).
     """
+    if isinstance(source, torch.nn.Module):
+        model = as_segmentation_model(source)
+        model.to_device(device)
+        model.amp = bool(amp)
+        return model
     source = str(source)
     if source in BUILTIN_MODELS:
         model = _load_described(MODELS_DIR / BUILTIN_MODELS[source] / DESCRIPTION_FILE, trust_checkpoint)
@@ -507,6 +544,7 @@ class ModelReport:
     activation: str
     labels: List[Label]
     intensity: Union[dict, list]
+    steps: List[str]
     network_spacing: Optional[List[float]]
     input_spacing: Optional[Tuple[float, ...]]
     input_size: Tuple[int, ...]
@@ -539,6 +577,8 @@ class ModelReport:
             out.append("outputs: {} (detected: not declared)".format(self.detected_activation))
         out.append("labels: " + ", ".join("{} {}".format(label.value, label.name) for label in self.labels))
         out.append("intensity: {}".format(json.dumps(self.intensity)))
+        out.append("preprocessing, in order: {}".format("; ".join(
+            "{}. {}".format(index, text) for index, text in enumerate(self.steps, 1))))
         if self.network_spacing:
             if self.input_spacing is None:
                 out.append("spacing: network {}; volume spacing unknown, not resampled".format(
@@ -588,13 +628,14 @@ def describe(model, volume):
     """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.volume.Volume`) and report what
     it is: declared settings and what the outputs show. An undeclared output activation is detected from the
     outputs and adopted by the model."""
-    spacing = model.input_spacing
+    affine = model.input_affine
     if hasattr(volume, "as_tensor"):
-        spacing = grid_spacing(volume.affine)
+        affine = volume.affine
         volume = volume.as_tensor()
-    with model.on_grid(spacing):
+    spacing = grid_spacing(affine)
+    with model.on_grid(affine):
         inputs, plan = model.prepare(volume)
-        outputs = model.infer(inputs)
+        outputs = model.description.activate(model.infer(inputs))
     detected = detect_activation(outputs)
     if model.description.output_activation is None:
         model.detected_activation = detected
@@ -609,6 +650,7 @@ def describe(model, volume):
         network_in_channels=network_in_channels(model.network), out_channels=int(outputs.shape[1]),
         declared_activation=model.description.output_activation, detected_activation=detected,
         activation=model.activation, labels=model.labels(outputs), intensity=model.description.intensity,
+        steps=[step_text(step) for step in model.description.steps()],
         network_spacing=model.description.spacing, input_spacing=spacing, input_size=tuple(volume.shape[2:]),
         network_size=plan["network_size"], window=window, windows=windows, gradient_mode=model.gradient_mode
         if window else "autograd", device=str(model.device), amp=model.amp, parameters=parameters,

@@ -46,7 +46,7 @@ MRI-physics corruptions (bias field, Rician noise, k-space artefacts) act on the
 Parameters come from TorchIO's or MONAI's transforms; TorchIO itself is not a dependency: MONAI provides the rest,
 and the three TorchIO-only artefacts (motion, ghosting, anisotropic sampling) are short k-space or slice code here.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -117,7 +117,7 @@ def corrupt_with_labels(name, volume, labels, severity, seed=0, spacing=(1.0, 1.
 @dataclass(frozen=True)
 class CorruptionProbe(Probe):
     """A corruption family as a probe: its strengths are severities 1..5, its one parameter the seed."""
-    name: str
+    name: str = field()  # required (Probe's class attribute is not its default)
     seed: int = seed_parameter("seed of the corruption's random draws")
     strength_name = "severity"
     strength_label = "severity (1-5)"

@@ -1,5 +1,6 @@
 """Cells: one (network, case, probe, strength) each, keyed by everything that determines its result, computed by
 the sweep in any process (a local worker, a Dask worker or this one)."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from ..evaluation.sweep import run_sweep
 from ..networks.models import load_model
 from ..probes.attacks import AttackCancelled
 from .cases import heldout_volume, load_case
-from .definition import make_probe
+from .definition import study_probe
 from .outputs import versions
 
 
@@ -46,7 +47,8 @@ def cell_key(task):
 def probe_settings(probe):
     """Every parameter the probe is made with, defaults included: a cell stored before a default changed is not
     reused."""
-    return make_probe(probe).settings()
+    made = study_probe(probe)
+    return {item.name: getattr(made, item.name) for item in dataclasses.fields(made)}
 
 
 _CACHE = threading.local()  # per thread (a Dask worker runs cells in threads): on_grid changes a model
@@ -63,7 +65,7 @@ def compute_cell(task, is_cancelled=None):
             model = _cached_model(task["network"])
             volume, reference = _cached_case(task["case"])
             with model.on_grid(volume):
-                result = run_sweep(model, volume, make_probe(task["probe"]), [task["strength"]], reference,
+                result = run_sweep(model, volume, study_probe(task["probe"]), [task["strength"]], reference,
                                    is_cancelled=is_cancelled)
     except AttackCancelled:
         raise

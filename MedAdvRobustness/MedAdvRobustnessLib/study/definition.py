@@ -7,7 +7,7 @@ from ..errors import InputError
 from ..networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, ModelDescription, MODELS_DIR
 from ..probes.attacks import ATTACKS
 from ..probes.corruptions import CORRUPTIONS
-from ..probes.registry import make_probe as make_named_probe
+from ..probes.registry import make_probe
 from .cases import HELDOUT_PREFIX, hash_files, resolve_cases
 
 
@@ -141,16 +141,16 @@ def _probe(item, seed):
         raise InputError("study: probe {} needs {}".format(item[kind], "epsilons" if kind == "attack" else
                                                            "severities"))
     probe = {"kind": kind, "probe": str(item[kind]), "params": params}
-    strengths = make_probe(probe).check_strengths(strengths)
+    strengths = study_probe(probe).check_strengths(strengths)
     name = item.get("name") or probe["probe"]
     return dict(probe, name=str(name), strengths=[float(s) for s in strengths])
 
 
-def make_probe(probe):
+def study_probe(probe):
     """The probe of a resolved study probe (``kind``, ``probe`` name, ``params``)."""
     if probe["probe"] not in (ATTACKS if probe["kind"] == "attack" else CORRUPTIONS):
         raise InputError("study: unknown {} {!r}".format(probe["kind"], probe["probe"]))
-    return make_named_probe(probe["probe"], **probe["params"])
+    return make_probe(probe["probe"], **probe["params"])
 
 
 def study_from_lists(networks, cases, attacks=(), epsilons=(), corruptions=(), severities=(), params=None, seed=0):

@@ -1,5 +1,5 @@
-"""A new probe started from the viewer's page: the same runner on a shown run's clean volume, in a worker process
-(progress polled, cancel asked), its result nodes added to the viewer's scene under the names :mod:`.results`
+"""A new probe started from the viewer's page: the same sweep on a shown run's clean volume, in a worker process
+(progress polled, cancel asked), its result nodes added to the viewer's scene under the names :mod:`..scene.results`
 gives them, so that the page finds the new run as it finds the others."""
 import functools
 from pathlib import Path

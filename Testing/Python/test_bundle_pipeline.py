@@ -1,0 +1,174 @@
+"""A model-zoo-style MONAI bundle (Orientation RAS, Spacing 2 mm, NormalizeIntensity nonzero after it, sliding
+window, softmax and Invertd) reproduced step by step: medadv's outputs on the input's grid against MONAI's own
+preprocessing, inferer and Invertd, on a 1 mm T1 with odd sizes stored in non-RAS and oblique orientations."""
+import json
+from pathlib import Path
+
+import nibabel as nib
+import nilearn.datasets
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.networks.models import load_model
+from MedAdvRobustnessLib.networks.steps import spacing_grid
+from MedAdvRobustnessLib.networks.volume import GridOrientation
+from MedAdvRobustnessLib.scene.nodes import volume_from_node
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+
+T1 = Path(nilearn.datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2],
+        "num_res_units": 0}
+
+
+def rotation(degrees, axis):
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    other = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[other[0], other[0]], matrix[other[0], other[1]] = c, -s
+    matrix[other[1], other[0]], matrix[other[1], other[1]] = s, c
+    return matrix
+
+
+GEOMETRIES = {  # (axis permutation of the stored array, flips, extra rotation): directions of i, j, k in RAS
+    "LPS-permuted": ((2, 0, 1), (True, True, False), np.eye(3)),
+    "oblique": ((0, 1, 2), (False, True, False), rotation(12.0, 0) @ rotation(-7.0, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def t1_crop():
+    """A 61x73x57 crop of the 1 mm MNI152 T1 (odd sizes), RAS, as (array, affine)."""
+    image = nib.load(str(T1))
+    array = np.asarray(image.dataobj, dtype=np.float32)[68:129, 80:153, 60:117]
+    return array, image.affine
+
+
+def stored(t1_crop, geometry, path):
+    """The crop written as NIfTI with its axes permuted and flipped (and the affine rotated): same anatomy."""
+    array, affine = t1_crop
+    permutation, flips, rotate = GEOMETRIES[geometry]
+    data = np.transpose(array, permutation)
+    directions = np.diag(np.abs(np.diag(affine[:3, :3])))[:, list(permutation)]
+    for axis, flip in enumerate(flips):
+        if flip:
+            data = np.flip(data, axis=axis)
+            directions[:, axis] *= -1
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotate @ directions
+    matrix[:3, 3] = [-30.0, -40.0, 10.0]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), matrix), str(path))
+    return path
+
+
+def write_bundle(root, network):
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    torch.save(network.state_dict(), str(root / "models" / "model.pt"))
+    image = {"keys": "image"}
+    config = {
+        "bundle_root": ".",
+        "network_def": dict({"_target_": "UNet"}, **UNET),
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            dict({"_target_": "LoadImaged", "image_only": True}, **image),
+            dict({"_target_": "EnsureChannelFirstd"}, **image),
+            dict({"_target_": "Orientationd", "axcodes": "RAS"}, **image),
+            dict({"_target_": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}, **image),
+            dict({"_target_": "NormalizeIntensityd", "nonzero": True}, **image),
+            dict({"_target_": "EnsureTyped"}, **image)]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [24, 24, 24], "overlap": 0.25,
+                    "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True}]},
+    }
+    metadata = {"name": "tiny bundle", "version": "0.1.0", "network_data_format": {
+        "inputs": {"image": {"type": "image", "num_channels": 1}},
+        "outputs": {"pred": {"type": "image", "num_channels": 3,
+                             "channel_def": {"0": "background", "1": "dark", "2": "bright"}}}}}
+    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return root
+
+
+def monai_probabilities(root, network, image_path):
+    """MONAI's own pipeline, item by item as ConfigParser builds it: preprocessing, inferer, postprocessing
+    (softmax, Invertd back to the file's grid); (C, i, j, k) in the file's voxel order."""
+    from monai.bundle import ConfigParser
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    data = parser.get_parsed_content("preprocessing")({"image": str(image_path)})
+    with torch.no_grad():
+        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None].float(), network)[0]
+    data = parser.get_parsed_content("postprocessing")(data)
+    return np.asarray(data["pred"], dtype=np.float64), tuple(data["image"].shape[1:])
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_bundle_outputs_equal_monai_s_pipeline_and_invertd(tmp_path, t1_crop, geometry):
+    torch.manual_seed(0)
+    network = UNet(**UNET).eval()
+    root = write_bundle(tmp_path / "bundle", network)
+    path = stored(t1_crop, geometry, tmp_path / "t1.nii.gz")
+    expected, monai_network_size = monai_probabilities(root, network, path)
+
+    model = load_model(root)
+    assert [list(step) for step in model.description.preprocessing] == [["spacing", "mode"], ["intensity"]]
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    with torch.no_grad(), model.on_grid(volume):
+        inputs, _ = model.prepare(volume.as_tensor())
+        probabilities = model(volume.as_tensor())[0].double().numpy()
+    assert model.activation == "softmax"  # the softmax before Invertd is part of the network: probabilities go back
+    assert tuple(inputs.shape[2:]) == monai_network_size  # MONAI's Spacing grid: 31x37x29, not 30x36x28
+    # MONAI's Invertd gives the file's voxel order; Slicer's reader may store an oblique file with an axis
+    # flipped (same anatomy): compare both in the network convention (RAS), where the inputs already agree
+    file_grid = GridOrientation.from_ijk_to_ras(nib.load(str(path)).affine, expected.shape[1:][::-1])
+    expected = np.stack([file_grid.to_network(np.transpose(channel, (2, 1, 0))) for channel in expected])
+    ours = probabilities
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    agreement = float((ours.argmax(0) == expected.argmax(0)).mean())
+    print("{}: labels agree on {:.5f} of the voxels, largest probability difference {:.2e}".format(
+        geometry, agreement, float(np.abs(ours - expected).max())))
+    assert agreement >= 0.999
+
+
+def test_spacing_grid_is_monai_s():
+    """197 voxels of 1 mm are 99 of 2 mm (the corner voxel centres kept), not 98; halves round to even."""
+    assert len(spacing_grid(np.eye(4), (197, 10, 10), (2.0, 1.0, 1.0))[1][0]) == 99
+    assert len(spacing_grid(np.eye(4), (98, 10, 10), (2.0, 1.0, 1.0))[1][0]) == 50  # 97 / 2 + 1 = 49.5: even
+    assert len(spacing_grid(np.eye(4), (96, 10, 10), (2.0, 1.0, 1.0))[1][0]) == 48  # 95 / 2 + 1 = 48.5: even
+    _, forward, backward = spacing_grid(np.eye(4), (5, 4, 4), (2.0, 1.0, 1.0))
+    assert list(forward[0]) == [0.0, 2.0, 4.0] and list(backward[0]) == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert spacing_grid(np.eye(4) * 2, (10, 10, 10), (2.0001, 2.0, 2.0)) is None
+
+
+def test_a_transform_without_a_twin_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    root = write_bundle(tmp_path / "bundle", UNet(**UNET).eval())
+    config_path = root / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["preprocessing"]["transforms"].insert(3, {"_target_": "RandGaussianNoised", "keys": "image", "prob": 1.0})
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match="preprocessing transform RandGaussianNoised has no differentiable twin"):
+        load_model(root)
+    config["preprocessing"]["transforms"][3] = {"_target_": "Orientationd", "keys": "image", "axcodes": "LPS"}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"Orientation\(axcodes=LPS\) is not reproduced"):
+        load_model(root)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"spacing": [0, 0, 0]}, "spacing must be three positive numbers"),
+    ({"preprocessing": [{"blur": 1.0}]}, "a preprocessing step is one of intensity, crop, spacing, pad_divisible"),
+    ({"preprocessing": [{"spacing": [2, 2, 2], "mode": "bicubic"}]}, "spacing mode must be one of bilinear, nearest"),
+])
+def test_a_model_description_with_steps_that_cannot_run_is_refused(fields, message):
+    from MedAdvRobustnessLib.networks.models import ModelDescription
+    with pytest.raises(InputError, match="model.json: " + message):
+        ModelDescription.from_dict(dict({"name": "tiny"}, **fields), "model.json")
