@@ -383,6 +383,8 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _buildParameterEditors(self, probeParameters, probe) -> None:
         """One line edit per parameter, holding the stored value or showing the library default."""
+        from MedAdvRobustnessLib.probes.parameters import value_text
+
         layout = self.ui.probeParametersGroupBox.layout()
         if getattr(self, "_editorsProbe", None) != probe:
             while layout.count():
@@ -392,7 +394,7 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterEditors = {}
             for parameter in probeParameters:
                 editor = qt.QLineEdit()
-                editor.placeholderText = _("default: {value}").format(value=_defaultText(parameter.default))
+                editor.placeholderText = _("default: {value}").format(value=value_text(parameter.default))
                 choices = " ({})".format(" | ".join(parameter.choices)) if parameter.choices else ""
                 editor.toolTip = parameter.help + choices
                 editor.connect("editingFinished()", self.onProbeParameterEdited)
@@ -559,12 +561,6 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         self._updateGui()
         return True
-
-
-def _defaultText(value) -> str:
-    if value is None:
-        return "none"
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 #

@@ -411,7 +411,9 @@ def as_segmentation_model(network):
     name = type(network).__name__
     warnings.warn("{} is a plain torch.nn.Module: taken as logits on the raw whole volume, without intensity "
                   "preprocessing, resampling or sliding windows; wrap it as SegmentationModel(network, "
-                  "ModelDescription(...)) to say otherwise".format(name), stacklevel=3)
+                  "ModelDescription(...)) to say otherwise{}".format(
+                      name, "; it is in training mode (dropout, batch statistics): call .eval() first"
+                      if network.training else ""), stacklevel=3)
     return SegmentationModel(network, ModelDescription(name=name, output_activation="logits"),
                              device=_module_device(network))
 

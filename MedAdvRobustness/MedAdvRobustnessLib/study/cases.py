@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..probes.corruptions import corrupt_with_labels, spacing_from_affine
@@ -109,7 +110,6 @@ def load_case(case):
 def heldout_volume(index):
     """The sample deformed elastically, rotated and given a bias field (:data:`HELDOUT_RECIPE`, seed
     ``HELDOUT_SEED + index``), its labels moved with it: a (Volume, labels) pair training never saw."""
-    import torch
     volume, labels = load_case({"name": "sample", "volume": str(SAMPLE_VOLUME), "reference": str(SAMPLE_LABELS)})
     image, moved = volume.as_tensor(), torch.from_numpy(labels.astype(np.int64))
     spacing = spacing_from_affine(volume.affine)

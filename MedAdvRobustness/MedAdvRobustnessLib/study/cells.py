@@ -10,6 +10,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+import torch
+
 from ..errors import InputError
 from ..evaluation.sweep import run_sweep
 from ..networks.models import load_model
@@ -79,7 +81,6 @@ def compute_cell(task, is_cancelled=None):
 @contextmanager
 def _torch_threads(wanted):
     """torch's thread count (one per process) at ``wanted`` while cells run, restored after the last one."""
-    import torch
     with _THREADS["lock"]:
         if _THREADS["cells"] == 0:
             _THREADS["before"] = torch.get_num_threads()

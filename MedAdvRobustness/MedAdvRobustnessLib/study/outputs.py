@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..networks.models import PALETTE
 from .cases import HELDOUT_RECIPE, HELDOUT_SEED
@@ -26,7 +27,6 @@ SUMMARY_COLUMNS = ("network", "probe", "kind", "dice_against", "cases", "cases_w
 def versions():
     """Versions of what computes the cells."""
     import monai
-    import torch
     try:
         from importlib.metadata import version
         package = version("medadvrobustness")
