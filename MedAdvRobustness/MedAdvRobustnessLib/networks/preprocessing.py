@@ -1,15 +1,6 @@
-"""Differentiable preprocessing: gradients flow from the network back to the raw intensities on the input grid.
-
-A :class:`~.models.SegmentationModel` runs, on a raw (B, C, X, Y, Z) volume in the network convention:
-
-1. intensity normalisation (:func:`normalize_intensity`), one step or a list of steps applied in order;
-2. cropping to the foreground bounding box of the normalised volume (:func:`foreground_box`);
-3. resampling to the network's spacing (:func:`resample`, trilinear, differentiable);
-4. padding to a multiple of ``k`` voxels where the network needs it;
-
-then the network (whole or window by window), and the way back on the outputs: remove the padding, resample the
-outputs trilinearly to the cropped input size and pad them back to the input grid with background
-(:func:`pad_outputs_back`). Outputs are therefore always on the input grid, and argmax happens there.
+"""The differentiable operations of the preprocessing steps (:mod:`.steps` puts them in order): intensity
+normalisation, percentiles, the foreground box and crop with the outputs padded back with background, divisible
+padding. Gradients flow through each back to the raw intensities.
 """
 import math
 
@@ -17,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax")
-SPACING_TOLERANCE = 1e-3
 # Outputs outside the cropped box: background. Logits: background 0, other channels this much lower.
 BACKGROUND_LOGIT_GAP = 100.0
 
@@ -170,30 +160,6 @@ def pad_outputs_back(outputs, box, full_shape, activation):
         padding += [start, size - stop]
     padded = F.pad(outputs, padding)
     return torch.where(mask, padded, background)
-
-
-def resampled_size(shape, spacing, target_spacing):
-    """The voxel counts covering the same field of view at ``target_spacing`` (same as the input where the
-    spacings agree within 0.1 %)."""
-    if spacing is None or target_spacing is None:
-        return tuple(shape)
-    size = []
-    for count, have, want in zip(shape, spacing, target_spacing):
-        if want is None or want <= 0 or abs(have - want) <= SPACING_TOLERANCE * want:
-            size.append(int(count))
-        else:
-            size.append(max(1, int(round(count * have / want))))
-    return tuple(size)
-
-
-def resample(tensor, size):
-    """Trilinear resampling of a (B, C, *spatial) tensor to ``size``, voxel edges aligned (the field of view is
-    kept); the identity where the size is unchanged. Differentiable."""
-    size = tuple(int(s) for s in size)
-    if tuple(tensor.shape[2:]) == size:
-        return tensor
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(tensor, size=size, mode=mode, align_corners=False)
 
 
 def divisible_padding(shape, k):
