@@ -87,7 +87,8 @@ def _option_help(parameter, defaults):
 
 MODEL_HELP = ("'demo'; a model folder with model.json (or that file: an architecture from monai.networks.nets with "
               "its args plus a state-dict checkpoint, or TorchScript weights, with the preprocessing); a MONAI "
-              "bundle folder or .zip (configs/inference.json, models/model.pt or model.ts); or a TorchScript file")
+              "bundle folder or .zip (configs/inference.json, models/model.pt or model.ts); a MONAI Auto3DSeg model "
+              "folder or model.pt (as MONAIAuto3DSeg keeps them); or a TorchScript file")
 
 
 def _add_model_arguments(parser, trust):

@@ -4,6 +4,9 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import nilearn.datasets
+import numpy as np
 import pytest
 import torch
 import vtk
@@ -36,6 +39,51 @@ def random_volume(shape=SHAPE, seed=0, dtype=torch.float32):
     """A seeded (1, 1, *shape) volume of intensities uniform in [-50, 350)."""
     generator = torch.Generator().manual_seed(seed)
     return (torch.rand((1, 1) + tuple(shape), generator=generator, dtype=torch.float64) * 400.0 - 50.0).to(dtype)
+
+
+# The 1 mm MNI152 T1 of the nilearn wheel, and ways to store a crop of it in other orientations.
+T1 = Path(nilearn.datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def rotation(degrees, axis):
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    other = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[other[0], other[0]], matrix[other[0], other[1]] = c, -s
+    matrix[other[1], other[0]], matrix[other[1], other[1]] = s, c
+    return matrix
+
+
+GEOMETRIES = {  # (axis permutation of the stored array, flips, extra rotation): directions of i, j, k in RAS
+    "LPS-permuted": ((2, 0, 1), (True, True, False), np.eye(3)),
+    "oblique": ((0, 1, 2), (False, True, False), rotation(12.0, 0) @ rotation(-7.0, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def t1_crop():
+    """A 61x73x57 crop of the 1 mm MNI152 T1 (odd sizes), RAS, as (array, affine)."""
+    image = nib.load(str(T1))
+    array = np.asarray(image.dataobj, dtype=np.float32)[68:129, 80:153, 60:117]
+    return array, image.affine
+
+
+def stored(t1_crop, geometry, path):
+    """The crop written as NIfTI with its axes permuted and flipped (and the affine rotated): same anatomy."""
+    array, affine = t1_crop
+    permutation, flips, rotate = GEOMETRIES[geometry]
+    data = np.transpose(array, permutation)
+    directions = np.diag(np.abs(np.diag(affine[:3, :3])))[:, list(permutation)]
+    for axis, flip in enumerate(flips):
+        if flip:
+            data = np.flip(data, axis=axis)
+            directions[:, axis] *= -1
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotate @ directions
+    matrix[:3, 3] = [-30.0, -40.0, 10.0]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), matrix), str(path))
+    return path
 
 
 def drive_as_widget(slicer_scene, settings, start, cancel_on=None):

@@ -380,6 +380,8 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
                 model = _load_described(path / DESCRIPTION_FILE, trust_checkpoint)
             elif bundles.bundle_root(path) is not None:
                 model = bundles.load_bundle(path, trust_checkpoint)
+            elif (path / "model.pt").is_file():  # a MONAI Auto3DSeg model folder, as MONAIAuto3DSeg keeps them
+                model = _load_network_file(path / "model.pt", trust_checkpoint)
             else:
                 raise InputError("{} holds neither {} nor a MONAI bundle (configs/inference.json and models/)"
                                  .format(path, DESCRIPTION_FILE))
@@ -518,9 +520,13 @@ def _load_network_file(path, trust_checkpoint=False):
     if network is not None:
         return SegmentationModel(network, ModelDescription(name=path.stem, output_activation=None),
                                  source="TorchScript {}".format(path))
+    from . import auto3dseg
     try:
-        loaded = unwrap_checkpoint(load_checkpoint(path, trust_checkpoint))
-    except UnsafeCheckpoint:
+        checkpoint = load_checkpoint(path, trust_checkpoint)
+        if auto3dseg.is_auto3dseg(checkpoint):
+            return auto3dseg.load_auto3dseg(checkpoint, str(path), trust_checkpoint)
+        loaded = unwrap_checkpoint(checkpoint)
+    except (UnsafeCheckpoint, auto3dseg.Auto3DSegError):
         raise
     except InputError as error:
         raise InputError("{} is neither TorchScript nor a PyTorch checkpoint ({}); export it with torch.jit.save, "

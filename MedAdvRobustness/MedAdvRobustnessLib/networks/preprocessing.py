@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax")
+INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax", "sigmoid", "tanh")
 # Outputs outside the cropped box: background. Logits: background 0, other channels this much lower.
 BACKGROUND_LOGIT_GAP = 100.0
 
@@ -26,7 +26,9 @@ def normalize_intensity(volume, spec):
     - ``{"type": "range", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1, "clip": true}``: a fixed intensity
       window mapped to [b_min, b_max], clipped (MONAI's ``ScaleIntensityRange``);
     - ``{"type": "minmax", "min": 0, "max": 1}``: the volume's minimum and maximum mapped to ``min``, ``max``
-      (MONAI's ``ScaleIntensity``).
+      (MONAI's ``ScaleIntensity``);
+    - ``{"type": "sigmoid"}``: the logistic function of each voxel; ``{"type": "tanh", "scale": 3}``:
+      ``scale * tanh(x / scale)`` (the squashing steps of MONAI Auto3DSeg's ``ct`` and ``meanstdtanh`` modes).
     """
     if isinstance(spec, (list, tuple)):
         for step in spec:
@@ -51,6 +53,11 @@ def normalize_intensity(volume, spec):
         return _scale(flat, low, high, spec.get("min", 0.0), spec.get("max", 1.0), False).view_as(volume)
     if kind == "zscore":
         return _zscore(flat, spec).view_as(volume)
+    if kind == "sigmoid":
+        return torch.sigmoid(volume)
+    if kind == "tanh":
+        scale = float(spec.get("scale", 1.0))
+        return scale * torch.tanh(volume / scale)
     raise ValueError("unknown intensity preprocessing {!r}; expected one of {}".format(kind, INTENSITY_TYPES))
 
 

@@ -6,9 +6,10 @@ bundle's transforms in their declared order):
 - ``{"intensity": spec}``: :func:`~.preprocessing.normalize_intensity`; the outputs need no way back.
 - ``{"crop": {"threshold": t, "margin": m}}``: crop to the voxels above ``t`` (MONAI's ``CropForeground``); the
   outputs are padded back with background.
-- ``{"spacing": [x, y, z], "mode": "bilinear"|"nearest"}``: MONAI's ``Spacing`` grid (voxel counts, origin and
-  positions as ``zoom_affine`` and ``compute_shape_offset`` give them, border padding); the outputs go back to the
-  input grid by linear interpolation, as MONAI's ``Invertd`` brings predictions back.
+- ``{"spacing": [x, y, z], "mode": "bilinear"|"nearest", "min_pixdim": [...], "max_pixdim": [...]}``: MONAI's
+  ``Spacing`` grid (voxel counts, origin and positions as ``zoom_affine`` and ``compute_shape_offset`` give them,
+  border padding; an axis whose spacing lies within the optional ``min_pixdim``..``max_pixdim`` keeps it); the
+  outputs go back to the input grid by linear interpolation, as MONAI's ``Invertd`` brings predictions back.
 - ``{"pad_divisible": k}``: MONAI's ``DivisiblePad``; the outputs are unpadded.
 
 Resampling is separable: along each axis a linear (or nearest) interpolation at fixed positions, a linear map of
@@ -75,7 +76,7 @@ def apply_step(step, inputs, affine, activation):
         back = None if box is None else (lambda outputs: pad_outputs_back(outputs, box, full, activation))
         return crop(inputs, box), shifted(affine, [start for start, _ in box] if box else None), back, box
     if kind == "spacing":
-        grid = None if affine is None else spacing_grid(affine, inputs.shape[2:], step["spacing"])
+        grid = None if affine is None else spacing_grid(affine, inputs.shape[2:], target_spacing(affine, step))
         if grid is None:
             return inputs, affine, None, None
         new_affine, forward, backward = grid
@@ -96,6 +97,18 @@ def shifted(affine, voxels):
     moved = np.array(affine, dtype=np.float64)
     moved[:3, 3] = moved[:3, :3] @ np.asarray(voxels, dtype=np.float64) + moved[:3, 3]
     return moved
+
+
+def target_spacing(affine, step):
+    """The spacing a spacing step resamples to: its ``spacing``, except along axes whose spacing lies within
+    ``min_pixdim``..``max_pixdim`` (MONAI's tolerance 1e-3), which keep theirs."""
+    target = np.asarray(step["spacing"], dtype=np.float64)
+    if step.get("min_pixdim") is None and step.get("max_pixdim") is None:
+        return target
+    have = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    low = np.asarray(step.get("min_pixdim", -np.inf), dtype=np.float64) - 1e-3
+    high = np.asarray(step.get("max_pixdim", np.inf), dtype=np.float64) + 1e-3
+    return np.where((low <= have) & (have <= high), have, target)
 
 
 def spacing_grid(affine, shape, pixdim):
