@@ -21,7 +21,7 @@ UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 
         "num_res_units": 0}
 
 
-def write_bundle(root, network):
+def write_bundle(root, network, nonzero=True, margin=3):
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
     torch.save(network.state_dict(), str(root / "models" / "model.pt"))
@@ -33,8 +33,10 @@ def write_bundle(root, network):
             dict({"_target_": "LoadImaged", "image_only": True}, **image),
             dict({"_target_": "EnsureChannelFirstd"}, **image),
             dict({"_target_": "Orientationd", "axcodes": "RAS"}, **image),
+            dict({"_target_": "CropForegroundd", "source_key": "image", "margin": margin}, **image),
             dict({"_target_": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}, **image),
-            dict({"_target_": "NormalizeIntensityd", "nonzero": True}, **image),
+            dict({"_target_": "NormalizeIntensityd", "nonzero": nonzero}, **image),
+            dict({"_target_": "DivisiblePadd", "k": 8}, **image),
             dict({"_target_": "EnsureTyped"}, **image)]},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [24, 24, 24], "overlap": 0.25,
                     "mode": "gaussian"},
@@ -66,33 +68,52 @@ def monai_probabilities(root, network, image_path):
     return np.asarray(data["pred"], dtype=np.float64), tuple(data["image"].shape[1:])
 
 
+# (NormalizeIntensity nonzero, crop margin, background borders). Where resampling meets zero voxels (background
+# or padding), MONAI's resampler leaves values of about 1e-13 there, which a later nonzero mask counts: float noise
+# of MONAI's grid arithmetic that no twin reproduces, so the nonzero case runs on a volume without zeros.
+CROPS = {"nonzero after spacing": (True, 0, "none"),
+         "crop inside the grid": (False, 3, "every side"),
+         "crop past the edges": (False, 3, "one side")}  # the grown box leaves the grid: MONAI pads (allow_smaller)
+
+
+@pytest.mark.parametrize("crop", sorted(CROPS))
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-def test_bundle_outputs_equal_monai_s_pipeline_and_invertd(tmp_path, t1_crop, geometry):
+def test_bundle_outputs_equal_monai_s_pipeline_and_invertd(tmp_path, t1_crop, geometry, crop):
     torch.manual_seed(0)
     network = UNet(**UNET).eval()
-    root = write_bundle(tmp_path / "bundle", network)
-    path = stored(t1_crop, geometry, tmp_path / "t1.nii.gz")
+    nonzero, margin, borders = CROPS[crop]
+    root = write_bundle(tmp_path / "bundle", network, nonzero=nonzero, margin=margin)
+    array, affine = t1_crop
+    array = array.copy()
+    if borders != "none":
+        array[:12] = 0.0  # background the crop removes
+    if borders == "every side":
+        array[-12:], array[:, :8], array[:, -8:], array[:, :, :8], array[:, :, -8:] = 0.0, 0.0, 0.0, 0.0, 0.0
+    path = stored((array, affine), geometry, tmp_path / "t1.nii.gz")
     expected, monai_network_size = monai_probabilities(root, network, path)
 
     model = load_model(root)
-    assert [list(step) for step in model.description.preprocessing] == [["spacing", "mode"], ["intensity"]]
+    assert [list(step)[0] for step in model.description.preprocessing] == ["crop", "spacing", "intensity",
+                                                                          "pad_divisible"]
     volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
     with torch.no_grad(), model.on_grid(volume):
         inputs, _ = model.prepare(volume.as_tensor())
         probabilities = model(volume.as_tensor())[0].double().numpy()
     assert model.activation == "softmax"  # the softmax before Invertd is part of the network: probabilities go back
-    assert tuple(inputs.shape[2:]) == monai_network_size  # MONAI's Spacing grid: 31x37x29, not 30x36x28
+    assert tuple(inputs.shape[2:]) == monai_network_size  # MONAI's crop (padded past the edges), grid and padding
     # MONAI's Invertd gives the file's voxel order; Slicer's reader may store an oblique file with an axis
     # flipped (same anatomy): compare both in the network convention (RAS), where the inputs already agree
     file_grid = GridOrientation.from_ijk_to_ras(nib.load(str(path)).affine, expected.shape[1:][::-1])
     expected = np.stack([file_grid.to_network(np.transpose(channel, (2, 1, 0))) for channel in expected])
     ours = probabilities
     assert ours.shape == expected.shape
-    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    inside = expected.sum(axis=0) > 0.5  # Invertd pads the crop with zero probabilities; medadv with background
+    difference = float(np.abs(ours - expected)[:, inside].max())
     agreement = float((ours.argmax(0) == expected.argmax(0)).mean())
-    print("{}: labels agree on {:.5f} of the voxels, largest probability difference {:.2e}".format(
-        geometry, agreement, float(np.abs(ours - expected).max())))
-    assert agreement >= 0.999
+    print("{}: network input {}, {:.3f} of the voxels inside the crop, labels agree on {:.5f} of the voxels, "
+          "largest probability difference inside the crop {:.2e}".format(geometry, monai_network_size,
+                                                                          inside.mean(), agreement, difference))
+    assert (inside.mean() == 1.0) == (borders == "none") and difference < 1e-4 and agreement >= 0.999
 
 
 def test_spacing_grid_is_monai_s():

@@ -7,6 +7,11 @@ with MONAI's ``ConfigParser`` and runs, in this order: ``Orientationd`` RAS (``o
 ``resample_resolution`` (bilinear; an axis within 25 % of it keeps its spacing), the intensity step
 ``normalize_mode`` names, a Gaussian sliding window of ``roi_size`` with overlap 0.625, a softmax (or a sigmoid
 with ``sigmoid``) and ``Invertd`` back to the input grid. Each becomes a step of :mod:`.steps`.
+
+This is the pipeline of the extension's ``Scripts/auto3dseg_segresnet_inference.py`` at commit 0477a24
+(February 2024). The extension's current script differs: it normalises the intensities first (statistics of the
+whole raw image), crops by the raw image, and brings argmax labels back with ``Invertd(nearest_interp=True)``;
+that is not reproduced yet, and the model report says so.
 """
 from ..errors import InputError
 from .models import TRUST_HINT, ModelDescription, SegmentationModel
@@ -32,6 +37,8 @@ def intensity_steps(config, where):
     if mode == "none":
         return []
     if mode in ("range", "ct"):
+        if "intensity_bounds" not in config:
+            raise Auto3DSegError("Auto3DSeg model {}: normalize_mode {} needs intensity_bounds".format(where, mode))
         low, high = (float(v) for v in config["intensity_bounds"])
         return [{"intensity": {"type": "range", "a_min": low, "a_max": high, "b_min": -1.0, "b_max": 1.0,
                                "clip": False}}, {"intensity": {"type": "sigmoid"}}]
@@ -48,6 +55,8 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
     from monai.bundle import ConfigParser
     from .bundles import _unsafe
     config = checkpoint["config"]
+    if "roi_size" not in config:
+        raise Auto3DSegError("Auto3DSeg model {}: its config has no roi_size".format(where))
     if not config.get("orientation_ras", False):
         raise Auto3DSegError("Auto3DSeg model {}: without orientation_ras the network sees the file's own axis order, "
                          "which is not reproduced".format(where))
@@ -77,4 +86,7 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
         intensity=[step["intensity"] for step in steps if "intensity" in step] or {"type": "none"},
         window={"roi_size": [int(v) for v in config["roi_size"]], "overlap": WINDOW_OVERLAP, "mode": "gaussian"},
         notes="MONAI Auto3DSeg model {}".format(where))
-    return SegmentationModel(network.eval(), description, source="MONAI Auto3DSeg {}".format(where))
+    model = SegmentationModel(network.eval(), description, source="MONAI Auto3DSeg {}".format(where))
+    model.load_notes = ["pipeline of MONAIAuto3DSeg's inference script of February 2024 (0477a24); the current "
+                        "script normalises first and brings labels back by nearest neighbour: not reproduced yet"]
+    return model

@@ -29,6 +29,9 @@ from .models import (TRUST_HINT, ModelDescription, SegmentationModel, _torchscri
                      parse_labels)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+# Where the components a bundle (or an Auto3DSeg network config) may name without trust come from: networks,
+# transforms, inferers and torch.nn; not monai.bundle or monai.apps, which download, write files or run configs.
+SAFE_MODULES = ("monai.networks.", "monai.transforms.", "monai.inferers.", "torch.nn.")
 # Transforms that do not change what the network sees in the network convention (loading, channel first, types).
 NEUTRAL = {"LoadImage", "EnsureChannelFirst", "AsChannelFirst", "AddChannel", "EnsureType", "ToTensor",
            "CastToType", "ToDevice", "Identity", "CopyItems", "DeleteItems", "SelectItems", "SaveImage",
@@ -114,8 +117,11 @@ def _load_root(root, trust_checkpoint, where):
     description = ModelDescription(name=str(metadata.get("name") or root.name), output_activation=None)
     if inputs_format.get(image_key, {}).get("num_channels"):
         description.in_channels = int(inputs_format[image_key]["num_channels"])
-    steps = [step for name, args in reader.transforms("preprocessing", image_key, MAPPED)
-             for step in _twin(name, args, where)]
+    transforms = reader.transforms("preprocessing", image_key, MAPPED)
+    if "Orientation" not in [name for name, _ in transforms]:
+        raise InputError("bundle {}: its preprocessing has no Orientation(d), so its network sees the file's own "
+                         "voxel order, which is not reproduced (here the network gets RAS)".format(where))
+    steps = [step for name, args in transforms for step in _twin(name, args, where)]
     description.preprocessing = steps
     intensity = [step["intensity"] for step in steps if "intensity" in step]
     description.intensity = intensity[0] if len(intensity) == 1 else (intensity or {"type": "none"})
@@ -256,6 +262,9 @@ def _twin(name, args, where):
 
     def refuse(setting):
         raise InputError("bundle {}: {}({}) is not reproduced".format(where, name, setting))
+
+    def first(value):  # a dictionary transform may give one value per key: this image is the only key here
+        return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
     if name == "Orientation":
         if str(args.get("axcodes", "RAS")).upper() != "RAS":
             refuse("axcodes={}".format(args.get("axcodes")))
@@ -267,10 +276,17 @@ def _twin(name, args, where):
                 refuse("{}={}".format(setting, args.get(setting)))
         pixdim = args["pixdim"]
         pixdim = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * 3)]
-        mode = str(args.get("mode", "bilinear")).lower()
-        if mode not in ("bilinear", "nearest"):
+        if min(pixdim[:3]) <= 0:
+            refuse("pixdim={}".format(args["pixdim"]))
+        mode = str(first(args.get("mode", "bilinear"))).lower()
+        if mode != "bilinear":  # nearest: MONAI rounds grid positions its own way, and inverts by nearest too
             refuse("mode={}".format(mode))
-        return [{"spacing": pixdim[:3], "mode": mode}]
+        step = {"spacing": pixdim[:3], "mode": mode}
+        for bound in ("min_pixdim", "max_pixdim"):
+            if args.get(bound) is not None:
+                value = args[bound]
+                step[bound] = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)][:3]
+        return [step]
     if name == "ScaleIntensityRange":
         return [{"intensity": {"type": "range", "a_min": float(args["a_min"]), "a_max": float(args["a_max"]),
                                "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
@@ -290,14 +306,21 @@ def _twin(name, args, where):
         return [{"intensity": {"type": "minmax", "min": _number(args.get("minv", 0.0)),
                                "max": _number(args.get("maxv", 1.0))}}]
     if name == "CropForeground":
-        if args.get("select_fn") not in (None, "is_positive") and not callable(args.get("select_fn")):
-            refuse("select_fn={}".format(args.get("select_fn")))
+        select_fn = args.get("select_fn")
+        if select_fn is not None and getattr(select_fn, "__name__", select_fn) != "is_positive":
+            refuse("select_fn={}".format(getattr(select_fn, "__name__", select_fn)))
+        for setting in ("source_key", "channel_indices"):
+            if args.get(setting) not in (None, args.get("keys"), [args.get("keys")], "image"):
+                refuse("{}={}".format(setting, args.get(setting)))
         if args.get("k_divisible", 1) not in (1, [1, 1, 1], (1, 1, 1)):
             refuse("k_divisible={}".format(args.get("k_divisible")))
-        return [{"crop": {"threshold": 0.0, "margin": args.get("margin", 0)}}]
+        return [{"crop": {"threshold": 0.0, "margin": args.get("margin", 0),
+                          "allow_smaller": bool(args.get("allow_smaller", False))}}]
     if name == "DivisiblePad":
         if str(args.get("method", "symmetric")).lower() != "symmetric":
             refuse("method={}".format(args.get("method")))
+        if str(first(args.get("mode", "constant"))).lower() != "constant":
+            refuse("mode={}".format(args.get("mode")))
         return [{"pad_divisible": args.get("k")}]
     raise AssertionError(name)
 
@@ -335,7 +358,12 @@ def _activation(reader):
     """(output activation, the activation applied to the aggregated outputs before the preprocessing is undone):
     a sigmoid always; a softmax where ``Invertd`` follows it (MONAI then resamples probabilities, not logits),
     else the outputs are read as the softmax's logits."""
-    found = reader.transforms("postprocessing", reader.output_key, {"Activations"})
+    found = reader.transforms("postprocessing", reader.output_key, {"Activations", "Invert"})
+    for name, args in found:
+        if name == "Invert" and args is not None and args.get("nearest_interp", True):
+            raise InputError("bundle {}: Invert(d) with nearest_interp (its default) brings the outputs back by "
+                             "nearest neighbour, which is not reproduced; linear (nearest_interp=false) is".format(
+                                 reader.where))
     for index, (name, args) in enumerate(found):
         if name == "Activations" and args is not None:
             if args.get("sigmoid"):
@@ -375,13 +403,17 @@ def _unsafe(parser, item_id):
         if not isinstance(target, str):
             return False
         if "." not in target:
-            return locator.get_component_module_name(target) is not None
-        return target.startswith(("monai.", "torch.nn."))
+            modules = locator.get_component_module_name(target)
+            modules = [modules] if isinstance(modules, str) else list(modules or [])
+            return bool(modules) and all(module.startswith(SAFE_MODULES) for module in modules)
+        return target.startswith(SAFE_MODULES)
 
     def walk(value, where):
         if isinstance(value, str):
             if value.startswith("$"):
                 problems.append("{} is a Python expression {!r}".format(where, value[:60]))
+            elif value.startswith("%"):
+                problems.append("{} reads another config file {!r}".format(where, value[:60]))
             elif value.startswith("@"):
                 pending.append(value[1:].replace("#", "::"))
         elif isinstance(value, dict):

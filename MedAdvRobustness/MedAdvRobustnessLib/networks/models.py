@@ -393,6 +393,8 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
             model = _load_network_file(path, trust_checkpoint)
     if output_activation is not None:
         model.description.output_activation = check_activation(output_activation)
+        if output_activation != model.description.activation_after_inference:
+            model.description.activation_after_inference = None  # the user's word on what the network outputs
     if gradient_mode is not None:
         if gradient_mode not in GRADIENT_MODES:
             raise InputError("gradient mode must be one of {}".format(GRADIENT_MODES))

@@ -135,8 +135,9 @@ def foreground_box(volume, spec):
         for axis in range(mask.dim()):
             other = tuple(a for a in range(mask.dim()) if a != axis)
             present = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
-            start = max(int(present[0]) - margins[axis], 0)
-            stop = min(int(present[-1]) + 1 + margins[axis], mask.shape[axis])
+            start, stop = int(present[0]) - margins[axis], int(present[-1]) + 1 + margins[axis]
+            if spec.get("allow_smaller", True):  # else the box may leave the grid: padded (MONAI's default)
+                start, stop = max(start, 0), min(stop, mask.shape[axis])
             box.append((start, stop))
     if all(start == 0 and stop == size for (start, stop), size in zip(box, mask.shape)):
         return None
@@ -144,8 +145,15 @@ def foreground_box(volume, spec):
 
 
 def crop(volume, box):
+    """``volume`` inside ``box``; zeros where the box leaves the grid."""
     if box is None:
         return volume
+    padding = []
+    for (start, stop), size in reversed(list(zip(box, volume.shape[2:]))):
+        padding += [max(-start, 0), max(stop - size, 0)]
+    if any(padding):
+        volume = F.pad(volume, padding)
+        box = [(start + max(-start, 0), stop + max(-start, 0)) for start, stop in box]
     return volume[(slice(None), slice(None)) + tuple(slice(start, stop) for start, stop in box)]
 
 
@@ -161,10 +169,10 @@ def pad_outputs_back(outputs, box, full_shape, activation):
         background[:, 1:] = -BACKGROUND_LOGIT_GAP
     # sigmoid: every foreground probability 0
     mask = torch.zeros(tuple(full_shape), dtype=torch.bool, device=outputs.device)
-    mask[tuple(slice(start, stop) for start, stop in box)] = True
+    mask[tuple(slice(max(start, 0), stop) for start, stop in box)] = True
     padding = []
     for (start, stop), size in reversed(list(zip(box, full_shape))):
-        padding += [start, size - stop]
+        padding += [start, size - stop]  # negative where the box left the grid: F.pad crops there
     padded = F.pad(outputs, padding)
     return torch.where(mask, padded, background)
 

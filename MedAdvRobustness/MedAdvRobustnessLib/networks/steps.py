@@ -106,8 +106,9 @@ def target_spacing(affine, step):
     if step.get("min_pixdim") is None and step.get("max_pixdim") is None:
         return target
     have = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    low = np.asarray(step.get("min_pixdim", -np.inf), dtype=np.float64) - 1e-3
-    high = np.asarray(step.get("max_pixdim", np.inf), dtype=np.float64) + 1e-3
+    # as MONAI's Spacing: a missing bound is the target itself
+    low = np.minimum(np.asarray(step.get("min_pixdim") or target, dtype=np.float64), target) - SPACING_TOLERANCE
+    high = np.maximum(np.asarray(step.get("max_pixdim") or target, dtype=np.float64), target) + SPACING_TOLERANCE
     return np.where((low <= have) & (have <= high), have, target)
 
 
