@@ -158,14 +158,8 @@ def grid_affine(spacing_or_affine):
 
 def grid_spacing(spacing_or_affine):
     """Voxel size along the network's x, y, z: given, or the column norms of a voxel-to-RAS matrix."""
-    if spacing_or_affine is None:
-        return None
-    if hasattr(spacing_or_affine, "affine"):
-        spacing_or_affine = spacing_or_affine.affine
-    array = np.asarray(spacing_or_affine, dtype=np.float64)
-    if array.ndim == 2:
-        return tuple(float(v) for v in np.linalg.norm(array[:3, :3], axis=0))
-    return tuple(float(v) for v in array)
+    affine = grid_affine(spacing_or_affine)
+    return None if affine is None else tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
 def torch_device(name):
