@@ -1,4 +1,5 @@
 """Shared fixtures: real MRML scenes from slicer-core and the embedded sample; the test process's exit."""
+import json
 import os
 import sys
 import time
@@ -84,6 +85,33 @@ def stored(t1_crop, geometry, path):
     matrix[:3, 3] = [-30.0, -40.0, 10.0]
     nib.save(nib.Nifti1Image(np.ascontiguousarray(data), matrix), str(path))
     return path
+
+
+def write_bundle(root, network, network_args, transforms, roi_size, postprocessing, labels):
+    """A MONAI bundle as the model zoo lays them out (inference config, metadata with label names, weights): a UNet
+    of ``network_args``, loading and RAS orientation followed by ``transforms`` (on ``image``), a Gaussian sliding
+    window of ``roi_size``, and ``postprocessing`` on ``pred``."""
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    torch.save(network.state_dict(), str(root / "models" / "model.pt"))
+    image = {"keys": "image"}
+    steps = [{"_target_": "LoadImaged", "image_only": True}, {"_target_": "EnsureChannelFirstd"},
+             {"_target_": "Orientationd", "axcodes": "RAS"}] + list(transforms) + [{"_target_": "EnsureTyped"}]
+    config = {
+        "bundle_root": ".",
+        "network_def": dict({"_target_": "UNet"}, **network_args),
+        "network": "$@network_def.to('cpu')",
+        "preprocessing": {"_target_": "Compose", "transforms": [dict(step, **image) for step in steps]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(roi_size), "overlap": 0.25,
+                    "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [dict(step, keys="pred") for step in postprocessing]},
+    }
+    metadata = {"name": "tiny bundle", "version": "0.1.0", "network_data_format": {
+        "inputs": {"image": {"type": "image", "num_channels": 1}},
+        "outputs": {"pred": {"type": "image", "num_channels": network_args["out_channels"], "channel_def": labels}}}}
+    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return root
 
 
 def drive_as_widget(slicer_scene, settings, start, cancel_on=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from conftest import GEOMETRIES, stored
+from conftest import GEOMETRIES, stored, write_bundle as shared_write_bundle
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import load_model
 from MedAdvRobustnessLib.networks.steps import spacing_grid
@@ -22,36 +22,15 @@ UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 
 
 
 def write_bundle(root, network, nonzero=True, margin=3):
-    (root / "configs").mkdir(parents=True)
-    (root / "models").mkdir()
-    torch.save(network.state_dict(), str(root / "models" / "model.pt"))
-    image = {"keys": "image"}
-    config = {
-        "bundle_root": ".",
-        "network_def": dict({"_target_": "UNet"}, **UNET),
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            dict({"_target_": "LoadImaged", "image_only": True}, **image),
-            dict({"_target_": "EnsureChannelFirstd"}, **image),
-            dict({"_target_": "Orientationd", "axcodes": "RAS"}, **image),
-            dict({"_target_": "CropForegroundd", "source_key": "image", "margin": margin}, **image),
-            dict({"_target_": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}, **image),
-            dict({"_target_": "NormalizeIntensityd", "nonzero": nonzero}, **image),
-            dict({"_target_": "DivisiblePadd", "k": 8}, **image),
-            dict({"_target_": "EnsureTyped"}, **image)]},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [24, 24, 24], "overlap": 0.25,
-                    "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True}]},
-    }
-    metadata = {"name": "tiny bundle", "version": "0.1.0", "network_data_format": {
-        "inputs": {"image": {"type": "image", "num_channels": 1}},
-        "outputs": {"pred": {"type": "image", "num_channels": 3,
-                             "channel_def": {"0": "background", "1": "dark", "2": "bright"}}}}}
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
-    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    return root
+    """A model-zoo-style bundle: crop, Spacing 2 mm, z-score after it, padding, 24^3 windows, softmax, Invertd."""
+    transforms = [{"_target_": "CropForegroundd", "source_key": "image", "margin": margin},
+                  {"_target_": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"},
+                  {"_target_": "NormalizeIntensityd", "nonzero": nonzero}, {"_target_": "DivisiblePadd", "k": 8}]
+    postprocessing = [{"_target_": "Activationsd", "softmax": True},
+                      {"_target_": "Invertd", "transform": "@preprocessing", "orig_keys": "image",
+                       "nearest_interp": False, "to_tensor": True}]
+    return shared_write_bundle(root, network, UNET, transforms, (24, 24, 24), postprocessing,
+                               {"0": "background", "1": "dark", "2": "bright"})
 
 
 def monai_probabilities(root, network, image_path):

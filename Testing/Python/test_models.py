@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from conftest import write_bundle as shared_write_bundle
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.probes.attacks import FGSM
 from MedAdvRobustnessLib.errors import InputError
@@ -53,33 +54,10 @@ def write_model_folder(folder, network, checkpoint=None, **fields):
 
 
 def write_bundle(root, network):
-    """A MONAI bundle as the model zoo lays them out: inference config, metadata with label names, weights."""
-    (root / "configs").mkdir(parents=True)
-    (root / "models").mkdir()
-    torch.save(network.state_dict(), str(root / "models" / "model.pt"))
-    image = {"keys": "image"}
-    config = {
-        "bundle_root": ".",
-        "network_def": dict({"_target_": "UNet"}, **UNET_ARGS),
-        "network": "$@network_def.to('cpu')",
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            dict({"_target_": "LoadImaged", "image_only": True}, **image),
-            dict({"_target_": "EnsureChannelFirstd"}, **image),
-            dict({"_target_": "Orientationd", "axcodes": "RAS"}, **image),
-            dict({"_target_": "NormalizeIntensityd", "nonzero": True}, **image),
-            dict({"_target_": "EnsureTyped"}, **image)]},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [48, 48, 48], "overlap": 0.25,
-                    "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]},
-    }
-    metadata = {"name": "tiny brain bundle", "version": "0.1.0", "network_data_format": {
-        "inputs": {"image": {"type": "image", "num_channels": 1}},
-        "outputs": {"pred": {"type": "image", "num_channels": 3, "channel_def": LABEL_NAMES}}}}
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
-    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    return root
+    """The tiny brain bundle: z-score over the non-zero voxels, 48^3 windows, softmax and argmax."""
+    return shared_write_bundle(root, network, UNET_ARGS, [{"_target_": "NormalizeIntensityd", "nonzero": True}],
+                               (48, 48, 48), [{"_target_": "Activationsd", "softmax": True},
+                                              {"_target_": "AsDiscreted", "argmax": True}], LABEL_NAMES)
 
 
 def monai_bundle_outputs(root, network, image_path):
