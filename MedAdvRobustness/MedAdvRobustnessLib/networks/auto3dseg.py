@@ -86,6 +86,7 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
         intensity=[step["intensity"] for step in steps if "intensity" in step] or {"type": "none"},
         window={"roi_size": [int(v) for v in config["roi_size"]], "overlap": WINDOW_OVERLAP, "mode": "gaussian"},
         notes="MONAI Auto3DSeg model {}".format(where))
+    description.steps()  # every step can run (InputError naming it otherwise)
     model = SegmentationModel(network.eval(), description, source="MONAI Auto3DSeg {}".format(where))
     model.load_notes = ["pipeline of MONAIAuto3DSeg's inference script of February 2024 (0477a24); the current "
                         "script normalises first and brings labels back by nearest neighbour: not reproduced yet"]

@@ -132,6 +132,7 @@ def _load_root(root, trust_checkpoint, where):
     description.labels = _labels(outputs_format, activation, where)
     version = metadata.get("version")
     description.notes = "MONAI bundle {}{}".format(description.name, " version {}".format(version) if version else "")
+    description.steps()  # every step can run (InputError naming it otherwise)
     model = SegmentationModel(network, description, source="MONAI bundle {}".format(where))
     model.load_notes = notes
     return model

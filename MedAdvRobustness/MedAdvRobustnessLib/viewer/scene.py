@@ -1,6 +1,6 @@
 """Find the nodes of a results scene by the names :mod:`..scene.results` gives them (no trame, no rendering here).
 
-``medadv run`` writes, per probed volume ``<vol>``, probe ``<probe>`` and model ``<model>``, for an attack at
+``medadv run`` writes, per input volume ``<vol>``, probe ``<probe>`` and model ``<model>``, for an attack at
 each epsilon ``<e>`` (or a corruption at each severity ``<s>``):
 
 - ``<vol>``: the input volume,
