@@ -21,3 +21,10 @@ install "torch==2.13.0"
 install -e ".[test]"
 # Independent reference implementation for the attack tests; it needs no torchvision, so skip its pins.
 install --no-deps "torchattacks==3.5.1"
+# nnU-Net models: their networks come from dynamic-network-architectures (its U-Nets need neither timm nor
+# torchvision, which would replace the CPU torch); nnunetv2 itself is the reference of the nnU-Net tests, with the
+# dependencies its predictor imports.
+install --no-deps "dynamic-network-architectures==0.4.4" "nnunetv2==2.8.1"
+install "acvl-utils==0.2.6" "batchgenerators==0.25.5" "batchgeneratorsv2==0.3.6" SimpleITK scikit-image \
+    scikit-learn pandas tqdm seaborn yacs einops blosc2 tifffile requests graphviz imagecodecs
+install "torch==2.13.0"  # the pin again, should anything above have moved it

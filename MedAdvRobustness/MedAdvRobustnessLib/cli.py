@@ -37,6 +37,10 @@ def build_parser():
                      help="what the network outputs are (default: as model.json or the bundle says, else "
                           "detected from the outputs and reported)")
     run.add_argument("--out", required=True, help="results folder (must not exist or be empty)")
+    run.add_argument("--folds", nargs="+", metavar="K",
+                     help="nnU-Net model: the folds to ensemble (default: every fold_K with checkpoint_final.pth)")
+    run.add_argument("--no-mirroring", dest="mirroring", action="store_false",
+                     help="nnU-Net model: without test-time mirroring (nnU-Net mirrors by default)")
     _add_model_arguments(run, trust=True)
     run.set_defaults(handler=_run)
 
@@ -88,7 +92,9 @@ def _option_help(parameter, defaults):
 MODEL_HELP = ("'demo'; a model folder with model.json (or that file: an architecture from monai.networks.nets with "
               "its args plus a state-dict checkpoint, or TorchScript weights, with the preprocessing); a MONAI "
               "bundle folder or .zip (configs/inference.json, models/model.pt or model.ts); a MONAI Auto3DSeg model "
-              "folder or model.pt (as MONAIAuto3DSeg keeps them); or a TorchScript file")
+              "folder or model.pt (as MONAIAuto3DSeg keeps them); an nnU-Net v2 trained model folder "
+              "(TRAINER__PLANS__CONFIGURATION with plans.json, dataset.json, fold_K/checkpoint_final.pth, as "
+              "TotalSegmentator and SlicerNNUNet keep them); or a TorchScript file")
 
 
 def _add_model_arguments(parser, trust):
@@ -180,7 +186,8 @@ def _attack(volume, model, reference, args, output_activation):
     result = run_on_files(volume, model, probe, strengths, args.out, reference, output_activation=output_activation,
                           progress=_print_progress, trust_checkpoint=getattr(args, "trust_checkpoint", False),
                           device=args.device, amp=args.amp, region_path=args.region,
-                          region_labels=args.region_labels)
+                          region_labels=args.region_labels, folds=getattr(args, "folds", None),
+                          mirroring=getattr(args, "mirroring", True))
     print(summary(result, time.time() - start))
     return 0
 

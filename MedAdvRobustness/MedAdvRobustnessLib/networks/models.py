@@ -19,7 +19,8 @@ import torch
 from ..errors import InputError
 from .outputs import check_activation, label_count, predict_labels
 from .steps import apply_step, check_steps, default_steps, step_text
-from .windowed import GRADIENT_MODES, WindowPlan, sliding_window_outputs, window_settings, window_vjp
+from .windowed import (GRADIENT_MODES, is_nnunet_window, sliding_window_outputs, window_plan, window_settings,
+                       window_vjp)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
@@ -200,6 +201,8 @@ class SegmentationModel(torch.nn.Module):
         self._window_counts = {}
         self.detected_activation = None
         self.input_affine = None
+        self.input_orientation = None  # how the volume's own voxel order maps to the network convention
+        self.input_ijk_to_ras = None
         self.amp = bool(amp)
         self.source = source
         self.load_notes = []
@@ -229,13 +232,20 @@ class SegmentationModel(torch.nn.Module):
 
     @contextmanager
     def on_grid(self, spacing_or_affine):
-        """Within this block, inputs have this spacing (or the spacing of this voxel-to-RAS matrix / Volume)."""
-        previous = self.input_affine
+        """Within this block, inputs have this spacing (or the grid of this voxel-to-RAS matrix, or of this Volume:
+        then also its own voxel order, which frameworks that do not reorient, as nnU-Net, work in)."""
+        previous = self.input_affine, self.input_orientation, self.input_ijk_to_ras
         self.input_affine = grid_affine(spacing_or_affine)
+        self.input_orientation = getattr(spacing_or_affine, "orientation", None)
+        self.input_ijk_to_ras = getattr(spacing_or_affine, "ijk_to_ras", None)
         try:
             yield self
         finally:
-            self.input_affine = previous
+            self.input_affine, self.input_orientation, self.input_ijk_to_ras = previous
+
+    def pipeline_steps(self):
+        """The reproduced pipeline, one line per step (the model report lists them)."""
+        return [step_text(step) for step in self.description.steps()]
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, volume):
@@ -326,7 +336,7 @@ class SegmentationModel(torch.nn.Module):
             return False
         key = (tuple(inputs.shape[2:]), repr(self.description.window))
         if key not in self._window_counts:  # a plan builds the importance map: once per input size
-            self._window_counts[key] = len(WindowPlan(inputs.shape[2:], self.description.window))
+            self._window_counts[key] = len(window_plan(inputs.shape[2:], self.description.window))
         return self._window_counts[key] == 1
 
     # ------------------------------------------------------------------------------------------------ results
@@ -342,13 +352,15 @@ class SegmentationModel(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ loading
 def load_model(source, output_activation=None, trust_checkpoint=False, device="cpu", amp=False,
-               gradient_mode=None):
+               gradient_mode=None, folds=None, mirroring=True):
     """Load a network with its preprocessing from any of:
 
     - a built-in name (``demo``);
     - a model folder holding ``model.json`` (or that file), with a state dict, a checkpoint dict or TorchScript;
     - a TorchScript file (``.pt``/``.ts``; raw whole-volume input, outputs detected unless declared);
     - a MONAI bundle, folder or ``.zip``, with ``configs/inference.json`` and ``models/model.pt`` or ``model.ts``;
+    - an nnU-Net v2 trained model folder (``TRAINER__PLANS__CONFIGURATION``, or the dataset folder holding one):
+      ``folds`` (default: all there) and test-time ``mirroring`` (see :mod:`.nnunet`);
     - a pickled network or checkpoint, only with ``trust_checkpoint`` (unpickling can run code from the file).
 
     Weights load with ``weights_only=True``; a file that needs more is refused unless ``trust_checkpoint``. A
@@ -364,7 +376,7 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
         model = _load_described(MODELS_DIR / BUILTIN_MODELS[source] / DESCRIPTION_FILE, trust_checkpoint)
         model.source = "built-in {}".format(BUILTIN_MODELS[source])
     else:
-        from . import bundles
+        from . import bundles, nnunet
         path = Path(source)
         if not path.exists():
             raise InputError("model not found: {} (give a built-in name {}, a model folder, a MONAI bundle or a "
@@ -372,13 +384,16 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
         if path.is_dir():
             if (path / DESCRIPTION_FILE).is_file():
                 model = _load_described(path / DESCRIPTION_FILE, trust_checkpoint)
+            elif nnunet.is_nnunet_folder(path):
+                model = nnunet.load_nnunet(path, folds, mirroring, trust_checkpoint)
             elif bundles.bundle_root(path) is not None:
                 model = bundles.load_bundle(path, trust_checkpoint)
             elif (path / "model.pt").is_file():  # a MONAI Auto3DSeg model folder, as MONAIAuto3DSeg keeps them
                 model = _load_network_file(path / "model.pt", trust_checkpoint)
             else:
-                raise InputError("{} holds neither {} nor a MONAI bundle (configs/inference.json and models/)"
-                                 .format(path, DESCRIPTION_FILE))
+                raise InputError("{} holds neither {}, a MONAI bundle (configs/inference.json and models/) nor an "
+                                 "nnU-Net trained model (plans.json, dataset.json, fold_K/)".format(
+                                     path, DESCRIPTION_FILE))
         elif path.suffix == ".json":
             model = _load_described(path, trust_checkpoint)
         elif bundles.is_bundle_zip(path):
@@ -592,8 +607,11 @@ class ModelReport:
                     size(self.network_spacing, " mm"), size(self.input_spacing, " mm"), size(self.input_size),
                     size(self.network_size)))
         if self.window:
-            out.append("window: {} overlap {} ({}), {} window(s) on this volume; gradients {}".format(
-                size(self.window["roi_size"]), self.window["overlap"], self.window["mode"], self.windows,
+            layout = ("tile step {} (nnU-Net's tiles and Gaussian)".format(self.window["tile_step_size"])
+                      if is_nnunet_window(self.window) else "overlap {} ({})".format(self.window["overlap"],
+                                                                                    self.window["mode"]))
+            out.append("window: {} {}, {} window(s) on this volume; gradients {}".format(
+                size(self.window["roi_size"]), layout, self.windows,
                 "window by window" if self.gradient_mode == "windowed" else "through the whole sliding window "
                                                                            "(naive)"))
         out.append("device: {}{}".format(self.device, ", mixed precision" if self.amp else ""))
@@ -644,7 +662,7 @@ def describe(model, volume):
     if model.description.output_activation is None:
         model.detected_activation = detected
     window = window_settings(model.description.window) if model.description.window else None
-    windows = len(WindowPlan(inputs.shape[2:], window)) if window else 1
+    windows = len(window_plan(inputs.shape[2:], window)) if window else 1
     try:
         parameters = sum(p.numel() for p in model.network.parameters())
     except Exception:
@@ -654,7 +672,7 @@ def describe(model, volume):
         network_in_channels=network_in_channels(model.network), out_channels=int(outputs.shape[1]),
         declared_activation=model.description.output_activation, detected_activation=detected,
         activation=model.activation, labels=model.labels(outputs), intensity=model.description.intensity,
-        steps=[step_text(step) for step in model.description.steps()],
+        steps=model.pipeline_steps(),
         network_spacing=model.description.spacing, input_spacing=spacing, input_size=tuple(volume.shape[2:]),
         network_size=plan["network_size"], window=window, windows=windows, gradient_mode=model.gradient_mode
         if window else "autograd", device=str(model.device), amp=model.amp, parameters=parameters,

@@ -11,7 +11,11 @@ of windows. :func:`window_vjp` instead takes ``G = dL/dY`` (computed once on the
 of the aggregated outputs is exact) and for each window recomputes ``f(x_w)`` with grad and backpropagates its
 share ``w * G_w / count_w``, accumulating the input gradient: the same gradient, with one window's activations in
 memory at a time (``sw_batch_size`` windows per backward).
+
+A window with ``"style": "nnunet"`` places its tiles and weights as nnU-Net's predictor does
+(:class:`NNUNetTilePlan`); the forward pass then aggregates with that plan, and the gradient is the same.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +26,11 @@ GRADIENT_MODES = ("windowed", "naive")
 
 def window_settings(window):
     """The window of a model description with every setting filled in."""
+    if is_nnunet_window(window):
+        settings = {"tile_step_size": 0.5, "sw_batch_size": 1}
+        settings.update(window)
+        settings["roi_size"] = [int(size) for size in settings["roi_size"]]
+        return settings
     settings = dict(WINDOW_DEFAULTS)
     settings.update({key: value for key, value in (window or {}).items() if value is not None})
     settings["roi_size"] = [int(size) for size in settings["roi_size"]]
@@ -30,6 +39,8 @@ def window_settings(window):
 
 def sliding_window_outputs(predictor, inputs, window):
     """MONAI's sliding-window inference of ``predictor`` on ``inputs`` with the model description's window."""
+    if is_nnunet_window(window):
+        return aggregate(predictor, inputs, window_plan(inputs.shape[2:], window, inputs.device, inputs.dtype))
     from monai.inferers import sliding_window_inference
     settings = window_settings(window)
     return sliding_window_inference(inputs, roi_size=tuple(settings["roi_size"]),
@@ -83,6 +94,95 @@ class WindowPlan:
         return F.pad(gradient, self.padding) if any(self.padding) else gradient
 
 
+def is_nnunet_window(window):
+    return bool(window) and window.get("style") == "nnunet"
+
+
+def window_plan(image_size, window, device="cpu", dtype=torch.float32):
+    """Where the windows of this model description go on an image of this size, with their weights."""
+    plan_class = NNUNetTilePlan if is_nnunet_window(window) else WindowPlan
+    return plan_class(image_size, window, device=device, dtype=dtype)
+
+
+class NNUNetTilePlan:
+    """Where nnU-Net's ``predict_sliding_window_return_logits`` puts its tiles, with their weights: the image
+    padded with zeros to at least the patch (``pad_nd_image``), tiles at ``compute_steps_for_sliding_window``,
+    weighted by ``compute_gaussian`` (sigma 1/8 of the patch, stored in float16, zeros raised to the smallest
+    weight)."""
+
+    def __init__(self, image_size, window, device="cpu", dtype=torch.float32):
+        settings = window_settings(window)
+        self.settings = settings
+        self.image_size = tuple(int(s) for s in image_size)
+        self.roi_size = tuple(settings["roi_size"])
+        self.padding = []
+        for axis in reversed(range(len(self.image_size))):
+            diff = max(self.roi_size[axis] - self.image_size[axis], 0)
+            self.padding += [diff // 2, diff - diff // 2]
+        self.padded_size = tuple(max(i, r) for i, r in zip(self.image_size, self.roi_size))
+        steps = tile_steps(self.padded_size, self.roi_size, float(settings["tile_step_size"]))
+        self.slices = [tuple(slice(start, start + size) for start, size in zip(corner, self.roi_size))
+                       for corner in _corners(steps)]
+        self.importance = nnunet_gaussian(self.roi_size).to(device=device, dtype=dtype)
+        self.count = torch.zeros(self.padded_size, dtype=dtype, device=device)
+        for window_slice in self.slices:
+            self.count[window_slice] += self.importance
+
+    def __len__(self):
+        return len(self.slices)
+
+    def pad_input(self, inputs):
+        return F.pad(inputs, self.padding, mode="constant", value=0.0) if any(self.padding) else inputs
+
+    def pad_output_gradient(self, gradient):
+        return F.pad(gradient, self.padding) if any(self.padding) else gradient
+
+
+def tile_steps(image_size, tile_size, tile_step_size):
+    """nnU-Net's ``compute_steps_for_sliding_window``: the tile starts along each axis."""
+    steps = []
+    for size, tile in zip(image_size, tile_size):
+        count = int(np.ceil((size - tile) / (tile * tile_step_size))) + 1
+        step = (size - tile) / (count - 1) if count > 1 else 0
+        steps.append([int(np.round(step * i)) for i in range(count)])
+    return steps
+
+
+def _corners(steps):
+    corners = [()]
+    for axis_steps in steps:
+        corners = [corner + (start,) for corner in corners for start in axis_steps]
+    return corners
+
+
+def nnunet_gaussian(tile_size, sigma_scale=1.0 / 8, value_scaling_factor=10.0):
+    """nnU-Net's ``compute_gaussian`` importance map (float16 values, as its predictor uses them)."""
+    from scipy.ndimage import gaussian_filter
+    impulse = np.zeros(tile_size)
+    impulse[tuple(size // 2 for size in tile_size)] = 1
+    gaussian = gaussian_filter(impulse, [size * sigma_scale for size in tile_size], 0, mode="constant", cval=0)
+    gaussian /= np.max(gaussian) / value_scaling_factor
+    gaussian = torch.from_numpy(gaussian).to(torch.float16)
+    gaussian[gaussian == 0] = torch.min(gaussian[gaussian != 0])
+    return gaussian.float()
+
+
+def aggregate(predictor, inputs, plan):
+    """Sliding-window outputs with a plan: weighted tile outputs summed, divided by the summed weights, the
+    padding cut off."""
+    padded = plan.pad_input(inputs)
+    total = None
+    for window_slice in plan.slices:
+        index = (slice(None), slice(None)) + window_slice
+        weighted = predictor(padded[index]) * plan.importance
+        if total is None:
+            total = weighted.new_zeros(weighted.shape[:2] + tuple(plan.padded_size))
+        total[index] += weighted
+    before = [plan.padding[2 * (len(plan.image_size) - 1 - axis)] for axis in range(len(plan.image_size))]
+    crop = tuple(slice(start, start + size) for start, size in zip(before, plan.image_size))
+    return (total / plan.count)[(slice(None), slice(None)) + crop]
+
+
 def window_vjp(predictor, inputs, output_gradient, window):
     """d L / d inputs, given ``output_gradient`` = d L / d Y for Y = sliding-window outputs of ``inputs``.
 
@@ -90,7 +190,7 @@ def window_vjp(predictor, inputs, output_gradient, window):
     (B, K, *spatial) on the same grid; the predictor must keep the spatial size of its windows.
     """
     inputs = inputs.detach()
-    plan = WindowPlan(inputs.shape[2:], window, device=inputs.device, dtype=output_gradient.dtype)
+    plan = window_plan(inputs.shape[2:], window, device=inputs.device, dtype=output_gradient.dtype)
     padded = plan.pad_input(inputs)
     share = plan.pad_output_gradient(output_gradient.to(inputs.device)) / plan.count
     padded_gradient = torch.zeros_like(padded)

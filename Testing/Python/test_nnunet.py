@@ -1,0 +1,218 @@
+"""nnU-Net v2 trained model folders: medadv's differentiable reproduction against nnunetv2's own nnUNetPredictor.
+
+The model under Testing/Data/nnUNet was trained with nnU-Net's own tools (make_model.py there says how). The
+volumes are crops of the MNI152 T1 stored in other voxel orders, spacings and oblique directions; nnU-Net reads
+the file with SimpleITK, medadv the volume Slicer loaded from it.
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import MEDADV, T1, rotation
+from MedAdvRobustnessLib.networks.models import UnsafeCheckpoint, describe, load_model
+from MedAdvRobustnessLib.networks.nnunet import NNUNetError
+from MedAdvRobustnessLib.scene.nodes import volume_from_node
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+
+MODEL = Path(__file__).resolve().parents[1] / "Data" / "nnUNet" / "Dataset101_MedAdvTiny" / \
+    "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+# name: (axis permutation, flips, rotation, voxel size in mm): directions of the stored i, j, k in RAS
+GEOMETRIES = {
+    "permuted and flipped, 2 mm": ((2, 0, 1), (True, True, False), np.eye(3), (2.0, 2.0, 2.0)),
+    "oblique, 1.2x1.2x4.2 mm (coarse axis apart)": ((0, 1, 2), (True, True, False),
+                                                    rotation(12.0, 0) @ rotation(-7.0, 2), (1.2, 1.2, 4.2)),
+    "permuted, 2.6x1.6x2.2 mm": ((1, 0, 2), (False, False, True), np.eye(3), (2.6, 1.6, 2.2)),
+    "left-handed oblique, 2 mm": ((0, 1, 2), (False, True, False), rotation(12.0, 0), (2.0, 2.0, 2.0)),
+}
+
+
+def store(geometry, path):
+    """A 60x70x60 crop of the T1 (every second voxel), written in this geometry."""
+    array = np.asarray(nib.load(str(T1)).dataobj, dtype=np.float32)[40:160:2, 50:190:2, 30:150:2]
+    permutation, flips, rotate, voxel = GEOMETRIES[geometry]
+    data = np.transpose(array, permutation)
+    directions = np.eye(3)[:, list(permutation)]
+    for axis, flip in enumerate(flips):
+        if flip:
+            data = np.flip(data, axis=axis)
+            directions[:, axis] *= -1
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotate @ directions @ np.diag(voxel)
+    matrix[:3, 3] = [-30.0, -40.0, 10.0]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), matrix), str(path))
+    return path
+
+
+def nnunet_prediction(folder, path, folds, mirroring):
+    """nnU-Net's own prediction of a file: labels and probabilities, (C, k, j, i) in SimpleITK's voxel order."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=[int(f) for f in folds])
+    data, properties = SimpleITKIO().read_images([str(path)])
+    return predictor.predict_single_npy_array(data, properties, None, None, True)
+
+
+def medadv_prediction(model, volume):
+    with torch.no_grad(), model.on_grid(volume):
+        outputs = model(volume.as_tensor())[0].double().numpy()
+    return np.stack([volume.orientation.to_slicer(channel) for channel in outputs])  # (C, k, j, i)
+
+
+CASES = {  # geometry, folds, mirroring, plans edited (transposed axes and CT normalisation)
+    "permuted, fold 0, no mirroring": ("permuted and flipped, 2 mm", ["0"], False, False),
+    "oblique anisotropic, folds 0 1, mirroring": ("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", ["0", "1"], True,
+                                                  False),
+    "anisotropic, transposed CT plans, fold 1": ("permuted, 2.6x1.6x2.2 mm", ["1"], False, True),
+}
+
+
+def transposed_ct_plans(folder, target):
+    """The model with plans that transpose the axes and CT-normalise: nnU-Net must agree on any valid plans."""
+    shutil.copytree(folder, target)
+    plans = json.loads((target / "plans.json").read_text())
+    plans["transpose_forward"], plans["transpose_backward"] = [2, 0, 1], [1, 2, 0]
+    config = plans["configurations"]["3d_fullres"]
+    config["normalization_schemes"], config["use_mask_for_norm"] = ["CTNormalization"], [False]
+    plans["foreground_intensity_properties_per_channel"] = {"0": {
+        "mean": 60.0, "std": 25.0, "percentile_00_5": 5.0, "percentile_99_5": 95.0}}
+    (target / "plans.json").write_text(json.dumps(plans))
+    return target
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_medadv_predicts_what_nnunet_predicts(tmp_path, case):
+    geometry, folds, mirroring, edited = CASES[case]
+    folder = transposed_ct_plans(MODEL, tmp_path / "model") if edited else MODEL
+    path = store(geometry, tmp_path / "case_0000.nii.gz")
+    assert np.linalg.det(nib.load(str(path)).affine[:3, :3]) > 0  # right-handed: Slicer keeps the file's order
+    labels, expected = nnunet_prediction(folder, path, folds, mirroring)
+    model = load_model(folder, folds=folds, mirroring=mirroring)
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    ours = medadv_prediction(model, volume)
+    assert ours.shape == expected.shape
+    agreement = float((ours.argmax(0) == labels).mean())
+    difference = float(np.abs(ours - expected).max())
+    print("{}: labels agree on {:.5f} of the voxels, largest probability difference {:.1e}".format(
+        case, agreement, difference))
+    assert agreement >= 0.999 and difference < 1e-3
+
+
+def test_a_left_handed_file_is_predicted_as_slicernnunet_hands_it_to_nnunet(tmp_path):
+    """Slicer's reader reverses the k axis of a file whose voxel axes are left-handed; SlicerNNUNet gives nnU-Net
+    the volume Slicer loaded (written back to a file), and that is what medadv reproduces."""
+    scene = SlicerScene.standalone()
+    node = scene.load_volume(str(store("left-handed oblique, 2 mm", tmp_path / "file.nii.gz")))
+    written = tmp_path / "case_0000.nii.gz"
+    scene.save_node(node, written)
+    labels, expected = nnunet_prediction(MODEL, written, ["0"], True)
+    ours = medadv_prediction(load_model(MODEL, folds=["0"]), volume_from_node(node))
+    assert float((ours.argmax(0) == labels).mean()) >= 0.999 and float(np.abs(ours - expected).max()) < 1e-3
+
+
+def test_the_report_lists_nnunet_s_pipeline_and_labels(tmp_path):
+    path = store("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", tmp_path / "case_0000.nii.gz")
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    model = load_model(MODEL.parent)  # the dataset folder holding one trained model
+    lines = "\n".join(describe(model, volume).lines())
+    print(lines)
+    assert "labels: 0 background, 1 other brain, 2 grey matter, 3 white matter" in lines
+    assert "normalise: T1 ZScoreNormalization (non-zero mask)" in lines
+    assert "folds 0, 1" in lines and "mirroring along axes [0, 1, 2]" in lines
+    assert "48x56x48 tile step 0.5 (nnU-Net's tiles and Gaussian)" in lines
+
+
+def test_gradient_matches_finite_differences_and_windowed_equals_autograd(tmp_path):
+    path = store("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", tmp_path / "case_0000.nii.gz")
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    model = load_model(MODEL, folds=["0"], mirroring=False).double()
+    model.half_precision_values = False  # the float32/64 function whose gradient attacks follow
+    x = volume.as_tensor().double()
+    # break the ties of the template's quantised intensities: skimage clips each resize to its input's range, and
+    # where several voxels hold the maximum that clip has no derivative
+    x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * (x != 0)
+    weights = torch.rand((1, 4) + x.shape[2:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss(outputs):
+        return (outputs * weights).sum()
+
+    with model.on_grid(volume):
+        model.gradient_mode = "naive"
+        _, gradient, _ = model.loss_and_gradient(x, loss)
+        model.gradient_mode = "windowed"
+        _, windowed, _ = model.loss_and_gradient(x, loss)
+        direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        direction = direction * (x != 0)  # the non-zero mask, hence the crop, stays as it is
+        step = 1e-5  # the network is piecewise linear (LeakyReLU): a small step crosses few of its kinks
+        with torch.no_grad():
+            numeric = (loss(model(x + step * direction)) - loss(model(x - step * direction))) / (2 * step)
+    analytic = float((gradient * direction).sum())
+    print("directional derivative: autograd {:.6f}, finite differences {:.6f}".format(analytic, float(numeric)))
+    assert abs(analytic - float(numeric)) <= 1e-4 * max(1.0, abs(analytic))
+    assert torch.allclose(gradient, windowed, rtol=1e-8, atol=1e-10)
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_and_the_code_never_runs(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder, ignore=shutil.ignore_patterns("fold_1"))
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    contents = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    marker = tmp_path / "ran"
+    contents["logging"] = _Touch(marker)
+    torch.save(contents, checkpoint)
+    with pytest.raises(UnsafeCheckpoint, match="refusing to load .*checkpoint_final.pth.*--trust-checkpoint"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["configurations"]["3d_fullres"].update(normalization_schemes=["MyNormalization"]),
+     "normalisation scheme MyNormalization .channel 0. cannot be reproduced"),
+    (lambda p: p["configurations"]["3d_fullres"].update(resampling_fn_data="resample_torch_fornnunet"),
+     "resampling function resample_torch_fornnunet .resampling_fn_data. cannot be reproduced"),
+    (lambda p: p["configurations"]["3d_fullres"]["architecture"].update(network_class_name="os.system"),
+     "network class os.system is not from dynamic_network_architectures.architectures"),
+    (lambda p: p["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].update(nonlin="os.system"),
+     "'os.system' is not a torch.nn class"),
+])
+def test_plans_that_cannot_be_reproduced_are_refused_naming_what(tmp_path, edit, message):
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    edit(plans)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(NNUNetError, match=message):
+        load_model(folder)
+
+
+def test_medadv_run_takes_an_nnunet_folder_with_folds_and_mirroring_off(tmp_path):
+    import subprocess
+    path = store("permuted and flipped, 2 mm", tmp_path / "case_0000.nii.gz")
+    out = tmp_path / "results"
+    done = subprocess.run([MEDADV, "run", "--volume", str(path), "--model", str(MODEL), "--folds", "1",
+                           "--no-mirroring", "--attack", "fgsm", "--epsilon", "0.02", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "nnU-Net v2, folds 1, test-time mirroring off" in done.stderr
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert any(",grey matter," in row for row in rows[1:])
+    missing = subprocess.run([MEDADV, "run", "--volume", str(path), "--model", str(MODEL), "--folds", "3",
+                              "--attack", "fgsm", "--epsilon", "0.02", "--out", str(tmp_path / "other")], capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        "medadv: error: {}: no checkpoint_final.pth for fold(s) 3 (folds with one: 0, 1)".format(MODEL)]
