@@ -31,7 +31,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(MODULE_DIR, "MedAdvRobustnessLib", "Resources", "Sample")
 # Python package (import name) -> minimum version
 DEPENDENCIES = {"torch": (2, 1), "monai": (1, 4)}
-NETWORK_KINDS = ["builtin", "torchscript", "bundle", "description"]
+NETWORK_KINDS = ["builtin", "torchscript", "bundle", "description", "nnunet"]
 BUILTIN_NETWORKS = ["demo"]
 COMPARE_NETWORKS = ["demo-unet", "demo-unet-short", "demo-segresnet", "demo-attentionunet", "demo-slicewise2d"]
 OUTPUT_ACTIVATIONS = ["auto", "logits", "softmax", "sigmoid"]
@@ -445,9 +445,11 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onNetworkBrowseButton(self) -> None:
-        """Pick the network: a folder for bundles, else a file."""
-        if self._parameterNode.networkKind == "bundle":
-            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select a MONAI bundle folder"))
+        """Pick the network: a folder for bundles and nnU-Net models, else a file."""
+        if self._parameterNode.networkKind in ("bundle", "nnunet"):
+            title = _("Select a MONAI bundle folder") if self._parameterNode.networkKind == "bundle" else \
+                _("Select an nnU-Net trained model folder (TRAINER__PLANS__CONFIGURATION)")
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), title)
         else:
             path = qt.QFileDialog.getOpenFileName(
                 slicer.util.mainWindow(), _("Select the network"), "",

@@ -6,7 +6,6 @@ the file with SimpleITK, medadv the volume Slicer loaded from it.
 """
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -33,9 +32,13 @@ GEOMETRIES = {
 }
 
 
-def store(geometry, path):
-    """A 60x70x60 crop of the T1 (every second voxel), written in this geometry."""
-    array = np.asarray(nib.load(str(T1)).dataobj, dtype=np.float32)[40:160:2, 50:190:2, 30:150:2]
+CROP = (slice(40, 160, 2), slice(50, 190, 2), slice(30, 150, 2))  # 60x70x60 voxels
+SMALL_CROP = (slice(60, 140, 2), slice(70, 170, 2), slice(40, 130, 2))  # 40x50x45 voxels: one tile
+
+
+def store(geometry, path, crop=CROP):
+    """A crop of the T1 (every second voxel), written in this geometry."""
+    array = np.asarray(nib.load(str(T1)).dataobj, dtype=np.float32)[crop]
     permutation, flips, rotate, voxel = GEOMETRIES[geometry]
     data = np.transpose(array, permutation)
     directions = np.eye(3)[:, list(permutation)]
@@ -131,7 +134,7 @@ def test_the_report_lists_nnunet_s_pipeline_and_labels(tmp_path):
 
 
 def test_gradient_matches_finite_differences_and_windowed_equals_autograd(tmp_path):
-    path = store("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", tmp_path / "case_0000.nii.gz")
+    path = store("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", tmp_path / "case_0000.nii.gz", SMALL_CROP)
     volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
     model = load_model(MODEL, folds=["0"], mirroring=False).double()
     model.half_precision_values = False  # the float32/64 function whose gradient attacks follow
@@ -203,7 +206,7 @@ def test_plans_that_cannot_be_reproduced_are_refused_naming_what(tmp_path, edit,
 
 def test_medadv_run_takes_an_nnunet_folder_with_folds_and_mirroring_off(tmp_path):
     import subprocess
-    path = store("permuted and flipped, 2 mm", tmp_path / "case_0000.nii.gz")
+    path = store("permuted and flipped, 2 mm", tmp_path / "case_0000.nii.gz", SMALL_CROP)
     out = tmp_path / "results"
     done = subprocess.run([MEDADV, "run", "--volume", str(path), "--model", str(MODEL), "--folds", "1",
                            "--no-mirroring", "--attack", "fgsm", "--epsilon", "0.02", "--out", str(out)],
@@ -216,3 +219,36 @@ def test_medadv_run_takes_an_nnunet_folder_with_folds_and_mirroring_off(tmp_path
                               "--attack", "fgsm", "--epsilon", "0.02", "--out", str(tmp_path / "other")], capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         "medadv: error: {}: no checkpoint_final.pth for fold(s) 3 (folds with one: 0, 1)".format(MODEL)]
+
+
+def test_the_module_and_bench_take_the_nnunet_folder(tmp_path, slicer_scene):
+    """The module's logic (network kind nnunet, as the widget drives it) and ``medadv bench`` on the same case."""
+    from conftest import drive_as_widget
+    from MedAdvRobustnessLib.module import logic as module_logic
+    from MedAdvRobustnessLib.study import execution
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model, ignore=shutil.ignore_patterns("fold_1"))  # one fold: a shorter test
+    path = store("permuted and flipped, 2 mm", tmp_path / "case.nii.gz", SMALL_CROP)
+    volume = slicer_scene.load_volume(str(path))
+    labels, _ = nnunet_prediction(model, path, ["0"], True)
+    nib.save(nib.Nifti1Image(np.transpose(labels, (2, 1, 0)).astype(np.int16), nib.load(str(path)).affine),
+             str(tmp_path / "case_seg.nii.gz"))  # nnU-Net's own labels as the reference
+    settings = module_logic.ProbeSettings(inputVolume=volume, networkKind="nnunet", networkPath=str(model),
+                                          probe="fgsm", epsilons="0.02")
+    run, _ = drive_as_widget(slicer_scene, settings, module_logic.start_run)
+    segmentation = run.finish()["segmentation"][0.0]
+    assert [segmentation.GetSegmentation().GetNthSegment(i).GetName() for i in range(
+        segmentation.GetSegmentation().GetNumberOfSegments())] == ["grey matter", "white matter"]  # those present
+    (tmp_path / "cases").mkdir()
+    for name in ("case.nii.gz", "case_seg.nii.gz"):
+        shutil.move(str(tmp_path / name), str(tmp_path / "cases" / name))
+    study = {"networks": [{"name": "tiny nnU-Net", "source": str(model)}], "cases": [str(tmp_path / "cases")],
+             "probes": [{"attack": "fgsm", "epsilons": [0.02]}]}
+    execution.run_study(study, tmp_path / "bench")
+    import csv
+    with open(str(tmp_path / "bench" / "results.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    clean = {row["label"]: float(row["dice_reference"]) for row in rows if float(row["strength"]) == 0}
+    attacked = {row["label"]: float(row["dice_reference"]) for row in rows if float(row["strength"]) == 0.02}
+    print("clean Dice against nnU-Net's labels {}, under FGSM 0.02 {}".format(clean, attacked))
+    assert clean["grey matter"] == clean["white matter"] == 1.0 and attacked["grey matter"] < 1.0

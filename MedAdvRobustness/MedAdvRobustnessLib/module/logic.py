@@ -24,7 +24,7 @@ from ..scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, 
 from .worker import ProcessRun
 
 MODULE_NAME = "MedAdvRobustness"
-NETWORK_KINDS = ("builtin", "torchscript", "bundle", "description")
+NETWORK_KINDS = ("builtin", "torchscript", "bundle", "description", "nnunet")
 OUTPUT_ACTIVATIONS = ("auto", "logits", "softmax", "sigmoid")
 
 
