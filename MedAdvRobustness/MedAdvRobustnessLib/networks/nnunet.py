@@ -21,6 +21,7 @@ the outputs back into the network convention. The networks are built from the pl
 ``dynamic-network-architectures``; checkpoints load with ``weights_only=True`` and an allow-list of the numpy
 scalars and dtypes nnU-Net pickles with them.
 """
+import contextlib
 import importlib
 import itertools
 import json
@@ -461,11 +462,12 @@ class NNUNetModel(SegmentationModel):
 
     # -------------------------------------------------------------------------------------------- grid order
     def _file_order(self, volume):
-        """Network-convention (B, C, x, y, z) → the file's (B, C, k, j, i), and the spacing along k, j, i."""
+        """Network-convention (B, C, x, y, z) → the file's (B, C, k, j, i), and the spacing along k, j, i (None
+        where unknown: the volume is then taken to be at the network's spacing)."""
         orientation = self.input_orientation
-        if orientation is None:  # only a spacing known: the network-convention axes are taken as the file's
-            spacing = grid_spacing(self.input_affine) if self.input_affine is not None else self.plans.spacing[::-1]
-            return volume.permute(0, 1, 4, 3, 2), list(spacing)[::-1]
+        if orientation is None:  # only a grid matrix known, if any: its axes are taken as the file's
+            spacing = grid_spacing(self.input_affine)
+            return volume.permute(0, 1, 4, 3, 2), None if spacing is None else list(spacing)[::-1]
         flipped = [axis + 2 for axis, flip in enumerate(orientation.flips) if flip]
         unflipped = torch.flip(volume, flipped) if flipped else volume
         ijk = unflipped.permute(0, 1, *[int(a) + 2 for a in np.argsort(orientation.ijk_axes)])
@@ -482,7 +484,20 @@ class NNUNetModel(SegmentationModel):
         flipped = [axis + 2 for axis, flip in enumerate(orientation.flips) if flip]
         return torch.flip(oriented, flipped) if flipped else oriented
 
-    # ------------------------------------------------------------------------------------------ preprocessing
+    # ------------------------------------------------------------------------------------------------ tiles
+    def _tile_precision(self, device):
+        """nnU-Net's predictor runs the network under float16 autocast on CUDA; ``amp`` asks for it elsewhere."""
+        if device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        if self.amp:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def run_network(self, inputs):
+        with self._tile_precision(inputs.device):
+            outputs = self.network(inputs)
+        return outputs.to(inputs.dtype)
+
     def infer(self, inputs):
         """The folds' tiled logits, with the values nnU-Net's predictor computes and float32 gradients.
 
@@ -497,7 +512,8 @@ class NNUNetModel(SegmentationModel):
         count16 = torch.zeros(plan.padded_size, dtype=torch.half, device=inputs.device)
         for window_slice in plan.slices:
             index = (slice(None), slice(None)) + window_slice
-            per_fold = self.network.fold_outputs(padded[index])
+            with self._tile_precision(inputs.device):
+                per_fold = [outputs.to(inputs.dtype) for outputs in self.network.fold_outputs(padded[index])]
             weighted = sum(per_fold) / len(per_fold) * plan.importance
             if exact is None:
                 shape = weighted.shape[:2] + tuple(plan.padded_size)
@@ -528,7 +544,7 @@ class NNUNetModel(SegmentationModel):
         data, spacing = self._file_order(volume.to(self.device))
         forward = self.plans.transpose_forward
         data = data.permute(0, 1, *[a + 2 for a in forward])
-        spacing = [spacing[a] for a in forward]
+        spacing = list(self.plans.spacing) if spacing is None else [spacing[a] for a in forward]
         full_shape = list(data.shape[2:])
         box, mask = nonzero_box(data)
         data = data[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in box)]
@@ -605,7 +621,7 @@ def load_nnunet(folder, folds=None, mirroring=True, trust_checkpoint=False, tile
     description = ModelDescription(
         name=trained.parent.name if trained.parent.name.startswith("Dataset") else trained.name,
         labels=labels, output_activation="softmax",
-        in_channels=len(plans.channels), spacing=list(plans.spacing),
+        in_channels=len(plans.channels),
         window={"roi_size": plans.patch_size, "style": "nnunet", "tile_step_size": float(tile_step_size)},
         notes="nnU-Net v2 {} ({} configuration)".format(trained.name, plans.configuration_name))
     model = NNUNetModel(ensemble, description, plans, tile_step_size,
