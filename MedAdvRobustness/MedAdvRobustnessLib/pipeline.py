@@ -26,13 +26,14 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
 
 def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
                  progress=None, trust_checkpoint=False, device="cpu", amp=False, region_path=None, region_labels=None,
-                 folds=None, mirroring=True):
+                 folds=None, mirroring=True, skip_untwinned=False):
     """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
     if anything fails.
 
     ``region_path`` (a label map on the volume's grid, else the reference when only ``region_labels`` is given)
     restricts the probe (an attack, or an intensity corruption) to its voxels holding ``region_labels`` (default:
-    every non-zero label). ``folds`` and ``mirroring``: for an nnU-Net model folder (see :func:`load_model`)."""
+    every non-zero label). ``folds``, ``mirroring`` (nnU-Net folders) and ``skip_untwinned`` (bundles): see
+    :func:`load_model`."""
     strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
@@ -46,7 +47,7 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
                 slicer_scene.load_volume(region_path, label_map=True), volume)
             region = region_mask(region_map, region_labels)
         model = load_model(model_source, output_activation, trust_checkpoint=trust_checkpoint, device=device, amp=amp,
-                           folds=folds, mirroring=mirroring)
+                           folds=folds, mirroring=mirroring, skip_untwinned=skip_untwinned)
         with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
             for line in describe(model, volume).lines():
                 if progress:

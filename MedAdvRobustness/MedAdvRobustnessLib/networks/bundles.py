@@ -3,7 +3,8 @@
 From ``configs/inference.json`` (or ``.yaml``): ``network_def`` is instantiated by the parser; the
 ``preprocessing`` transforms that act on the image are read (their arguments resolved by the parser, defaults
 from the transform's signature) and mapped, transform by transform, onto the differentiable preprocessing
-(intensity scaling and normalisation, spacing, foreground crop, divisible padding); the ``inferer``
+(intensity scaling and normalisation, spacing, foreground and centre crop, padding, resizing); a transform
+without a twin is refused, or with ``skip_untwinned`` left out and named in the model's notes; the ``inferer``
 (``SlidingWindowInferer``) becomes the window; an ``Activations`` transform in ``postprocessing`` says whether the
 outputs are softmax logits or sigmoid logits. ``configs/metadata.json`` gives the label names (the channel
 definition of the network's output) and the input channels. Weights: ``models/model.pt`` (a state dict, loaded
@@ -22,6 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -58,21 +60,26 @@ def is_bundle_zip(path):
     return any(re.search(r"(^|/)configs/inference\.(json|ya?ml)$", name) for name in names)
 
 
-def load_bundle(path, trust_checkpoint=False):
-    """A :class:`~.models.SegmentationModel` from a bundle folder or zip."""
+def load_bundle(path, trust_checkpoint=False, skip_untwinned=False):
+    """A :class:`~.models.SegmentationModel` from a bundle folder or zip.
+
+    A preprocessing transform without a differentiable twin is refused (InputError naming it); with
+    ``skip_untwinned`` it is left out instead, and the model's ``load_notes`` (the report's notes) and description
+    notes name it: the attacked pipeline then differs from the bundle's. A twinned transform with a setting that is
+    not reproduced is refused either way."""
     path = Path(path)
     if path.is_dir():
         root = bundle_root(path)
         if root is None:
             raise InputError("{} is not a MONAI bundle (no configs/inference.json)".format(path))
-        return _load_root(root, trust_checkpoint, str(path))
+        return _load_root(root, trust_checkpoint, str(path), skip_untwinned)
     scratch = Path(tempfile.mkdtemp(prefix="medadv-bundle-"))
     try:
         _extract(path, scratch)
         root = bundle_root(scratch)
         if root is None:
             raise InputError("{} is not a MONAI bundle (no configs/inference.json)".format(path))
-        return _load_root(root, trust_checkpoint, str(path))
+        return _load_root(root, trust_checkpoint, str(path), skip_untwinned)
     finally:
         shutil.rmtree(str(scratch), ignore_errors=True)
 
@@ -87,7 +94,7 @@ def _extract(archive_path, target):
         archive.extractall(str(target))
 
 
-def _load_root(root, trust_checkpoint, where):
+def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
     from monai.bundle import ConfigParser
     config_file = next(root / "configs" / name for name in CONFIG_NAMES if (root / "configs" / name).is_file())
     metadata_file = root / "configs" / "metadata.json"
@@ -117,11 +124,20 @@ def _load_root(root, trust_checkpoint, where):
     description = ModelDescription(name=str(metadata.get("name") or root.name), output_activation=None)
     if inputs_format.get(image_key, {}).get("num_channels"):
         description.in_channels = int(inputs_format[image_key]["num_channels"])
+    raw = parser.get("preprocessing")
+    if isinstance(raw, dict) and raw.get("lazy") in (True, "true", "True"):
+        raise InputError("bundle {}: its preprocessing Compose(lazy=True) merges the spatial transforms into one "
+                         "resampling, which is not reproduced (each transform is, one after the other)".format(where))
     transforms = reader.transforms("preprocessing", image_key, MAPPED)
     if "Orientation" not in [name for name, _ in transforms]:
         raise InputError("bundle {}: its preprocessing has no Orientation(d), so its network sees the file's own "
                          "voxel order, which is not reproduced (here the network gets RAS)".format(where))
-    steps = [step for name, args in transforms for step in _twin(name, args, where)]
+    skipped = [name for name, args in transforms if args is None and name not in NEUTRAL] if skip_untwinned else []
+    steps = [step for name, args in transforms if name not in skipped for step in _twin(name, args, where)]
+    if skipped:
+        notes.append("preprocessing transform{} {} skipped (no differentiable twin; skip_untwinned): the attacked "
+                     "pipeline differs from the bundle's".format("s" if len(skipped) > 1 else "",
+                                                                 ", ".join(skipped)))
     description.preprocessing = steps
     intensity = [step["intensity"] for step in steps if "intensity" in step]
     description.intensity = intensity[0] if len(intensity) == 1 else (intensity or {"type": "none"})
@@ -132,6 +148,9 @@ def _load_root(root, trust_checkpoint, where):
     description.labels = _labels(outputs_format, activation, where)
     version = metadata.get("version")
     description.notes = "MONAI bundle {}{}".format(description.name, " version {}".format(version) if version else "")
+    if skipped:
+        description.notes += "; without its preprocessing transform{} {} (no twin, skipped)".format(
+            "s" if len(skipped) > 1 else "", ", ".join(skipped))
     description.steps()  # every step can run (InputError naming it otherwise)
     model = SegmentationModel(network, description, source="MONAI bundle {}".format(where))
     model.load_notes = notes
@@ -247,7 +266,12 @@ def transform_name(target):
 
 
 MAPPED = {"Orientation", "Spacing", "ScaleIntensityRange", "ScaleIntensityRangePercentiles", "NormalizeIntensity",
-          "ScaleIntensity", "CropForeground", "DivisiblePad"}
+          "ScaleIntensity", "CropForeground", "DivisiblePad", "SpatialPad", "CenterSpatialCrop", "Resize"}
+# Resize modes: MONAI's name -> torch's interpolate mode on a 3-D volume (MONAI's resolves_modes: linear is
+# trilinear there); bicubic has no 3-D interpolate, and MONAI's Resize fails on it.
+RESIZE_MODE_NAMES = {"linear": "trilinear", "bilinear": "trilinear", "trilinear": "trilinear", "area": "area",
+                "nearest": "nearest", "nearest-exact": "nearest-exact"}
+SIGNATURE_ARGS = {"keys", "allow_missing_keys", "lazy"}
 KNOWN = NEUTRAL | MAPPED | {"Activations", "AsDiscrete", "Invert", "KeepLargestConnectedComponent"}
 
 
@@ -258,7 +282,8 @@ def _twin(name, args, where):
         return []
     if args is None:
         raise InputError("bundle {}: preprocessing transform {} has no differentiable twin here, so the attacked "
-                         "pipeline would differ from the bundle's; reproduced are {}".format(
+                         "pipeline would differ from the bundle's; reproduced are {}; skip_untwinned=True loads the "
+                         "bundle without it (named in the model's notes)".format(
                              where, name, ", ".join(sorted(MAPPED))))
 
     def refuse(setting):
@@ -323,7 +348,69 @@ def _twin(name, args, where):
         if str(first(args.get("mode", "constant"))).lower() != "constant":
             refuse("mode={}".format(args.get("mode")))
         return [{"pad_divisible": args.get("k")}]
+    if args.get("lazy") in (True, "true", "True"):  # MONAI would merge it with its neighbours into one resampling
+        refuse("lazy=True")
+    if name == "SpatialPad":
+        for setting in sorted(set(args) - SIGNATURE_ARGS - {"spatial_size", "method", "mode", "value"}):
+            refuse("{}={}".format(setting, args[setting]))  # np.pad or torch.pad arguments other than value
+        if str(args.get("method", "symmetric")).lower() not in ("symmetric", "end"):
+            refuse("method={}".format(args.get("method")))
+        if str(first(args.get("mode", "constant"))).lower() != "constant":
+            refuse("mode={}".format(args.get("mode")))
+        value = first(args.get("value", 0.0))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            refuse("value={}".format(value))
+        return [{"pad_size": _sizes(args["spatial_size"], refuse, "spatial_size"),
+                 "method": str(args.get("method", "symmetric")).lower(), "value": float(value)}]
+    if name == "CenterSpatialCrop":
+        return [{"center_crop": _sizes(args["roi_size"], refuse, "roi_size")}]
+    if name == "Resize":
+        mode = str(first(args.get("mode", "area"))).lower()
+        if mode not in RESIZE_MODE_NAMES:
+            refuse("mode={}".format(mode))
+        mode = RESIZE_MODE_NAMES[mode]
+        corners = first(args.get("align_corners"))
+        if corners is not None and mode != "trilinear":  # torch's interpolate refuses it, and so MONAI
+            refuse("mode={}, align_corners={}".format(mode, corners))
+        if args.get("anti_aliasing") in (True, "true", "True"):
+            refuse("anti_aliasing=True")
+        dtype = _dtype_name(first(args.get("dtype")))
+        if dtype not in ("float32", "float64", None):  # the twin computes in the input's dtype
+            refuse("dtype={}".format(dtype))
+        size_mode = str(args.get("size_mode", "all")).lower()
+        if size_mode == "longest":
+            size = args["spatial_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                refuse("size_mode=longest, spatial_size={}".format(size))
+        elif size_mode == "all":
+            size = _sizes(args["spatial_size"], refuse, "spatial_size")
+        else:
+            refuse("size_mode={}".format(size_mode))
+        step = {"resize": size, "size_mode": size_mode, "mode": mode}
+        if mode == "trilinear":
+            step["align_corners"] = None if corners is None else bool(corners)
+        return [step]
     raise AssertionError(name)
+
+
+def _dtype_name(value):
+    """``float32`` for torch.float32, numpy.float32 or "float32"; None for None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return str(value)
+
+
+def _sizes(value, refuse, setting):
+    """Three voxel counts from one number or three (as MONAI's ``fall_back_tuple``; not positive: keep the axis)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * 3
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        refuse("{}={}".format(setting, value))
+    return values
 
 
 def _number(value):

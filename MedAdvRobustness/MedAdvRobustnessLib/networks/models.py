@@ -352,13 +352,15 @@ class SegmentationModel(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ loading
 def load_model(source, output_activation=None, trust_checkpoint=False, device="cpu", amp=False,
-               gradient_mode=None, folds=None, mirroring=True):
+               gradient_mode=None, folds=None, mirroring=True, skip_untwinned=False):
     """Load a network with its preprocessing from any of:
 
     - a built-in name (``demo``);
     - a model folder holding ``model.json`` (or that file), with a state dict, a checkpoint dict or TorchScript;
     - a TorchScript file (``.pt``/``.ts``; raw whole-volume input, outputs detected unless declared);
-    - a MONAI bundle, folder or ``.zip``, with ``configs/inference.json`` and ``models/model.pt`` or ``model.ts``;
+    - a MONAI bundle, folder or ``.zip``, with ``configs/inference.json`` and ``models/model.pt`` or ``model.ts``
+      (``skip_untwinned``: leave out the preprocessing transforms without a differentiable twin, reported, instead
+      of refusing the bundle);
     - an nnU-Net v2 trained model folder (``TRAINER__PLANS__CONFIGURATION``, or the dataset folder holding one):
       ``folds`` (default: all there) and test-time ``mirroring`` (see :mod:`.nnunet`);
     - a pickled network or checkpoint, only with ``trust_checkpoint`` (unpickling can run code from the file).
@@ -387,7 +389,7 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
             elif nnunet.is_nnunet_folder(path):
                 model = nnunet.load_nnunet(path, folds, mirroring, trust_checkpoint)
             elif bundles.bundle_root(path) is not None:
-                model = bundles.load_bundle(path, trust_checkpoint)
+                model = bundles.load_bundle(path, trust_checkpoint, skip_untwinned)
             elif (path / "model.pt").is_file():  # a MONAI Auto3DSeg model folder, as MONAIAuto3DSeg keeps them
                 model = _load_network_file(path / "model.pt", trust_checkpoint)
             else:
@@ -397,7 +399,7 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
         elif path.suffix == ".json":
             model = _load_described(path, trust_checkpoint)
         elif bundles.is_bundle_zip(path):
-            model = bundles.load_bundle(path, trust_checkpoint)
+            model = bundles.load_bundle(path, trust_checkpoint, skip_untwinned)
         else:
             model = _load_network_file(path, trust_checkpoint)
     if output_activation is not None:

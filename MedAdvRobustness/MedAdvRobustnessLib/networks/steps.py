@@ -11,6 +11,16 @@ bundle's transforms in their declared order):
   border padding; an axis whose spacing lies within the optional ``min_pixdim``..``max_pixdim`` keeps it); the
   outputs go back to the input grid by linear interpolation, as MONAI's ``Invertd`` brings predictions back.
 - ``{"pad_divisible": k}``: MONAI's ``DivisiblePad``; the outputs are unpadded.
+- ``{"pad_size": [x, y, z], "method": "symmetric"|"end", "value": 0}``: MONAI's ``SpatialPad`` (constant ``value``;
+  an axis whose size is not positive, or not larger than the input's, is not padded); the outputs are unpadded.
+- ``{"center_crop": [x, y, z]}``: MONAI's ``CenterSpatialCrop`` (the box starts at ``n // 2 - size // 2``; an
+  axis whose size is not positive, or not smaller than the input's, is kept); the outputs are padded back with
+  background.
+- ``{"resize": [x, y, z], "size_mode": "all", "mode": "trilinear"|"area"|"nearest"|"nearest-exact",
+  "align_corners": None|False|True}``: MONAI's ``Resize``, which is ``torch.nn.functional.interpolate`` to that
+  size (a size that is not positive keeps the axis; ``"size_mode": "longest"`` with one number scales the longest
+  axis to it, the others in proportion, rounded), with MONAI's output affine (``scale_affine``); the outputs go
+  back to the input size by the same interpolation, as ``Invertd`` inverts ``Resize``.
 
 Resampling is separable: along each axis a linear (or nearest) interpolation at fixed positions, a linear map of
 the voxels, so gradients flow through it exactly.
@@ -26,8 +36,10 @@ from ..errors import InputError
 from .preprocessing import crop, divisible_padding, foreground_box, normalize_intensity, pad_outputs_back, unpad
 
 SPACING_TOLERANCE = 1e-3  # spacings that agree within 0.1 %: no resampling
-STEP_KINDS = ("intensity", "crop", "spacing", "pad_divisible")
+STEP_KINDS = ("intensity", "crop", "spacing", "pad_divisible", "pad_size", "center_crop", "resize")
 RESAMPLING_MODES = ("bilinear", "nearest")
+RESIZE_MODES = ("trilinear", "area", "nearest", "nearest-exact")  # torch's interpolate on 3-D volumes
+PAD_METHODS = ("symmetric", "end")
 
 
 def step_kind(step):
@@ -51,7 +63,41 @@ def check_steps(steps):
             if step.get("mode", "bilinear") not in RESAMPLING_MODES:
                 raise InputError("spacing mode must be one of {}, got {!r}".format(", ".join(RESAMPLING_MODES),
                                                                                   step.get("mode")))
+        elif step_kind(step) in ("pad_size", "center_crop"):
+            kind = step_kind(step)
+            if not _sizes_ok(step[kind]):
+                raise InputError("{} must be three whole numbers of voxels (or one for all axes), got {!r}".format(
+                    kind, step[kind]))
+            if kind == "pad_size" and step.get("method", "symmetric") not in PAD_METHODS:
+                raise InputError("pad_size method must be one of {}, got {!r}".format(", ".join(PAD_METHODS),
+                                                                                     step.get("method")))
+        elif step_kind(step) == "resize":
+            longest = step.get("size_mode", "all") == "longest"
+            if step.get("size_mode", "all") not in ("all", "longest"):
+                raise InputError("resize size_mode must be all or longest, got {!r}".format(step.get("size_mode")))
+            if not (isinstance(step["resize"], int) and step["resize"] > 0 if longest else _sizes_ok(step["resize"])):
+                raise InputError("resize must be {}, got {!r}".format(
+                    "one positive whole number with size_mode longest" if longest else
+                    "three whole numbers of voxels (or one for all axes)", step["resize"]))
+            if step.get("mode", "trilinear") not in RESIZE_MODES:
+                raise InputError("resize mode must be one of {}, got {!r}".format(", ".join(RESIZE_MODES),
+                                                                                 step.get("mode")))
+            if step.get("align_corners") is not None and step.get("mode", "trilinear") != "trilinear":
+                raise InputError("resize align_corners is for mode trilinear only (as torch's interpolate)")
     return steps
+
+
+def _sizes_ok(value):
+    value = [value] * 3 if isinstance(value, int) else value
+    return (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _axis_sizes(value, shape):
+    """MONAI's ``fall_back_tuple``: one size per axis (one number for all), a size that is not positive keeps the
+    axis's own."""
+    value = [value] * len(shape) if isinstance(value, int) else list(value)
+    return [int(v) if v > 0 else int(n) for v, n in zip(value, shape)]
 
 
 def step_text(step):
@@ -60,7 +106,22 @@ def step_text(step):
     if kind == "spacing":
         return "spacing {} mm ({}, MONAI's Spacing grid)".format(
             "x".join("{:g}".format(v) for v in step["spacing"]), step.get("mode", "bilinear"))
+    if kind == "pad_size":
+        return "pad to {} ({}, value {:g}, MONAI's SpatialPad)".format(
+            _size_text(step["pad_size"]), step.get("method", "symmetric"), float(step.get("value", 0.0)))
+    if kind == "center_crop":
+        return "centre crop {} (MONAI's CenterSpatialCrop)".format(_size_text(step["center_crop"]))
+    if kind == "resize":
+        mode = step.get("mode", "trilinear")
+        longest = step.get("size_mode") == "longest"
+        return "resize to {}{} ({}{}, MONAI's Resize)".format(
+            step["resize"] if longest else _size_text(step["resize"]), " on the longest axis" if longest else "",
+            mode, ", align_corners {}".format(bool(step.get("align_corners"))) if mode == "trilinear" else "")
     return "{} {}".format(kind, json.dumps(step[kind], sort_keys=True))
+
+
+def _size_text(value):
+    return "x".join(str(v) if v > 0 else "same" for v in ([value] * 3 if isinstance(value, int) else value))
 
 
 def apply_step(step, inputs, affine, activation):
@@ -70,8 +131,9 @@ def apply_step(step, inputs, affine, activation):
     kind = step_kind(step)
     if kind == "intensity":
         return normalize_intensity(inputs, step["intensity"]), affine, None, None
-    if kind == "crop":
-        box = foreground_box(inputs, step["crop"])
+    if kind in ("crop", "center_crop"):
+        box = (foreground_box(inputs, step["crop"]) if kind == "crop"
+               else center_box(inputs.shape[2:], step["center_crop"]))
         full = tuple(inputs.shape[2:])
         back = None if box is None else (lambda outputs: pad_outputs_back(outputs, box, full, activation))
         return crop(inputs, box), shifted(affine, [start for start, _ in box] if box else None), back, box
@@ -82,12 +144,75 @@ def apply_step(step, inputs, affine, activation):
         new_affine, forward, backward = grid
         back = lambda outputs: resample_axes(outputs, backward, "bilinear")  # noqa: E731
         return resample_axes(inputs, forward, step.get("mode", "bilinear")), new_affine, back, None
-    padding = divisible_padding(inputs.shape[2:], step["pad_divisible"])
+    if kind == "resize":
+        full = tuple(int(n) for n in inputs.shape[2:])
+        size = resize_shape(full, step["resize"], step.get("size_mode", "all"))
+        if size == full:
+            return inputs, affine, None, None
+        mode = step.get("mode", "trilinear")
+        corners = bool(step.get("align_corners")) if mode == "trilinear" else None
+        back = lambda outputs: F.interpolate(outputs, size=full, mode=mode, align_corners=corners)  # noqa: E731
+        return (F.interpolate(inputs, size=size, mode=mode, align_corners=corners),
+                resized_affine(affine, full, size, bool(corners)), back, None)
+    if kind == "pad_size":
+        padding = size_padding(inputs.shape[2:], step["pad_size"], step.get("method", "symmetric"))
+        value = float(step.get("value", 0.0))
+    else:
+        padding, value = divisible_padding(inputs.shape[2:], step["pad_divisible"]), 0.0
     if padding is None:
         return inputs, affine, None, None
     before = padding[-2::-2]  # F.pad lists (before, after) pairs from the last axis: these are x, y, z
     back = lambda outputs: unpad(outputs, padding)  # noqa: E731
-    return F.pad(inputs, padding), shifted(affine, [-amount for amount in before]), back, None
+    return F.pad(inputs, padding, value=value), shifted(affine, [-amount for amount in before]), back, None
+
+
+def size_padding(shape, sizes, method="symmetric"):
+    """F.pad amounts (last axis first) that pad ``shape`` to ``sizes`` as MONAI's ``SpatialPad`` (symmetric: the
+    odd voxel after; end: all after), or None."""
+    pads = []
+    for size, wanted in zip(shape, _axis_sizes(sizes, shape)):
+        extra = max(wanted - int(size), 0)
+        pads.append((extra // 2, extra - extra // 2) if method == "symmetric" else (0, extra))
+    if not any(a or b for a, b in pads):
+        return None
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def center_box(shape, sizes):
+    """MONAI's ``CenterSpatialCrop`` box (start, stop per axis) of ``sizes`` in a grid of ``shape``: it starts at
+    ``n // 2 - size // 2`` (at least 0) and stops within the grid; None where it keeps every voxel."""
+    box = []
+    for size, wanted in zip(shape, _axis_sizes(sizes, shape)):
+        start = max(int(size) // 2 - wanted // 2, 0)
+        box.append((start, min(start + wanted, int(size))))
+    if all(start == 0 and stop == size for (start, stop), size in zip(box, shape)):
+        return None
+    return box
+
+
+def resize_shape(shape, sizes, size_mode="all"):
+    """The size MONAI's ``Resize`` gives a grid of ``shape``: ``sizes`` (not positive: the axis's own), or with
+    ``size_mode="longest"`` every axis scaled so that the longest is ``sizes``, rounded as Python rounds."""
+    if size_mode == "longest":
+        scale = int(sizes) / max(shape)
+        return tuple(int(round(n * scale)) for n in shape)
+    return tuple(_axis_sizes(sizes, shape))
+
+
+def resized_affine(affine, shape, size, align_corners=False):
+    """The voxel-to-RAS matrix MONAI's ``Resize`` gives its output (``affine`` times ``scale_affine``): output voxel
+    ``i`` lies at input voxel ``(i + 1/2) n / m - 1/2``, or ``i (n - 1) / (m - 1)`` with ``align_corners`` (0
+    where ``m`` is 1), as torch's interpolate samples it."""
+    if affine is None:
+        return None
+    scale = np.eye(4)
+    for axis, (n, m) in enumerate(zip(shape, size)):
+        if align_corners:
+            scale[axis, axis] = 0.0 if m == 1 else (n - 1.0) / (m - 1.0)
+        else:
+            scale[axis, axis] = float(n) / max(m, 1)
+            scale[axis, 3] = (scale[axis, axis] - 1.0) / 2.0
+    return np.asarray(affine, dtype=np.float64) @ scale
 
 
 def shifted(affine, voxels):

@@ -1,0 +1,264 @@
+"""The twins of MONAI's SpatialPad, CenterSpatialCrop and Resize, each against MONAI's own transform (output,
+affine and the way back as ``Invertd(nearest_interp=False)`` inverts it) on an odd-sized volume with anisotropic
+voxels and an oblique, axis-flipped affine; a small bundle with all three against MONAI's own preprocessing,
+inferer and Invertd; and ``skip_untwinned``, which loads a bundle without the transforms that have no twin."""
+import inspect
+import json
+from copy import deepcopy
+
+import monai.transforms
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.networks.nets import UNet
+
+from conftest import GEOMETRIES, rotation, stored, write_bundle
+from MedAdvRobustnessLib.errors import InputError
+from MedAdvRobustnessLib.networks.bundles import _twin, load_bundle, transform_name
+from MedAdvRobustnessLib.networks.models import ModelDescription, describe, load_model
+from MedAdvRobustnessLib.networks.steps import apply_step, step_text
+from MedAdvRobustnessLib.networks.volume import GridOrientation
+from MedAdvRobustnessLib.scene.nodes import volume_from_node
+from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+
+SHAPE = (13, 10, 7)
+UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2],
+        "num_res_units": 0}
+LABELS = {"0": "background", "1": "dark", "2": "bright"}
+
+
+def oblique_affine():
+    """Voxels of 1.5 x 0.8 x 2.2 mm, the second axis flipped, rotated 12 degrees about x and -7 about z."""
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(12.0, 0) @ rotation(-7.0, 2) @ np.diag([1.5, -0.8, 2.2])
+    affine[:3, 3] = [-20.0, 31.0, 7.5]
+    return affine
+
+
+def twin_step(target, **settings):
+    """The step the bundle reader makes of ``target`` (a dictionary transform) with ``settings``: its arguments
+    with the defaults of the transform's signature, as the reader resolves them."""
+    args = {name: getattr(parameter.default, "value", parameter.default)
+            for name, parameter in inspect.signature(getattr(monai.transforms, target)).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+    args.update(settings, keys="image")
+    steps = _twin(transform_name(target), args, "test")
+    assert len(steps) == 1
+    return steps[0]
+
+
+CASES = {  # dictionary transform and its settings; the array transform is the same without the d
+    "pad symmetric": ("SpatialPadd", {"spatial_size": [16, -1, 10]}),
+    "pad end, value": ("SpatialPadd", {"spatial_size": [15, 12, 4], "method": "end", "value": 2.5}),
+    "pad one size": ("SpatialPadd", {"spatial_size": 12}),
+    "centre crop": ("CenterSpatialCropd", {"roi_size": [8, -1, 5]}),
+    "centre crop larger than the grid": ("CenterSpatialCropd", {"roi_size": [11, 20, 4]}),
+    "centre crop one size": ("CenterSpatialCropd", {"roi_size": 6}),
+    "resize trilinear": ("Resized", {"spatial_size": [17, 6, -1], "mode": "trilinear"}),
+    "resize trilinear align_corners": ("Resized", {"spatial_size": [17, 6, 9], "mode": "trilinear",
+                                                   "align_corners": True}),
+    "resize linear to one voxel": ("Resized", {"spatial_size": [5, 1, 9], "mode": "bilinear",
+                                               "align_corners": True}),
+    "resize area": ("Resized", {"spatial_size": [6, 14, 4]}),  # area: MONAI's default mode
+    "resize nearest": ("Resized", {"spatial_size": [9, 13, 5], "mode": "nearest"}),
+    "resize nearest-exact": ("Resized", {"spatial_size": [9, 13, 5], "mode": "nearest-exact"}),
+    "resize longest": ("Resized", {"spatial_size": 20, "size_mode": "longest", "mode": "trilinear"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_twin_equals_monai_s_transform_and_its_inverse(case):
+    target, settings = CASES[case]
+    generator = torch.Generator().manual_seed(0)
+    array = torch.rand((1,) + SHAPE, generator=generator) * 300.0 - 50.0
+    image = MetaTensor(array.clone(), affine=torch.as_tensor(oblique_affine()))
+    transform = getattr(monai.transforms, target[:-1])(**settings)
+    expected = transform(image)
+    step = twin_step(target, **settings)
+    # sigmoid outputs: the crop's outputs are padded back with zeros, as Invertd pads (see the bundle test)
+    inputs, affine, back, _ = apply_step(step, array[None], oblique_affine(), "sigmoid")
+    assert tuple(inputs.shape[1:]) == tuple(expected.shape)
+    affine_difference = float(np.abs(np.asarray(affine) - expected.affine.numpy()).max())
+    value_difference = float((inputs[0] - expected.as_tensor()).abs().max())
+    # the way back of three-channel outputs on the transform's grid, against MONAI's inverse with its record
+    outputs = torch.rand((3,) + tuple(expected.shape[1:]), generator=generator)
+    recorded = MetaTensor(outputs.clone(), meta=deepcopy(expected.meta),
+                          applied_operations=deepcopy(expected.applied_operations))
+    monai_back = transform.inverse(recorded)
+    ours_back = outputs[None] if back is None else back(outputs[None])
+    assert tuple(ours_back.shape[1:]) == tuple(monai_back.shape) == (3,) + SHAPE
+    back_difference = float((ours_back[0] - monai_back.as_tensor()).abs().max())
+    print("{}: {} -> {}, affine {:.1e}, values {:.1e}, way back {:.1e} ({})".format(
+        case, SHAPE, tuple(expected.shape[1:]), affine_difference, value_difference, back_difference,
+        step_text(step)))
+    assert affine_difference < 1e-12 and value_difference < 1e-5 and back_difference < 1e-5
+
+
+def test_the_twins_are_differentiable():
+    volume = torch.rand((1, 1) + SHAPE, dtype=torch.float64, requires_grad=True)
+    for case in ("pad end, value", "centre crop", "resize trilinear", "resize area"):
+        step = twin_step(*CASES[case][:1], **CASES[case][1])
+        inputs, _, back, _ = apply_step(step, volume, oblique_affine(), "softmax")
+        outputs = inputs if back is None else back(torch.cat([inputs, inputs], dim=1))
+        gradient, = torch.autograd.grad(outputs.square().sum(), volume)
+        assert gradient.abs().sum() > 0, case
+
+
+@pytest.mark.parametrize("target, settings, refused", [
+    ("Resized", {"spatial_size": [8, 8, 8], "mode": "bicubic"}, r"Resize\(mode=bicubic\)"),
+    ("Resized", {"spatial_size": [8, 8, 8], "mode": "trilinear", "anti_aliasing": True},
+     r"Resize\(anti_aliasing=True\)"),
+    ("Resized", {"spatial_size": [8, 8, 8], "mode": "area", "align_corners": True},
+     r"Resize\(mode=area, align_corners=True\)"),
+    ("Resized", {"spatial_size": [8, 8, 8], "mode": "trilinear", "dtype": "float16"}, r"Resize\(dtype=float16\)"),
+    ("Resized", {"spatial_size": [8, 8], "mode": "trilinear"}, r"Resize\(spatial_size=\[8, 8\]\)"),
+    ("Resized", {"spatial_size": [8, 8, 8], "size_mode": "longest"}, r"Resize\(size_mode=longest"),
+    ("SpatialPadd", {"spatial_size": [16, 16, 16], "mode": "reflect"}, r"SpatialPad\(mode=reflect\)"),
+    ("SpatialPadd", {"spatial_size": [16, 16, 16], "constant_values": 3}, r"SpatialPad\(constant_values=3\)"),
+    ("SpatialPadd", {"spatial_size": [16, 16, 16], "lazy": True}, r"SpatialPad\(lazy=True\)"),
+    ("CenterSpatialCropd", {"roi_size": [8.5, 8, 8]}, r"CenterSpatialCrop\(roi_size=\[8.5, 8, 8\]\)"),
+])
+def test_settings_without_an_exact_twin_are_refused_by_name(target, settings, refused):
+    with pytest.raises(InputError, match="bundle test: " + refused + ".* is not reproduced"):
+        twin_step(target, **settings)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"preprocessing": [{"pad_size": [16, 16]}]}, "pad_size must be three whole numbers"),
+    ({"preprocessing": [{"pad_size": 16, "method": "start"}]}, "pad_size method must be one of symmetric, end"),
+    ({"preprocessing": [{"center_crop": [8, 8, 8.5]}]}, "center_crop must be three whole numbers"),
+    ({"preprocessing": [{"resize": [8, 8, 8], "mode": "bicubic"}]}, "resize mode must be one of trilinear"),
+    ({"preprocessing": [{"resize": [8, 8, 8], "size_mode": "longest"}]}, "resize must be one positive"),
+    ({"preprocessing": [{"resize": [8, 8, 8], "mode": "area", "align_corners": True}]},
+     "resize align_corners is for mode trilinear only"),
+])
+def test_model_descriptions_with_new_steps_that_cannot_run_are_refused(fields, message):
+    with pytest.raises(InputError, match="model.json: " + message):
+        ModelDescription.from_dict(dict({"name": "tiny"}, **fields), "model.json")
+
+
+# ------------------------------------------------------------------------------------------------ whole bundle
+BUNDLES = {  # Resized mode, align_corners, SpatialPadd method
+    "trilinear": ("trilinear", None, "symmetric"),
+    "trilinear align_corners": ("trilinear", True, "end"),
+    "area": ("area", None, "symmetric"),
+}
+
+
+def twins_bundle(root, network, resize_mode, align_corners, pad_method, extra=()):
+    """Centre crop (x cropped, y and z kept), resize (x up, y down, z kept), pad to a size, z-score, 16^3 windows,
+    softmax and Invertd."""
+    resize = {"_target_": "Resized", "spatial_size": [22, 18, -1], "mode": resize_mode}
+    if align_corners is not None:
+        resize["align_corners"] = align_corners
+    transforms = [{"_target_": "CenterSpatialCropd", "roi_size": [20, -1, 40]}, resize,
+                  {"_target_": "SpatialPadd", "spatial_size": [24, 20, 21], "method": pad_method},
+                  {"_target_": "NormalizeIntensityd"}] + list(extra)
+    postprocessing = [{"_target_": "Activationsd", "softmax": True},
+                      {"_target_": "Invertd", "transform": "@preprocessing", "orig_keys": "image",
+                       "nearest_interp": False, "to_tensor": True}]
+    return write_bundle(root, network, UNET, transforms, (16, 16, 16), postprocessing, LABELS)
+
+
+def smooth_volume():
+    """A 23x21x17 RAS volume of 1.2 x 0.9 x 2 mm voxels, smooth with some noise and no zeros, as (array, affine)."""
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in (23, 21, 17)], indexing="ij")
+    noise = np.random.default_rng(0).normal(0.0, 5.0, x.shape)
+    array = 100.0 + 50.0 * np.sin(x / 3.0) * np.cos(y / 4.0) + 30.0 * np.sin(z / 2.5) + noise
+    return array.astype(np.float32), np.diag([1.2, 0.9, 2.0, 1.0])
+
+
+@pytest.mark.parametrize("case", list(BUNDLES))
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_bundle_with_the_new_twins_equals_monai_s_pipeline_and_invertd(tmp_path, geometry, case):
+    from monai.bundle import ConfigParser
+    torch.manual_seed(0)
+    network = UNet(**UNET).eval()
+    root = twins_bundle(tmp_path / "bundle", network, *BUNDLES[case])
+    path = stored(smooth_volume(), geometry, tmp_path / "volume.nii.gz")
+
+    parser = ConfigParser()  # MONAI's own pipeline, item by item as ConfigParser builds it
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    data = preprocessing({"image": str(path)})
+    # MONAI's grid after loading and Orientationd: Slicer's reader gives the oblique matrix to about 1e-7 of it
+    # (NIfTI stores it in float32), so the twins' matrices are compared starting from MONAI's own
+    oriented = monai.transforms.Compose(preprocessing.transforms[:3])({"image": str(path)})["image"].affine.numpy()
+    monai_inputs, monai_affine = data["image"].as_tensor().double().numpy(), data["image"].affine.numpy()
+    with torch.no_grad():
+        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None].float(), network)[0]
+    expected = np.asarray(parser.get_parsed_content("postprocessing")(data)["pred"], dtype=np.float64)
+
+    model = load_model(root)
+    assert [list(step)[0] for step in model.description.preprocessing] == ["center_crop", "resize", "pad_size",
+                                                                          "intensity"]
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    with torch.no_grad():
+        reading_difference = float(np.abs(np.asarray(volume.affine) - oriented).max())
+        inputs, affine = volume.as_tensor(), oriented
+        for step in model.description.steps():
+            inputs, affine, _, _ = apply_step(step, inputs, affine, model.activation)
+        with model.on_grid(volume):
+            probabilities = model(volume.as_tensor())[0].double().numpy()
+    assert inputs.shape[1:] == monai_inputs.shape == (1, 24, 20, 21)
+    input_difference = float(np.abs(inputs[0].double().numpy() - monai_inputs).max())
+    affine_difference = float(np.abs(np.asarray(affine) - monai_affine).max())
+
+    file_grid = GridOrientation.from_ijk_to_ras(nib.load(str(path)).affine, expected.shape[1:][::-1])
+    expected = np.stack([file_grid.to_network(np.transpose(channel, (2, 1, 0))) for channel in expected])
+    assert probabilities.shape == expected.shape == (3, 23, 21, 17)
+    inside = expected.sum(axis=0) > 0.5  # Invertd pads the centre crop with zero probabilities; medadv background
+    difference = float(np.abs(probabilities - expected)[:, inside].max())
+    agreement = float((probabilities.argmax(0) == expected.argmax(0))[inside].mean())
+    print("{}, {}: network input {} (difference {:.1e}, affine {:.1e}; read {:.1e}), {:.3f} of the voxels inside "
+          "the crop, labels agree on {:.5f} of them, largest probability difference {:.2e}".format(
+              geometry, case, tuple(inputs.shape[2:]), input_difference, affine_difference, reading_difference,
+              inside.mean(), agreement, difference))
+    assert inside.sum() == 20 * 21 * 17  # the centre crop keeps x 1..20 of 23, y and z whole
+    assert np.all(probabilities[0][~inside] == 1.0)
+    assert input_difference < 1e-4 and affine_difference < 1e-12 and reading_difference < 1e-6
+    assert difference < 1e-4 and agreement >= 0.999
+
+
+# ------------------------------------------------------------------------------------------------- the opt-in
+def test_skip_untwinned_loads_a_bundle_without_the_transforms_that_have_no_twin(tmp_path):
+    torch.manual_seed(0)
+    network = UNet(**UNET).eval()
+    noise = {"_target_": "RandGaussianNoised", "prob": 1.0, "std": 0.1}
+    root = twins_bundle(tmp_path / "bundle", network, "trilinear", None, "symmetric",
+                        extra=[noise, dict(noise, _target_="RandShiftIntensityd", offsets=0.1)])
+    with pytest.raises(InputError, match="preprocessing transform RandGaussianNoised has no differentiable twin.*"
+                                         "skip_untwinned=True loads the bundle without it"):
+        load_bundle(root)
+    model = load_model(root, skip_untwinned=True)  # what --skip-untwinned gives
+    plain = load_model(twins_bundle(tmp_path / "plain", network, "trilinear", None, "symmetric"))
+    assert model.description.preprocessing == plain.description.preprocessing
+    note = ("preprocessing transforms RandGaussianNoised, RandShiftIntensityd skipped (no differentiable twin; "
+            "skip_untwinned): the attacked pipeline differs from the bundle's")
+    assert model.load_notes == [note]
+    assert model.description.notes.endswith("without its preprocessing transforms RandGaussianNoised, "
+                                            "RandShiftIntensityd (no twin, skipped)")
+    report = describe(model, torch.rand((1, 1, 23, 21, 17)))
+    assert "note: " + note in report.lines()
+    assert any("1. centre crop 20xsamex40 (MONAI's CenterSpatialCrop); 2. resize to 22x18xsame (trilinear, "
+               "align_corners False, MONAI's Resize); 3. pad to 24x20x21 (symmetric, value 0" in line
+               for line in report.lines())
+    steps = json.loads(json.dumps(model.description.preprocessing))  # as a model.json would hold them
+    assert ModelDescription.from_dict({"name": "copy", "preprocessing": steps}).steps() == steps
+
+    # a transform with a twin whose setting is not reproduced is refused even so
+    config_path = root / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["preprocessing"]["transforms"][4]["anti_aliasing"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"Resize\(anti_aliasing=True\) is not reproduced"):
+        load_bundle(root, skip_untwinned=True)
+    # nor is a lazy Compose, which merges the spatial transforms into one resampling
+    config["preprocessing"]["transforms"][4]["anti_aliasing"] = False
+    config["preprocessing"]["lazy"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"Compose\(lazy=True\) merges the spatial transforms"):
+        load_bundle(root, skip_untwinned=True)
