@@ -1,5 +1,7 @@
 """``medadv``: attack a segmentation network on a volume file, headless, with Slicer's MRML core."""
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -13,15 +15,38 @@ from .probes.registry import describe_probes, make_probe, probe_class, probe_nam
 DEMO_EPSILONS = (0.005, 0.01, 0.02, 0.04)
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the process is, so that what it staged is removed as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_vtk()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except InputError as error:
-        print("medadv: error: {}".format(error), file=sys.stderr)
-        return 2
+        return _error(str(error), 2)
+    except KeyboardInterrupt:
+        return _error("interrupted (Ctrl-C); nothing was written", 130, "medadv: ")
+    except Terminated:
+        return _error("terminated (SIGTERM); nothing was written", 143, "medadv: ")
+    except BrokenPipeError:  # the reader of the output went away (`medadv attacks | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as error:  # the system refused a file or folder (read-only, full disk, permissions)
+        where = " {}".format(error.filename) if error.filename else ""
+        return _error("cannot write or read{}: {}".format(where, error.strerror or error), 2)
+
+
+def _error(message, status, prefix="medadv: error: "):
+    print(prefix + message, file=sys.stderr)
+    return status
 
 
 def build_parser():
@@ -41,6 +66,9 @@ def build_parser():
                      help="nnU-Net model: the folds to ensemble (default: every fold_K with checkpoint_final.pth)")
     run.add_argument("--no-mirroring", dest="mirroring", action="store_false",
                      help="nnU-Net model: without test-time mirroring (nnU-Net mirrors by default)")
+    run.add_argument("--skip-untwinned", action="store_true",
+                     help="MONAI bundle: leave out preprocessing transforms that have no differentiable twin "
+                          "(reported: the attacked pipeline then differs from the bundle's) instead of refusing")
     _add_model_arguments(run, trust=True)
     run.set_defaults(handler=_run)
 
@@ -187,7 +215,8 @@ def _attack(volume, model, reference, args, output_activation):
                           progress=_print_progress, trust_checkpoint=getattr(args, "trust_checkpoint", False),
                           device=args.device, amp=args.amp, region_path=args.region,
                           region_labels=args.region_labels, folds=getattr(args, "folds", None),
-                          mirroring=getattr(args, "mirroring", True))
+                          mirroring=getattr(args, "mirroring", True),
+                          skip_untwinned=getattr(args, "skip_untwinned", False))
     print(summary(result, time.time() - start))
     return 0
 
