@@ -119,8 +119,15 @@ def check_output_dir(out_dir):
     return out_dir
 
 
+OWNER_FILE = ".medadv-owner"  # in a staging folder: the process id of the run writing it
+
+
 class StagedOutput:
-    """Write into a hidden sibling folder; move it into place only when everything succeeded."""
+    """Write into a hidden sibling folder; move it into place only when everything succeeded.
+
+    The staging folder records its owner's process id; staging folders of runs that died without cleaning up
+    (SIGKILL, power loss) are removed by the next run writing next to them.
+    """
 
     def __init__(self, out_dir):
         self.out_dir = check_output_dir(out_dir).absolute()
@@ -128,11 +135,15 @@ class StagedOutput:
         self.staging = None
 
     def __enter__(self):
-        self.staging = Path(tempfile.mkdtemp(prefix="." + self.out_dir.name + ".partial-", dir=str(self.out_dir.parent)))
+        prefix = "." + self.out_dir.name + ".partial-"
+        remove_stale_staging(self.out_dir.parent, prefix)
+        self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=str(self.out_dir.parent)))
+        (self.staging / OWNER_FILE).write_text(str(os.getpid()))
         return self.staging
 
     def __exit__(self, kind, error, trace):
         if kind is None:
+            (self.staging / OWNER_FILE).unlink()
             if self.out_dir.exists():
                 self.out_dir.rmdir()
             os.chmod(str(self.staging), 0o777 & ~_umask())
@@ -140,6 +151,27 @@ class StagedOutput:
         else:
             shutil.rmtree(str(self.staging), ignore_errors=True)
         return False
+
+
+def remove_stale_staging(folder, prefix):
+    """Remove the staging folders ``prefix*`` in ``folder`` whose owner process is gone."""
+    for staging in Path(folder).glob(prefix + "*"):
+        try:
+            owner = int((staging / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or not yet claimed: leave it
+        if not _alive(owner):
+            shutil.rmtree(str(staging), ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask():

@@ -1,7 +1,10 @@
 """An MRML scene with Slicer's module logics: the application's inside 3D Slicer, real ones bound here outside it."""
+import gzip
+import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +56,7 @@ class SlicerScene:
         path = Path(path)
         if not path.is_file():
             raise InputError("file not found: {}".format(path))
-        _refuse_multi_frame(path)
+        check_nifti_file(path)
         name = name or _stem(path)
         node = self.volumes_logic.AddArchetypeVolume(str(path), name, 1 if label_map else 0)
         if node is None:
@@ -98,18 +101,70 @@ def _bind(logic, name, scene, application_logic):
     return logic
 
 
-def _refuse_multi_frame(path):
-    """Slicer's reader keeps only the first frame of a 4D NIfTI: refuse it rather than lose data silently."""
+def check_nifti_file(path):
+    """Refuse a NIfTI file that Slicer's reader would read as something else: several volumes (it keeps the first),
+    fewer voxel bytes than the header declares (it zero-fills them), NaN or infinite voxels (it turns them into 0),
+    or more voxels than this machine's memory can hold. Nothing else is checked for other formats."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return
+    import nibabel
     try:
-        import nibabel
-    except ImportError:
-        return
-    shape = nibabel.load(str(path)).shape
+        image = nibabel.load(str(path))
+    except Exception as error:
+        raise InputError("{} is not a readable NIfTI image ({})".format(path, str(error).splitlines()[0]))
+    shape, dtype = image.shape, image.get_data_dtype()
     if len(shape) > 3 and any(size > 1 for size in shape[3:]):
         raise InputError("{} has {} volumes or components per voxel (shape {}); give a single scalar volume".format(
             path, int(np.prod(shape[3:])), shape))
+    voxels = int(np.prod(shape[:3], dtype=np.int64))
+    declared = int(image.header.get_data_offset()) + voxels * dtype.itemsize
+    stored = _stored_bytes(path, declared)
+    if stored < declared:
+        raise InputError("{} is truncated or damaged: it holds {:,} of the {:,} bytes its header declares for {} "
+                         "voxels of {}".format(path, stored, declared, "x".join(str(n) for n in shape[:3]), dtype))
+    _check_memory(path, shape, voxels)
+    if np.issubdtype(dtype, np.floating) or image.header.get_slope_inter()[0] not in (None, 1.0):
+        _check_finite(path, np.asanyarray(image.dataobj))
+
+
+MEMORY_BYTES_PER_VOXEL = 64  # float32 copies of a volume during a run (scene, network input, attack state)
+
+
+def _check_memory(path, shape, voxels):
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = voxels * MEMORY_BYTES_PER_VOXEL
+    if need > available:
+        raise InputError("{}: {} voxels need about {:.1f} GiB of memory for a run, and {:.1f} GiB are free".format(
+            path, "x".join(str(n) for n in shape[:3]), need / 2 ** 30, available / 2 ** 30))
+
+
+def _stored_bytes(path, wanted):
+    """How many bytes the file holds (decompressed, for .gz), counting no further than ``wanted``."""
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    count = 0
+    try:
+        with gzip.open(str(path), "rb") as stream:
+            while count < wanted:
+                chunk = stream.read(min(1 << 24, wanted - count))
+                if not chunk:
+                    break
+                count += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return count  # the compressed stream ends early or is corrupt: what came before it is all there is
+    return count
+
+
+def _check_finite(path, array):
+    bad = ~np.isfinite(array)
+    count = int(np.count_nonzero(bad))
+    if count:
+        first = tuple(int(v) for v in np.argwhere(bad)[0][:3])
+        raise InputError("{} has {:,} NaN or infinite voxel(s), the first at (i, j, k) = {}; Slicer's reader would "
+                         "read them as 0: replace them in the file".format(path, count, first))
 
 
 def _stem(path):
