@@ -247,6 +247,11 @@ class SegmentationModel(torch.nn.Module):
         """The reproduced pipeline, one line per step (the model report lists them)."""
         return [step_text(step) for step in self.description.steps()]
 
+    def checked_outputs(self, network_outputs, plan):
+        """What ``output_activation`` describes, from the network's aggregated outputs: those outputs (after
+        ``activation_after_inference``), before the way back."""
+        return self.description.activate(network_outputs)
+
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, volume):
         inputs, plan = self.prepare(volume)
@@ -381,8 +386,8 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
         from . import bundles, nnunet
         path = Path(source)
         if not path.exists():
-            raise InputError("model not found: {} (give a built-in name {}, a model folder, a MONAI bundle or a "
-                             "TorchScript file)".format(source, sorted(BUILTIN_MODELS)))
+            raise InputError("model not found: {} (give a built-in name {}, a model folder, a MONAI bundle, an "
+                             "nnU-Net trained model folder or a TorchScript file)".format(source, sorted(BUILTIN_MODELS)))
         if path.is_dir():
             if (path / DESCRIPTION_FILE).is_file():
                 model = _load_described(path / DESCRIPTION_FILE, trust_checkpoint)
@@ -392,6 +397,10 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
                 model = bundles.load_bundle(path, trust_checkpoint, skip_untwinned)
             elif (path / "model.pt").is_file():  # a MONAI Auto3DSeg model folder, as MONAIAuto3DSeg keeps them
                 model = _load_network_file(path / "model.pt", trust_checkpoint)
+            elif (path / "plans.json").is_file() and (path / "dataset.json").is_file():
+                raise InputError("{} looks like an nnU-Net trained model folder but has no fold_K/{} (found: {})"
+                                 .format(path, nnunet.CHECKPOINT, ", ".join(sorted(
+                                     str(p.relative_to(path)) for p in path.glob("fold_*/*.pth"))) or "no fold"))
             else:
                 raise InputError("{} holds neither {}, a MONAI bundle (configs/inference.json and models/) nor an "
                                  "nnU-Net trained model (plans.json, dataset.json, fold_K/)".format(
@@ -403,6 +412,10 @@ def load_model(source, output_activation=None, trust_checkpoint=False, device="c
         else:
             model = _load_network_file(path, trust_checkpoint)
     if output_activation is not None:
+        if getattr(model, "fixed_activation", False) and output_activation != model.description.output_activation:
+            raise InputError("{} outputs {} probabilities, as its framework computes them; --output-activation "
+                             "{} does not apply".format(source, model.description.output_activation,
+                                                        output_activation))
         model.description.output_activation = check_activation(output_activation)
         if output_activation != model.description.activation_after_inference:
             model.description.activation_after_inference = None  # the user's word on what the network outputs
@@ -652,14 +665,14 @@ def describe(model, volume):
     """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.volume.Volume`) and report what
     it is: declared settings and what the outputs show. An undeclared output activation is detected from the
     outputs and adopted by the model."""
-    affine = model.input_affine
+    grid = model.input_affine
     if hasattr(volume, "as_tensor"):
-        affine = volume.affine
+        grid = volume  # its voxel order too (frameworks that do not reorient work in it)
         volume = volume.as_tensor()
-    spacing = grid_spacing(affine)
-    with model.on_grid(affine):
+    spacing = grid_spacing(grid)
+    with model.on_grid(grid):
         inputs, plan = model.prepare(volume)
-        outputs = model.description.activate(model.infer(inputs))
+        outputs = model.checked_outputs(model.infer(inputs), plan)
     detected = detect_activation(outputs)
     if model.description.output_activation is None:
         model.detected_activation = detected

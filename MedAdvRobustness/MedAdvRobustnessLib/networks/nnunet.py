@@ -40,8 +40,14 @@ ANISOTROPY_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
 NORMALIZATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
                   "RGBTo01Normalization")
 RESAMPLING = "resample_data_or_seg_to_shape"
+RESAMPLING_KWARGS = {"is_seg", "order", "order_z", "force_separate_z", "separate_z_anisotropy_threshold"}
+READERS = ("SimpleITKIO", "NibabelIO")  # both give the file's voxel order (k, j, i); NibabelIOWithReorient does not
 NETWORK_PACKAGE = "dynamic_network_architectures.architectures."
 EPSILON = 1e-8
+NUMERIC_DTYPES = ["{}DType".format(kind) for kind in ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16",
+                                                     "UInt32", "UInt64", "Float16", "Float32", "Float64", "Long",
+                                                     "ULong", "Byte", "UByte", "Short", "UShort", "Int", "UInt",
+                                                     "LongLong", "ULongLong", "Half", "Double")]
 
 
 class NNUNetError(InputError):
@@ -90,33 +96,56 @@ class NNUNetPlans:
 
     def __init__(self, folder, configuration=None):
         self.folder = Path(folder)
-        self.plans = _read_json(self.folder / "plans.json")
+        self.where = self.folder / "plans.json"
+        self.plans = _read_json(self.where)
         self.dataset = _read_json(self.folder / "dataset.json")
         parts = self.folder.name.split("__")
         self.configuration_name = configuration or (parts[2] if len(parts) == 3 else None)
         self.config = self._configuration(self.configuration_name)
+        self._check_framework_classes()
         self.transpose_forward = [int(a) for a in self.plans.get("transpose_forward", [0, 1, 2])]
         self.transpose_backward = [int(a) for a in self.plans.get("transpose_backward", [0, 1, 2])]
-        self.spacing = [float(s) for s in self.config["spacing"]]
-        self.patch_size = [int(s) for s in self.config["patch_size"]]
+        self.spacing = [float(s) for s in self.required("spacing")]
+        self.patch_size = [int(s) for s in self.required("patch_size")]
         if len(self.patch_size) != 3 or len(self.spacing) != 3:
             raise NNUNetError("{}: configuration {} is {}D; only 3D configurations are supported".format(
-                self.folder / "plans.json", self.configuration_name, len(self.patch_size)))
+                self.where, self.configuration_name, len(self.patch_size)))
         self.channels = self._channels()
-        self.schemes = list(self.config["normalization_schemes"])
-        self.use_mask = [bool(v) for v in self.config["use_mask_for_norm"]]
+        self.schemes = list(self.required("normalization_schemes"))
+        self.use_mask = [bool(v) for v in self.required("use_mask_for_norm")]
         self.intensity = self.plans.get("foreground_intensity_properties_per_channel", {})
         self._check_normalisation()
         self.data_resampling = self._resampling("data")
         self.output_resampling = self._resampling("probabilities")
         self.labels = self._labels()
 
+    def required(self, key):
+        """A key of the configuration nnU-Net cannot predict without: its value, or an error naming it."""
+        if key not in self.config:
+            raise NNUNetError("{}: configuration {} has no {!r}".format(self.where, self.configuration_name, key))
+        return self.config[key]
+
+    def _check_framework_classes(self):
+        """Refuse plans that name readers, preprocessors or label managers other than the ones reproduced."""
+        reader = self.plans.get("image_reader_writer", "SimpleITKIO")
+        if reader not in READERS:
+            raise NNUNetError("{}: image_reader_writer {} cannot be reproduced (it may reorient the image); supported: "
+                              "{}".format(self.where, reader, ", ".join(READERS)))
+        preprocessor = self.config.get("preprocessor_name", "DefaultPreprocessor")
+        if preprocessor != "DefaultPreprocessor":
+            raise NNUNetError("{}: preprocessor {} cannot be reproduced; supported: DefaultPreprocessor".format(
+                self.where, preprocessor))
+        manager = self.plans.get("label_manager", "LabelManager")
+        if manager != "LabelManager":
+            raise NNUNetError("{}: label manager {} cannot be reproduced; supported: LabelManager".format(
+                self.where, manager))
+
     def _configuration(self, name):
         configurations = self.plans.get("configurations", {})
         if name not in configurations:
-            raise NNUNetError("{}: configuration {!r} not in the plans (they hold {}); the folder name should be "
-                              "TRAINER__PLANS__CONFIGURATION".format(self.folder / "plans.json", name,
-                                                                      ", ".join(sorted(configurations))))
+            raise NNUNetError("{}: configuration {!r} (from the folder name TRAINER__PLANS__CONFIGURATION or the "
+                              "checkpoint) not in the plans; they hold {}".format(
+                                  self.where, name, ", ".join(sorted(configurations))))
         config = dict(configurations[name])
         seen = [name]
         while "inherits_from" in config:  # nnU-Net's configurations may inherit from others
@@ -131,12 +160,15 @@ class NNUNetPlans:
         if config.get("previous_stage"):
             raise NNUNetError("{}: configuration {} is a cascade stage (it needs the segmentation of {}); cascades "
                               "are not supported".format(self.folder / "plans.json", name, config["previous_stage"]))
+        if "architecture" not in config and "UNet_class_name" in config:
+            config["architecture"] = architecture_from_old_plans(config, self.where)
         return config
 
     def _channels(self):
         names = self.dataset.get("channel_names", self.dataset.get("modality"))
-        if not isinstance(names, dict) or not names:
-            raise NNUNetError("{}: no channel_names".format(self.folder / "dataset.json"))
+        if not isinstance(names, dict) or not names or not all(str(key).isdigit() for key in names):
+            raise NNUNetError("{}: channel_names must map channel numbers 0, 1, ... to names, got {!r}".format(
+                self.folder / "dataset.json", names))
         return [str(names[key]) for key in sorted(names, key=int)]
 
     def _check_normalisation(self):
@@ -160,9 +192,15 @@ class NNUNetPlans:
         if name != RESAMPLING:
             raise NNUNetError("{}: resampling function {} ({}) cannot be reproduced; supported: {}".format(
                 self.folder / "plans.json", name, "resampling_fn_" + kind, RESAMPLING))
-        kwargs = dict(self.config.get("resampling_fn_{}_kwargs".format(kind), {}))
+        key = "resampling_fn_{}_kwargs".format(kind)
+        kwargs = dict(self.required(key))
+        unknown = sorted(set(kwargs) - RESAMPLING_KWARGS)
+        if unknown:
+            raise NNUNetError("{}: {} has setting(s) {} that are not reproduced".format(
+                self.where, key, ", ".join(unknown)))
+        # the defaults of nnU-Net's resample_data_or_seg_to_shape
         settings = {"order": int(kwargs.get("order", 3)), "order_z": int(kwargs.get("order_z", 0)),
-                    "force_separate_z": kwargs.get("force_separate_z"),
+                    "force_separate_z": kwargs.get("force_separate_z", False),
                     "threshold": float(kwargs.get("separate_z_anisotropy_threshold", ANISOTROPY_THRESHOLD))}
         if kwargs.get("is_seg"):
             raise NNUNetError("{}: resampling_fn_{} resamples as a segmentation (is_seg); cannot be reproduced"
@@ -178,7 +216,10 @@ class NNUNetPlans:
                               "supported yet".format(self.folder / "dataset.json"))
         by_value = {int(value[0] if isinstance(value, (list, tuple)) else value): name
                     for name, value in labels.items() if name != "ignore"}
-        return [by_value.get(value, "label {}".format(value)) for value in range(max(by_value) + 1)]
+        if sorted(by_value) != list(range(len(by_value))):
+            raise NNUNetError("{}: labels {} are not 0, 1, 2, ... without gaps, as nnU-Net requires".format(
+                self.folder / "dataset.json", sorted(by_value)))
+        return [by_value[value] for value in range(len(by_value))]
 
     @property
     def output_channels(self):
@@ -193,12 +234,14 @@ class NNUNetPlans:
         normalise = ", ".join("{} {}{}".format(name, scheme, " (non-zero mask)" if mask else "")
                               for name, scheme, mask in zip(self.channels, self.schemes, self.use_mask))
         data, back = self.data_resampling, self.output_resampling
+        coarse = ", order {} along a coarse axis".format(data["order_z"]) if data["force_separate_z"] is not False \
+            else ""
         return ["file's voxel order (k, j, i), as nnU-Net reads it with SimpleITK",
                 "transpose {}".format(self.transpose_forward),
                 "crop to the non-zero voxels (holes filled)",
                 "normalise: " + normalise,
-                "resample to {} mm (spline order {}, order {} along a coarse axis)".format(
-                    "x".join("{:g}".format(s) for s in self.spacing), data["order"], data["order_z"]),
+                "resample to {} mm in the transposed axis order (spline order {}{})".format(
+                    "x".join("{:g}".format(s) for s in self.spacing), data["order"], coarse),
                 "patch {} tile step {:g}, Gaussian importance; mirroring {}; folds {}".format(
                     "x".join(str(s) for s in self.patch_size), tile_step_size,
                     "along axes {}".format(list(mirror_axes)) if mirror_axes else "off", ", ".join(folds)),
@@ -207,18 +250,46 @@ class NNUNetPlans:
                 "transpose back {}".format(self.transpose_backward)]
 
 
+def architecture_from_old_plans(config, where):
+    """The ``architecture`` entry of plans written before nnU-Net 2.4 (TotalSegmentator's, for one), built as
+    nnU-Net's ``ConfigurationManager`` rebuilds it from ``UNet_class_name`` and the stage settings."""
+    name = config["UNet_class_name"]
+    blocks = {"PlainConvUNet": "n_conv_per_stage", "ResidualEncoderUNet": "n_blocks_per_stage"}
+    if name not in blocks:
+        raise NNUNetError("{}: old-format plans with UNet_class_name {}; only PlainConvUNet and ResidualEncoderUNet "
+                          "are rebuilt".format(where, name))
+    try:
+        stages = len(config["n_conv_per_stage_encoder"])
+        dims = len(config["patch_size"])
+        kwargs = {
+            "n_stages": stages,
+            "features_per_stage": [min(config["UNet_base_num_features"] * 2 ** i, config["unet_max_num_features"])
+                                   for i in range(stages)],
+            "conv_op": "torch.nn.modules.conv.Conv{}d".format(dims),
+            "kernel_sizes": config["conv_kernel_sizes"], "strides": config["pool_op_kernel_sizes"],
+            blocks[name]: config["n_conv_per_stage_encoder"],
+            "n_conv_per_stage_decoder": config["n_conv_per_stage_decoder"], "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm{}d".format(dims),
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    except KeyError as error:
+        raise NNUNetError("{}: old-format plans without {}".format(where, error))
+    return {"network_class_name": NETWORK_PACKAGE + "unet." + name, "arch_kwargs": kwargs,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
 # -------------------------------------------------------------------------------------------------- checkpoints
 def checkpoint_allow_list():
     """The plain-data globals nnU-Net's checkpoints pickle besides tensors: numpy scalars and dtypes."""
-    allowed = [np.dtype]
     try:
         from numpy._core.multiarray import scalar  # numpy 2
     except ImportError:
         from numpy.core.multiarray import scalar
-    allowed.append(scalar)
+    # a checkpoint names the scalar by the path of the numpy that wrote it: both, whichever numpy reads it
+    allowed = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+        allowed += [getattr(dtypes, name) for name in NUMERIC_DTYPES if hasattr(dtypes, name)]
     return allowed
 
 
@@ -257,6 +328,25 @@ def _torch_class(name, where):
     return found
 
 
+def _network_class(name, where):
+    """The class ``name`` names; where it moved inside the package (as nnU-Net also allows), found by its name."""
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        importlib.import_module(NETWORK_PACKAGE + "unet")
+    except ImportError as error:
+        raise NNUNetError("{}: cannot import dynamic-network-architectures ({}); install it with pip install "
+                          "--no-deps dynamic-network-architectures==0.4.4".format(where, error))
+    candidates = [module_name] + [NETWORK_PACKAGE + module for module in ("unet", "resnet", "vgg")]
+    for candidate in candidates:
+        try:
+            found = getattr(importlib.import_module(candidate), class_name, None)
+        except ImportError:
+            continue
+        if isinstance(found, type) and issubclass(found, torch.nn.Module):
+            return found
+    raise NNUNetError("{}: network class {} not found in dynamic-network-architectures".format(where, name))
+
+
 def build_nnunet_network(plans):
     """The network the plans declare, built as nnU-Net's ``get_network_from_plans`` builds it (no deep
     supervision); classes only from ``dynamic_network_architectures.architectures`` and ``torch.nn``."""
@@ -268,14 +358,7 @@ def build_nnunet_network(plans):
     if not name.startswith(NETWORK_PACKAGE):
         raise NNUNetError("{}: network class {} is not from {}; only those are built".format(
             where, name, NETWORK_PACKAGE.rstrip(".")))
-    module_name, _, class_name = name.rpartition(".")
-    try:
-        network_class = getattr(importlib.import_module(module_name), class_name)
-    except ImportError as error:
-        raise NNUNetError("{}: cannot import {} ({}); install it with pip install --no-deps "
-                          "dynamic-network-architectures==0.4.4".format(where, name, error))
-    except AttributeError:
-        raise NNUNetError("{}: {} not found in dynamic-network-architectures".format(where, name))
+    network_class = _network_class(name, where)
     kwargs = dict(architecture.get("arch_kwargs", {}))
     for key in architecture.get("_kw_requires_import", []):
         if kwargs.get(key) is not None:
@@ -284,7 +367,7 @@ def build_nnunet_network(plans):
     try:
         return network_class(input_channels=len(plans.channels), num_classes=plans.output_channels, **kwargs)
     except TypeError as error:
-        raise NNUNetError("{}: cannot build {}: {}".format(where, class_name, error))
+        raise NNUNetError("{}: cannot build {}: {}".format(where, network_class.__name__, error))
 
 
 class NNUNetEnsemble(torch.nn.Module):
@@ -372,6 +455,7 @@ class Resampling:
         self.identity = self.shape_in == self.shape_out
         self.axis = separate_axis(settings, spacing, target_spacing)
         order, order_z = settings["order"], settings["order_z"]
+        self.order, self.order_z = order, order_z
         self.matrices = []
         for axis, (size_in, size_out) in enumerate(zip(self.shape_in, self.shape_out)):
             if axis == self.axis:
@@ -398,6 +482,37 @@ class Resampling:
         return out
 
 
+    def reference(self, data, stored=np.float32):
+        """The same resampling of the (detached) values as nnU-Net computes it, with scipy on float64 arrays
+        (skimage's ``resize`` is scipy's ``zoom`` plus the clip) stored in the array type nnU-Net stores them in
+        (numpy's rounding, not torch's: torch rounds float64 to float16 through float32): bit for bit, where the
+        matrices differ from it in the last bits. Returned in ``data``'s type."""
+        from scipy import ndimage
+        array = data.detach().cpu().double().numpy()
+        out = np.empty(array.shape[:2] + tuple(self.shape_out), dtype=stored)
+        for index in np.ndindex(*array.shape[:2]):
+            out[index] = self._reference_one(array[index], ndimage)
+        return torch.from_numpy(out).to(device=data.device, dtype=data.dtype)
+
+    def _reference_one(self, image, ndimage):
+        def resize(plane, shape):
+            zoom = [1.0 / (size_in / size_out) for size_in, size_out in zip(plane.shape, shape)]
+            zoomed = ndimage.zoom(plane, zoom, order=self.order, mode="nearest", cval=0.0, grid_mode=True)
+            return np.clip(zoomed, plane.min(), plane.max())
+
+        if self.axis is None:
+            return resize(image, self.shape_out)
+        plane_shape = [n for a, n in enumerate(self.shape_out) if a != self.axis]
+        moved = np.moveaxis(image, self.axis, 0)
+        planes = np.moveaxis(np.stack([resize(plane, plane_shape) for plane in moved]), 0, self.axis)
+        if self.shape_in[self.axis] == self.shape_out[self.axis]:
+            return planes
+        scales = [float(size_in) / size_out for size_in, size_out in zip(planes.shape, self.shape_out)]
+        grid = np.mgrid[tuple(slice(0, n) for n in self.shape_out)].astype(np.float64)
+        coordinates = np.array([scale * (axis_grid + 0.5) - 0.5 for scale, axis_grid in zip(scales, grid)])
+        return ndimage.map_coordinates(planes, coordinates, order=self.order_z, mode="nearest")
+
+
 def apply_along(data, matrix, axis):
     """``matrix`` (out, in) applied along spatial ``axis`` of (B, C, X, Y, Z) data."""
     moved = data.movedim(axis + 2, -1)
@@ -405,14 +520,14 @@ def apply_along(data, matrix, axis):
 
 
 # ----------------------------------------------------------------------------------------------- normalisation
-def normalise(data, plans, mask):
+def normalise(data, plans, mask, rounding=True):
     """Each channel of (1, C, *spatial) by its scheme; ``mask`` (spatial, bool) is nnU-Net's ``seg >= 0``."""
     channels = []
     for channel, (scheme, use_mask) in enumerate(zip(plans.schemes, plans.use_mask)):
         image = data[:, channel]
         if scheme == "ZScoreNormalization":
             values = image[:, mask] if use_mask else image
-            mean, std = values.mean(), values.std(unbiased=False)
+            mean, std = numpy_statistics(values) if rounding else (values.mean(), values.std(unbiased=False))
             scaled = (image - mean) / torch.clamp(std, min=EPSILON)
             image = torch.where(mask, scaled, image) if use_mask else scaled
         elif scheme == "CTNormalization":
@@ -426,6 +541,17 @@ def normalise(data, plans, mask):
             image = image / 255.0
         channels.append(image)
     return torch.stack(channels, dim=1)
+
+
+def numpy_statistics(values):
+    """Mean and standard deviation with numpy's float32 values (nnU-Net computes them with numpy, whose summation
+    order differs from torch's), and torch's gradient."""
+    mean, std = values.mean(), values.std(unbiased=False)
+    if values.dtype != torch.float32:
+        return mean, std
+    array = values.detach().cpu().numpy()
+    return (torch.tensor(float(array.mean()), dtype=values.dtype, device=values.device) + (mean - mean.detach()),
+            torch.tensor(float(array.std()), dtype=values.dtype, device=values.device) + (std - std.detach()))
 
 
 def nonzero_box(data):
@@ -446,19 +572,26 @@ def nonzero_box(data):
 class NNUNetModel(SegmentationModel):
     """An nnU-Net v2 trained model: nnU-Net's preprocessing, tiling, mirroring, fold ensemble and way back.
 
-    ``half_precision_values``: the outputs carry the float16 rounding of nnU-Net's predictor (default); False
-    gives the float32 function whose gradient attacks use either way.
+    ``nnunet_rounding``: the forward values carry nnU-Net's own rounding (default): its float16 sums, its numpy
+    statistics and scipy resampling stored in float32 and float16, so the outputs equal nnU-Net's bit for bit up to
+    the softmax; False gives the smooth function (the same maths without that rounding) whose gradient attacks
+    use either way.
     """
 
     def __init__(self, network, description, plans, tile_step_size=0.5, source=""):
         super().__init__(network, description, source=source)
         self.plans = plans
         self.tile_step_size = float(tile_step_size)
-        self.half_precision_values = True
+        self.nnunet_rounding = True
         self.fold_names = []
+
+    fixed_activation = True  # softmax, as nnU-Net's predictor applies it
 
     def pipeline_steps(self):
         return self.plans.steps(self.network.mirror_axes, self.fold_names, self.tile_step_size)
+
+    def checked_outputs(self, network_outputs, plan):
+        return self.restore(network_outputs, plan)  # the logits become probabilities on the way back
 
     # -------------------------------------------------------------------------------------------- grid order
     def _file_order(self, volume):
@@ -486,11 +619,13 @@ class NNUNetModel(SegmentationModel):
 
     # ------------------------------------------------------------------------------------------------ tiles
     def _tile_precision(self, device):
-        """nnU-Net's predictor runs the network under float16 autocast on CUDA; ``amp`` asks for it elsewhere."""
-        if device.type == "cuda":
+        """nnU-Net's predictor runs its network under float16 autocast on CUDA: so do the forward values here when
+        no gradient is taken (gradients stay in float32: per-voxel loss gradients underflow in float16)."""
+        if device.type == "cuda" and not torch.is_grad_enabled():
             return torch.autocast(device_type="cuda", dtype=torch.float16)
         if self.amp:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            return torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda"
+                                  else torch.bfloat16)
         return contextlib.nullcontext()
 
     def run_network(self, inputs):
@@ -503,36 +638,40 @@ class NNUNetModel(SegmentationModel):
 
         nnU-Net sums the weighted tiles, the weights and the folds' logits in float16 (where only tiny Gaussian
         weights reach a voxel, near the corners, that moves logits by up to 0.5). The forward values repeat that
-        arithmetic tile by tile; the gradient is the one of the same sums in float32 (rounding has none).
+        arithmetic tile by tile (the weighting in float16 too where the network ran in float16, as on CUDA); the
+        gradient is the one of the same sums in float32 (rounding has none).
         """
         plan = window_plan(inputs.shape[2:], self.description.window, inputs.device, inputs.dtype)
         padded = plan.pad_input(inputs)
+        emulate = self.nnunet_rounding
         weights16 = plan.importance.half()
         exact, halves = None, None
         count16 = torch.zeros(plan.padded_size, dtype=torch.half, device=inputs.device)
         for window_slice in plan.slices:
             index = (slice(None), slice(None)) + window_slice
             with self._tile_precision(inputs.device):
-                per_fold = [outputs.to(inputs.dtype) for outputs in self.network.fold_outputs(padded[index])]
+                raw = self.network.fold_outputs(padded[index])
+            per_fold = [outputs.to(inputs.dtype) for outputs in raw]
             weighted = sum(per_fold) / len(per_fold) * plan.importance
             if exact is None:
                 shape = weighted.shape[:2] + tuple(plan.padded_size)
                 exact = weighted.new_zeros(shape)
-                halves = [torch.zeros(shape, dtype=torch.half, device=inputs.device) for _ in per_fold]
+                halves = [torch.zeros(shape, dtype=torch.half, device=inputs.device) for _ in raw] if emulate else []
             exact[index] += weighted
-            count16[window_slice] += weights16
-            for half, outputs in zip(halves, per_fold):
-                half[index] += outputs.detach() * weights16
-        exact = exact / plan.count
+            if emulate:
+                count16[window_slice] += weights16
+                for half, outputs in zip(halves, raw):
+                    half[index] += outputs.detach() * weights16  # float32 product on CPU, float16 under autocast
+        exact = (exact / plan.count)[plan.crop]
+        if not emulate:
+            return exact
         folds16 = None
         for half in halves:
             logits = torch.div(half, count16)
             folds16 = logits if folds16 is None else folds16 + logits
         if len(halves) > 1:
             folds16 = folds16 / len(halves)
-        before = [plan.padding[2 * (2 - axis)] for axis in range(3)]
-        crop = (slice(None), slice(None)) + tuple(slice(b, b + n) for b, n in zip(before, plan.image_size))
-        return straight_through(exact[crop], folds16[crop]) if self.half_precision_values else exact[crop]
+        return straight_through(exact, folds16[plan.crop])
 
     def prepare(self, volume):
         if volume.shape[0] != 1:
@@ -547,12 +686,16 @@ class NNUNetModel(SegmentationModel):
         spacing = list(self.plans.spacing) if spacing is None else [spacing[a] for a in forward]
         full_shape = list(data.shape[2:])
         box, mask = nonzero_box(data)
+        if not bool(mask.any()):
+            raise InputError("the volume is all zeros: nnU-Net crops to the non-zero voxels, and none are left")
         data = data[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in box)]
         cropped_shape = list(data.shape[2:])
-        data = normalise(data, self.plans, mask)
+        data = normalise(data, self.plans, mask, self.nnunet_rounding)
         target = new_shape(cropped_shape, spacing, self.plans.spacing)
         resample = Resampling(cropped_shape, target, self.plans.data_resampling, spacing, self.plans.spacing)
-        data = resample(data.double()).to(data.dtype)  # in float64, as nnU-Net resamples
+        if not resample.identity:  # in float64, as nnU-Net resamples (its own values forward)
+            resampled = resample(data.double()).to(data.dtype)
+            data = straight_through(resampled, resample.reference(data)) if self.nnunet_rounding else resampled
         back = Resampling(target, cropped_shape, self.plans.output_resampling, self.plans.spacing, spacing)
         plan = {"device": volume.device, "network_size": tuple(target), "box": box, "full_shape": full_shape,
                 "back": back}
@@ -562,8 +705,8 @@ class NNUNetModel(SegmentationModel):
         """Logits on the network grid → probabilities on the input's grid, as nnU-Net exports them."""
         back = plan["back"]
         resampled = back(outputs)
-        if not back.identity and self.half_precision_values:  # nnU-Net: float16 logits, float64 maths, float16 out
-            resampled = straight_through(resampled, back(outputs.detach().double()).half())
+        if not back.identity and self.nnunet_rounding:  # nnU-Net: float16 logits, float64 maths, float16 out
+            resampled = straight_through(resampled, back.reference(outputs, np.float16))
         probabilities = torch.softmax(resampled, dim=1)
         full = probabilities.new_zeros((1, probabilities.shape[1]) + tuple(plan["full_shape"]))
         full[:, 0] = 1.0
@@ -575,8 +718,8 @@ class NNUNetModel(SegmentationModel):
 
 
 def straight_through(exact, value):
-    """``value`` forward, the gradient of ``exact`` backward."""
-    return exact + (value.to(exact.dtype) - exact).detach()
+    """``value`` forward (exactly: x - x is 0), the gradient of ``exact`` backward."""
+    return value.to(exact.dtype) + (exact - exact.detach())
 
 
 def _paste(full, part, inside):
@@ -602,10 +745,13 @@ def load_nnunet(folder, folds=None, mirroring=True, trust_checkpoint=False, tile
             trained, CHECKPOINT, ", ".join(missing), ", ".join(available)))
     if not 0 < float(tile_step_size) <= 1:
         raise NNUNetError("tile step size must lie in (0, 1], got {}".format(tile_step_size))
+    # the configuration the folder name gives, checked before any checkpoint loads; the checkpoint's has the last word
+    plans = NNUNetPlans(trained) if len(trained.name.split("__")) == 3 else None
     checkpoints = [load_nnunet_checkpoint(trained / "fold_{}".format(f) / CHECKPOINT, trust_checkpoint)
                    for f in chosen]
     configuration = checkpoints[0].get("init_args", {}).get("configuration")
-    plans = NNUNetPlans(trained, configuration)
+    if plans is None or (configuration and configuration != plans.configuration_name):
+        plans = NNUNetPlans(trained, configuration)
     networks = []
     for fold, checkpoint in zip(chosen, checkpoints):
         network = build_nnunet_network(plans)
@@ -620,8 +766,8 @@ def load_nnunet(folder, folds=None, mirroring=True, trust_checkpoint=False, tile
     labels = [Label(value, name, PALETTE[value % len(PALETTE)]) for value, name in enumerate(plans.labels)]
     description = ModelDescription(
         name=trained.parent.name if trained.parent.name.startswith("Dataset") else trained.name,
-        labels=labels, output_activation="softmax",
-        in_channels=len(plans.channels),
+        labels=labels, output_activation="softmax", in_channels=len(plans.channels),
+        intensity={"type": "nnU-Net", "schemes": plans.schemes, "use_mask_for_norm": plans.use_mask},
         window={"roi_size": plans.patch_size, "style": "nnunet", "tile_step_size": float(tile_step_size)},
         notes="nnU-Net v2 {} ({} configuration)".format(trained.name, plans.configuration_name))
     model = NNUNetModel(ensemble, description, plans, tile_step_size,

@@ -15,6 +15,8 @@ memory at a time (``sw_batch_size`` windows per backward).
 A window with ``"style": "nnunet"`` places its tiles and weights as nnU-Net's predictor does
 (:class:`NNUNetTilePlan`); the forward pass then aggregates with that plan, and the gradient is the same.
 """
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -122,7 +124,7 @@ class NNUNetTilePlan:
         self.padded_size = tuple(max(i, r) for i, r in zip(self.image_size, self.roi_size))
         steps = tile_steps(self.padded_size, self.roi_size, float(settings["tile_step_size"]))
         self.slices = [tuple(slice(start, start + size) for start, size in zip(corner, self.roi_size))
-                       for corner in _corners(steps)]
+                       for corner in itertools.product(*steps)]
         self.importance = nnunet_gaussian(self.roi_size).to(device=device, dtype=dtype)
         self.count = torch.zeros(self.padded_size, dtype=dtype, device=device)
         for window_slice in self.slices:
@@ -131,11 +133,16 @@ class NNUNetTilePlan:
     def __len__(self):
         return len(self.slices)
 
+    @property
+    def crop(self):
+        """The index that cuts the padding off aggregated outputs."""
+        before = [self.padding[2 * (len(self.image_size) - 1 - axis)] for axis in range(len(self.image_size))]
+        return (slice(None), slice(None)) + tuple(slice(b, b + n) for b, n in zip(before, self.image_size))
+
     def pad_input(self, inputs):
         return F.pad(inputs, self.padding, mode="constant", value=0.0) if any(self.padding) else inputs
 
-    def pad_output_gradient(self, gradient):
-        return F.pad(gradient, self.padding) if any(self.padding) else gradient
+    pad_output_gradient = WindowPlan.pad_output_gradient
 
 
 def tile_steps(image_size, tile_size, tile_step_size):
@@ -146,13 +153,6 @@ def tile_steps(image_size, tile_size, tile_step_size):
         step = (size - tile) / (count - 1) if count > 1 else 0
         steps.append([int(np.round(step * i)) for i in range(count)])
     return steps
-
-
-def _corners(steps):
-    corners = [()]
-    for axis_steps in steps:
-        corners = [corner + (start,) for corner in corners for start in axis_steps]
-    return corners
 
 
 def nnunet_gaussian(tile_size, sigma_scale=1.0 / 8, value_scaling_factor=10.0):
@@ -178,9 +178,7 @@ def aggregate(predictor, inputs, plan):
         if total is None:
             total = weighted.new_zeros(weighted.shape[:2] + tuple(plan.padded_size))
         total[index] += weighted
-    before = [plan.padding[2 * (len(plan.image_size) - 1 - axis)] for axis in range(len(plan.image_size))]
-    crop = tuple(slice(start, start + size) for start, size in zip(before, plan.image_size))
-    return (total / plan.count)[(slice(None), slice(None)) + crop]
+    return (total / plan.count)[plan.crop]
 
 
 def window_vjp(predictor, inputs, output_gradient, window):
