@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax", "sigmoid", "tanh")
+INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax", "sigmoid", "tanh", "pet")
 # Outputs outside the cropped box: background. Logits: background 0, other channels this much lower.
 BACKGROUND_LOGIT_GAP = 100.0
 
@@ -28,7 +28,9 @@ def normalize_intensity(volume, spec):
     - ``{"type": "minmax", "min": 0, "max": 1}``: the volume's minimum and maximum mapped to ``min``, ``max``
       (MONAI's ``ScaleIntensity``);
     - ``{"type": "sigmoid"}``: the logistic function of each voxel; ``{"type": "tanh", "scale": 3}``:
-      ``scale * tanh(x / scale)`` (the squashing steps of MONAI Auto3DSeg's ``ct`` and ``meanstdtanh`` modes).
+      ``scale * tanh(x / scale)`` (the squashing steps of MONAI Auto3DSeg's ``ct`` and ``meanstdtanh`` modes);
+    - ``{"type": "pet"}``: ``sigmoid((x - min) / std)``, the minimum and the standard deviation (with Bessel's
+      correction, as torch's ``Tensor.std``) of the volume (MONAI Auto3DSeg's ``pet`` mode in MONAIAuto3DSeg).
     """
     if isinstance(spec, (list, tuple)):
         for step in spec:
@@ -58,6 +60,10 @@ def normalize_intensity(volume, spec):
     if kind == "tanh":
         scale = float(spec.get("scale", 1.0))
         return scale * torch.tanh(volume / scale)
+    if kind == "pet":
+        low = flat.amin(dim=2, keepdim=True)
+        spread = flat.std(dim=2, keepdim=True)
+        return torch.sigmoid((flat - low) / spread).view_as(volume)
     raise ValueError("unknown intensity preprocessing {!r}; expected one of {}".format(kind, INTENSITY_TYPES))
 
 
