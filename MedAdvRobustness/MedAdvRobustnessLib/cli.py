@@ -3,16 +3,95 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 import time
 
 from .errors import InputError
-from .networks.outputs import ACTIVATIONS
-from .probes.attacks import ATTACKS
-from .probes.corruptions import CORRUPTIONS, SEVERITIES
-from .probes.parameters import value_text
-from .probes.registry import describe_probes, make_probe, probe_class, probe_names, probe_parameters
+from .probes.parameters import Parameter, value_text
 
 DEMO_EPSILONS = (0.005, 0.01, 0.02, 0.04)
+DISTRIBUTION = "medadvrobustness"
+MISSING_DASK = '--scheduler needs Dask distributed: pip install "medadvrobustness[dask]"'
+
+# What the parser needs of the probe registry and of the networks, written out so that building it (`medadv
+# --help`, `medadv run --help`) imports neither torch nor MONAI, which the registry's modules import:
+# test_cli_polish.py checks these tables against registry_tables(); when a probe gains or changes a parameter,
+# update them from what registry_tables() returns.
+ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "cospgd", "dag", "fgsm", "pgd", "segpgd")  # probes.attacks.ATTACKS, sorted
+CORRUPTION_NAMES = ("affine", "anisotropic_downsampling", "bias_field", "contrast_compression", "contrast_expansion",
+                    "elastic_deformation", "ghosting", "motion", "rician_noise", "smoothing", "gibbs_ringing",
+                    "kspace_spikes")  # probes.corruptions.CORRUPTIONS, in its order
+SEVERITIES = (1, 2, 3, 4, 5)  # probes.corruptions.SEVERITIES
+ACTIVATIONS = ("logits", "softmax", "sigmoid")  # networks.outputs.ACTIVATIONS
+_ITERATIVE = ("pgd", "apgd-ce", "apgd-dlr", "cospgd", "segpgd")
+_APGD = ("apgd-ce", "apgd-dlr")
+
+
+def _each(names, value):
+    return dict.fromkeys(names, value)
+
+
+# Every parameter of any probe (the default attack's, pgd's, where it takes it), with each probe's default.
+PROBE_OPTIONS = (
+    (Parameter("norm", "linf", str, "threat model", ("linf", "l2")), _each(_ITERATIVE, "linf")),
+    (Parameter("steps", 10, int, "iterations (gradient evaluations) per restart"), dict(_each(_ITERATIVE, 10), dag=20)),
+    (Parameter("step_size", None, float, "step as a fraction of epsilon (default 2.5/steps)"),
+     dict(_each(_ITERATIVE, None), **_each(_APGD, 2.0))),
+    (Parameter("random_start", True, bool, "start at a random point of the epsilon ball (seeded)"),
+     _each(_ITERATIVE, True)),
+    (Parameter("restarts", 1, int, "random restarts; per volume the worst case is kept"), _each(_ITERATIVE, 1)),
+    (Parameter("restart_criterion", "dice", str, "worst case of the restarts: lowest mean Dice against the labels "
+               "(targeted: highest against the target) or highest loss", ("dice", "loss")),
+     _each(("pgd", "cospgd", "segpgd"), "dice")),
+    (Parameter("seed", 0, int, "seed of random starts and of the permute target"),
+     _each(ATTACK_NAMES + CORRUPTION_NAMES, 0)),
+    (Parameter("target_mode", None, str, "targeted attack: target map built from the labels",
+               ("permute", "swap", "turn", "grow", "vanish")), dict(_each(ATTACK_NAMES, None), dag="permute")),
+    (Parameter("source_label", None, int, "label A of swap/turn/grow/vanish"), _each(ATTACK_NAMES, None)),
+    (Parameter("target_label", None, int, "label B of swap/turn"), _each(ATTACK_NAMES, None)),
+    (Parameter("grow_voxels", 1, int, "grow: voxels label A spreads into its neighbours"), _each(ATTACK_NAMES, 1)),
+    (Parameter("region_loss", False, bool, "restrict the loss (not only the perturbation) to the region"),
+     _each(ATTACK_NAMES, False)),
+    (Parameter("target_weight", None, float, "targeted: share of the loss on the voxels whose target differs from "
+               "their label, the rest on keeping the others (Metzen et al. 2017); none: one mean over all voxels"),
+     _each(ATTACK_NAMES, None)),
+    (Parameter("momentum", 0.75, float, "weight alpha of the new step (1 - alpha: momentum)"), _each(_APGD, 0.75)),
+    (Parameter("rho", 0.75, float, "halve the step when fewer than rho of the steps since the last checkpoint "
+               "raised the loss"), _each(_APGD, 0.75)),
+    (Parameter("gamma", 0.5, float, "L-infinity size of each step as a fraction of epsilon"), {"dag": 0.5}),
+    (Parameter("scale_quantile", 1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] (1: the "
+               "paper's r/|r|inf)"), {"dag": 1.0}),
+)
+
+
+def registry_tables():
+    """The tables above as the probe registry and the networks give them (imports torch)."""
+    from .networks.outputs import ACTIVATIONS as activations
+    from .probes.attacks import ATTACKS
+    from .probes.corruptions import CORRUPTIONS, SEVERITIES as severities
+    from .probes.registry import probe_names, probe_parameters
+    takers = {}
+    for name in sorted(probe_names(), key=lambda name: name != "pgd"):
+        for parameter in probe_parameters(name):
+            takers.setdefault(parameter.name, (parameter, {}))[1][name] = parameter.default
+    return {"attacks": tuple(sorted(ATTACKS)), "corruptions": tuple(CORRUPTIONS), "severities": tuple(severities),
+            "activations": tuple(activations), "probe_options": tuple(takers.values())}
+
+
+def static_tables():
+    """The tables the parser is built from, in the form of :func:`registry_tables`."""
+    return {"attacks": ATTACK_NAMES, "corruptions": CORRUPTION_NAMES, "severities": SEVERITIES,
+            "activations": ACTIVATIONS, "probe_options": PROBE_OPTIONS}
+
+
+def package_version():
+    """The installed distribution's version, else the package's ``__version__``, else ``unknown``."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # not installed (e.g. the Slicer extension's copy of the package)
+        import MedAdvRobustnessLib
+        return str(getattr(MedAdvRobustnessLib, "__version__", "unknown"))
 
 
 class Terminated(Exception):
@@ -26,6 +105,7 @@ def _terminate(signum, frame):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv) if argv is None else [parser.prog] + [str(item) for item in argv]
     _quiet_vtk()
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -49,11 +129,64 @@ def _error(message, status, prefix="medadv: error: "):
     return status
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="medadv", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples: prose lines are joined and wrapped to the terminal, indented lines (the example
+    commands) and blank lines kept as written."""
 
-    run = commands.add_parser("run", help="attack a network on a volume and write the results folder")
+    def _fill_text(self, text, width, indent):
+        lines, prose = [], []
+
+        def flush():
+            if prose:
+                lines.extend(textwrap.wrap(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                del prose[:]
+
+        for line in text.strip("\n").splitlines():
+            if line.strip() and not line[0].isspace():
+                prose.append(line.strip())
+            else:
+                flush()
+                lines.append(indent + line if line.strip() else "")
+        flush()
+        return "\n".join(lines)
+
+
+def _examples(*commands):
+    return "examples:\n" + "\n".join("  " + command for command in commands)
+
+
+RESULTS_TEXT = """
+The results folder holds per strength (0: clean) the adversarial or corrupted volume and the prediction
+(NIfTI, on the input's grid), metrics.csv (Dice, HD95, ASD, SSIM, PSNR per strength and label), report.png,
+scene.mrb (open it in 3D Slicer, or with 'medadv view'), rood_summary.json for a corruption, and run.json: the
+command line, every setting with its default filled in, the seed, the SHA-256 of the input and model files and
+the versions. It appears only when everything succeeded.
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="medadv", formatter_class=HelpFormatter,
+        description=__doc__.replace("``", "") + "\n\n'medadv COMMAND --help' describes each command.",
+        epilog=_examples("medadv demo --out demo-results              # PGD on the embedded sample and network",
+                         "medadv view demo-results                    # look at it in the browser",
+                         "medadv run --volume t1.nii.gz --model my-net/ --reference labels.nii.gz "
+                         "--epsilon 0.01 0.02 --out results",
+                         "medadv attacks                              # every attack and corruption"))
+    parser.add_argument("--version", action="version", version="medadv " + package_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="attack a network on a volume and write the results folder", formatter_class=HelpFormatter,
+        description="Attack (or corrupt) a segmentation network on a volume at one or more strengths: --attack at "
+                    "--epsilon budgets (default pgd), or --corruption at --severity levels. 'medadv attacks' lists "
+                    "every probe with its parameters; each is an option below.\n" + RESULTS_TEXT,
+        epilog=_examples(
+            "medadv run --volume t1.nii.gz --model demo --reference labels.nii.gz --epsilon 0.01 0.02 --out pgd",
+            "medadv run --volume t1.nii.gz --model my-net/ --attack apgd-dlr --epsilon 0.01 --restarts 2 --out apgd",
+            "medadv run --volume t1.nii.gz --model bundle.zip --corruption bias_field --severity 1 3 5 --out bias",
+            "medadv run --volume ct.nii.gz --model Dataset101_X/nnUNetTrainer__nnUNetPlans__3d_fullres --folds 0 "
+            "--attack fgsm --epsilon 0.01 --device cuda --out nnunet"))
     run.add_argument("--volume", required=True, help="input volume (NIfTI, NRRD, ... any file Slicer reads)")
     run.add_argument("--model", required=True, help=MODEL_HELP)
     run.add_argument("--reference", help="reference label map on the volume's grid")
@@ -72,40 +205,112 @@ def build_parser():
     _add_model_arguments(run, trust=True)
     run.set_defaults(handler=_run)
 
-    demo = commands.add_parser("demo", help="the same on the embedded MNI152 sample with the demo network")
+    demo = commands.add_parser(
+        "demo", help="the same on the embedded MNI152 sample with the demo network", formatter_class=HelpFormatter,
+        description="'medadv run' on the embedded sample (the MNI152 T1 at 2 mm, with its CSF, grey and white matter "
+                    "labels as the reference) with the built-in demo network (a MONAI UNet trained on it by "
+                    "'medadv train'). Default: pgd, 10 steps, seed 0, at epsilons {}.\n".format(
+                        " ".join("{:g}".format(e) for e in DEMO_EPSILONS)) + RESULTS_TEXT,
+        epilog=_examples("medadv demo --out demo-results",
+                         "medadv demo --attack fgsm --epsilon 0.01 --out demo-fgsm",
+                         "medadv demo --attack fgsm --epsilon 0.02 --region-labels 1 --out csf-only",
+                         "medadv demo --corruption ghosting --severity 1 3 5 --out demo-ghosting"))
     _add_attack_arguments(demo, default_epsilons=DEMO_EPSILONS)
     demo.add_argument("--out", required=True, help="results folder (must not exist or be empty)")
     _add_model_arguments(demo, trust=False)
     demo.set_defaults(handler=_demo)
 
-    attacks = commands.add_parser("attacks", help="list every attack and corruption with its parameters and their "
-                                                  "defaults")
+    attacks = commands.add_parser(
+        "attacks", help="list every attack and corruption with its parameters and their defaults",
+        formatter_class=HelpFormatter,
+        description="Every attack and every corruption: what it does, its parameters and their defaults. Each "
+                    "parameter is an option of 'medadv run' and 'medadv demo' (--steps 20, --target-mode swap) or "
+                    "--param KEY=VALUE, and a 'params' entry of a bench study.",
+        epilog=_examples("medadv attacks", "medadv attacks | less"))
     attacks.set_defaults(handler=_list_attacks)
 
-    train = commands.add_parser("train", help="train the demo network on the embedded sample (reproducible)")
+    train = commands.add_parser(
+        "train", help="train the demo network on the embedded sample (reproducible)", formatter_class=HelpFormatter,
+        description="Train the demo network's recipe (strong augmentation of the one embedded subject) and write "
+                    "model.json, model.pt and training.json; the folder is a model for --model of 'medadv run' and "
+                    "a network of 'medadv bench'. Seeded (MONAI's set_determinism and the augmentation): the same "
+                    "seed trains the same network on the same machine.",
+        epilog=_examples("medadv train --out my-unet",
+                         "medadv train --out my-segresnet --architecture segresnet --iterations 1000 --seed 1",
+                         "medadv bench --networks demo my-segresnet --cases heldout:3 --attacks fgsm --epsilons 0.01 "
+                         "--out compare"))
     train.add_argument("--out", required=True, help="folder for model.json, model.pt and training.json")
-    train.add_argument("--iterations", type=int, default=3000)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--iterations", type=int, default=3000, help="training iterations (default 3000)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and augmentation (default 0)")
     train.add_argument("--architecture", default="unet", choices=("unet", "segresnet", "attentionunet", "slicewise2d"),
                        help="network family, same recipe (default unet: the demo network)")
     train.add_argument("--name", help="network name in model.json (default demo-ARCHITECTURE)")
     train.set_defaults(handler=_train)
 
     from .viewer.serve import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer/serve.py)
-    add_view_command(commands)
-    from .study.command import add_bench_command; add_bench_command(commands)  # `medadv bench STUDY.json`
+    view = add_view_command(commands)
+    view.formatter_class = HelpFormatter
+    view.epilog = _examples("medadv view demo-results                 # then open http://127.0.0.1:8080/",
+                            "medadv view results/scene.mrb --port 0   # any free port",
+                            "medadv view results --model my-net/      # probes run from the page use my-net")
+    _add_bench_command(commands)
     return parser
+
+
+def _add_bench_command(commands):
+    """``medadv bench STUDY.json``: the parser here (it imports no torch), the command in study/command.py."""
+    bench = commands.add_parser(
+        "bench", help="compare networks on cases under attacks and corruptions (resumable grid, local workers or a "
+                      "Dask cluster)", formatter_class=HelpFormatter,
+        description="Run every network on every case under every probe at every strength (one cell each) and put "
+                    "them side by side: results.csv, summary.csv (clean Dice, robustness score, ROOD-MRI "
+                    "degradation), figures/, report.html and study.json (the resolved study, the SHA-256 of the "
+                    "model and case files, the versions). Cells are stored in OUT/cells/ as they finish: the same "
+                    "command again computes only the missing ones. Give a study file (JSON or YAML: networks, "
+                    "cases, probes, seed) or the lists below.",
+        epilog=_examples("medadv bench studies/demo-networks.json --out bench-demo --workers 2",
+                         "medadv bench --networks demo-unet my-net/ --cases cases/ heldout:3 --attacks fgsm pgd "
+                         "--epsilons 0.005 0.01 --steps 5 --out mine",
+                         "medadv bench --networks demo-unet --cases sample --corruptions rician_noise "
+                         "--severities 1 3 5 --out noise",
+                         "medadv bench studies/demo-networks.json --out bench-demo --scheduler tcp://host:8786"))
+    bench.add_argument("study", nargs="?", help="study file (JSON or YAML) with networks, cases and probes")
+    bench.add_argument("--out", required=True, help="study folder (cells/ kept: run again to resume)")
+    bench.add_argument("--networks", nargs="+", default=[], help="built-in names or model folders")
+    bench.add_argument("--cases", nargs="+", default=[],
+                       help="volume files, folders of NIfTI/NRRD pairs (NAME + NAME_seg), 'sample', or heldout:N")
+    bench.add_argument("--attacks", nargs="+", default=[], help="attacks, each at every --epsilons")
+    bench.add_argument("--epsilons", nargs="+", type=float, default=[], metavar="E",
+                       help="budgets of the --attacks as fractions of the intensity range (0 < e < 1); needed with "
+                            "--attacks")
+    bench.add_argument("--corruptions", nargs="+", default=[], help="corruptions, each at every --severities")
+    bench.add_argument("--severities", nargs="+", type=int, default=[], metavar="S",
+                       help="severities 1 to 5 of the --corruptions; needed with --corruptions")
+    bench.add_argument("--steps", type=int, help="steps of the iterative attacks")
+    bench.add_argument("--seed", type=int, help="seed of the probes' random draws (default 0)")
+    bench.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    bench.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:8786) to run the cells on "
+                                           "(needs pip install \"medadvrobustness[dask]\")")
+    bench.add_argument("--write-cases", metavar="DIR", help="also write the held-out cases as NIfTI pairs to DIR")
+    bench.set_defaults(handler=_bench)
+
+
+def _bench(args):
+    if args.scheduler:
+        try:
+            import distributed  # noqa: F401  (only --scheduler needs it: the dask extra)
+        except ImportError:
+            raise InputError(MISSING_DASK)
+    from .study import command
+    return command._bench(args)
 
 
 def probe_options():
     """Every parameter of any probe of the registry, as ``(flag, parameter, {probe name: its default})``: each one
     given on the command line becomes a parameter of the probe (a probe that does not take it refuses it). The
     help is the default attack's (pgd) where it takes the parameter."""
-    takers = {}
-    for name in sorted(probe_names(), key=lambda name: name != "pgd"):
-        for parameter in probe_parameters(name):
-            takers.setdefault(parameter.name, (parameter, {}))[1][name] = parameter.default
-    return [("--" + key.replace("_", "-"), parameter, defaults) for key, (parameter, defaults) in takers.items()]
+    return [("--" + parameter.name.replace("_", "-"), parameter, dict(defaults))
+            for parameter, defaults in PROBE_OPTIONS]
 
 
 def _option_help(parameter, defaults):
@@ -113,7 +318,7 @@ def _option_help(parameter, defaults):
     texts = {name: value_text(value) for name, value in defaults.items()}
     common = max(sorted(set(texts.values())), key=list(texts.values()).count)
     others = ", ".join("{}: {}".format(name, text) for name, text in sorted(texts.items()) if text != common)
-    who = "every probe" if len(defaults) == len(probe_names()) else "/".join(sorted(defaults))
+    who = "every probe" if len(defaults) == len(ATTACK_NAMES) + len(CORRUPTION_NAMES) else "/".join(sorted(defaults))
     return "{} ({}; default {}{})".format(parameter.help, who, common, "; " + others if others else "")
 
 
@@ -138,13 +343,13 @@ def _add_model_arguments(parser, trust):
 
 
 def _add_attack_arguments(parser, default_epsilons):
-    parser.add_argument("--attack", choices=sorted(ATTACKS),
+    parser.add_argument("--attack", choices=ATTACK_NAMES,
                         help="the attack (default pgd); `medadv attacks` lists them with their parameters")
     parser.add_argument("--epsilon", type=float, nargs="+",
                         help="budgets as fractions of the intensity range (0 < e < 1){}".format(
                             "" if default_epsilons is None else
                             " (default {})".format(" ".join("{:g}".format(e) for e in default_epsilons))))
-    parser.add_argument("--corruption", choices=list(CORRUPTIONS),
+    parser.add_argument("--corruption", choices=CORRUPTION_NAMES,
                         help="a corruption instead of an attack (seeded by --seed)")
     parser.add_argument("--severity", type=int, nargs="+", choices=SEVERITIES,
                         help="corruption severities (default 1 2 3 4 5)")
@@ -169,6 +374,7 @@ def _add_attack_arguments(parser, default_epsilons):
 
 def probe_from_args(args):
     """The probe and its strengths: ``--corruption`` at ``--severity``, else ``--attack`` at ``--epsilon``."""
+    from .probes.registry import make_probe, probe_class
     params = _given_parameters(args)
     if args.corruption is None:
         if args.severity:
@@ -216,12 +422,14 @@ def _attack(volume, model, reference, args, output_activation):
                           device=args.device, amp=args.amp, region_path=args.region,
                           region_labels=args.region_labels, folds=getattr(args, "folds", None),
                           mirroring=getattr(args, "mirroring", True),
-                          skip_untwinned=getattr(args, "skip_untwinned", False))
+                          skip_untwinned=getattr(args, "skip_untwinned", False),
+                          command=getattr(args, "command_line", None))
     print(summary(result, time.time() - start))
     return 0
 
 
 def _list_attacks(args):
+    from .probes.registry import describe_probes
     print(describe_probes(), end="")
     return 0
 

@@ -1,11 +1,16 @@
 """The whole job: scene nodes in, result nodes out (Slicer module), or files in, results folder out (CLI)."""
+import hashlib
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from .errors import InputError
-from .networks.models import describe, load_model
+from .networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, MODELS_DIR, describe, load_model
 from .scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .report import write_report
-from .scene.results import StagedOutput, add_result_nodes, write_result_files
+from .scene.results import RUN_FILE, StagedOutput, add_result_nodes, write_result_files, write_run_file
 from .evaluation.sweep import run_sweep
 from .scene.slicer_scene import SlicerScene
 
@@ -26,9 +31,10 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
 
 def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
                  progress=None, trust_checkpoint=False, device="cpu", amp=False, region_path=None, region_labels=None,
-                 folds=None, mirroring=True, skip_untwinned=False):
+                 folds=None, mirroring=True, skip_untwinned=False, command=None):
     """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
-    if anything fails.
+    if anything fails. Its ``run.json`` records how (:func:`run_record`; ``command``: the command line, default
+    ``sys.argv``).
 
     ``region_path`` (a label map on the volume's grid, else the reference when only ``region_labels`` is given)
     restricts the probe (an attack, or an intensity corruption) to its voxels holding ``region_labels`` (default:
@@ -48,8 +54,11 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
             region = region_mask(region_map, region_labels)
         model = load_model(model_source, output_activation, trust_checkpoint=trust_checkpoint, device=device, amp=amp,
                            folds=folds, mirroring=mirroring, skip_untwinned=skip_untwinned)
+        files = {"volume": _file_entry(volume_path), "reference": _file_entry(reference_path),  # once read and valid
+                 "region": _file_entry(region_path), "model": model_files_entry(model_source)}
         with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
-            for line in describe(model, volume).lines():
+            model_report = describe(model, volume).lines()
+            for line in model_report:
                 if progress:
                     progress(0.0, line)
             result = run_sweep(model, volume, probe, strengths, reference, progress, region=region)
@@ -57,7 +66,83 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
         write_result_files(result, staging)
         write_report(result, staging / "report.png")
         slicer_scene.write_mrb(staging / "scene.mrb")
+        write_run_file(run_record(probe, strengths, files, model, model_source, model_report, command=command,
+                                  output_activation=output_activation, trust_checkpoint=trust_checkpoint,
+                                  mirroring=mirroring, skip_untwinned=skip_untwinned, region_labels=region_labels),
+                       staging / RUN_FILE)
     return result
+
+
+def run_record(probe, strengths, files, model, model_source, model_report, command=None, output_activation=None,
+               trust_checkpoint=False, mirroring=True, skip_untwinned=False, region_labels=None):
+    """What ``run.json`` holds: the command line, the probe with every parameter (defaults included), its strengths
+    and seed, the input files (``files``: volume, reference, region and model entries) with their SHA-256, the
+    model (source, settings as run, files and bench's hash of them, what :func:`describe` reported) and the
+    versions. The region is the region file's labels, else the reference's (``"map": "reference"``)."""
+    settings = probe.settings()
+    kind = "attack" if probe.strength_name == "epsilon" else "corruption"
+    region = None
+    if files["region"] or region_labels:
+        region = dict(files["region"] or {"map": "reference"}, labels=list(region_labels) if region_labels else None)
+    return {
+        "command": list(sys.argv if command is None else command),
+        "probe": {"name": probe.name, "kind": kind, "parameters": settings},
+        "strengths": {"name": probe.strength_name, "values": list(strengths)},
+        "seeds": {"probe": settings.get("seed")},
+        "volume": files["volume"],
+        "reference": files["reference"],
+        "region": region,
+        "model": dict({"source": str(model_source) if isinstance(model_source, (str, os.PathLike)) else "in memory",
+                       "name": model.description.name, "loaded_as": model.source,
+                       "output_activation": output_activation, "activation": model.activation,
+                       "device": str(model.device), "amp": bool(model.amp), "trust_checkpoint": bool(trust_checkpoint),
+                       "folds": getattr(model, "fold_names", None),  # the nnU-Net folds ensembled
+                       "mirroring": bool(mirroring), "skip_untwinned": bool(skip_untwinned)},
+                      **files["model"]),
+        "model_report": list(model_report),
+        "versions": versions(),
+    }
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(str(path), "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_entry(path):
+    if not path:
+        return None
+    path = Path(path).absolute()
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def model_files_entry(source):
+    """``files`` (every file that determines the network, as bench finds them: a folder's files, a model.json and
+    the weights it names, or the file) with their SHA-256, and ``hash``: bench's hash of them (study.json's)."""
+    from .study.cases import hash_files
+    from .study.definition import _model_files
+    if not isinstance(source, (str, os.PathLike)):
+        return {"files": [], "hash": None}  # a network in memory
+    path = MODELS_DIR / BUILTIN_MODELS[str(source)] / DESCRIPTION_FILE if str(source) in BUILTIN_MODELS else \
+        Path(source)
+    files = _model_files(path)
+    return {"files": [{"path": str(Path(file).absolute()), "sha256": file_sha256(file)} for file in files],
+            "hash": hash_files(files)}
+
+
+def versions():
+    """Versions of what computed the results: bench's (study.json's) and slicer-core."""
+    from importlib.metadata import PackageNotFoundError, version
+    from .study.outputs import versions as study_versions
+    try:
+        slicer_core = version("slicer-core")
+    except PackageNotFoundError:  # in 3D Slicer itself: no slicer-core wheel
+        slicer_core = "unknown"
+    return dict(study_versions(), **{"slicer-core": slicer_core})
 
 
 def region_mask(region_map, region_labels=None):

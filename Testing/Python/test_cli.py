@@ -38,9 +38,9 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_every_result_file(demo_run):
     out, completed = demo_run
     names = {path.name for path in out.iterdir()}
-    assert names == {"scene.mrb", "metrics.csv", "report.png", "adversarial_0.nii.gz", "adversarial_0.01.nii.gz",
-                     "adversarial_0.03.nii.gz", "prediction_0.nii.gz", "prediction_0.01.nii.gz",
-                     "prediction_0.03.nii.gz"}
+    assert names == {"scene.mrb", "metrics.csv", "report.png", "run.json", "adversarial_0.nii.gz",
+                     "adversarial_0.01.nii.gz", "adversarial_0.03.nii.gz", "prediction_0.nii.gz",
+                     "prediction_0.01.nii.gz", "prediction_0.03.nii.gz"}
     assert "clean Dice against the reference" in completed.stdout
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -12,6 +12,7 @@ from ..errors import InputError
 from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
     add_volume_node
 MEAN_COLOR = (0.1, 0.1, 0.1)
+RUN_FILE = "run.json"  # how the results were made: see pipeline.run_record
 STRENGTH_WORDS = {"epsilon": ("eps", "adversarial"), "severity": ("severity", "corrupted")}
 
 
@@ -109,6 +110,11 @@ def write_result_files(result, out_dir):
     summary = result.rood_summary()
     if summary is not None:
         (out_dir / "rood_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_run_file(record, path):
+    """``run.json``: the record of how the results were made (JSON, no NaN)."""
+    Path(path).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def check_output_dir(out_dir):

@@ -1,4 +1,4 @@
-"""``medadv bench STUDY.json``: the command line of a study."""
+"""``medadv bench STUDY.json``: the command line of a study (its parser is in cli.py, which imports no torch)."""
 from pathlib import Path
 
 from ..errors import InputError
@@ -6,27 +6,6 @@ from .cases import HELDOUT_PREFIX, write_heldout_cases
 from .definition import load_study, resolve_study, study_from_lists
 from .execution import run_study
 from .scores import summary_rows, table_rows
-
-
-def add_bench_command(commands):
-    """``medadv bench``: registered by cli.py."""
-    bench = commands.add_parser("bench", help="compare networks on cases under attacks and corruptions "
-                                              "(resumable grid, local workers or a Dask cluster)")
-    bench.add_argument("study", nargs="?", help="study file (JSON or YAML) with networks, cases and probes")
-    bench.add_argument("--out", required=True, help="study folder (cells/ kept: run again to resume)")
-    bench.add_argument("--networks", nargs="+", default=[], help="built-in names or model folders")
-    bench.add_argument("--cases", nargs="+", default=[],
-                       help="volume files, folders of NIfTI/NRRD pairs (NAME + NAME_seg), 'sample', or heldout:N")
-    bench.add_argument("--attacks", nargs="+", default=[], help="attacks, each at every --epsilons")
-    bench.add_argument("--epsilons", nargs="+", type=float, default=[])
-    bench.add_argument("--corruptions", nargs="+", default=[], help="corruptions, each at every --severities")
-    bench.add_argument("--severities", nargs="+", type=int, default=[])
-    bench.add_argument("--steps", type=int, help="steps of the iterative attacks")
-    bench.add_argument("--seed", type=int, help="seed of the probes' random draws (default 0)")
-    bench.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
-    bench.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:8786) to run the cells on")
-    bench.add_argument("--write-cases", metavar="DIR", help="also write the held-out cases as NIfTI pairs to DIR")
-    bench.set_defaults(handler=_bench)
 
 
 def _bench(args):

@@ -78,7 +78,10 @@ def _run_pool(tasks, workers, finished):
 
 def _run_dask(tasks, scheduler, finished):
     """The cells as Dask futures on the cluster at ``scheduler``; stored here as they finish."""
-    from distributed import Client, as_completed
+    try:
+        from distributed import Client, as_completed
+    except ImportError:  # an optional dependency: the dask extra
+        raise InputError('--scheduler needs Dask distributed: pip install "medadvrobustness[dask]"')
     client = scheduler if isinstance(scheduler, Client) else Client(str(scheduler))
     try:
         futures = client.map(compute_cell, tasks, key=["medadv-cell-" + task["key"] for task in tasks], pure=False)
