@@ -216,20 +216,12 @@ class Auto3DSegModel(SegmentationModel):
         """Network-convention (B, C, x, y, z) → the file's own voxel order (B, C, i, j, k); the network axes are
         taken as the file's where only a grid matrix (or nothing) is known."""
         orientation = self.input_orientation
-        if orientation is None:
-            return tensor
-        flipped = [axis + 2 for axis, flip in enumerate(orientation.flips) if flip]
-        unflipped = torch.flip(tensor, flipped) if flipped else tensor
-        return unflipped.permute(0, 1, *[int(axis) + 2 for axis in np.argsort(orientation.ijk_axes)])
+        return tensor if orientation is None else orientation.tensor_to_ijk(tensor)
 
     def _network_order(self, tensor):
         """The inverse of :meth:`_file_order`."""
         orientation = self.input_orientation
-        if orientation is None:
-            return tensor
-        oriented = tensor.permute(0, 1, *[int(axis) + 2 for axis in orientation.ijk_axes])
-        flipped = [axis + 2 for axis, flip in enumerate(orientation.flips) if flip]
-        return torch.flip(oriented, flipped) if flipped else oriented
+        return tensor if orientation is None else orientation.tensor_from_ijk(tensor)
 
     def crop_box(self, source):
         """The script's crop box, per axis (start, stop) on the RAS-oriented volume: computed on ``source`` (its

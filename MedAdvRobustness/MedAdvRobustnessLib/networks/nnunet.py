@@ -601,21 +601,14 @@ class NNUNetModel(SegmentationModel):
         if orientation is None:  # only a grid matrix known, if any: its axes are taken as the file's
             spacing = grid_spacing(self.input_affine)
             return volume.permute(0, 1, 4, 3, 2), None if spacing is None else list(spacing)[::-1]
-        flipped = [axis + 2 for axis, flip in enumerate(orientation.flips) if flip]
-        unflipped = torch.flip(volume, flipped) if flipped else volume
-        ijk = unflipped.permute(0, 1, *[int(a) + 2 for a in np.argsort(orientation.ijk_axes)])
         spacing_ijk = np.linalg.norm(np.asarray(self.input_ijk_to_ras)[:3, :3], axis=0)
-        return ijk.permute(0, 1, 4, 3, 2), [float(s) for s in spacing_ijk[::-1]]
+        return orientation.tensor_to_ijk(volume).permute(0, 1, 4, 3, 2), [float(s) for s in spacing_ijk[::-1]]
 
     def _network_order(self, outputs):
         """The inverse of :meth:`_file_order` for outputs."""
         ijk = outputs.permute(0, 1, 4, 3, 2)
         orientation = self.input_orientation
-        if orientation is None:
-            return ijk
-        oriented = ijk.permute(0, 1, *[int(a) + 2 for a in orientation.ijk_axes])
-        flipped = [axis + 2 for axis, flip in enumerate(orientation.flips) if flip]
-        return torch.flip(oriented, flipped) if flipped else oriented
+        return ijk if orientation is None else orientation.tensor_from_ijk(ijk)
 
     # ------------------------------------------------------------------------------------------------ tiles
     def _tile_precision(self, device):

@@ -42,6 +42,19 @@ class GridOrientation:
         array_ijk = np.transpose(unflipped, np.argsort(self.ijk_axes))
         return np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0)))
 
+    def tensor_to_ijk(self, tensor):
+        """Network-convention (B, C, x, y, z) tensor → the volume's own voxel order (B, C, i, j, k)
+        (differentiable: flips and a permutation)."""
+        flipped = [axis + 2 for axis in self._flipped_axes()]
+        unflipped = torch.flip(tensor, flipped) if flipped else tensor
+        return unflipped.permute(0, 1, *[int(axis) + 2 for axis in np.argsort(self.ijk_axes)])
+
+    def tensor_from_ijk(self, tensor):
+        """The inverse of :meth:`tensor_to_ijk`."""
+        oriented = tensor.permute(0, 1, *[int(axis) + 2 for axis in self.ijk_axes])
+        flipped = [axis + 2 for axis in self._flipped_axes()]
+        return torch.flip(oriented, flipped) if flipped else oriented
+
     def network_affine(self, ijk_to_ras):
         """Voxel-to-RAS matrix of the oriented (x, y, z) grid."""
         shape_ijk = self.shape_kji[::-1]
