@@ -65,6 +65,28 @@ CASES = {  # dictionary transform and its settings; the array transform is the s
     "resize nearest": ("Resized", {"spatial_size": [9, 13, 5], "mode": "nearest"}),
     "resize nearest-exact": ("Resized", {"spatial_size": [9, 13, 5], "mode": "nearest-exact"}),
     "resize longest": ("Resized", {"spatial_size": 20, "size_mode": "longest", "mode": "trilinear"}),
+    # Spacing: 1.5 x 0.8 x 2.2 mm voxels to these; 0.75 x 0.4 x 1.1 puts every other output voxel half-way
+    "spacing bilinear": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7]}),
+    "spacing nearest": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7], "mode": "nearest"}),
+    "spacing nearest, ties": ("Spacingd", {"pixdim": [0.75, 0.4, 1.1], "mode": "nearest"}),
+    "spacing nearest float32, ties": ("Spacingd", {"pixdim": [0.75, 0.4, 1.1], "mode": "nearest",
+                                                   "dtype": "float32"}),
+    "spacing zeros": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7], "padding_mode": "zeros"}),
+    "spacing zeros nearest": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7], "padding_mode": "zeros", "mode": "nearest"}),
+    # 7 x 4.7 x 5.2 mm: the last output voxel lies 2, 2.75 and 1.1 input voxels past the grid's last
+    "spacing reflection": ("Spacingd", {"pixdim": [7.0, 4.7, 5.2], "padding_mode": "reflection"}),
+    "spacing reflection align_corners": ("Spacingd", {"pixdim": [7.0, 4.7, 5.2], "padding_mode": "reflection",
+                                                      "align_corners": True}),
+    "spacing zeros far outside": ("Spacingd", {"pixdim": [7.0, 4.7, 5.2], "padding_mode": "zeros"}),
+    "spacing reflection nearest": ("Spacingd", {"pixdim": [7.0, 4.7, 5.2], "padding_mode": "reflection",
+                                                "mode": "nearest"}),
+    "spacing align_corners": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7], "align_corners": True}),
+    "spacing scale_extent": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7], "scale_extent": True,
+                                          "align_corners": True}),
+    "spacing scale_extent zeros": ("Spacingd", {"pixdim": [2.0, 0.5, 1.7], "scale_extent": True,
+                                                "padding_mode": "zeros"}),
+    "spacing scale_extent nearest": ("Spacingd", {"pixdim": [0.75, 0.4, 1.1], "scale_extent": True,
+                                                  "mode": "nearest", "align_corners": True}),
 }
 
 
@@ -78,10 +100,13 @@ def test_twin_equals_monai_s_transform_and_its_inverse(case):
     expected = transform(image)
     step = twin_step(target, **settings)
     # sigmoid outputs: the crop's outputs are padded back with zeros, as Invertd pads (see the bundle test)
-    inputs, affine, back, _ = apply_step(step, array[None], oblique_affine(), "sigmoid")
+    # Spacing resamples in float64 (its dtype) and stores float32: the twin in float64 is within half a float32 step
+    double = target == "Spacingd" and settings.get("dtype", "float64") == "float64"
+    inputs, affine, back, _ = apply_step(step, (array.double() if double else array)[None], oblique_affine(),
+                                         "sigmoid")
     assert tuple(inputs.shape[1:]) == tuple(expected.shape)
     affine_difference = float(np.abs(np.asarray(affine) - expected.affine.numpy()).max())
-    value_difference = float((inputs[0] - expected.as_tensor()).abs().max())
+    value_difference = float((inputs[0] - expected.as_tensor().to(inputs.dtype)).abs().max())
     # the way back of three-channel outputs on the transform's grid, against MONAI's inverse with its record
     outputs = torch.rand((3,) + tuple(expected.shape[1:]), generator=generator)
     recorded = MetaTensor(outputs.clone(), meta=deepcopy(expected.meta),
@@ -98,7 +123,8 @@ def test_twin_equals_monai_s_transform_and_its_inverse(case):
 
 def test_the_twins_are_differentiable():
     volume = torch.rand((1, 1) + SHAPE, dtype=torch.float64, requires_grad=True)
-    for case in ("pad end, value", "centre crop", "resize trilinear", "resize area"):
+    for case in ("pad end, value", "centre crop", "resize trilinear", "resize area", "spacing zeros",
+                 "spacing reflection", "spacing zeros nearest", "spacing scale_extent"):
         step = twin_step(*CASES[case][:1], **CASES[case][1])
         inputs, _, back, _ = apply_step(step, volume, oblique_affine(), "softmax")
         outputs = inputs if back is None else back(torch.cat([inputs, inputs], dim=1))
@@ -119,6 +145,14 @@ def test_the_twins_are_differentiable():
     ("SpatialPadd", {"spatial_size": [16, 16, 16], "constant_values": 3}, r"SpatialPad\(constant_values=3\)"),
     ("SpatialPadd", {"spatial_size": [16, 16, 16], "lazy": True}, r"SpatialPad\(lazy=True\)"),
     ("CenterSpatialCropd", {"roi_size": [8.5, 8, 8]}, r"CenterSpatialCrop\(roi_size=\[8.5, 8, 8\]\)"),
+    ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "mode": 3}, r"Spacing\(mode=3\)"),
+    ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "padding_mode": "reflect"}, r"Spacing\(padding_mode=reflect\)"),
+    ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "diagonal": True}, r"Spacing\(diagonal=True\)"),
+    ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "recompute_affine": True}, r"Spacing\(recompute_affine=True\)"),
+    ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "dtype": "float16"}, r"Spacing\(dtype=float16\)"),
+    ("CropForegroundd", {"k_divisible": [4, 0, 4]}, r"CropForeground\(k_divisible=\[4, 0, 4\]\)"),
+    ("CropForegroundd", {"select_fn": "$lambda x: x > 10"}, r"CropForeground\(select_fn=\$lambda x: x > 10\)"),
+    ("NormalizeIntensityd", {"dtype": "float16"}, r"NormalizeIntensity\(dtype=float16\)"),
 ])
 def test_settings_without_an_exact_twin_are_refused_by_name(target, settings, refused):
     with pytest.raises(InputError, match="bundle test: " + refused + ".* is not reproduced"):
@@ -133,6 +167,9 @@ def test_settings_without_an_exact_twin_are_refused_by_name(target, settings, re
     ({"preprocessing": [{"resize": [8, 8, 8], "size_mode": "longest"}]}, "resize must be one positive"),
     ({"preprocessing": [{"resize": [8, 8, 8], "mode": "area", "align_corners": True}]},
      "resize align_corners is for mode trilinear only"),
+    ({"preprocessing": [{"spacing": [2.0, 2.0, 2.0], "padding_mode": "reflect"}]},
+     "spacing padding_mode must be one of border, zeros, reflection"),
+    ({"preprocessing": [{"spacing": [2.0, 2.0, 2.0], "back": "nearest"}]}, "spacing back must be linear or same"),
 ])
 def test_model_descriptions_with_new_steps_that_cannot_run_are_refused(fields, message):
     with pytest.raises(InputError, match="model.json: " + message):
@@ -262,3 +299,46 @@ def test_skip_untwinned_loads_a_bundle_without_the_transforms_that_have_no_twin(
     config_path.write_text(json.dumps(config))
     with pytest.raises(InputError, match=r"Compose\(lazy=True\) merges the spatial transforms"):
         load_bundle(root, skip_untwinned=True)
+
+
+# ------------------------------------------------------------------------- CropForeground, NormalizeIntensity
+@pytest.mark.parametrize("settings", [
+    {"k_divisible": 4},  # grown past the grid's edge along x and z
+    {"k_divisible": [3, 8, 1], "margin": 1},
+    {"k_divisible": [5, 2, 6], "margin": [2, 0, 1], "allow_smaller": True},
+    {"k_divisible": 16},  # larger than the grid on every axis
+])
+def test_crop_foreground_k_divisible_equals_monai_s_and_its_inverse(settings):
+    generator = torch.Generator().manual_seed(1)
+    array = torch.zeros((1,) + SHAPE)
+    array[0, 1:11, 3:8, 0:6] = torch.rand((10, 5, 6), generator=generator) * 100.0 + 1.0
+    image = MetaTensor(array.clone(), affine=torch.as_tensor(oblique_affine()))
+    transform = monai.transforms.CropForeground(**settings)
+    expected = transform(image)
+    step = twin_step("CropForegroundd", **settings)
+    inputs, affine, back, _ = apply_step(step, array[None], oblique_affine(), "sigmoid")
+    assert tuple(inputs.shape[1:]) == tuple(expected.shape)
+    assert float(np.abs(np.asarray(affine) - expected.affine.numpy()).max()) < 1e-12
+    assert float((inputs[0] - expected.as_tensor()).abs().max()) == 0.0
+    outputs = torch.rand((3,) + tuple(expected.shape[1:]), generator=generator)
+    monai_back = transform.inverse(MetaTensor(outputs.clone(), meta=deepcopy(expected.meta),
+                                              applied_operations=deepcopy(expected.applied_operations)))
+    assert float((back(outputs[None])[0] - monai_back.as_tensor()).abs().max()) == 0.0
+    print(settings, SHAPE, "->", tuple(expected.shape[1:]), step_text(step))
+
+
+@pytest.mark.parametrize("channel_wise", [False, True])
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_normalize_intensity_channel_wise_on_two_channels_equals_monai_s(channel_wise, nonzero):
+    generator = torch.Generator().manual_seed(2)
+    array = torch.rand((2,) + SHAPE, generator=generator, dtype=torch.float64) * 100.0
+    array[1] = array[1] * 3.0 + 250.0  # another scale and offset in the second channel
+    array[:, :4] = 0.0
+    settings = {"channel_wise": channel_wise, "nonzero": nonzero}
+    expected = monai.transforms.NormalizeIntensity(**settings)(
+        MetaTensor(array.clone(), affine=torch.as_tensor(oblique_affine())))
+    step = twin_step("NormalizeIntensityd", **settings)
+    inputs, _, back, _ = apply_step(step, array[None], oblique_affine(), "sigmoid")
+    difference = float((inputs[0] - expected.as_tensor().double()).abs().max())
+    print(settings, "difference {:.1e}".format(difference))
+    assert back is None and difference < 1e-5

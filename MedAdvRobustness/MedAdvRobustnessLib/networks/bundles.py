@@ -138,6 +138,10 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
         notes.append("preprocessing transform{} {} skipped (no differentiable twin; skip_untwinned): the attacked "
                      "pipeline differs from the bundle's".format("s" if len(skipped) > 1 else "",
                                                                  ", ".join(skipped)))
+    if description.in_channels == 1:  # one channel (the volume is checked against it): per channel is the same
+        for step in steps:
+            if "intensity" in step and step["intensity"].get("channel_wise") is False:
+                del step["intensity"]["channel_wise"]
     description.preprocessing = steps
     intensity = [step["intensity"] for step in steps if "intensity" in step]
     description.intensity = intensity[0] if len(intensity) == 1 else (intensity or {"type": "none"})
@@ -296,18 +300,35 @@ def _twin(name, args, where):
             refuse("axcodes={}".format(args.get("axcodes")))
         return []  # the network convention is RAS (MONAI's Orientation("RAS"), tested in test_network_convention)
     if name == "Spacing":
-        for setting, default in (("padding_mode", "border"), ("align_corners", False), ("diagonal", False),
-                                 ("scale_extent", False)):
-            if str(args.get(setting, default)).lower() != str(default).lower():
-                refuse("{}={}".format(setting, args.get(setting)))
+        if str(args.get("diagonal", False)).lower() != "false":
+            refuse("diagonal={}".format(args.get("diagonal")))
+        if str(args.get("recompute_affine", False)).lower() != "false":
+            refuse("recompute_affine={}".format(args.get("recompute_affine")))
         pixdim = args["pixdim"]
-        pixdim = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * 3)]
+        pixdim = [float(v) for v in (pixdim if isinstance(pixdim, (list, tuple)) else [pixdim])]
+        pixdim += pixdim[-1:] * (3 - len(pixdim))  # as MONAI: a short pixdim goes on with its last value
         if min(pixdim[:3]) <= 0:
             refuse("pixdim={}".format(args["pixdim"]))
         mode = str(first(args.get("mode", "bilinear"))).lower()
-        if mode != "bilinear":  # nearest: MONAI rounds grid positions its own way, and inverts by nearest too
+        if mode not in ("bilinear", "nearest"):  # an integer: scipy's spline interpolation
             refuse("mode={}".format(mode))
-        step = {"spacing": pixdim[:3], "mode": mode}
+        padding = str(first(args.get("padding_mode", "border"))).lower()
+        if padding not in ("border", "zeros", "reflection"):
+            refuse("padding_mode={}".format(padding))
+        flags = {}
+        for setting in ("align_corners", "scale_extent"):
+            value = first(args.get(setting, False))
+            if str(value).lower() not in ("true", "false"):
+                refuse("{}={}".format(setting, value))
+            flags[setting] = str(value).lower() == "true"
+        dtype = _dtype_name(first(args.get("dtype", "float64")))
+        if dtype not in ("float32", "float64", None):
+            refuse("dtype={}".format(dtype))
+        # Invertd(nearest_interp=False) inverts with the recorded mode, padding_mode and align_corners
+        step = {"spacing": pixdim[:3], "mode": mode, "padding_mode": padding, "back": "same"}
+        step.update(flags)
+        if mode == "nearest":  # which voxel a tie picks depends on the dtype MONAI computes the grid in
+            step["dtype"] = dtype or "float32"  # None: the input's, float32 after loading
         for bound in ("min_pixdim", "max_pixdim"):
             if args.get(bound) is not None:
                 value = args[bound]
@@ -324,8 +345,12 @@ def _twin(name, args, where):
                                "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
                                "clip": bool(args.get("clip", False))}}]
     if name == "NormalizeIntensity":
+        dtype = _dtype_name(args.get("dtype", "float32"))
+        if dtype not in ("float32", "float64", None):  # the twin computes in the input's dtype
+            refuse("dtype={}".format(dtype))
         return [{"intensity": {"type": "zscore", "nonzero": bool(args.get("nonzero", False)),
-                               "mean": _number(args.get("subtrahend")), "std": _number(args.get("divisor"))}}]
+                               "mean": _number(args.get("subtrahend")), "std": _number(args.get("divisor")),
+                               "channel_wise": str(args.get("channel_wise", False)).lower() == "true"}}]
     if name == "ScaleIntensity":
         if args.get("factor") is not None:
             refuse("factor={}".format(args.get("factor")))
@@ -338,10 +363,15 @@ def _twin(name, args, where):
         for setting in ("source_key", "channel_indices"):
             if args.get(setting) not in (None, args.get("keys"), [args.get("keys")], "image"):
                 refuse("{}={}".format(setting, args.get(setting)))
-        if args.get("k_divisible", 1) not in (1, [1, 1, 1], (1, 1, 1)):
-            refuse("k_divisible={}".format(args.get("k_divisible")))
-        return [{"crop": {"threshold": 0.0, "margin": args.get("margin", 0),
-                          "allow_smaller": bool(args.get("allow_smaller", False))}}]
+        k = args.get("k_divisible", 1)
+        ks = list(k) if isinstance(k, (list, tuple)) else [k] * 3  # one number: every axis
+        if len(ks) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ks):
+            refuse("k_divisible={}".format(k))
+        crop = {"threshold": 0.0, "margin": args.get("margin", 0),
+                "allow_smaller": bool(args.get("allow_smaller", False))}
+        if ks != [1, 1, 1]:
+            crop["k_divisible"] = ks
+        return [{"crop": crop}]
     if name == "DivisiblePad":
         if str(args.get("method", "symmetric")).lower() != "symmetric":
             refuse("method={}".format(args.get("method")))

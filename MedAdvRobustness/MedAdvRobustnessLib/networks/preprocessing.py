@@ -22,7 +22,8 @@ def normalize_intensity(volume, spec):
       percentiles of the volume to ``b_min`` and ``b_max`` (MONAI's ``ScaleIntensityRangePercentiles``);
     - ``{"type": "zscore", "nonzero": false, "mean": null, "std": null}`` subtracts the mean and divides by the
       standard deviation (population, as MONAI's ``NormalizeIntensity``; over non-zero voxels only, which alone
-      are changed, with ``nonzero``; fixed values where ``mean``/``std`` are given);
+      are changed, with ``nonzero``; fixed values where ``mean``/``std`` are given; per channel, or with
+      ``"channel_wise": false`` over all channels together, as MONAI's default);
     - ``{"type": "range", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1, "clip": true}``: a fixed intensity
       window mapped to [b_min, b_max], clipped (MONAI's ``ScaleIntensityRange``);
     - ``{"type": "minmax", "min": 0, "max": 1}``: the volume's minimum and maximum mapped to ``min``, ``max``
@@ -54,6 +55,8 @@ def normalize_intensity(volume, spec):
         high = flat.amax(dim=2, keepdim=True)
         return _scale(flat, low, high, spec.get("min", 0.0), spec.get("max", 1.0), False).view_as(volume)
     if kind == "zscore":
+        if not spec.get("channel_wise", True):  # one set of statistics for all channels of an image
+            return _zscore(volume.flatten(start_dim=1)[:, None], spec).view_as(volume)
         return _zscore(flat, spec).view_as(volume)
     if kind == "sigmoid":
         return torch.sigmoid(volume)
@@ -129,14 +132,17 @@ def _zscore(flat, spec):
 
 def foreground_box(volume, spec):
     """Bounding box (list of (start, stop) per spatial axis) of voxels above ``spec["threshold"]`` (default 0)
-    in any channel and image, grown by ``spec["margin"]`` voxels; None where there is no foreground or it fills
-    the volume (MONAI's ``CropForeground`` with its default ``select_fn`` x > 0 on the normalised image)."""
+    in any channel and image, grown by ``spec["margin"]`` voxels, then to a multiple of ``spec["k_divisible"]``
+    (default 1) about its centre; None where there is no foreground or it fills the volume (MONAI's
+    ``CropForeground`` with its default ``select_fn`` x > 0 on the normalised image)."""
     with torch.no_grad():
         mask = (volume.detach() > float(spec.get("threshold", 0.0))).flatten(0, 1).any(dim=0)
         if not bool(mask.any()):
             return None
         margin = spec.get("margin", 0)
         margins = [int(margin)] * mask.dim() if isinstance(margin, (int, float)) else [int(m) for m in margin]
+        k = spec.get("k_divisible", 1)
+        divisors = [int(k)] * mask.dim() if isinstance(k, (int, float)) else [int(v) for v in k]
         box = []
         for axis in range(mask.dim()):
             other = tuple(a for a in range(mask.dim()) if a != axis)
@@ -144,6 +150,11 @@ def foreground_box(volume, spec):
             start, stop = int(present[0]) - margins[axis], int(present[-1]) + 1 + margins[axis]
             if spec.get("allow_smaller", True):  # else the box may leave the grid: padded (MONAI's default)
                 start, stop = max(start, 0), min(stop, mask.shape[axis])
+            multiple = divisors[axis]
+            if multiple > 1:  # MONAI's k_divisible: grown about its centre (the odd voxel after), past the edges
+                size = int(math.ceil((stop - start) / multiple) * multiple)
+                start -= (size - (stop - start)) // 2
+                stop = start + size
             box.append((start, stop))
     if all(start == 0 and stop == size for (start, stop), size in zip(box, mask.shape)):
         return None

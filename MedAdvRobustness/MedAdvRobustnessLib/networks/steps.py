@@ -10,6 +10,12 @@ bundle's transforms in their declared order):
   ``Spacing`` grid (voxel counts, origin and positions as ``zoom_affine`` and ``compute_shape_offset`` give them,
   border padding; an axis whose spacing lies within the optional ``min_pixdim``..``max_pixdim`` keeps it); the
   outputs go back to the input grid by linear interpolation, as MONAI's ``Invertd`` brings predictions back.
+  Optional, as a bundle's ``Spacing`` sets them: ``"padding_mode": "border"|"zeros"|"reflection"``,
+  ``"align_corners": true`` (where reflection reflects), ``"scale_extent": true`` (``compute_shape_offset``'s
+  voxel-extent grid) and ``"back": "same"`` (the way back with the forward's mode, padding and ``align_corners``,
+  as ``Invertd(nearest_interp=False)`` inverts MONAI's ``Spacing``; ``"linear"``, the default, is the above).
+  ``"nearest"`` with ``"back": "same"`` picks the voxels MONAI's own resampling picks (``"dtype"`` float64, its
+  default, or float32), ties included; otherwise nearest is the closest voxel per axis.
 - ``{"pad_divisible": k}``: MONAI's ``DivisiblePad``; the outputs are unpadded.
 - ``{"pad_size": [x, y, z], "method": "symmetric"|"end", "value": 0}``: MONAI's ``SpatialPad`` (constant ``value``;
   an axis whose size is not positive, or not larger than the input's, is not padded); the outputs are unpadded.
@@ -38,6 +44,7 @@ from .preprocessing import crop, divisible_padding, foreground_box, normalize_in
 SPACING_TOLERANCE = 1e-3  # spacings that agree within 0.1 %: no resampling
 STEP_KINDS = ("intensity", "crop", "spacing", "pad_divisible", "pad_size", "center_crop", "resize")
 RESAMPLING_MODES = ("bilinear", "nearest")
+PADDING_MODES = ("border", "zeros", "reflection")  # torch's grid_sample, as MONAI's Spacing pads
 RESIZE_MODES = ("trilinear", "area", "nearest", "nearest-exact")  # torch's interpolate on 3-D volumes
 PAD_METHODS = ("symmetric", "end")
 
@@ -63,6 +70,16 @@ def check_steps(steps):
             if step.get("mode", "bilinear") not in RESAMPLING_MODES:
                 raise InputError("spacing mode must be one of {}, got {!r}".format(", ".join(RESAMPLING_MODES),
                                                                                   step.get("mode")))
+            if step.get("padding_mode", "border") not in PADDING_MODES:
+                raise InputError("spacing padding_mode must be one of {}, got {!r}".format(
+                    ", ".join(PADDING_MODES), step.get("padding_mode")))
+            if step.get("back", "linear") not in ("linear", "same"):
+                raise InputError("spacing back must be linear or same, got {!r}".format(step.get("back")))
+            if step.get("dtype", "float64") not in ("float64", "float32"):
+                raise InputError("spacing dtype must be float64 or float32, got {!r}".format(step.get("dtype")))
+            for flag in ("align_corners", "scale_extent"):
+                if not isinstance(step.get(flag, False), bool):
+                    raise InputError("spacing {} must be true or false, got {!r}".format(flag, step.get(flag)))
         elif step_kind(step) in ("pad_size", "center_crop"):
             kind = step_kind(step)
             if not _sizes_ok(step[kind]):
@@ -104,8 +121,12 @@ def step_text(step):
     """One line on a step, for the model report."""
     kind = step_kind(step)
     if kind == "spacing":
+        extras = [step.get("mode", "bilinear")]
+        if step.get("padding_mode", "border") != "border":
+            extras.append("padding {}".format(step["padding_mode"]))
+        extras += [flag for flag in ("align_corners", "scale_extent") if step.get(flag)]
         return "spacing {} mm ({}, MONAI's Spacing grid)".format(
-            "x".join("{:g}".format(v) for v in step["spacing"]), step.get("mode", "bilinear"))
+            "x".join("{:g}".format(v) for v in step["spacing"]), ", ".join(extras))
     if kind == "pad_size":
         return "pad to {} ({}, value {:g}, MONAI's SpatialPad)".format(
             _size_text(step["pad_size"]), step.get("method", "symmetric"), float(step.get("value", 0.0)))
@@ -138,12 +159,30 @@ def apply_step(step, inputs, affine, activation):
         back = None if box is None else (lambda outputs: pad_outputs_back(outputs, box, full, activation))
         return crop(inputs, box), shifted(affine, [start for start, _ in box] if box else None), back, box
     if kind == "spacing":
-        grid = None if affine is None else spacing_grid(affine, inputs.shape[2:], target_spacing(affine, step))
+        extent = bool(step.get("scale_extent", False))
+        grid = None if affine is None else spacing_grid(affine, inputs.shape[2:], target_spacing(affine, step),
+                                                        scale_extent=extent)
         if grid is None:
             return inputs, affine, None, None
         new_affine, forward, backward = grid
-        back = lambda outputs: resample_axes(outputs, backward, "bilinear")  # noqa: E731
-        return resample_axes(inputs, forward, step.get("mode", "bilinear")), new_affine, back, None
+        mode, padding = step.get("mode", "bilinear"), step.get("padding_mode", "border")
+        corners, same = bool(step.get("align_corners", False)), step.get("back", "linear") == "same"
+        full, size = tuple(int(n) for n in inputs.shape[2:]), tuple(len(where) for where in forward)
+        if mode == "nearest" and same:  # MONAI's own choice of voxel, ties included
+            dtype = step.get("dtype", "float64")
+            picked = nearest_voxels(affine, full, new_affine, size, padding, corners, dtype)
+            # the way back starts from the affine MONAI's MetaTensor holds after Spacing (the input's times the
+            # voxel map), as its inverse does
+            held = (torch.as_tensor(np.asarray(affine, dtype=np.float64))
+                    @ torch.as_tensor(np.linalg.solve(np.asarray(affine, dtype=np.float64), new_affine))).numpy()
+            returned = nearest_voxels(held, size, np.asarray(affine, dtype=np.float64), full, padding, corners, dtype)
+            back = lambda outputs: gather_voxels(outputs, returned, full)  # noqa: E731
+            return gather_voxels(inputs, picked, size), new_affine, back, None
+        if same:
+            back = lambda outputs: resample_axes(outputs, backward, mode, padding, corners)  # noqa: E731
+        else:
+            back = lambda outputs: resample_axes(outputs, backward, "bilinear")  # noqa: E731
+        return resample_axes(inputs, forward, mode, padding, corners), new_affine, back, None
     if kind == "resize":
         full = tuple(int(n) for n in inputs.shape[2:])
         size = resize_shape(full, step["resize"], step.get("size_mode", "all"))
@@ -237,38 +276,71 @@ def target_spacing(affine, step):
     return np.where((low <= have) & (have <= high), have, target)
 
 
-def spacing_grid(affine, shape, pixdim):
-    """MONAI's ``Spacing`` (``diagonal=False``, ``scale_extent=False``) of a grid of ``shape`` and voxel-to-RAS
-    ``affine`` to ``pixdim`` mm, with MONAI's own ``zoom_affine`` and ``compute_shape_offset``: None where the
-    spacings agree within 0.1 %, else (the output grid's matrix, per axis the input voxel coordinates of the output
-    voxels, per axis the output voxel coordinates of the input voxels)."""
+def spacing_grid(affine, shape, pixdim, scale_extent=False):
+    """MONAI's ``Spacing`` (``diagonal=False``) of a grid of ``shape`` and voxel-to-RAS ``affine`` to ``pixdim`` mm,
+    with MONAI's own ``zoom_affine`` and ``compute_shape_offset`` (with ``scale_extent``, the grid of the voxels'
+    full extent): None where nothing is resampled (the spacings agree within 0.1 %; with ``scale_extent``, where
+    MONAI's ``SpatialResample`` finds the grid unchanged), else (the output grid's matrix, per axis the input voxel
+    coordinates of the output voxels, per axis the output voxel coordinates of the input voxels)."""
     from monai.data.utils import compute_shape_offset, zoom_affine
     affine, pixdim = np.asarray(affine, dtype=np.float64), np.asarray(pixdim, dtype=np.float64)
-    if np.all(np.abs(np.linalg.norm(affine[:3, :3], axis=0) - pixdim) <= SPACING_TOLERANCE * pixdim):
+    if not scale_extent and np.all(np.abs(np.linalg.norm(affine[:3, :3], axis=0) - pixdim)
+                                   <= SPACING_TOLERANCE * pixdim):
         return None
     out_affine = zoom_affine(affine, pixdim, diagonal=False)
-    out_shape, offset = compute_shape_offset(tuple(shape), affine, out_affine, False)
+    out_shape, offset = compute_shape_offset(tuple(shape), affine, out_affine, bool(scale_extent))
     out_affine[:3, 3] = offset[:3]
     to_input = np.linalg.solve(affine, out_affine)  # output voxel -> input voxel: axis-aligned up to rounding
+    if scale_extent and tuple(int(n) for n in out_shape) == tuple(int(n) for n in shape) and (
+            np.allclose(out_affine, affine, rtol=1e-5, atol=1e-3) or np.allclose(to_input, np.eye(4), rtol=1e-5,
+                                                                                 atol=1e-3)):
+        return None  # as SpatialResample's affine_unchanged (AFFINE_TOL 1e-3)
     forward = [np.arange(int(n)) * to_input[a, a] + to_input[a, 3] for a, n in enumerate(out_shape)]
     backward = [(np.arange(int(n)) - to_input[a, 3]) / to_input[a, a] for a, n in enumerate(shape)]
     return out_affine, forward, backward
 
 
-def resample_axes(tensor, positions, mode="bilinear"):
+def resample_axes(tensor, positions, mode="bilinear", padding_mode="border", align_corners=False):
     """``tensor`` (B, C, *spatial) sampled along each spatial axis at the fractional voxel ``positions`` (None:
-    that axis unchanged), clamped to the border; linear or nearest per axis, so trilinear for bilinear."""
+    that axis unchanged); linear or nearest per axis, so trilinear for bilinear; outside the grid as torch's
+    ``grid_sample`` pads (``border``, ``zeros``, ``reflection`` about the voxel centres with ``align_corners``,
+    about the grid's edges without), which is separable."""
     for axis, where in enumerate(positions):
         if where is not None:
-            tensor = interpolate_axis(tensor, axis + 2, where, mode)
+            tensor = interpolate_axis(tensor, axis + 2, where, mode, padding_mode, align_corners)
     return tensor
 
 
-def interpolate_axis(tensor, dim, positions, mode="bilinear"):
-    """Values of ``tensor`` at fractional voxel ``positions`` along dimension ``dim`` (border clamp)."""
+def reflect_positions(where, count, align_corners=False):
+    """torch's ``grid_sample`` reflection of voxel positions into the grid (its ``reflect_coordinates``, then
+    clipped to the voxel centres)."""
+    low, high = (0.0, 2.0 * (count - 1)) if align_corners else (-1.0, 2.0 * count - 1.0)
+    if low == high:
+        return np.zeros_like(where)
+    least, span = low / 2.0, (high - low) / 2.0
+    distance = np.abs(where - least)
+    extra, flips = np.fmod(distance, span), np.floor(distance / span)
+    return np.clip(np.where(flips % 2 == 0, extra + least, span - extra + least), 0.0, count - 1.0)
+
+
+def interpolate_axis(tensor, dim, positions, mode="bilinear", padding_mode="border", align_corners=False):
+    """Values of ``tensor`` at fractional voxel ``positions`` along dimension ``dim`` (padding as
+    :func:`resample_axes`)."""
     count = tensor.shape[dim]
-    where = np.clip(np.asarray(positions, dtype=np.float64), 0.0, count - 1.0)
+    where = np.asarray(positions, dtype=np.float64)
     device = tensor.device
+    if padding_mode == "zeros":
+        # one zero voxel on each side: a position within a voxel of the grid mixes with it, one further is zero
+        zeros = torch.zeros(tensor.shape[:dim] + (1,) + tensor.shape[dim + 1:], dtype=tensor.dtype, device=device)
+        tensor = torch.cat([zeros, tensor, zeros], dim=dim)
+        if mode == "nearest":
+            where = np.where((where > -0.5) & (where < count - 0.5), where + 1.0, 0.0)
+        else:
+            where = np.clip(where, -1.0, float(count)) + 1.0
+        count += 2
+    elif padding_mode == "reflection":
+        where = reflect_positions(where, count, align_corners)
+    where = np.clip(where, 0.0, count - 1.0)
     if mode == "nearest":
         index = torch.as_tensor(np.floor(where + 0.5).astype(np.int64), device=device)
         return tensor.index_select(dim, index.clamp_(max=count - 1))
@@ -280,6 +352,48 @@ def interpolate_axis(tensor, dim, positions, mode="bilinear"):
     first = tensor.index_select(dim, torch.as_tensor(low, device=device))
     second = tensor.index_select(dim, torch.as_tensor(high, device=device))
     return first + (second - first) * weight
+
+
+_NEAREST_CACHE = {}
+
+
+def nearest_voxels(src_affine, src_shape, dst_affine, dst_shape, padding_mode="border", align_corners=False,
+                   dtype="float64"):
+    """For each voxel of the grid (``dst_affine``, ``dst_shape``), the flat index of the voxel of the grid
+    (``src_affine``, ``src_shape``) that MONAI's ``SpatialResample`` with ``mode="nearest"`` copies there (-1:
+    none, zero padding): MONAI's own resampling of the voxel indices (one channel per axis, exact in ``dtype``),
+    so its rounding, ties included, is the twin's. Kept for the last few grids."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+    src_affine, dst_affine = np.asarray(src_affine, dtype=np.float64), np.asarray(dst_affine, dtype=np.float64)
+    key = (src_affine.tobytes(), tuple(src_shape), dst_affine.tobytes(), tuple(dst_shape), padding_mode,
+           bool(align_corners), dtype)
+    if key not in _NEAREST_CACHE:
+        ramps = torch.stack(torch.meshgrid(*[torch.arange(1, n + 1, dtype=torch.float64) for n in src_shape],
+                                           indexing="ij"))  # index + 1: 0 is zero padding
+        resample = SpatialResample(mode="nearest", padding_mode=padding_mode, align_corners=align_corners,
+                                   dtype=getattr(torch, dtype))
+        picked = resample(MetaTensor(ramps, affine=torch.as_tensor(src_affine)), dst_affine=torch.as_tensor(
+            dst_affine), spatial_size=[int(n) for n in dst_shape])
+        picked = np.rint(np.asarray(picked.as_tensor(), dtype=np.float64)).astype(np.int64) - 1
+        if picked.shape[1:] != tuple(dst_shape):
+            raise AssertionError("MONAI resampled to {}, not {}".format(picked.shape[1:], dst_shape))
+        outside = (picked < 0).any(axis=0)
+        flat = np.ravel_multi_index(tuple(np.clip(picked, 0, None)), tuple(src_shape)).reshape(-1)
+        flat[outside.reshape(-1)] = -1
+        if len(_NEAREST_CACHE) >= 8:
+            _NEAREST_CACHE.pop(next(iter(_NEAREST_CACHE)))
+        _NEAREST_CACHE[key] = flat
+    return _NEAREST_CACHE[key]
+
+
+def gather_voxels(tensor, flat, shape):
+    """``tensor`` (B, C, *spatial) at the voxels of flat index ``flat`` (-1: zero), as a (B, C, *shape) grid."""
+    values = tensor.flatten(start_dim=2)
+    values = torch.cat([values, values.new_zeros(values.shape[:2] + (1,))], dim=2)  # index -1: this zero
+    index = torch.as_tensor(flat, device=tensor.device)
+    return values.index_select(2, torch.where(index < 0, values.shape[2] - 1, index)).reshape(
+        tensor.shape[:2] + tuple(int(n) for n in shape))
 
 
 def default_steps(description):
