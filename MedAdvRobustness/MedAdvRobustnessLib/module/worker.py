@@ -20,6 +20,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from ..processes import is_alive
+
 JOB, RESULT, ERROR, PROGRESS, CANCEL, ABANDONED, LOG = ("job.pickle", "result.pickle", "error.pickle",
                                                          "progress.json", "cancel", "abandoned", "log.txt")
 LIBRARY_PARENT = Path(__file__).resolve().parents[2]
@@ -177,27 +179,6 @@ def _picklable(error):
         except Exception:
             pass
     return RuntimeError("".join(traceback.format_exception_only(type(error), error)).strip())
-
-
-def is_alive(pid):
-    """Whether process ``pid`` is running (without signalling it: on Windows os.kill would end it)."""
-    if os.name == "nt":
-        import ctypes
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        running = kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value == 259  # STILL_ACTIVE
-        kernel32.CloseHandle(handle)
-        return bool(running)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(folder, application):

@@ -9,6 +9,7 @@ from pathlib import Path
 import slicer
 
 from ..errors import InputError
+from ..processes import is_alive
 from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
     add_volume_node
 MEAN_COLOR = (0.1, 0.1, 0.1)
@@ -166,18 +167,8 @@ def remove_stale_staging(folder, prefix):
             owner = int((staging / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours, or not yet claimed: leave it
-        if not _alive(owner):
+        if not is_alive(owner):
             shutil.rmtree(str(staging), ignore_errors=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _umask():
