@@ -192,3 +192,27 @@ def test_gzip_check_reads_a_sound_file_whole(tmp_path):
     with gzip.open(str(path), "rb") as stream:
         size = len(stream.read())
     assert _stored_bytes(path, size) == size and _stored_bytes(path, 10) == 10
+
+
+@pytest.mark.parametrize("content, expected", [
+    (os.urandom(3000), "cannot read {} as a PyTorch checkpoint: the file is damaged or of another kind"),
+    (b"just some text\n", "cannot read {} as a PyTorch checkpoint: the file is damaged or of another kind"),
+])
+def test_a_damaged_model_file_is_called_damaged_not_unsafe(tmp_path, content, expected):
+    model = tmp_path / "model.pt"
+    model.write_bytes(content)
+    done = subprocess.run([MEDADV, "run", "--volume", str(SAMPLE_VOLUME), "--model", str(model), "--attack", "fgsm",
+                           "--epsilon", "0.01", "--out", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and expected.format(model) in lines[0], done.stderr
+    assert "--trust-checkpoint" not in lines[0]
+
+
+def test_out_at_a_file_is_called_a_file(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    done = subprocess.run([MEDADV, "run", "--volume", str(SAMPLE_VOLUME)] + FGSM + ["--out", str(target)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "{} is a file: the results need a folder".format(target) in done.stderr
+    assert target.read_text() == "mine"

@@ -471,9 +471,11 @@ def load_checkpoint(path, trust_checkpoint=False):
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:
         text = str(error)
-        if "Weights only load failed" not in text:
-            raise InputError("cannot read {} as a PyTorch checkpoint: {}".format(path, text.splitlines()[0]))
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if "Weights only load failed" not in text or (found is None and "Unsupported" in text):
+            # not a pickle torch.load can read at all (random bytes, text): damaged, or not a checkpoint
+            raise InputError("cannot read {} as a PyTorch checkpoint: the file is damaged or of another kind "
+                             "({})".format(path, type(error).__name__))
         if not trust_checkpoint:
             reason = ("it contains {}, which is not plain weights".format(found.group(1)) if found
                       else "it is not plain weights")

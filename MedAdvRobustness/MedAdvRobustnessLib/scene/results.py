@@ -121,7 +121,9 @@ def write_run_file(record, path):
 def check_output_dir(out_dir):
     """The results folder must not exist yet, or be empty, so that nothing of the user's is overwritten."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("{} is a file: the results need a folder (give a new or empty folder)".format(out_dir))
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError("output folder {} exists and is not empty".format(out_dir))
     return out_dir
 
