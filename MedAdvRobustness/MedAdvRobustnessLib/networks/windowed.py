@@ -13,7 +13,8 @@ share ``w * G_w / count_w``, accumulating the input gradient: the same gradient,
 memory at a time (``sw_batch_size`` windows per backward).
 
 A window with ``"style": "nnunet"`` places its tiles and weights as nnU-Net's predictor does
-(:class:`NNUNetTilePlan`); the forward pass then aggregates with that plan, and the gradient is the same.
+(:class:`NNUNetTilePlan`); the nnU-Net model aggregates its tiles itself (with nnU-Net's float16 arithmetic), and
+the gradient is computed the same way.
 """
 import itertools
 
@@ -42,7 +43,7 @@ def window_settings(window):
 def sliding_window_outputs(predictor, inputs, window):
     """MONAI's sliding-window inference of ``predictor`` on ``inputs`` with the model description's window."""
     if is_nnunet_window(window):
-        return aggregate(predictor, inputs, window_plan(inputs.shape[2:], window, inputs.device, inputs.dtype))
+        raise ValueError("nnU-Net tiles are aggregated by the nnU-Net model (networks.nnunet), not here")
     from monai.inferers import sliding_window_inference
     settings = window_settings(window)
     return sliding_window_inference(inputs, roi_size=tuple(settings["roi_size"]),
@@ -165,20 +166,6 @@ def nnunet_gaussian(tile_size, sigma_scale=1.0 / 8, value_scaling_factor=10.0):
     gaussian = torch.from_numpy(gaussian).to(torch.float16)
     gaussian[gaussian == 0] = torch.min(gaussian[gaussian != 0])
     return gaussian.float()
-
-
-def aggregate(predictor, inputs, plan):
-    """Sliding-window outputs with a plan: weighted tile outputs summed, divided by the summed weights, the
-    padding cut off."""
-    padded = plan.pad_input(inputs)
-    total = None
-    for window_slice in plan.slices:
-        index = (slice(None), slice(None)) + window_slice
-        weighted = predictor(padded[index]) * plan.importance
-        if total is None:
-            total = weighted.new_zeros(weighted.shape[:2] + tuple(plan.padded_size))
-        total[index] += weighted
-    return (total / plan.count)[plan.crop]
 
 
 def window_vjp(predictor, inputs, output_gradient, window):
