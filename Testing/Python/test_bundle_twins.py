@@ -342,3 +342,23 @@ def test_normalize_intensity_channel_wise_on_two_channels_equals_monai_s(channel
     difference = float((inputs[0] - expected.as_tensor().double()).abs().max())
     print(settings, "difference {:.1e}".format(difference))
     assert back is None and difference < 1e-5
+
+
+@pytest.mark.parametrize("transform", [{"_target_": "ScaleIntensityd"},
+                                       {"_target_": "ScaleIntensityRangePercentilesd", "lower": 1, "upper": 99,
+                                        "b_min": 0.0, "b_max": 1.0}])
+def test_a_multichannel_bundle_pooling_channels_is_refused(tmp_path, transform):
+    """MONAI's ScaleIntensity and ScaleIntensityRangePercentiles pool all channels by default; the twins work per
+    channel: on a bundle with several input channels that would differ, so it is refused."""
+    root = twins_bundle(tmp_path / "bundle", UNet(**UNET).eval(), "trilinear", None, "symmetric", extra=[transform])
+    metadata_path = root / "configs" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["network_data_format"]["inputs"]["image"]["num_channels"] = 2
+    metadata_path.write_text(json.dumps(metadata))
+    name = transform["_target_"][:-1]
+    with pytest.raises(InputError, match="{} with channel_wise=False takes its statistics over all 2 channels".format(
+            name)):
+        load_model(root)
+    metadata["network_data_format"]["inputs"]["image"]["num_channels"] = 1
+    metadata_path.write_text(json.dumps(metadata))
+    assert load_model(root).description.in_channels == 1  # one channel: per channel is the same

@@ -138,6 +138,12 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
         notes.append("preprocessing transform{} {} skipped (no differentiable twin; skip_untwinned): the attacked "
                      "pipeline differs from the bundle's".format("s" if len(skipped) > 1 else "",
                                                                  ", ".join(skipped)))
+    pooled = [name for name, args in transforms if name in POOLED_BY_DEFAULT and args is not None
+              and str(args.get("channel_wise", False)).lower() != "true"]
+    if description.in_channels > 1 and pooled:
+        raise InputError("bundle {}: {} with channel_wise=False takes its statistics over all {} channels together, "
+                         "which is not reproduced (its twin works channel by channel)".format(
+                             where, pooled[0], description.in_channels))
     if description.in_channels == 1:  # one channel (the volume is checked against it): per channel is the same
         for step in steps:
             if "intensity" in step and step["intensity"].get("channel_wise") is False:
@@ -269,6 +275,7 @@ def transform_name(target):
     return name[:-1] if name.endswith("d") and name[:-1] in KNOWN else name
 
 
+POOLED_BY_DEFAULT = ("ScaleIntensity", "ScaleIntensityRangePercentiles")  # MONAI: channel_wise=False by default
 MAPPED = {"Orientation", "Spacing", "ScaleIntensityRange", "ScaleIntensityRangePercentiles", "NormalizeIntensity",
           "ScaleIntensity", "CropForeground", "DivisiblePad", "SpatialPad", "CenterSpatialCrop", "Resize"}
 # Resize modes: MONAI's name -> torch's interpolate mode on a 3-D volume (MONAI's resolves_modes: linear is
