@@ -578,12 +578,12 @@ class NNUNetModel(SegmentationModel):
     use either way.
     """
 
-    def __init__(self, network, description, plans, tile_step_size=0.5, source=""):
+    def __init__(self, network, description, plans, fold_names, tile_step_size=0.5, source=""):
         super().__init__(network, description, source=source)
         self.plans = plans
         self.tile_step_size = float(tile_step_size)
         self.nnunet_rounding = True
-        self.fold_names = []
+        self.fold_names = list(fold_names)
 
     fixed_activation = True  # softmax, as nnU-Net's predictor applies it
 
@@ -763,9 +763,8 @@ def load_nnunet(folder, folds=None, mirroring=True, trust_checkpoint=False, tile
         intensity={"type": "nnU-Net", "schemes": plans.schemes, "use_mask_for_norm": plans.use_mask},
         window={"roi_size": plans.patch_size, "style": "nnunet", "tile_step_size": float(tile_step_size)},
         notes="nnU-Net v2 {} ({} configuration)".format(trained.name, plans.configuration_name))
-    model = NNUNetModel(ensemble, description, plans, tile_step_size,
+    model = NNUNetModel(ensemble, description, plans, chosen, tile_step_size,
                         source="nnU-Net v2 folder {}".format(trained))
-    model.fold_names = chosen
     model.load_notes.append("nnU-Net v2, folds {}, test-time mirroring {}".format(
         ", ".join(chosen), "along axes {}".format(list(ensemble.mirror_axes)) if ensemble.mirror_axes else "off"))
     return model
