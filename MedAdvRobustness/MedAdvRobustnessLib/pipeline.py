@@ -94,7 +94,7 @@ def run_record(probe, strengths, files, model, model_source, model_report, comma
         "region": region,
         "model": dict({"source": str(model_source) if isinstance(model_source, (str, os.PathLike)) else "in memory",
                        "name": model.description.name, "loaded_as": model.source,
-                       "output_activation": output_activation, "activation": model.activation,
+                       "output_activation": output_activation, "activation": str(model.activation),
                        "device": str(model.device), "amp": bool(model.amp), "trust_checkpoint": bool(trust_checkpoint),
                        "folds": getattr(model, "fold_names", None),  # the nnU-Net folds ensembled
                        "mirroring": bool(mirroring), "skip_untwinned": bool(skip_untwinned)},

@@ -205,7 +205,7 @@ def test_auto3dseg_settings_that_are_not_reproduced_are_refused(tmp_path):
         "no-bounds": ({"normalize_mode": "mri"}, "no intensity_bounds"),
         "channels": ({"normalize_mode": "mri", "input_channels": 2}, "2 input channels but 0 extra_modalities"),
         "code": ({"normalize_mode": "meanstd", "network": dict(NETWORK, init_filters="$4")}, "--trust-checkpoint"),
-        "brats-gli-v1.0.0": ({"normalize_mode": "meanstd"}, "BraTS branch"),
+        "brats-pet": ({"normalize_mode": "pet", "input_channels": 2}, "pet on 2 BraTS sequences"),
     }
     for name, (overrides, message) in refused.items():
         folder, _, _ = write_checkpoint(tmp_path / name, overrides)
@@ -230,3 +230,72 @@ def test_an_auto3dseg_model_is_attacked_through_its_pipeline(tmp_path, t1_crop):
     delta = result.outcomes[1].probed.astype(np.float64) - volume.array
     assert 0 < np.abs(delta).max() <= 0.02 * (high - low) * (1 + 1e-6)
     assert result.mean_dice(0.02, "clean") < 1.0
+
+
+def test_label_names_come_from_labels_csv_as_the_extension_names_its_segments(tmp_path):
+    """MONAIAuto3DSeg finds a model by its labels.csv and names the segments by its LabelValue and Name columns."""
+    folder, _, _ = write_checkpoint(tmp_path / "model", CONFIGS["mri-2mm"][1])
+    (folder / "labels.csv").write_text(
+        "LabelValue,Name,SegmentedPropertyCategoryCodeSequence.CodeValue\n"
+        "1,cerebrospinal fluid,123037004\n2,grey matter,123037004\n3,white matter,123037004\n")
+    names = {label.value: label.name for label in load_model(folder).description.labels}
+    assert names == {1: "cerebrospinal fluid", 2: "grey matter", 3: "white matter"}
+    (folder / "labels.csv").write_text("Value;Name\n1;liver\n")
+    with pytest.raises(InputError, match="labels.csv: cannot read the label names"):
+        load_model(folder)
+
+
+def brats_script_outputs(config, network, paths):
+    """As the script's BraTS branch runs a model: the sequences as channels, orientation, crop by the image itself,
+    spacing, then the intensities; sigmoid channels >= 0.5 brought back by Invertd and merged into labels 1-3."""
+    transforms = [LoadImaged(keys="image", ensure_channel_first=True, dtype=None, image_only=False),
+                  EnsureTyped(keys="image", data_type="tensor", dtype=torch.float),
+                  Orientationd(keys="image", axcodes="RAS"),
+                  CropForegroundd(keys="image", source_key="image", margin=10, allow_smaller=True)]
+    pixdim = np.asarray(config["resample_resolution"])
+    transforms.append(Spacingd(keys=["image"], pixdim=list(pixdim), mode=["bilinear"], dtype=torch.float,
+                               min_pixdim=pixdim * 0.75, max_pixdim=pixdim * 1.25))
+    pipeline = Compose(transforms + normalization("image", config["normalize_mode"], config["intensity_bounds"]))
+    data = pipeline({"image": [str(path) for path in paths]})
+    inferer = SlidingWindowInfererAdapt(roi_size=config["roi_size"], sw_batch_size=1, overlap=0.625, mode="gaussian",
+                                        cache_roi_weight_map=False)
+    with torch.no_grad():
+        probabilities = torch.sigmoid(inferer(inputs=data["image"][None].as_tensor(), network=network))
+    data["pred"] = MetaTensor(probabilities[0] >= 0.5, meta=data["image"].meta,
+                              applied_operations=data["image"].applied_operations)
+    seg = torch.as_tensor(Invertd(keys="pred", orig_keys="image", transform=pipeline, nearest_interp=True)(data)["pred"])
+    labels = 2 * seg.any(0).to(torch.uint8)
+    labels[seg[1:].any(0)] = 1
+    labels[seg[2:].any(0)] = 3
+    return probabilities[0].double().numpy(), labels.numpy()
+
+
+@pytest.mark.parametrize("geometry", ["LPS-permuted", "oblique"])
+def test_a_brats_model_equals_the_script_s_brats_branch(tmp_path, t1_crop, geometry):
+    config = {"normalize_mode": "meanstd", "input_channels": 2, "sigmoid": True,
+              "resample_resolution": [1.5, 2.0, 1.5], "network": dict(NETWORK, in_channels=2)}
+    folder, network, config = write_checkpoint(tmp_path / "brats-mets-v1.0.0", config)
+    array, affine = t1_crop
+    array = array.copy()
+    array[:14], array[:, -9:] = 0.0, 0.0  # background for the crop to remove
+    files = [stored((array, affine), geometry, tmp_path / "t1.nii.gz"),
+             stored((np.sqrt(array) * 7.0, affine), geometry, tmp_path / "flair.nii.gz")]
+    scene = SlicerScene.standalone()
+    volumes = [volume_from_node(scene.load_volume(str(path))) for path in files]
+    paths = [written(item, tmp_path / "input-volume{}.nii.gz".format(index)) for index, item in enumerate(volumes)]
+    expected_probabilities, expected = brats_script_outputs(config, network, paths)
+    model = load_model(folder)
+    volume = torch.cat([item.as_tensor() for item in volumes], dim=1)
+    with torch.no_grad(), model.on_grid(volumes[0]):
+        inputs, plan = model.prepare(volume)
+        network_outputs = model.description.activate(model.infer(inputs))
+        outputs = model.restore(network_outputs, plan)
+    difference = float(np.abs(network_outputs[0].double().numpy() - expected_probabilities).max())
+    labels = predict_labels(outputs, model.activation)[0].numpy()
+    file_grid = GridOrientation.from_ijk_to_ras(nib.load(str(paths[0])).affine, expected.shape[::-1])
+    expected = file_grid.to_network(np.transpose(expected, (2, 1, 0)))
+    agreement = float((labels == expected).mean())
+    print("brats, {}: network input {}, probabilities within {:.1e}, labels agree on {:.5f}, labels {}".format(
+        geometry, tuple(inputs.shape[2:]), difference, agreement, np.unique(expected).tolist()))
+    assert set(np.unique(expected).tolist()) == {0, 1, 2, 3}
+    assert difference < 1e-4 and agreement >= 0.999

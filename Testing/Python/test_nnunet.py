@@ -21,6 +21,7 @@ from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
 
 MODEL = Path(__file__).resolve().parents[1] / "Data" / "nnUNet" / "Dataset101_MedAdvTiny" / \
     "nnUNetTrainer__nnUNetPlans__3d_fullres"
+REGIONS_MODEL = MODEL.parents[1] / "Dataset102_MedAdvTinyRegions" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 # name: (axis permutation, flips, rotation, voxel size in mm): directions of the stored i, j, k in RAS
 GEOMETRIES = {
@@ -317,7 +318,8 @@ def test_an_all_zero_volume_is_refused(tmp_path):
     (lambda p, d: p["configurations"]["3d_fullres"].update(patch_size=[48, 56]),
      "only 3D configurations are supported"),
     (lambda p, d: p["configurations"]["3d_fullres"].update(previous_stage="3d_lowres"), "cascade"),
-    (lambda p, d: d.update(labels={"background": 0, "tumour": [1, 2], "core": 2}), "region-based"),
+    (lambda p, d: d.update(labels={"background": 0, "tumour": [1, 2], "core": 2}),
+     "a region-based model needs regions_class_order with one label per region"),
     (lambda p, d: d.update(labels={"background": 0, "a": 1, "b": 3}), "without gaps"),
     (lambda p, d: p["configurations"]["3d_fullres"]["resampling_fn_data_kwargs"].update(antialias=True),
      "setting.s. antialias that are not reproduced"),
@@ -333,3 +335,41 @@ def test_more_plans_that_cannot_be_reproduced_are_refused(tmp_path, edit, messag
     (folder / "dataset.json").write_text(json.dumps(dataset))
     with pytest.raises(NNUNetError, match=message):
         load_model(folder)
+
+
+def test_a_region_based_model_predicts_what_nnunet_predicts(tmp_path):
+    """BraTS-style regions (brain ⊃ grey or white matter ⊃ white matter): sigmoid per region, every region 0
+    outside the crop, labels painted in regions_class_order; an oblique anisotropic file, mirroring on."""
+    path = store("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", tmp_path / "case_0000.nii.gz", margins=UNEVEN_ZEROS)
+    labels, expected = nnunet_prediction(REGIONS_MODEL, path, ["0"], True)
+    model = load_model(REGIONS_MODEL)
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    ours = medadv_prediction(model, volume)
+    assert ours.shape == expected.shape == (3,) + labels.shape
+    ours_labels = model.activation.labels(torch.from_numpy(ours)[None])[0].numpy()
+    agreement = float((ours_labels == labels).mean())
+    difference = float(np.abs(ours - expected).max())
+    print("regions: labels agree on {:.5f} of the voxels, largest probability difference {:.1e}, labels {}".format(
+        agreement, difference, np.unique(labels).tolist()))
+    assert set(np.unique(labels).tolist()) == {0, 1, 2, 3}  # every region paints somewhere: a real test
+    assert agreement >= 0.999 and difference < 1e-5
+    lines = "\n".join(describe(model, volume).lines())
+    assert "labels: 0 background, 1 brain, 2 grey or white matter, 3 white matter" in lines
+    assert "sigmoid, every region 0 outside the crop" in lines
+    assert "label 2 where {2, 3}" in lines
+
+
+def test_a_region_based_model_is_attacked_on_its_regions(tmp_path):
+    """The loss is the binary cross-entropy of each region against the labels' membership in it, so PGD moves
+    the regions (Dice against the clean labels falls); attacks that need one score per label are refused."""
+    from MedAdvRobustnessLib import make_probe, run_sweep
+    from MedAdvRobustnessLib.errors import InputError
+    path = store("permuted and flipped, 2 mm", tmp_path / "case_0000.nii.gz", SMALL_CROP)
+    volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
+    model = load_model(REGIONS_MODEL, mirroring=False)
+    result = run_sweep(model, volume, make_probe("pgd", steps=3), [0.05])
+    clean, attacked = result.mean_dice(0.0, "clean"), result.mean_dice(0.05, "clean")
+    print("regions under PGD: Dice against the clean labels {:.3f} → {:.3f}".format(clean, attacked))
+    assert clean == 1.0 and attacked < 0.9
+    with pytest.raises(InputError, match="needs one score per label"):
+        run_sweep(model, volume, make_probe("dag", steps=2), [0.05])

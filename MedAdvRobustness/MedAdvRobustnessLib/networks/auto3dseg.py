@@ -39,23 +39,36 @@ medadv is given, as the script reads them from the path the extension gives it.
 
 Several input volumes (``extra_modalities``) are the channels of one volume, so they share one grid. Each is
 normalised with its own mode before the concatenation, and the box comes from the first. The script's ``Resized``
-of an extra volume whose array has another size therefore never applies. Refused by name: the script's BraTS branch
-(``brats`` in the model path: four sequences, crop and spacing before the intensities, sigmoid channels merged into
-labels); configs the script cannot run (no ``normalize_mode`` or ``intensity_bounds``, an unknown mode, several
-channels without ``extra_modalities``); models without ``orientation_ras``; and network configs that run code
-(unless trusted).
+of an extra volume whose array has another size therefore never applies.
+
+A model whose path holds ``brats`` runs the script's BraTS branch: the sequences (up to four, ``input_channels``)
+are the channels of ``image``; ``Orientationd`` RAS; ``CropForegroundd`` by ``image`` itself (voxels above 0 in any
+channel, on the RAS-oriented volume, margin 10); ``Spacingd`` as above; only then the ``normalize_mode`` step, on
+the cropped and resampled channels (z-score per channel); the window; a sigmoid per output channel (>= 0.5), back
+by nearest neighbour, and the three channels merged into one label map: 2 where any channel is on, 1 where channel
+1 or 2 is, 3 where channel 2 is. medadv's outputs are the three sigmoid channels as :class:`~.outputs.Regions`
+(regions {1, 2, 3}, {1, 3}, {3} painting labels 2, 1, 3 in turn: the same label map), so the attack's loss is the
+binary cross-entropy of each channel against its region. Label names come from ``labels.csv`` beside
+``model.pt``, as the extension names its segments.
+
+Refused by name: configs the script cannot run (no ``normalize_mode`` or ``intensity_bounds``, an unknown mode,
+several channels without ``extra_modalities`` outside the BraTS branch); the ``pet`` mode on several BraTS channels
+(the script takes one minimum and deviation over all of them); models without ``orientation_ras``; and network
+configs that run code (unless trusted).
 
 The script before 4b04da5 is no longer reproduced. At 0477a24 (February 2024) it cropped and resampled before the
 intensities and brought probabilities back by linear interpolation.
 """
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import InputError
-from .models import TRUST_HINT, ModelDescription, SegmentationModel
-from .outputs import predict_labels
+from .models import PALETTE, TRUST_HINT, Label, ModelDescription, SegmentationModel
+from .outputs import Regions, predict_labels
 from .preprocessing import crop, normalize_intensity, pad_outputs_back
 from .steps import resample_axes, shifted, spacing_grid, target_spacing
 
@@ -66,6 +79,8 @@ CROP_MARGIN = 10
 SPACING_RANGE = (0.75, 1.25)
 KEEP_COMPONENTS = 2  # KeepLargestConnectedComponentd(num_components=2), for models whose path holds "whole-head"
 MODES = ("none", "range", "ct", "meanstd", "mri", "meanstdtanh", "pet")
+# the BraTS branch's merge: 2 where any channel >= 0.5, then 1 where channel 1 or 2 is, then 3 where channel 2 is
+BRATS_REGIONS = Regions(regions=((1, 2, 3), (1, 3), (3,)), class_order=(2, 1, 3), inclusive=True)
 
 
 class Auto3DSegError(InputError):
@@ -114,12 +129,20 @@ def _channel_modes(config, where):
     return [config["normalize_mode"]] + [str(mode) for mode in extra.values()]
 
 
+def brats_channel_modes(config, where):
+    """The BraTS branch: the model's normalize_mode on each of its ``input_channels`` sequences (one to four)."""
+    channels = int(config.get("input_channels", config["network"].get("in_channels", 4)))
+    if not 1 <= channels <= 4:
+        raise Auto3DSegError("Auto3DSeg model {}: the script's BraTS branch takes one to four sequences, the model "
+                             "{}".format(where, channels))
+    if config["normalize_mode"] == "pet" and channels > 1:
+        raise Auto3DSegError("Auto3DSeg model {}: normalize_mode pet on {} BraTS sequences takes one minimum and "
+                             "deviation over all of them; not reproduced".format(where, channels))
+    return [config["normalize_mode"]] * channels
+
+
 def check_config(config, where):
     """Refuse what the current script does not run, or medadv does not reproduce, with one message each."""
-    if "brats" in where:
-        raise Auto3DSegError("Auto3DSeg model {}: the path holds 'brats', for which the extension's script runs its "
-                             "BraTS branch (four sequences, crop, spacing, then normalisation, sigmoid channels "
-                             "merged into labels 1-3); not reproduced".format(where))
     if "roi_size" not in config:
         raise Auto3DSegError("Auto3DSeg model {}: its config has no roi_size".format(where))
     if not config.get("orientation_ras", False):
@@ -135,12 +158,14 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
     """An :class:`Auto3DSegModel` of an Auto3DSeg checkpoint, reproducing the extension's current pipeline.
 
     ``where`` is the path of ``model.pt``: the script decides by it whether the model is a ``whole-head`` one
-    (largest components kept) or a ``brats`` one (refused)."""
+    (largest components kept) or a ``brats`` one (its BraTS branch)."""
     from monai.bundle import ConfigParser
     from .bundles import _unsafe
     config = checkpoint["config"]
     check_config(config, where)
-    channel_intensity = [intensity_steps(config, where, mode) for mode in _channel_modes(config, where)]
+    brats = "brats" in where
+    modes = brats_channel_modes(config, where) if brats else _channel_modes(config, where)
+    channel_intensity = [intensity_steps(config, where, mode) for mode in modes]
     parser = ConfigParser({"network": config["network"]})
     problems = [] if trust_checkpoint else _unsafe(parser, "network")
     if problems:
@@ -153,9 +178,11 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
         raise Auto3DSegError("Auto3DSeg model {}: cannot build its network: {}".format(where, error))
     pixdim = config.get("resample_resolution")
     pixdim = None if pixdim is None else [float(v) for v in pixdim]
-    activation = "sigmoid" if config.get("sigmoid", False) else "softmax"
+    activation = "sigmoid" if config.get("sigmoid", False) or brats else "softmax"
     description = ModelDescription(
-        name=str(config.get("name") or where), output_activation=activation, activation_after_inference=activation,
+        name=str(config.get("name") or where), output_activation=BRATS_REGIONS if brats else activation,
+        activation_after_inference=activation,
+        labels=read_label_names(Path(where).parent / "labels.csv"),
         in_channels=len(channel_intensity), preprocessing=[], spacing=pixdim,
         intensity=channel_intensity[0] if len(channel_intensity) == 1 else channel_intensity,
         window={"roi_size": [int(v) for v in config["roi_size"]], "overlap": WINDOW_OVERLAP, "mode": "gaussian"},
@@ -163,10 +190,13 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
     model = Auto3DSegModel(network.eval(), description, channel_intensity,
                            crop_foreground=bool(config.get("crop_foreground", True)),
                            keep_components=KEEP_COMPONENTS if "whole-head" in where else None,
-                           source="MONAI Auto3DSeg {}".format(where))
+                           brats=brats, source="MONAI Auto3DSeg {}".format(where))
     model.load_notes = ["pipeline of MONAIAuto3DSeg's {} as changed last in {} (May 2024): intensities first, "
                         "crop by the file's own voxel order, labels back by nearest neighbour".format(SCRIPT, SCRIPT_COMMIT)]
-    if activation == "sigmoid":
+    if brats:
+        model.load_notes.append("'brats' in the path: the script's BraTS branch (crop and spacing before the "
+                                "intensities, three sigmoid channels merged into labels 1-3)")
+    elif activation == "sigmoid":
         model.load_notes.append("sigmoid model: the outputs are channel 0, the only one the script saves (label 1 "
                                 "where >= 0.5)")
     if model.keep_components:
@@ -176,16 +206,35 @@ def load_auto3dseg(checkpoint, where, trust_checkpoint=False):
     return model
 
 
+def read_label_names(path):
+    """The labels of ``labels.csv`` beside ``model.pt`` (its ``LabelValue`` and ``Name`` columns, as the extension
+    names its segments), or none where the file is missing."""
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+        if not {"LabelValue", "Name"} <= set(reader.fieldnames or ()):
+            raise KeyError("columns {}".format(reader.fieldnames))
+        return [Label(int(row["LabelValue"]), row["Name"].strip(), PALETTE[int(row["LabelValue"]) % len(PALETTE)])
+                for row in rows if row.get("LabelValue", "").strip()]
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as error:
+        raise Auto3DSegError("{}: cannot read the label names (LabelValue and Name columns): {}".format(
+            path, error))
+
+
 class Auto3DSegModel(SegmentationModel):
     """An Auto3DSeg SegResNet with the current MONAIAuto3DSeg script's pipeline (see the module docstring).
 
     ``channel_intensity``: per input channel, its intensity steps; ``crop_foreground``: the script's crop by its
     ``image1``; ``keep_components``: the number of largest connected components kept per label (None: no
-    such step)."""
+    such step); ``brats``: the script's BraTS branch."""
 
     def __init__(self, network, description, channel_intensity, crop_foreground=True, keep_components=None,
-                 source=""):
+                 brats=False, source=""):
         super().__init__(network, description, source=source)
+        self.brats = bool(brats)
         self.channel_intensity = [list(steps) for steps in channel_intensity]
         self.crop_foreground = bool(crop_foreground)
         self.keep_components = keep_components
@@ -193,6 +242,8 @@ class Auto3DSegModel(SegmentationModel):
         self._nearest_cache = {}
 
     def pipeline_steps(self):
+        if self.brats:
+            return self._brats_steps()
         modes = "; ".join(json.dumps(steps) for steps in self.channel_intensity)
         lines = ["intensities over the whole raw volume, per input volume: {}".format(modes),
                  "orientation RAS"]
@@ -211,6 +262,20 @@ class Auto3DSegModel(SegmentationModel):
                          "background".format(self.keep_components))
         return lines
 
+    def _brats_steps(self):
+        lines = ["the {} sequence(s) as channels; orientation RAS".format(len(self.channel_intensity))]
+        if self.crop_foreground:
+            lines.append("crop: the box of the voxels > 0 in any channel of the RAS-oriented volume, margin {} (the "
+                         "script's BraTS CropForegroundd on image)".format(CROP_MARGIN))
+        if self.description.spacing:
+            lines.append("spacing {} mm (bilinear, MONAI's Spacing grid; an axis within 25 % keeps its own)".format(
+                "x".join("{:g}".format(v) for v in self.description.spacing)))
+        lines.append("intensities over the cropped, resampled channels: {}".format(
+            json.dumps(self.channel_intensity[0])))
+        lines.append("sigmoid per channel on the network grid, back by nearest neighbour, every channel 0 outside "
+                     "the crop; merged: 2 where any channel >= 0.5, 1 where channel 1 or 2, 3 where channel 2")
+        return lines
+
     # -------------------------------------------------------------------------------------------- grid order
     def _file_order(self, tensor):
         """Network-convention (B, C, x, y, z) → the file's own voxel order (B, C, i, j, k); the network axes are
@@ -226,9 +291,11 @@ class Auto3DSegModel(SegmentationModel):
     def crop_box(self, source):
         """The script's crop box, per axis (start, stop) on the RAS-oriented volume: computed on ``source`` (its
         ``image1``) in the file's voxel order (voxels > 0, any image of the batch, grown by the margin, within the
-        file's size), its index ranges taken for the RAS axes in turn (a start past an axis's end: that end)."""
+        file's size), its index ranges taken for the RAS axes in turn (a start past an axis's end: that end). The
+        BraTS branch crops by the RAS-oriented volume itself."""
         with torch.no_grad():
-            mask = (self._file_order(source.detach()) > 0).any(dim=1).any(dim=0)
+            source = source.detach() if self.brats else self._file_order(source.detach())
+            mask = (source > 0).any(dim=1).any(dim=0)
             if not bool(mask.any()):
                 raise InputError("the first input volume has no voxel above 0{}: the MONAIAuto3DSeg script's "
                                  "foreground crop would leave nothing".format(
@@ -250,10 +317,13 @@ class Auto3DSegModel(SegmentationModel):
                 channels, volume.shape[1]))
         volume = volume.to(self.device)
         full_shape = tuple(int(n) for n in volume.shape[2:])
-        inputs = torch.cat([normalize_intensity(volume[:, c:c + 1], steps)
-                            for c, steps in enumerate(self.channel_intensity)], dim=1)
+        inputs = volume if self.brats else self._normalised(volume)
         affine, box, backward = self.input_affine, None, None
-        if self.crop_foreground:  # the script's image1: normalised before the concatenation of several volumes
+        if self.brats and self.crop_foreground:
+            box = self.crop_box(volume)
+            inputs = crop(inputs, box)
+            affine = shifted(affine, [start for start, _ in box])
+        elif self.crop_foreground:  # the script's image1: normalised before the concatenation of several volumes
             box = self.crop_box(volume[:, :1] if channels == 1 else inputs[:, :1])
             inputs = crop(inputs, box)
             affine = shifted(affine, [start for start, _ in box])
@@ -267,16 +337,23 @@ class Auto3DSegModel(SegmentationModel):
                 network_affine, forward, _ = grid
                 inputs = resample_axes(inputs, forward, "bilinear")
                 backward = self._nearest(network_affine, tuple(int(n) for n in inputs.shape[2:]), affine, shape)
+        if self.brats:
+            inputs = self._normalised(inputs)
         plan = {"box": box, "full_shape": full_shape, "backward": backward, "device": volume.device,
                 "network_size": tuple(inputs.shape[2:])}
         return inputs, plan
+
+    def _normalised(self, volume):
+        """Each channel through its intensity steps."""
+        return torch.cat([normalize_intensity(volume[:, c:c + 1], steps)
+                          for c, steps in enumerate(self.channel_intensity)], dim=1)
 
     def restore(self, outputs, plan):
         """Activated outputs on the network grid → outputs on the input's grid, as the script brings its labels
         back: nearest neighbour, background outside the crop, then the largest components where it keeps them."""
         # MONAI takes several sigmoid channels as one-hot and keeps components in channels 1.. only: not the saved one
         keep = self.keep_components and (self.activation != "sigmoid" or outputs.shape[1] == 1)
-        if self.activation == "sigmoid":
+        if self.activation == "sigmoid":  # not the BraTS branch: its activation is its regions
             outputs = outputs[:, :1]
         if plan["backward"] is not None:
             outputs = back_by_nearest(outputs, plan["backward"])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .outputs import check_activation, label_count, predict_labels
+from .outputs import Regions, check_activation, label_count, predict_labels
 from .steps import apply_step, check_steps, default_steps, step_text
 from .windowed import (GRADIENT_MODES, is_nnunet_window, sliding_window_outputs, window_plan, window_settings,
                        window_vjp)
@@ -605,7 +605,8 @@ class ModelReport:
             network += ", {} input channel(s)".format(self.network_in_channels)
         out.append(network)
         if self.declared_activation:
-            agree = "agree" if self.declared_activation == self.detected_activation else \
+            as_detected = "sigmoid" if isinstance(self.declared_activation, Regions) else self.declared_activation
+            agree = "agree" if as_detected == self.detected_activation else \
                 "look like {}: check the declaration".format(self.detected_activation)
             out.append("outputs: {} (declared; the outputs on this volume {})".format(self.declared_activation,
                                                                                       agree))

@@ -14,7 +14,10 @@ an image with SimpleITK (array axes k, j, i of the file's voxel grid, no reorien
    axis (built with the same scipy calls), so gradients flow through it exactly;
 5. pads to the patch size, predicts tile by tile (``tile_step_size``, Gaussian importance), averaging the mirrored
    predictions (test-time mirroring) and the folds;
-6. resamples the logits back to the cropped grid (order 1), applies softmax, puts them back into the uncropped volume (background outside) and transposes back.
+6. resamples the logits back to the cropped grid (order 1), applies softmax, puts them back into the uncropped
+   volume (background outside) and transposes back. A region-based model (BraTS-style: dataset.json's labels name
+   regions, sets of labels, and ``regions_class_order`` the label each region paints) applies a sigmoid instead,
+   every region 0 outside the crop, and paints the regions' labels in order where they exceed 0.5.
 
 Here the same runs on the network-convention tensor: it is turned back into the file's (k, j, i) array first, and
 the outputs back into the network convention. The networks are built from the plans with
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .outputs import Regions
 from .windowed import window_plan
 from .models import Label, ModelDescription, PALETTE, SegmentationModel, TRUST_HINT, UnsafeCheckpoint, grid_spacing
 
@@ -117,7 +121,7 @@ class NNUNetPlans:
         self._check_normalisation()
         self.data_resampling = self._resampling("data")
         self.output_resampling = self._resampling("probabilities")
-        self.labels = self._labels()
+        self.labels, self.regions = self._labels()
 
     def required(self, key):
         """A key of the configuration nnU-Net cannot predict without: its value, or an error naming it."""
@@ -208,22 +212,42 @@ class NNUNetPlans:
         return settings
 
     def _labels(self):
+        """Label names by value (0, 1, ...), and the :class:`Regions` of a region-based model (else None)."""
+        where = self.folder / "dataset.json"
         labels = self.dataset.get("labels")
         if not isinstance(labels, dict) or not labels:
-            raise NNUNetError("{}: no labels".format(self.folder / "dataset.json"))
+            raise NNUNetError("{}: no labels".format(where))
+        labels = {name: value for name, value in labels.items() if name != "ignore"}
         if any(isinstance(value, (list, tuple)) and len(value) > 1 for value in labels.values()):
-            raise NNUNetError("{}: a region-based model (labels made of several classes, sigmoid outputs); not "
-                              "supported yet".format(self.folder / "dataset.json"))
+            return self._region_labels(labels, where)
         by_value = {int(value[0] if isinstance(value, (list, tuple)) else value): name
-                    for name, value in labels.items() if name != "ignore"}
+                    for name, value in labels.items()}
         if sorted(by_value) != list(range(len(by_value))):
             raise NNUNetError("{}: labels {} are not 0, 1, 2, ... without gaps, as nnU-Net requires".format(
-                self.folder / "dataset.json", sorted(by_value)))
-        return [by_value[value] for value in range(len(by_value))]
+                where, sorted(by_value)))
+        return [by_value[value] for value in range(len(by_value))], None
+
+    def _region_labels(self, labels, where):
+        """A region-based model: one sigmoid output per region (in dataset.json's order, background left out);
+        label ``regions_class_order[i]`` is named after region i."""
+        order = self.dataset.get("regions_class_order")
+        regions = [(name, tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value])))
+                   for name, value in labels.items()]
+        regions = [(name, region) for name, region in regions if set(region) != {0}]
+        if not isinstance(order, list) or len(order) != len(regions):
+            raise NNUNetError("{}: a region-based model needs regions_class_order with one label per region ({} "
+                              "regions: {}), got {!r}".format(where, len(regions),
+                                                             ", ".join(name for name, _ in regions), order))
+        order = [int(value) for value in order]
+        names = {0: "background"}
+        names.update({label: name for (name, _), label in zip(regions, order)})
+        count = max(names) + 1
+        by_value = [names.get(value, "label {}".format(value)) for value in range(count)]
+        return by_value, Regions(tuple(region for _, region in regions), tuple(order))
 
     @property
     def output_channels(self):
-        return len(self.labels)
+        return len(self.regions.regions) if self.regions else len(self.labels)
 
     @property
     def network_class(self):
@@ -245,8 +269,9 @@ class NNUNetPlans:
                 "patch {} tile step {:g}, Gaussian importance; mirroring {}; folds {}".format(
                     "x".join(str(s) for s in self.patch_size), tile_step_size,
                     "along axes {}".format(list(mirror_axes)) if mirror_axes else "off", ", ".join(folds)),
-                "logits back to the cropped grid (order {}), softmax, background outside the crop".format(
-                    back["order"]),
+                "logits back to the cropped grid (order {}), {}".format(
+                    back["order"], "sigmoid, every region 0 outside the crop" if self.regions
+                    else "softmax, background outside the crop"),
                 "transpose back {}".format(self.transpose_backward)]
 
 
@@ -585,7 +610,7 @@ class NNUNetModel(SegmentationModel):
         self.nnunet_rounding = True
         self.fold_names = list(fold_names)
 
-    fixed_activation = True  # softmax, as nnU-Net's predictor applies it
+    fixed_activation = True  # softmax, or sigmoid for regions, as nnU-Net's predictor applies them
 
     def pipeline_steps(self):
         return self.plans.steps(self.network.mirror_axes, self.fold_names, self.tile_step_size)
@@ -700,9 +725,11 @@ class NNUNetModel(SegmentationModel):
         resampled = back(outputs)
         if not back.identity and self.nnunet_rounding:  # nnU-Net: float16 logits, float64 maths, float16 out
             resampled = straight_through(resampled, back.reference(outputs, np.float16))
-        probabilities = torch.softmax(resampled, dim=1)
+        regions = self.plans.regions is not None
+        probabilities = torch.sigmoid(resampled) if regions else torch.softmax(resampled, dim=1)
         full = probabilities.new_zeros((1, probabilities.shape[1]) + tuple(plan["full_shape"]))
-        full[:, 0] = 1.0
+        if not regions:
+            full[:, 0] = 1.0
         inside = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in plan["box"])
         full = _paste(full, probabilities, inside)
         backward = self.plans.transpose_backward
@@ -759,7 +786,7 @@ def load_nnunet(folder, folds=None, mirroring=True, trust_checkpoint=False, tile
     labels = [Label(value, name, PALETTE[value % len(PALETTE)]) for value, name in enumerate(plans.labels)]
     description = ModelDescription(
         name=trained.parent.name if trained.parent.name.startswith("Dataset") else trained.name,
-        labels=labels, output_activation="softmax", in_channels=len(plans.channels),
+        labels=labels, output_activation=plans.regions or "softmax", in_channels=len(plans.channels),
         intensity={"type": "nnU-Net", "schemes": plans.schemes, "use_mask_for_norm": plans.use_mask},
         window={"roi_size": plans.patch_size, "style": "nnunet", "tile_step_size": float(tile_step_size)},
         notes="nnU-Net v2 {} ({} configuration)".format(trained.name, plans.configuration_name))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..evaluation.metrics import dice_per_label, mean_dice
 from ..networks.models import as_segmentation_model
-from ..networks.outputs import label_count, predict_labels, voxel_loss
+from ..networks.outputs import Regions, label_count, predict_labels, voxel_loss
 from .base import Probe
 from .parameters import check_parameters, describe_parameter, parameter, parameter_fields, seed_parameter, value_text
 
@@ -129,6 +129,10 @@ def class_scores(outputs, activation):
         return outputs
     if activation == "softmax":
         return torch.log(outputs.clamp_min(_TINY))
+    if isinstance(activation, Regions):
+        raise InputError("this attack needs one score per label; a region-based network scores overlapping "
+                         "regions ({}): use an attack on the cross-entropy (fgsm, pgd, apgd-ce, segpgd)".format(
+                             activation))
     probabilities = outputs.clamp(1e-7, 1.0 - 1e-7)
     foreground = torch.log(probabilities) - torch.log1p(-probabilities)
     return torch.cat([torch.zeros_like(foreground[:, :1]), foreground], dim=1)

@@ -1,6 +1,7 @@
-"""Train the small nnU-Net v2 model shipped beside this script, with nnU-Net's own tools (not run by CI).
+"""Train the small nnU-Net v2 models shipped beside this script, with nnU-Net's own tools (not run by CI).
 
-    .venv/bin/python Testing/Data/nnUNet/make_model.py WORK_DIR
+    .venv/bin/python Testing/Data/nnUNet/make_model.py WORK_DIR            # Dataset101_MedAdvTiny, folds 0 and 1
+    .venv/bin/python Testing/Data/nnUNet/make_model.py WORK_DIR --regions  # Dataset102_MedAdvTinyRegions, fold 0
 
 Six training cases are made from the nilearn wheel's MNI152 T1 and its grey/white matter maps, block-averaged to
 2 mm (labels: background, other brain, grey matter, white matter), each cropped, scaled and noised differently.
@@ -10,6 +11,10 @@ preprocessed again, and folds 0 and 1 trained (``nnUNetv2_train -device cpu``) b
 ``nnUNetTrainer`` only in its schedule (fewer epochs and iterations). The trained folder is copied here as
 ``nnUNetTrainer__nnUNetPlans__3d_fullres``, the checkpoints' ``trainer_name`` set to ``nnUNetTrainer`` (which builds
 the same network), so nnU-Net's own predictor loads it without the schedule-only trainer.
+
+``--regions`` trains a region-based model on the same cases, as nnU-Net trains BraTS: dataset.json names three
+nested regions (brain = labels 1-3, grey or white matter = 2-3, white matter = 3) and ``regions_class_order``
+[1, 2, 3], so the network has one sigmoid output per region; only fold 0 is trained.
 """
 import json
 import os
@@ -24,6 +29,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATASET = "Dataset101_MedAdvTiny"
+LABELS = {"background": 0, "other brain": 1, "grey matter": 2, "white matter": 3}
+REGIONS_DATASET = "Dataset102_MedAdvTinyRegions"
+REGIONS = {"background": 0, "brain": [1, 2, 3], "grey or white matter": [2, 3], "white matter": [3]}
 TRAINER = "nnUNetTrainerMedAdvTiny"
 EPOCHS, ITERATIONS = 12, 20
 TRAINER_SOURCE = '''
@@ -54,7 +62,7 @@ def block_mean(array):
     return array.reshape(shape[0] // 2, 2, shape[1] // 2, 2, shape[2] // 2, 2).mean(axis=(1, 3, 5))
 
 
-def write_cases(raw):
+def write_cases(raw, regions=False):
     t1, affine = mni("t1")
     grey, white = block_mean(mni("gm")[0]), block_mean(mni("wm")[0])
     t1 = block_mean(t1)
@@ -75,10 +83,11 @@ def write_cases(raw):
         name = "case_{:03d}".format(case)
         nib.save(nib.Nifti1Image(image.astype(np.float32), matrix), str(raw / "imagesTr" / (name + "_0000.nii.gz")))
         nib.save(nib.Nifti1Image(labels[box].astype(np.uint8), matrix), str(raw / "labelsTr" / (name + ".nii.gz")))
-    (raw / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "T1"},
-        "labels": {"background": 0, "other brain": 1, "grey matter": 2, "white matter": 3},
-        "numTraining": 6, "file_ending": ".nii.gz"}, indent=2))
+    dataset = {"channel_names": {"0": "T1"}, "labels": REGIONS if regions else LABELS, "numTraining": 6,
+               "file_ending": ".nii.gz"}
+    if regions:
+        dataset["regions_class_order"] = [1, 2, 3]
+    (raw / "dataset.json").write_text(json.dumps(dataset, indent=2))
 
 
 def shrink_plans(path):
@@ -93,44 +102,47 @@ def shrink_plans(path):
     path.write_text(json.dumps(plans, indent=2))
 
 
-def main(work):
+def main(work, regions=False):
     work = Path(work).resolve()
+    dataset, number = (REGIONS_DATASET, "102") if regions else (DATASET, "101")
+    folds = ("0",) if regions else ("0", "1")
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                nnUNet_results=str(work / "results"), nnUNet_n_proc_DA="2")
     bin_dir = Path(sys.executable).parent
     import nnunetv2
     trainer_file = Path(nnunetv2.__file__).parent / "training" / "nnUNetTrainer" / (TRAINER + ".py")
     trainer_file.write_text(TRAINER_SOURCE.format(name=TRAINER, epochs=EPOCHS, iterations=ITERATIONS))
-    if not (work / "raw").exists():
-        write_cases(work / "raw" / DATASET)
+    if not (work / "raw" / dataset).exists():
+        write_cases(work / "raw" / dataset, regions)
 
     def run(*command):
         subprocess.run([str(bin_dir / command[0])] + list(command[1:]), env=env, check=True)
 
-    if not (work / "preprocessed").exists():
-        run("nnUNetv2_plan_and_preprocess", "-d", "101", "-c", "3d_fullres", "-np", "2")
-        shrink_plans(work / "preprocessed" / DATASET / "nnUNetPlans.json")
-        shutil.rmtree(work / "preprocessed" / DATASET / "nnUNetPlans_3d_fullres")
-        run("nnUNetv2_preprocess", "-d", "101", "-c", "3d_fullres", "-np", "2")
-    for fold in ("0", "1"):
-        run("nnUNetv2_train", "101", "3d_fullres", fold, "-tr", TRAINER, "-device", "cpu")
-    ship(work / "results" / DATASET / (TRAINER + "__nnUNetPlans__3d_fullres"))
+    if not (work / "preprocessed" / dataset).exists():
+        run("nnUNetv2_plan_and_preprocess", "-d", number, "-c", "3d_fullres", "-np", "2")
+        shrink_plans(work / "preprocessed" / dataset / "nnUNetPlans.json")
+        shutil.rmtree(work / "preprocessed" / dataset / "nnUNetPlans_3d_fullres")
+        run("nnUNetv2_preprocess", "-d", number, "-c", "3d_fullres", "-np", "2")
+    for fold in folds:
+        run("nnUNetv2_train", number, "3d_fullres", fold, "-tr", TRAINER, "-device", "cpu")
+    ship(work / "results" / dataset / (TRAINER + "__nnUNetPlans__3d_fullres"), dataset, folds)
 
 
-def ship(trained):
+def ship(trained, dataset, folds):
     import torch
-    target = HERE / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    target = HERE / dataset / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     for name in ("dataset.json", "plans.json", "dataset_fingerprint.json"):
         shutil.copy(trained / name, target / name)
-    for fold in ("fold_0", "fold_1"):
-        checkpoint = torch.load(trained / fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for fold in folds:
+        checkpoint = torch.load(trained / "fold_{}".format(fold) / "checkpoint_final.pth", map_location="cpu",
+                                weights_only=False)
         checkpoint["trainer_name"] = "nnUNetTrainer"
-        (target / fold).mkdir()
-        torch.save(checkpoint, target / fold / "checkpoint_final.pth")
+        (target / "fold_{}".format(fold)).mkdir()
+        torch.save(checkpoint, target / "fold_{}".format(fold) / "checkpoint_final.pth")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], regions="--regions" in sys.argv[2:])
