@@ -51,7 +51,7 @@ def test_metrics_csv_rows_and_columns(demo_run):
         rows = list(csv.DictReader(stream))
     assert list(rows[0]) == ["model", "probe", "epsilon", "label", "dice_reference", "dice_clean", "linf", "l2",
                              "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference",
-                             "hd95_clean", "asd_clean"]
+                             "hd95_clean", "asd_clean", "nsd_reference", "nsd_clean"]
     assert [(row["epsilon"], row["label"]) for row in rows] == [
         (eps, label) for eps in ("0.0", "0.01", "0.03") for label in ("CSF", "grey matter", "white matter", "mean")]
     clean = [row for row in rows if row["epsilon"] == "0.0"]
@@ -70,6 +70,8 @@ def test_surface_distances_and_ssim_grow_with_the_attack(demo_run):
     assert float(clean["hd95_clean"]) == 0 and float(clean["asd_clean"]) == 0 and float(clean["ssim"]) == 1
     assert 0 < float(clean["hd95_reference"]) and 0 < float(clean["asd_reference"]) < float(clean["hd95_reference"])
     assert 0 < float(weak["asd_clean"]) < float(strong["asd_clean"])
+    assert float(clean["nsd_clean"]) == 1 and 0 < float(clean["nsd_reference"]) < 1
+    assert 1 > float(weak["nsd_clean"]) > float(strong["nsd_clean"]) > 0
     assert float(clean["asd_reference"]) < float(strong["asd_reference"])
     assert 1 > float(weak["ssim"]) > float(strong["ssim"]) > 0
 

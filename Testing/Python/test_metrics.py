@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from MedAdvRobustnessLib.evaluation.metrics import dice_per_label, mean_dice, perturbation_metrics, structural_similarity, \
-    surface_distances_per_label
+from MedAdvRobustnessLib.evaluation.metrics import SURFACE_TOLERANCE_MM, LabelSurfaces, dice_per_label, mean_dice, \
+    perturbation_metrics, structural_similarity, surface_distances_per_label
 
 
 def cube_labels():
@@ -35,13 +35,13 @@ def test_surface_distances_use_the_spacing():
     distances = surface_distances_per_label(shifted, reference, 3, spacing=(2.0, 1.0, 1.0))
     assert distances[1]["hd95"] == pytest.approx(4.0)
     assert 0.0 < distances[1]["asd"] < 4.0
-    assert distances[2] == {"hd95": None, "asd": None}
+    assert distances[2] == {"hd95": None, "asd": None, "nsd": 0.0}, "label 2 is in the reference only"
     same = surface_distances_per_label(reference, reference, 3, spacing=(1.0, 1.0, 1.0))
-    assert same[1] == {"hd95": 0.0, "asd": 0.0}
+    assert same[1] == {"hd95": 0.0, "asd": 0.0, "nsd": 1.0}
 
 
 def test_surface_distances_match_monai_on_the_sample_tissue_map():
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
     from monai.networks.utils import one_hot
     from MedAdvRobustnessLib.sample import SAMPLE_LABELS
     import nibabel
@@ -50,7 +50,14 @@ def test_surface_distances_match_monai_on_the_sample_tissue_map():
     prediction[torch.rand(reference.shape, generator=torch.Generator().manual_seed(0)) < 0.01] = 2
     spacing = (2.0, 1.5, 1.0)
     ours = surface_distances_per_label(prediction, reference, 4, spacing)
+    tolerant = LabelSurfaces(prediction, 4, spacing).distances_to(LabelSurfaces(reference, 4, spacing), 1.5)
     as_one_hot = [one_hot(labels[None, None], 4) for labels in (prediction, reference)]
+    for tolerance, computed in ((SURFACE_TOLERANCE_MM, ours), (1.5, tolerant)):
+        nsd = compute_surface_dice(*as_one_hot, [tolerance] * 3, spacing=spacing)[0]
+        for value in (1, 2, 3):
+            assert computed[value]["nsd"] == pytest.approx(float(nsd[value - 1]), rel=1e-6)
+        print("surface Dice at {} mm: {}".format(tolerance, [round(computed[v]["nsd"], 4) for v in (1, 2, 3)]))
+    assert 0 < tolerant[1]["nsd"] < ours[1]["nsd"] < 1, "a wider tolerance counts more of the shifted surface"
     hd95 = compute_hausdorff_distance(*as_one_hot, percentile=95, spacing=spacing)[0]
     asd = compute_average_surface_distance(*as_one_hot, symmetric=True, spacing=spacing)[0]
     for value in (1, 2, 3):

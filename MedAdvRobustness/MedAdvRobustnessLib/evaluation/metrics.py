@@ -1,8 +1,10 @@
-"""Segmentation agreement (MONAI's Dice) and perturbation size metrics."""
+"""Segmentation agreement (MONAI's Dice, surface distances and surface Dice) and perturbation size metrics."""
 import math
 
 import numpy as np
 import torch
+
+SURFACE_TOLERANCE_MM = 2.0  # the default tolerance of the surface Dice (normalised surface distance)
 
 
 def dice_per_label(prediction, reference, label_count):
@@ -51,17 +53,24 @@ class LabelSurfaces:
             self._distance[value] = distance_transform_edt((~self.edges[value])[None], sampling=self.spacing)[0]
         return self._distance[value]
 
-    def distances_to(self, other):
-        """Per foreground label {"hd95", "asd"} between this map's surfaces and ``other``'s (symmetric)."""
+    def distances_to(self, other, tolerance=SURFACE_TOLERANCE_MM):
+        """Per foreground label {"hd95", "asd", "nsd"} between this map's surfaces and ``other``'s (symmetric).
+
+        ``nsd``: the surface Dice at ``tolerance`` mm, the fraction of both surfaces' voxels within ``tolerance``
+        of the other surface (MONAI's ``compute_surface_dice``): 0 where the label is in one map only, None where
+        it is in neither; hd95 and asd are None where it is missing from either."""
         distances = {}
         for value in range(1, self.label_count):
             if value not in self.edges or value not in other.edges:
-                distances[value] = {"hd95": None, "asd": None}
+                present = value in self.edges or value in other.edges
+                distances[value] = {"hd95": None, "asd": None, "nsd": 0.0 if present else None}
                 continue
             directed = [other.distance(value)[self.edges[value]], self.distance(value)[other.edges[value]]]
             hd95 = max(float(np.percentile(d, 95)) for d in directed)
             asd = float(np.concatenate(directed).astype(np.float64).mean())
-            distances[value] = {"hd95": _finite_or_none(hd95), "asd": _finite_or_none(asd)}
+            within = sum(int((d <= tolerance).sum()) for d in directed)
+            distances[value] = {"hd95": _finite_or_none(hd95), "asd": _finite_or_none(asd),
+                                "nsd": within / sum(len(d) for d in directed)}
         return distances
 
 

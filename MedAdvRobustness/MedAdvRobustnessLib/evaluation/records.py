@@ -9,7 +9,7 @@ from ..probes.corruptions import rood_summary
 
 METRIC_COLUMNS = ("model", "probe", "strength", "label", "dice_reference", "dice_clean", "linf", "l2",
                   "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference", "hd95_clean",
-                  "asd_clean")
+                  "asd_clean", "nsd_reference", "nsd_clean")
 
 
 def metric_columns(strength_name):

@@ -12,12 +12,13 @@ from ..networks.models import as_segmentation_model
 from ..networks.outputs import predict_labels
 from ..probes.attacks import check_cancel
 from ..probes.corruptions import spacing_from_affine
-from .metrics import LabelSurfaces, dice_per_label, mean_dice, perturbation_metrics, structural_similarity
+from .metrics import (SURFACE_TOLERANCE_MM, LabelSurfaces, dice_per_label, mean_dice, perturbation_metrics,
+                      structural_similarity)
 from .records import Outcome, RobustnessResult
 
 
 def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is_cancelled=None, region=None,
-              target=None):
+              target=None, surface_tolerance=SURFACE_TOLERANCE_MM):
     """Apply ``probe`` to ``volume`` at each strength; labels for attacks are ``reference`` if given, else the clean
     prediction.
 
@@ -26,6 +27,7 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     an attack's perturbation stays inside it, an intensity corruption is applied inside it only (a probe that moves
     the anatomy is refused). ``target`` (integer labels) makes an attack targeted.
     ``progress(fraction, message)`` reports the work done; ``is_cancelled()`` stops between iterations.
+    ``surface_tolerance`` (mm): the tolerance of the surface Dice columns (``nsd_*``).
     """
     model = as_segmentation_model(model)
     strengths = probe.check_strengths(strengths)
@@ -45,7 +47,8 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
         check_cancel(is_cancelled)
         outcomes.append(probe.outcome(sweep, strength, _reporter(probe, strength, index, len(strengths), progress)))
     model_name = model.description.name
-    rows = metric_rows(model_name, probe.name, volume, sweep.labels, reference, outcomes, probe.strength_name)
+    rows = metric_rows(model_name, probe.name, volume, sweep.labels, reference, outcomes, probe.strength_name,
+                       surface_tolerance)
     return RobustnessResult(model_name, probe.name, volume, sweep.labels, reference, outcomes, rows,
                             probe.strength_name, probe.strength_label)
 
@@ -87,11 +90,13 @@ class Sweep:
         return Outcome(strength, probed[0, 0].numpy(), self.model.predict(probed)[0].numpy(), record)
 
 
-def metric_rows(model_name, probe_name, volume, labels, reference, outcomes, strength_name="epsilon"):
+def metric_rows(model_name, probe_name, volume, labels, reference, outcomes, strength_name="epsilon",
+                surface_tolerance=SURFACE_TOLERANCE_MM):
     """One row per (strength, foreground label) plus a ``mean`` row per strength; None where not applicable.
 
-    Dice and surface distances (HD95, symmetric mean surface distance, mm) against the reference and the clean
-    prediction; perturbation size and SSIM of the probed volume against the clean one.
+    Dice, surface distances (HD95, symmetric mean surface distance, mm) and surface Dice (at ``surface_tolerance``
+    mm) against the reference and the clean prediction; perturbation size and SSIM of the probed volume against
+    the clean one.
     """
     low, high = volume.intensity_range
     spacing = spacing_from_affine(volume.affine)
@@ -106,7 +111,7 @@ def metric_rows(model_name, probe_name, volume, labels, reference, outcomes, str
             versus["reference"] = outcome.reference if outcome.reference is not None else reference
         dice = {name: dice_per_label(prediction, torch.from_numpy(other), len(labels))
                 for name, other in versus.items()}
-        distances = {name: surfaces.of(outcome.prediction).distances_to(surfaces.of(other))
+        distances = {name: surfaces.of(outcome.prediction).distances_to(surfaces.of(other), surface_tolerance)
                      for name, other in versus.items()}
         probed = torch.from_numpy(outcome.probed)
         common = dict(model=model_name, probe=probe_name, **perturbation_metrics(original, probed, high - low))
@@ -116,13 +121,13 @@ def metric_rows(model_name, probe_name, volume, labels, reference, outcomes, str
             row = dict(common, label=label.name)
             for name in ("reference", "clean"):
                 row["dice_" + name] = dice[name][label.value] if name in dice else None
-                for metric in ("hd95", "asd"):
+                for metric in ("hd95", "asd", "nsd"):
                     row[metric + "_" + name] = distances[name][label.value][metric] if name in distances else None
             rows.append(row)
         mean = dict(common, label="mean")
         for name in ("reference", "clean"):
             mean["dice_" + name] = mean_dice(dice[name]) if name in dice else None
-            for metric in ("hd95", "asd"):
+            for metric in ("hd95", "asd", "nsd"):
                 mean[metric + "_" + name] = (_mean_or_none([d[metric] for d in distances[name].values()])
                                              if name in distances else None)
         rows.append(mean)

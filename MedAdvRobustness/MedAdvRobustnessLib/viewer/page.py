@@ -20,6 +20,7 @@ METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("severity", "severity", "{:g}"), (
                   ("dice_reference", "Dice ref", "{:.3f}"), ("dice_clean", "Dice clean", "{:.3f}"),
                   ("hd95_reference", "HD95 ref mm", "{:.1f}"), ("asd_reference", "ASD ref mm", "{:.2f}"),
                   ("hd95_clean", "HD95 clean mm", "{:.1f}"), ("asd_clean", "ASD clean mm", "{:.2f}"),
+                  ("nsd_reference", "surface Dice ref", "{:.3f}"), ("nsd_clean", "surface Dice clean", "{:.3f}"),
                   ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"), ("psnr", "PSNR dB", "{:.1f}"),
                   ("ssim", "SSIM", "{:.3f}"))
 HIDDEN_METRIC_COLUMNS = ("model", "probe", "attack", "linf_fraction", "l2_fraction")  # attack: older scenes
