@@ -122,3 +122,48 @@ def test_readme_layout_table_matches_the_tree():
     on_disk = {path.stem for path in LIBRARY.glob("*/*.py") if path.stem != "__init__"}
     on_disk |= {path.stem for path in LIBRARY.glob("*.py") if path.stem != "__init__"}
     assert on_disk <= modules, sorted(on_disk - modules)
+
+
+def python39_problems(path):
+    """What in ``path`` Python 3.9 (the Python of Slicer 5.8) cannot run: syntax newer than 3.9, ``X | Y``
+    annotations evaluated at definition time (no ``from __future__ import annotations``), ``zip(strict=...)`` and
+    ``dataclass(slots=..., kw_only=...)``."""
+    import ast
+    source = path.read_text()
+    try:
+        tree = ast.parse(source, filename=str(path), feature_version=(3, 9))
+    except SyntaxError as error:
+        return ["{}:{}: syntax newer than Python 3.9: {}".format(path.name, error.lineno, error.msg)]
+    postponed = "from __future__ import annotations" in source
+    annotations = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            annotations += [a.annotation for a in arguments if a.annotation] + [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    problems = []
+    if not postponed:
+        problems += ["{}:{}: an X | Y annotation".format(path.name, item.lineno) for annotation in annotations
+                     if annotation is not None for item in ast.walk(annotation)
+                     if isinstance(item, ast.BinOp) and isinstance(item.op, ast.BitOr)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            newer = {"zip": {"strict"}, "dataclass": {"slots", "kw_only"}}.get(name, set())
+            problems += ["{}:{}: {}({}=...) needs Python 3.10".format(path.name, node.lineno, name, keyword.arg)
+                         for keyword in node.keywords if keyword.arg in newer]
+    return problems
+
+
+def test_the_library_and_the_module_run_on_slicer_5_8_s_python_3_9(tmp_path):
+    files = sorted(LIBRARY.rglob("*.py")) + [LIBRARY.parent / "MedAdvRobustness.py"]
+    problems = [problem for path in files for problem in python39_problems(path)]
+    assert not problems, problems
+    found = []
+    for index, text in enumerate(("def f(x: int | None): pass\n", "match x:\n    case 1: pass\n",
+                                  "zip(a, b, strict=True)\n")):
+        sample = tmp_path / "sample{}.py".format(index)
+        sample.write_text(text)
+        found.append(python39_problems(sample))
+    assert all(len(problems) == 1 for problems in found), found
