@@ -5,7 +5,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..networks.models import Label
-from ..probes.corruptions import rood_summary
+from ..probes.corruptions import rood_summary, spacing_from_affine
 
 METRIC_COLUMNS = ("model", "probe", "strength", "label", "dice_reference", "dice_clean", "linf", "l2",
                   "linf_fraction", "l2_fraction", "psnr", "ssim", "hd95_reference", "asd_reference", "hd95_clean",
@@ -43,6 +43,11 @@ class RobustnessResult:
     rows: List[dict]
     strength_name: str = "epsilon"
     strength_label: str = "epsilon (fraction of intensity range)"
+    clean_entropy: Optional[np.ndarray] = None  # per voxel, of the clean outputs (nats)
+
+    @property
+    def spacing(self):
+        return spacing_from_affine(self.volume.affine)
 
     @property
     def clean(self):

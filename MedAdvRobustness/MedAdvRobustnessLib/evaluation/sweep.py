@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InputError
 from ..networks.models import as_segmentation_model
-from ..networks.outputs import predict_labels
+from ..networks.outputs import predict_labels, prediction_entropy
 from ..probes.attacks import check_cancel
 from ..probes.corruptions import spacing_from_affine
 from .metrics import (SURFACE_TOLERANCE_MM, LabelSurfaces, dice_per_label, mean_dice, perturbation_metrics,
@@ -50,7 +50,7 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     rows = metric_rows(model_name, probe.name, volume, sweep.labels, reference, outcomes, probe.strength_name,
                        surface_tolerance)
     return RobustnessResult(model_name, probe.name, volume, sweep.labels, reference, outcomes, rows,
-                            probe.strength_name, probe.strength_label)
+                            probe.strength_name, probe.strength_label, sweep.clean_entropy)
 
 
 def _reporter(probe, strength, index, count, progress):
@@ -78,6 +78,7 @@ class Sweep:
             clean_outputs = model(self.inputs)
         self.labels = model.labels(clean_outputs)
         self.clean_prediction = predict_labels(clean_outputs, model.activation)[0].numpy()
+        self.clean_entropy = prediction_entropy(clean_outputs.float(), model.activation)[0].numpy()
         self.region = None if region is None else torch.from_numpy(np.asarray(region) != 0)[None]
         self.target = None if target is None else torch.from_numpy(np.asarray(target).astype(np.int64))[None]
         self.bounds = volume.intensity_range

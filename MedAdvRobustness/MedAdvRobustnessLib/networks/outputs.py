@@ -93,3 +93,13 @@ def voxel_loss(outputs, labels, activation):
         target = F.one_hot(labels, outputs.shape[1] + 1).movedim(-1, 1)[:, 1:].to(outputs.dtype)
     probabilities = outputs.clamp(_TINY, 1.0 - 1e-7)
     return F.binary_cross_entropy(probabilities, target, reduction="none").sum(dim=1)
+
+
+def prediction_entropy(outputs, activation):
+    """Per-voxel entropy in nats (B, *spatial) of what the outputs predict: over the labels for logits and softmax,
+    the sum of the channels' binary entropies for sigmoid outputs and regions."""
+    if check_activation(activation) in ("logits", "softmax"):
+        probabilities = torch.softmax(outputs, dim=1) if activation == "logits" else outputs
+        return -(probabilities * torch.log(probabilities.clamp_min(_TINY))).sum(dim=1)
+    probabilities = outputs.clamp(_TINY, 1.0 - 1e-7)
+    return -(probabilities * torch.log(probabilities) + (1 - probabilities) * torch.log1p(-probabilities)).sum(dim=1)

@@ -1,0 +1,123 @@
+"""Fragility maps, fragile structures and whether fragility finds the network's errors, on the demo network and
+its sample (a real sweep), each checked against an independent computation."""
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from MedAdvRobustnessLib import Volume, load_model, make_probe, run_sweep
+from MedAdvRobustnessLib.evaluation.fragility import (auroc, critical_strength, fragility_map, fragility_summary,
+                                                      instability_map, largest_cluster_centre, middle_strength,
+                                                      structure_rows, top_error_fraction, unstable_labels)
+from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
+
+EPSILONS = [0.005, 0.01, 0.02]
+
+
+class CountingNetwork(torch.nn.Module):
+    """The demo network, counting its forward passes."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.calls = network, 0
+
+    def forward(self, inputs):
+        self.calls += 1
+        return self.network(inputs)
+
+
+@pytest.fixture(scope="module")
+def demo_sweep():
+    image = nib.load(str(SAMPLE_VOLUME))
+    volume = Volume.from_array(image.get_fdata(), image.affine, name="sample")
+    reference = np.asarray(nib.load(str(SAMPLE_LABELS)).dataobj).astype(np.int64)
+    model = load_model("demo")
+    model.network = CountingNetwork(model.network)
+    result = run_sweep(model, volume, make_probe("fgsm"), EPSILONS, reference=reference)
+    return model, result, reference
+
+
+def test_the_map_is_the_first_strength_at_which_each_voxel_changes(demo_sweep):
+    model, result, _ = demo_sweep
+    calls = model.network.calls
+    fragility = fragility_map(result)
+    rows = structure_rows(result)
+    assert model.network.calls == calls, "the map and the table come from the sweep's predictions only"
+    clean = result.clean.prediction
+    changed = np.stack([outcome.prediction != clean for outcome in result.outcomes[1:]])
+    first = np.where(changed.any(axis=0), np.asarray(EPSILONS, np.float32)[changed.argmax(axis=0)], 0.0)
+    assert fragility.dtype == np.float32 and fragility.shape == clean.shape
+    assert np.array_equal(fragility, first)
+    counts = [int((fragility == eps).sum()) for eps in EPSILONS]
+    print("voxels first changed at", dict(zip(EPSILONS, counts)), "never:", int((fragility == 0).sum()))
+    assert all(count > 0 for count in counts)
+    by_name = {row["label"]: row for row in rows}
+    for metric_row in result.rows:  # the table's Dice equals MONAI's, from the sweep's metric rows
+        if metric_row["epsilon"] > 0 and metric_row["label"] in by_name:
+            assert by_name[metric_row["label"]]["dice_{:g}".format(metric_row["epsilon"])] == \
+                pytest.approx(metric_row["dice_clean"], abs=1e-6)  # MONAI: float32
+    for row in rows:
+        mine = clean == row["value"]
+        assert row["voxels"] == int(mine.sum())
+        # at the smallest strength, the voxels changed are those the map gives that strength
+        assert row["changed_0.005"] == pytest.approx(float((fragility[mine] == 0.005).mean()))
+        assert 0 < row["changed_0.005"] <= 1
+    print({row["label"]: row["critical_epsilon"] for row in rows})
+    assert all(row["critical_epsilon"] is None or 0 < row["critical_epsilon"] <= EPSILONS[-1] for row in rows)
+
+
+def test_critical_strength_is_interpolated_where_dice_crosses_0_9():
+    assert critical_strength([(0.0, 1.0), (0.01, 0.95), (0.02, 0.85)]) == pytest.approx(0.015)
+    assert critical_strength([(0.0, 1.0), (0.01, 0.8)]) == pytest.approx(0.005)
+    assert critical_strength([(0.0, 1.0), (0.01, 0.95)]) is None
+
+
+def test_unstable_voxels_and_the_largest_cluster(demo_sweep):
+    _, result, _ = demo_sweep
+    fragility = fragility_map(result)
+    middle = middle_strength(result)
+    assert middle == 0.01
+    unstable = unstable_labels(result, fragility, middle)
+    assert np.array_equal(unstable != 0, (fragility > 0) & (fragility <= middle) & (result.clean.prediction != 0))
+    assert np.array_equal(unstable[unstable != 0], result.clean.prediction[unstable != 0])
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:4, 2:4, 2:4] = True
+    mask[10:15, 11:16, 12:17] = True
+    assert largest_cluster_centre(mask) == (12.0, 13.0, 14.0)
+    assert largest_cluster_centre(np.zeros((3, 3, 3), bool)) is None
+
+
+def test_instability_counts_the_sweeps_in_which_a_voxel_changes_by_their_middle_strength():
+    a = np.array([0.0, 0.01, 0.02, 0.04], np.float32)
+    b = np.array([2.0, 0.0, 3.0, 1.0], np.float32)
+    assert np.allclose(instability_map([a, b], [0.02, 3.0]), [0.5, 0.5, 1.0, 0.5])
+
+
+def test_auroc_and_top_fractions_equal_their_definitions():
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 5, 300).astype(float)  # many ties
+    positive = rng.random(300) < 0.3 + 0.1 * score
+    pairs = score[positive][:, None] - score[~positive][None, :]
+    assert auroc(score, positive) == pytest.approx(float((pairs > 0).mean() + 0.5 * (pairs == 0).mean()))
+    score = np.array([5.0, 4.0, 4.0, 4.0, 1.0, 0.0])
+    positive = np.array([True, True, False, False, True, False])
+    # the top 3: the 5 and two of the three tied 4s, of which one is an error: 1 + 2 * 1/3
+    assert top_error_fraction(score, positive, 0.5) == pytest.approx((1 + 2 / 3) / 3)
+    assert auroc(score, np.zeros(6, bool)) is None
+
+
+def test_fragility_is_scored_against_the_errors_with_entropy_and_boundary_baselines(demo_sweep):
+    model, result, reference = demo_sweep
+    calls = model.network.calls
+    summary = fragility_summary(result, fragility_map(result), reference)
+    assert model.network.calls == calls
+    print(summary)
+    assert set(summary["scores"]) == {"fragility", "entropy", "boundary"}
+    clean = result.clean.prediction
+    scored = (clean != 0) | (reference != 0)
+    assert summary["voxels"] == int(scored.sum()) and summary["errors"] == int((clean != reference)[scored].sum())
+    for entry in summary["scores"].values():
+        assert 0.0 < entry["auroc"] < 1.0 and 0.0 <= entry["error_fraction_top_5%"] <= 1.0
+    entropy = summary["scores"]["entropy"]
+    assert entropy["auroc"] > 0.9 and entropy["error_fraction_top_1%"] > 0.9, "the clean softmax's entropy finds the "\
+        "demo network's errors: a baseline fragility must be compared with"
