@@ -1,6 +1,8 @@
-"""``report.png``: clean vs attacked slices with segmentation overlays and the perturbation, and the Dice curve."""
+"""``report.png``: clean vs attacked slices with segmentation overlays, the perturbation, the fragility map, and
+the Dice curve."""
 import numpy as np
 
+from .evaluation.fragility import fragility_map
 from .scene.results import dice_curve_rows, outcome_title
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
@@ -21,8 +23,9 @@ def write_report(result, path):
     low, high = volume.intensity_range
     limit = max(float(np.abs(attacked.probed - volume.array).max()), 1e-12)
 
-    figure = plt.figure(figsize=(16, 11), constrained_layout=True)
-    grid = figure.add_gridspec(3, 4, width_ratios=[1, 1, 1, 1.3])
+    fragility = fragility_map(result)
+    figure = plt.figure(figsize=(20, 11), constrained_layout=True)
+    grid = figure.add_gridspec(3, 5, width_ratios=[1, 1, 1, 1, 1.3])
     for row, (view, axis) in enumerate(VIEWS):
         index = most_changed_slice(clean.prediction, attacked.prediction, axis, result.reference)
         aspect = _aspect(zooms, axis)
@@ -42,7 +45,8 @@ def write_report(result, path):
         ax.set_title("perturbation (intensity units)", fontsize=10)
         ax.axis("off")
         figure.colorbar(shown, ax=ax, shrink=0.8)
-    _plot_curve(figure.add_subplot(grid[:, 3]), result)
+        _plot_fragility(figure, figure.add_subplot(grid[row, 3]), result, fragility, axis, index, aspect)
+    _plot_curve(figure.add_subplot(grid[:, 4]), result)
     kind = "attack" if result.strength_name == "epsilon" else "corruption"
     figure.suptitle("{} on {}: {} {} (clean mean Dice {}){}{}".format(
         result.model_name, volume.name, result.probe_name, kind, _clean_dice_text(result),
@@ -71,6 +75,31 @@ def _aspect(zooms, axis):
     """Pixel height / width of a :func:`display_slice` along ``axis``, from the voxel sizes."""
     rows, columns = {2: (1, 0), 1: (2, 0), 0: (2, 1)}[axis]
     return zooms[rows] / zooms[columns]
+
+
+def fragility_colours(strengths):
+    """One colour per swept strength, the smallest (the most fragile voxels) the brightest: plasma, reversed."""
+    from matplotlib import colormaps
+    plasma = colormaps["plasma"]
+    count = len(strengths)
+    return [plasma(0.95 - 0.8 * index / max(count - 1, 1)) for index in range(count)]
+
+
+def _plot_fragility(figure, ax, result, fragility, axis, index, aspect):
+    """The clean slice with the fragility map over it: each voxel coloured by the strength at which its label first
+    changes, never-changed voxels left out."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    low, high = result.volume.intensity_range
+    strengths = [outcome.strength for outcome in result.outcomes[1:]]
+    ax.imshow(display_slice(result.volume.array, axis, index), cmap="gray", vmin=low, vmax=high, aspect=aspect)
+    edges = [0.0] + [(a + b) / 2.0 for a, b in zip(strengths, strengths[1:])] + [strengths[-1] * 1.5]
+    shown = ax.imshow(np.ma.masked_equal(display_slice(fragility, axis, index), 0),
+                      cmap=ListedColormap(fragility_colours(strengths)), norm=BoundaryNorm(edges, len(strengths)),
+                      interpolation="nearest", aspect=aspect)
+    ax.set_title("fragility: {} of the first change".format(result.strength_name), fontsize=10)
+    ax.axis("off")
+    bar = figure.colorbar(shown, ax=ax, shrink=0.8, ticks=strengths)
+    bar.ax.set_yticklabels(["{:g}".format(s) for s in strengths])
 
 
 def _plot_curve(ax, result):
