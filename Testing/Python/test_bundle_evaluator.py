@@ -24,9 +24,14 @@ UNET = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels":
         "strides": [2], "num_res_units": 1, "norm": "batch"}
 
 
-def inference_config():
+SPACING = {"pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}
+INFERER = {"roi_size": [24, 24, 24], "sw_batch_size": 4, "overlap": 0.5}
+
+
+def inference_config(spacing=SPACING, inferer=INFERER):
     """configs/inference.json laid out as the model zoo's (spleen_ct_segmentation's, say): the data list from a
-    folder, dataset and dataloader, the evaluator with its checkpoint loader, ``initialize`` and ``run``."""
+    folder, dataset and dataloader, the evaluator with its checkpoint loader, ``initialize`` and ``run``; the
+    ``Spacingd`` and ``SlidingWindowInferer`` settings given."""
     image = {"keys": "image"}
     return {
         "imports": ["$import glob", "$import os"],
@@ -45,15 +50,14 @@ def inference_config():
             dict({"_target_": "LoadImaged"}, **image),
             dict({"_target_": "EnsureChannelFirstd"}, **image),
             dict({"_target_": "Orientationd", "axcodes": "RAS"}, **image),
-            dict({"_target_": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"}, **image),
+            dict({"_target_": "Spacingd"}, **spacing, **image),
             dict({"_target_": "NormalizeIntensityd", "nonzero": False}, **image),
             dict({"_target_": "EnsureTyped"}, **image)]},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
                     "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [24, 24, 24], "sw_batch_size": 4,
-                    "overlap": 0.5},
+        "inferer": dict({"_target_": "SlidingWindowInferer"}, **inferer),
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
@@ -80,41 +84,59 @@ METADATA = {"name": "tiny model-zoo bundle", "version": "0.1.0", "network_data_f
                          "channel_def": {"0": "background", "1": "dark", "2": "bright"}}}}}
 
 
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, t1_crop):
-    """The bundle (seeded weights) and the crop in every geometry (one data folder), run as the model zoo's
-    READMEs say, from the bundle folder: ``python -m monai.bundle run --config_file configs/inference.json`` with
-    ``--dataset_dir``; (bundle root, {geometry: (input path, saved probabilities path)}, seconds it took)."""
-    base = tmp_path_factory.mktemp("evaluator")
-    root, data = base / "bundle", base / "data"
+def write_bundle(root, spacing=SPACING, inferer=INFERER):
+    """The bundle (seeded weights) with these ``Spacingd`` and inferer settings."""
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
-    data.mkdir()
     torch.manual_seed(0)
     network = UNet(**{key: value for key, value in UNET.items() if key != "_target_"})
     torch.save(network.state_dict(), str(root / "models" / "model.pt"))
-    (root / "configs" / "inference.json").write_text(json.dumps(inference_config(), indent=4))
+    (root / "configs" / "inference.json").write_text(json.dumps(inference_config(spacing, inferer), indent=4))
     (root / "configs" / "metadata.json").write_text(json.dumps(METADATA, indent=4))
-    inputs = {geometry: stored(t1_crop, geometry, data / "t1_{}.nii.gz".format(geometry))
-              for geometry in sorted(GEOMETRIES)}
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-               "--dataset_dir", str(data)]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=str(root), capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - start
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    output, saved = root / "eval", {}  # output_dir: @bundle_root + '/eval'
-    for geometry, path in inputs.items():
+    return root
+
+
+def write_volumes(data, volumes):
+    """``volumes`` ({name: (array, affine, geometry)}) stored in the folder ``data``: {name: path}."""
+    data.mkdir()
+    return {name: stored((array, affine), geometry, data / "t1_{}.nii.gz".format(name))
+            for name, (array, affine, geometry) in volumes.items()}
+
+
+def saved_outputs(root, inputs):
+    """{name: (input path, probabilities path)} of what the evaluator saved (output_dir @bundle_root/eval)."""
+    saved = {}
+    for name, path in inputs.items():
         stem = path.name[:-len(".nii.gz")]
-        saved[geometry] = (path, output / stem / "{}_prob.nii.gz".format(stem))
-        assert saved[geometry][1].is_file(), sorted(str(p) for p in output.rglob("*"))
-    return root, saved, seconds
+        saved[name] = (path, root / "eval" / stem / "{}_prob.nii.gz".format(stem))
+        assert saved[name][1].is_file(), sorted(str(p) for p in (root / "eval").rglob("*"))
+    return saved
 
 
-@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-def test_bundle_outputs_equal_monai_s_evaluator(evaluated, geometry):
-    root, saved, seconds = evaluated
-    path, probabilities_path = saved[geometry]
+def run(command, cwd):
+    """``command`` run in ``cwd``; the seconds it took."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=str(cwd), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, t1_crop):
+    """The bundle and the crop in every geometry (one data folder), run as the model zoo's READMEs say, from the
+    bundle folder: ``python -m monai.bundle run --config_file configs/inference.json`` with ``--dataset_dir``;
+    (bundle root, {geometry: (input path, saved probabilities path)}, seconds it took)."""
+    base = tmp_path_factory.mktemp("evaluator")
+    root = write_bundle(base / "bundle")
+    inputs = write_volumes(base / "data", {geometry: t1_crop + (geometry,) for geometry in sorted(GEOMETRIES)})
+    seconds = run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                   "--dataset_dir", str(base / "data")], root)
+    return root, saved_outputs(root, inputs), seconds
+
+
+def compare(root, path, probabilities_path):
+    """medadv's outputs on the volume at ``path`` against the probabilities MONAI's evaluator saved: (largest
+    probability difference, fraction of voxels whose labels agree, label fractions)."""
     written = nib.load(str(probabilities_path))
     expected = np.asarray(written.dataobj, dtype=np.float64)
     expected = expected.reshape(expected.shape[:3] + (-1,))  # SaveImaged: channels last (i, j, k, C)
@@ -133,9 +155,65 @@ def test_bundle_outputs_equal_monai_s_evaluator(evaluated, geometry):
     expected = np.stack([file_grid.to_network(np.transpose(expected[..., c], (2, 1, 0)))
                          for c in range(expected.shape[-1])])
     assert ours.shape == expected.shape
-    difference = float(np.abs(ours - expected).max())
-    agreement = float((ours.argmax(0) == expected.argmax(0)).mean())
     fractions = np.bincount(expected.argmax(0).ravel(), minlength=3) / expected[0].size
+    return (float(np.abs(ours - expected).max()), float((ours.argmax(0) == expected.argmax(0)).mean()),
+            np.round(fractions, 3).tolist())
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_bundle_outputs_equal_monai_s_evaluator(evaluated, geometry):
+    root, saved, seconds = evaluated
+    difference, agreement, fractions = compare(root, *saved[geometry])
     print("{}: evaluator {:.1f} s, labels agree on {:.5f} of the voxels (label fractions {}), largest probability "
-          "difference {:.2e}".format(geometry, seconds, agreement, np.round(fractions, 3).tolist(), difference))
+          "difference {:.2e}".format(geometry, seconds, agreement, fractions, difference))
+    assert difference < 1e-4 and agreement >= 0.999
+
+
+# Newer Spacing settings, with other inferer settings (Gaussian weights of another sigma, replicate padding where
+# the window is larger than the image, uneven overlap), on the crop with 2 mm slices (61 x 73 x 29 voxels of
+# 1 x 1 x 2 mm) stored oblique with an axis flipped. The target spacings put no output voxel half-way between two
+# input voxels: there nearest picks one by the float noise of the file's matrix, which Slicer's reader and
+# MONAI's read differently (to 2e-6), so a spacing such as 1.5 mm from 1 mm (ties every other voxel) decides
+# those ties differently.
+NEWER = {
+    "nearest": {"pixdim": [1.73, 2.31, 2.57], "mode": "nearest"},
+    "bilinear reflection, align_corners, scale_extent": {"pixdim": [1.73, 2.31, 2.57], "mode": "bilinear",
+                                                         "padding_mode": "reflection", "align_corners": True,
+                                                         "scale_extent": True},
+}
+NEWER_INFERER = {"roi_size": [40, 24, 16], "sw_batch_size": 2, "overlap": [0.5, 0.25, 0.4], "mode": "gaussian",
+                 "sigma_scale": 0.2, "padding_mode": "replicate"}
+# MONAI's own monai.bundle.run (what python -m monai.bundle run calls) for each bundle, in one process
+RUN_EACH = ("import sys; from monai.bundle import run\nfor root in sys.argv[2:]: run(run_id='run', "
+            "config_file=root + '/configs/inference.json', bundle_root=root, dataset_dir=sys.argv[1])")
+
+
+@pytest.fixture(scope="module")
+def newer_evaluated(tmp_path_factory, t1_crop):
+    """A bundle for each of :data:`NEWER`, run by MONAI's evaluator on the anisotropic crop: ({case: bundle root},
+    {name: (input path, probabilities path)} per case, seconds it took)."""
+    base = tmp_path_factory.mktemp("newer")
+    array, affine = t1_crop
+    affine = affine.copy()
+    affine[:3, 2] *= 2.0  # every other slice: 2 mm
+    inputs = write_volumes(base / "data", {"oblique": (array[:, :, ::2], affine, "oblique")})
+    roots = {case: write_bundle(base / "bundle{}".format(index), NEWER[case], NEWER_INFERER)
+             for index, case in enumerate(NEWER)}
+    seconds = run([sys.executable, "-c", RUN_EACH, str(base / "data")] + [str(root) for root in roots.values()],
+                  base)
+    return roots, {case: saved_outputs(root, inputs) for case, root in roots.items()}, seconds
+
+
+@pytest.mark.parametrize("case", list(NEWER))
+def test_newer_spacing_settings_equal_monai_s_evaluator(newer_evaluated, case):
+    roots, saved, seconds = newer_evaluated
+    path, probabilities_path = saved[case]["oblique"]
+    assert nib.load(str(path)).shape == (61, 73, 29)
+    model = load_model(roots[case])
+    spacing = model.description.preprocessing[0]
+    assert all(spacing.get(key, False) == value for key, value in NEWER[case].items() if key != "pixdim")
+    assert {key: model.description.window[key] for key in NEWER_INFERER} == NEWER_INFERER
+    difference, agreement, fractions = compare(roots[case], path, probabilities_path)
+    print("{}: evaluators {:.1f} s, labels agree on {:.5f} of the voxels (label fractions {}), largest probability "
+          "difference {:.2e}".format(case, seconds, agreement, fractions, difference))
     assert difference < 1e-4 and agreement >= 0.999

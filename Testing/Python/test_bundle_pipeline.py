@@ -21,9 +21,12 @@ UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 
         "num_res_units": 0}
 
 
-def write_bundle(root, network, nonzero=True, margin=3):
+def write_bundle(root, network, nonzero=True, margin=3, select_fn=None):
     """A model-zoo-style bundle: crop, Spacing 2 mm, z-score after it, padding, 24^3 windows, softmax, Invertd."""
-    transforms = [{"_target_": "CropForegroundd", "source_key": "image", "margin": margin},
+    crop = {"_target_": "CropForegroundd", "source_key": "image", "margin": margin}
+    if select_fn:
+        crop.update(select_fn=select_fn, channel_indices=0)
+    transforms = [crop,
                   {"_target_": "Spacingd", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"},
                   {"_target_": "NormalizeIntensityd", "nonzero": nonzero}, {"_target_": "DivisiblePadd", "k": 8}]
     postprocessing = [{"_target_": "Activationsd", "softmax": True},
@@ -47,12 +50,13 @@ def monai_probabilities(root, network, image_path):
     return np.asarray(data["pred"], dtype=np.float64), tuple(data["image"].shape[1:])
 
 
-# (NormalizeIntensity nonzero, crop margin, background borders). Where resampling meets zero voxels (background
-# or padding), MONAI's resampler leaves values of about 1e-13 there, which a later nonzero mask counts: float noise
-# of MONAI's grid arithmetic that no twin reproduces, so the nonzero case runs on a volume without zeros.
-CROPS = {"nonzero after spacing": (True, 0, "none"),
-         "crop inside the grid": (False, 3, "every side"),
-         "crop past the edges": (False, 3, "one side")}  # the grown box leaves the grid: MONAI pads (allow_smaller)
+# (NormalizeIntensity nonzero, crop margin, background borders, select_fn). Where resampling meets zero voxels
+# (background or padding), MONAI's resampler leaves values of about 1e-13 there, which a later nonzero mask counts:
+# float noise of MONAI's grid arithmetic that no twin reproduces, so the nonzero case runs on a volume without zeros.
+# Past the edges the grown box leaves the grid: MONAI pads (allow_smaller=False).
+CROPS = {"nonzero after spacing": (True, 0, "none", None),
+         "crop inside the grid, x > 150": (False, 3, "every side", "$lambda x: x > 150"),
+         "crop past the edges": (False, 3, "one side", None)}
 
 
 @pytest.mark.parametrize("crop", sorted(CROPS))
@@ -60,8 +64,8 @@ CROPS = {"nonzero after spacing": (True, 0, "none"),
 def test_bundle_outputs_equal_monai_s_pipeline_and_invertd(tmp_path, t1_crop, geometry, crop):
     torch.manual_seed(0)
     network = UNet(**UNET).eval()
-    nonzero, margin, borders = CROPS[crop]
-    root = write_bundle(tmp_path / "bundle", network, nonzero=nonzero, margin=margin)
+    nonzero, margin, borders, select_fn = CROPS[crop]
+    root = write_bundle(tmp_path / "bundle", network, nonzero=nonzero, margin=margin, select_fn=select_fn)
     array, affine = t1_crop
     array = array.copy()
     if borders != "none":
@@ -102,7 +106,8 @@ def test_spacing_grid_is_monai_s():
     assert len(spacing_grid(np.eye(4), (96, 10, 10), (2.0, 1.0, 1.0))[1][0]) == 48  # 95 / 2 + 1 = 48.5: even
     _, forward, backward = spacing_grid(np.eye(4), (5, 4, 4), (2.0, 1.0, 1.0))
     assert list(forward[0]) == [0.0, 2.0, 4.0] and list(backward[0]) == [0.0, 0.5, 1.0, 1.5, 2.0]
-    assert spacing_grid(np.eye(4) * 2, (10, 10, 10), (2.0001, 2.0, 2.0)) is None
+    assert spacing_grid(np.diag([2.0, 2.0, 2.0, 1.0]), (10, 10, 10), (2.0001, 2.0, 2.0)) is None
+    assert spacing_grid(np.diag([2.0, 2.0, 2.0, 1.0]), (10, 10, 10), (2.01, 2.0, 2.0)) is not None
 
 
 def test_a_transform_without_a_twin_is_refused_naming_it(tmp_path):

@@ -18,7 +18,7 @@ from conftest import GEOMETRIES, rotation, stored, write_bundle
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.bundles import _twin, load_bundle, transform_name
 from MedAdvRobustnessLib.networks.models import ModelDescription, describe, load_model
-from MedAdvRobustnessLib.networks.steps import apply_step, step_text
+from MedAdvRobustnessLib.networks.steps import AFFINE_TOL, apply_step, step_text
 from MedAdvRobustnessLib.networks.volume import GridOrientation
 from MedAdvRobustnessLib.scene.nodes import volume_from_node
 from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
@@ -53,6 +53,8 @@ CASES = {  # dictionary transform and its settings; the array transform is the s
     "pad symmetric": ("SpatialPadd", {"spatial_size": [16, -1, 10]}),
     "pad end, value": ("SpatialPadd", {"spatial_size": [15, 12, 4], "method": "end", "value": 2.5}),
     "pad one size": ("SpatialPadd", {"spatial_size": 12}),
+    "divisible pad": ("DivisiblePadd", {"k": [4, 3, 5]}),
+    "divisible pad one k": ("DivisiblePadd", {"k": 8}),
     "centre crop": ("CenterSpatialCropd", {"roi_size": [8, -1, 5]}),
     "centre crop larger than the grid": ("CenterSpatialCropd", {"roi_size": [11, 20, 4]}),
     "centre crop one size": ("CenterSpatialCropd", {"roi_size": 6}),
@@ -90,35 +92,86 @@ CASES = {  # dictionary transform and its settings; the array transform is the s
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_twin_equals_monai_s_transform_and_its_inverse(case):
-    target, settings = CASES[case]
+def against_monai(target, settings, shape=SHAPE, affine=None):
+    """The twin of transform ``target`` with ``settings`` and MONAI's transform on the same MetaTensor (a seeded
+    volume of ``shape``, voxel-to-RAS ``affine``, the oblique one by default), and the way back of three-channel
+    outputs against MONAI's inverse with its record: (MONAI's output, the twin's step, whether the twin changed the
+    grid, largest differences of affine, values and way back)."""
+    affine = oblique_affine() if affine is None else affine
     generator = torch.Generator().manual_seed(0)
-    array = torch.rand((1,) + SHAPE, generator=generator) * 300.0 - 50.0
-    image = MetaTensor(array.clone(), affine=torch.as_tensor(oblique_affine()))
+    array = torch.rand((1,) + tuple(shape), generator=generator) * 300.0 - 50.0
+    image = MetaTensor(array.clone(), affine=torch.as_tensor(affine))
     transform = getattr(monai.transforms, target[:-1])(**settings)
     expected = transform(image)
     step = twin_step(target, **settings)
     # sigmoid outputs: the crop's outputs are padded back with zeros, as Invertd pads (see the bundle test)
     # Spacing resamples in float64 (its dtype) and stores float32: the twin in float64 is within half a float32 step
     double = target == "Spacingd" and settings.get("dtype", "float64") == "float64"
-    inputs, affine, back, _ = apply_step(step, (array.double() if double else array)[None], oblique_affine(),
-                                         "sigmoid")
+    inputs, new_affine, back, _ = apply_step(step, (array.double() if double else array)[None], affine, "sigmoid")
     assert tuple(inputs.shape[1:]) == tuple(expected.shape)
-    affine_difference = float(np.abs(np.asarray(affine) - expected.affine.numpy()).max())
+    affine_difference = float(np.abs(np.asarray(new_affine) - expected.affine.numpy()).max())
     value_difference = float((inputs[0] - expected.as_tensor().to(inputs.dtype)).abs().max())
-    # the way back of three-channel outputs on the transform's grid, against MONAI's inverse with its record
     outputs = torch.rand((3,) + tuple(expected.shape[1:]), generator=generator)
     recorded = MetaTensor(outputs.clone(), meta=deepcopy(expected.meta),
                           applied_operations=deepcopy(expected.applied_operations))
     monai_back = transform.inverse(recorded)
     ours_back = outputs[None] if back is None else back(outputs[None])
-    assert tuple(ours_back.shape[1:]) == tuple(monai_back.shape) == (3,) + SHAPE
+    assert tuple(ours_back.shape[1:]) == tuple(monai_back.shape) == (3,) + tuple(shape)
     back_difference = float((ours_back[0] - monai_back.as_tensor()).abs().max())
+    return expected, step, back is not None, (affine_difference, value_difference, back_difference)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_twin_equals_monai_s_transform_and_its_inverse(case):
+    target, settings = CASES[case]
+    expected, step, _, differences = against_monai(target, settings)
     print("{}: {} -> {}, affine {:.1e}, values {:.1e}, way back {:.1e} ({})".format(
-        case, SHAPE, tuple(expected.shape[1:]), affine_difference, value_difference, back_difference,
-        step_text(step)))
-    assert affine_difference < 1e-12 and value_difference < 1e-5 and back_difference < 1e-5
+        case, SHAPE, tuple(expected.shape[1:]), *differences, step_text(step)))
+    assert differences[0] < 1e-12 and differences[1] < 1e-5 and differences[2] < 1e-5
+
+
+def voxel_matrix(spacings, angles=(12.0, -7.0)):
+    """The second-axis-flipped matrix of :func:`oblique_affine` with other voxel sizes (and rotation angles about
+    x and z)."""
+    affine = oblique_affine()
+    affine[:3, :3] = (rotation(angles[0], 0) @ rotation(angles[1], 2)
+                      @ np.diag(np.asarray(spacings) * [1.0, -1.0, 1.0]))
+    return affine
+
+
+NEAR_TARGET = {  # voxel sizes (mm), grid, the target's voxel sizes over these, whether MONAI resamples
+    # Spacing keeps an axis's spacing within AFFINE_TOL mm of the target: 0.75, 0.4 and 1.1e-3 mm off here
+    "0.05 % off": ((1.5, 0.8, 2.2), SHAPE, (1.0005, 0.9995, 1.0005), False),
+    "0.1 % off on 1201 voxels of 1 mm": ((1.5, 0.8, 1.0), (3, 2, 1201), (1.0, 1.0, 1.0009), False),
+    # 1.5e-3 mm off, but SpatialResample's voxel map scale 1.001008 is within AFFINE_TOL + 1e-5 of 1
+    "0.1008 % off: the voxel map within tolerance": ((1.5, 0.8, 2.2), SHAPE, (1.001008, 1.0, 1.0), False),
+    "0.102 % off": ((1.5, 0.8, 2.2), SHAPE, (1.00102, 1.0, 1.0), True),
+    "0.2 % off": ((1.5, 0.8, 2.2), SHAPE, (1.002, 0.998, 1.0), True),
+    # 1.2e-3 mm off, the map 1.0012, but rotated 45 and 35 degrees no entry of the matrices is 1e-3 off
+    "0.12 % off, very oblique: the matrices within tolerance": ((1.0, 1.0, 1.0), SHAPE, (1.0012,) * 3, False),
+    "0.3 % off, very oblique": ((1.0, 1.0, 1.0), SHAPE, (1.003,) * 3, True),
+    # the voxel map within tolerance, but 1200 x 2.2 mm / 2.202 mm is 1198.9: one voxel fewer, so resampled
+    "0.09 % off on 1201 voxels of 2.2 mm": ((1.5, 0.8, 2.2), (3, 2, 1201), (1.0, 1.0, 1.0009), True),
+}
+
+
+@pytest.mark.parametrize("scale_extent", [False, True])
+@pytest.mark.parametrize("case", list(NEAR_TARGET))
+def test_spacing_resamples_exactly_where_monai_s_does(case, scale_extent):
+    """MONAI's SpatialResample keeps the image where the new grid has the same size and its matrix, or the voxel
+    map to it, is within allclose(atol=AFFINE_TOL) of the old: the twin keeps it exactly there."""
+    spacings, shape, factors, resampled = NEAR_TARGET[case]
+    affine = voxel_matrix(spacings, (45.0, 35.0) if "very oblique" in case else (12.0, -7.0))
+    settings = {"pixdim": [s * f for s, f in zip(spacings, factors)], "align_corners": scale_extent,
+                "scale_extent": scale_extent}
+    expected, step, changed, differences = against_monai("Spacingd", settings, shape, affine)
+    monai_kept = tuple(expected.shape[1:]) == tuple(shape) and np.array_equal(expected.affine.numpy(), affine)
+    print("{}{}: {} -> {}, MONAI {}, affine {:.1e}, values {:.1e}, way back {:.1e}".format(
+        case, ", scale_extent" if scale_extent else "", shape, tuple(expected.shape[1:]),
+        "keeps the image" if monai_kept else "resamples", *differences))
+    assert AFFINE_TOL == monai.data.utils.AFFINE_TOL
+    assert monai_kept == (not resampled) and changed == resampled
+    assert differences[0] < 1e-12 and differences[1] < 1e-5 and differences[2] < 1e-5
 
 
 def test_the_twins_are_differentiable():
@@ -151,8 +204,19 @@ def test_the_twins_are_differentiable():
     ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "recompute_affine": True}, r"Spacing\(recompute_affine=True\)"),
     ("Spacingd", {"pixdim": [2.0, 2.0, 2.0], "dtype": "float16"}, r"Spacing\(dtype=float16\)"),
     ("CropForegroundd", {"k_divisible": [4, 0, 4]}, r"CropForeground\(k_divisible=\[4, 0, 4\]\)"),
-    ("CropForegroundd", {"select_fn": "$lambda x: x > 10"}, r"CropForeground\(select_fn=\$lambda x: x > 10\)"),
+    ("CropForegroundd", {"select_fn": "$lambda x: x.abs() > 10"},
+     r"CropForeground\(select_fn=\$lambda x: x.abs\(\) > 10\)"),
+    ("CropForegroundd", {"select_fn": "$lambda x: (x > 1) & (x < 5)"},
+     r"CropForeground\(select_fn=\$lambda x: \(x > 1\) & \(x < 5\)\)"),
+    ("CropForegroundd", {"select_fn": "$lambda x: y > 1"}, r"CropForeground\(select_fn=\$lambda x: y > 1\)"),
+    ("CropForegroundd", {"select_fn": "$lambda x: x > 1 or True"},
+     r"CropForeground\(select_fn=\$lambda x: x > 1 or True\)"),
+    ("CropForegroundd", {"channel_indices": [0, -1]}, r"CropForeground\(channel_indices=\[0, -1\]\)"),
+    ("CropForegroundd", {"mode": "reflect"}, r"CropForeground\(mode=reflect\)"),
     ("NormalizeIntensityd", {"dtype": "float16"}, r"NormalizeIntensity\(dtype=float16\)"),
+    ("NormalizeIntensityd", {"subtrahend": [1.0, 2.0]},
+     r"NormalizeIntensity\(subtrahend=\[1.0, 2.0\], channel_wise=False\)"),
+    ("ScaleIntensityRanged", {"a_min": 5, "a_max": 5}, r"ScaleIntensityRange\(a_min=a_max=5\)"),
 ])
 def test_settings_without_an_exact_twin_are_refused_by_name(target, settings, refused):
     with pytest.raises(InputError, match="bundle test: " + refused + ".* is not reproduced"):
@@ -260,6 +324,32 @@ def test_bundle_with_the_new_twins_equals_monai_s_pipeline_and_invertd(tmp_path,
     assert difference < 1e-4 and agreement >= 0.999
 
 
+def test_inferer_settings_are_read_and_those_not_reproduced_refused(tmp_path):
+    """The SlidingWindowInferer's settings reach the window (the evaluator test runs them against MONAI's); Invertd
+    by nearest neighbour (its default) and with_coord are refused by name."""
+    root = twins_bundle(tmp_path / "bundle", UNet(**UNET).eval(), "trilinear", None, "symmetric")
+    config_path = root / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    inferer = {"_target_": "SlidingWindowInferer", "roi_size": [16, -1, 12], "overlap": [0.5, 0.3, 0.6],
+               "mode": "gaussian", "sigma_scale": [0.2, 0.1, 0.15], "padding_mode": "replicate", "cval": 2.0,
+               "sw_batch_size": 3}
+    config["inferer"] = inferer
+    config_path.write_text(json.dumps(config))
+    window = load_model(root).description.window
+    assert window == {"roi_size": [16, -1, 12], "overlap": [0.5, 0.3, 0.6], "mode": "gaussian",
+                      "sigma_scale": [0.2, 0.1, 0.15], "padding_mode": "replicate", "cval": 2.0, "sw_batch_size": 3}
+    config["inferer"]["with_coord"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"SlidingWindowInferer\(with_coord=True\) is not reproduced"):
+        load_model(root)
+    del config["inferer"]["with_coord"]
+    del config["postprocessing"]["transforms"][1]["nearest_interp"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"Invert\(d\) with nearest_interp \(its default\) brings the outputs back "
+                                         r"by nearest neighbour, which is not reproduced"):
+        load_model(root)
+
+
 # ------------------------------------------------------------------------------------------------- the opt-in
 def test_skip_untwinned_loads_a_bundle_without_the_transforms_that_have_no_twin(tmp_path):
     torch.manual_seed(0)
@@ -327,6 +417,93 @@ def test_crop_foreground_k_divisible_equals_monai_s_and_its_inverse(settings):
     print(settings, SHAPE, "->", tuple(expected.shape[1:]), step_text(step))
 
 
+def spots():
+    """Two channels of 5 (so the default x > 0 keeps every voxel) with a few voxels of other values, apart."""
+    array = torch.full((2,) + SHAPE, 5.0)
+    for channel, values in enumerate([{(2, 3, 1): 7.0, (9, 6, 5): 8.0, (4, 8, 2): 9.0, (1, 1, 4): 1.0,
+                                       (11, 2, 6): 2.0, (6, 5, 0): 0.0, (8, 7, 3): 2.5},
+                                      {(0, 9, 3): 9.0, (12, 0, 2): 1.0, (7, 4, 6): 7.0, (3, 2, 0): 2.0}]):
+        for where, value in values.items():
+            array[(channel,) + where] = value
+    return array
+
+
+SELECTIONS = {  # CropForegroundd settings as a bundle config writes them
+    "x > 7": {"select_fn": "$lambda x: x > 7"},
+    "x >= 7": {"select_fn": "$lambda x: x >= 7"},
+    "x < 2": {"select_fn": "$lambda x: x < 2"},
+    "x <= 2": {"select_fn": "$lambda x: x <= 2"},
+    "x != 5, channel 0": {"select_fn": "$lambda x: x != 5", "channel_indices": 0},
+    "x > 2.25": {"select_fn": "$lambda  v :v>2.25e0", "margin": 1},
+    "x > 7, channel 1": {"select_fn": "$lambda x: x > 7", "channel_indices": 1},
+    "x >= 7, channels [0], margin, k_divisible": {"select_fn": "$lambda x: x >= 7", "channel_indices": [0],
+                                                  "margin": [1, 0, 2], "k_divisible": [4, 3, 1]},
+    "x < 2, channels [1, 0], allow_smaller": {"select_fn": "$lambda x: x < 2", "channel_indices": [1, 0],
+                                              "margin": 2, "allow_smaller": True},
+    "x > 0 written out, channel 0": {"select_fn": "$lambda x: x > 0", "channel_indices": 0},  # keeps every voxel
+}
+
+
+def crop_foreground(settings):
+    """MONAI's CropForegroundd built from ``settings`` as the bundle's config parser builds it (the select_fn
+    evaluated), on the spots; (its transform, its output)."""
+    from monai.bundle import ConfigParser
+    config = dict({"_target_": "CropForegroundd", "keys": "image", "source_key": "image"}, **settings)
+    transform = ConfigParser({"crop": config}).get_parsed_content("crop")
+    return transform, transform({"image": MetaTensor(spots(), affine=torch.as_tensor(oblique_affine()))})["image"]
+
+
+@pytest.mark.parametrize("case", list(SELECTIONS))
+def test_crop_foreground_select_fn_and_channel_indices_equal_monai_s_and_its_inverse(case):
+    transform, expected = crop_foreground(SELECTIONS[case])
+    step = twin_step("CropForegroundd", **SELECTIONS[case])  # the select_fn as written, as the bundle reader reads it
+    inputs, affine, back, box = apply_step(step, spots()[None], oblique_affine(), "sigmoid")
+    print("{}: {} -> {}, box {} ({})".format(case, SHAPE, tuple(expected.shape[1:]), box, step_text(step)))
+    assert (back is None) == case.startswith("x > 0")  # the others crop: x > 0 keeps the whole grid
+    assert tuple(inputs.shape[1:]) == tuple(expected.shape)
+    assert float(np.abs(np.asarray(affine) - expected.affine.numpy()).max()) < 1e-12
+    assert float((inputs[0] - expected.as_tensor()).abs().max()) == 0.0
+    outputs = torch.rand((3,) + tuple(expected.shape[1:]), generator=torch.Generator().manual_seed(3))
+    recorded = MetaTensor(outputs.clone(), meta=deepcopy(expected.meta),
+                          applied_operations=deepcopy(expected.applied_operations))
+    monai_back = transform.inverse({"image": recorded})["image"]
+    ours_back = outputs[None] if back is None else back(outputs[None])
+    assert float((ours_back[0] - monai_back.as_tensor()).abs().max()) == 0.0
+
+
+def test_crop_foreground_comparisons_differ_at_the_threshold():
+    """The spots hold values equal to the thresholds: > and >=, < and <= give other boxes."""
+    def box(select_fn):
+        return apply_step(twin_step("CropForegroundd", select_fn=select_fn), spots()[None], oblique_affine(),
+                          "sigmoid")[3]
+    assert box("$lambda x: x > 7") != box("$lambda x: x >= 7")
+    assert box("$lambda x: x < 2") != box("$lambda x: x <= 2")
+    assert box("$lambda x: x > 0") is None and box("$monai.transforms.utils.is_positive") is None
+
+
+def test_a_bundle_s_select_fn_is_read_as_written_and_other_code_refused_by_name(tmp_path):
+    """The bundle reader takes the select_fn's text from the config (directly or through an @ reference), without
+    trust: a lambda comparing x with a number runs nothing else; any other select_fn is refused naming it, with or
+    without trust."""
+    crop = {"_target_": "CropForegroundd", "source_key": "image", "select_fn": "$lambda x: x >= 1.5",
+            "channel_indices": 0, "margin": 2}
+    root = twins_bundle(tmp_path / "bundle", UNet(**UNET).eval(), "trilinear", None, "symmetric", extra=[crop])
+    assert load_model(root).description.preprocessing[-1] == {"crop": {
+        "threshold": 1.5, "compare": ">=", "channels": [0], "margin": 2, "allow_smaller": False}}
+    config_path = root / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["select"] = "$lambda x: x != 0"
+    config["preprocessing"]["transforms"][-2]["select_fn"] = "@select"
+    config_path.write_text(json.dumps(config))
+    assert load_model(root).description.preprocessing[-1]["crop"]["compare"] == "!="
+    config["select"] = "$lambda x: x.abs() > 1"
+    config_path.write_text(json.dumps(config))
+    for trusted in (False, True):
+        with pytest.raises(InputError, match=r"CropForeground\(select_fn=\$lambda x: x.abs\(\) > 1\) is not "
+                                             r"reproduced \(reproduced are comparisons of x with a number"):
+            load_bundle(root, trust_checkpoint=trusted)
+
+
 @pytest.mark.parametrize("channel_wise", [False, True])
 @pytest.mark.parametrize("nonzero", [False, True])
 def test_normalize_intensity_channel_wise_on_two_channels_equals_monai_s(channel_wise, nonzero):
@@ -342,6 +519,54 @@ def test_normalize_intensity_channel_wise_on_two_channels_equals_monai_s(channel
     difference = float((inputs[0] - expected.as_tensor().double()).abs().max())
     print(settings, "difference {:.1e}".format(difference))
     assert back is None and difference < 1e-5
+
+
+INTENSITY = {  # dictionary transform, settings, channels (two: MONAI's per channel settings)
+    "range, clip": ("ScaleIntensityRanged", {"a_min": -20, "a_max": 180, "b_min": 0.0, "b_max": 1.0, "clip": True}, 1),
+    "range, reversed output": ("ScaleIntensityRanged", {"a_min": 0.0, "a_max": 200.0, "b_min": 1.0, "b_max": -1.0}, 1),
+    "range, no output range": ("ScaleIntensityRanged", {"a_min": 10.0, "a_max": 90.0, "b_min": None, "b_max": None},
+                               1),
+    "percentiles, clip": ("ScaleIntensityRangePercentilesd", {"lower": 2.0, "upper": 97.5, "b_min": -1.0,
+                                                              "b_max": 1.0, "clip": True}, 1),
+    "percentiles, channel_wise": ("ScaleIntensityRangePercentilesd", {"lower": 0, "upper": 99, "b_min": 0.0,
+                                                                      "b_max": 1.0, "channel_wise": True}, 2),
+    "normalize, fixed subtrahend and divisor": ("NormalizeIntensityd", {"subtrahend": 40.0, "divisor": 25.0}, 1),
+    "normalize, fixed, nonzero": ("NormalizeIntensityd", {"subtrahend": 40.0, "divisor": 25.0, "nonzero": True}, 1),
+    "normalize, fixed per channel, nonzero, channel_wise": ("NormalizeIntensityd", {
+        "subtrahend": [40.0, 7.5], "divisor": [25.0, 0.0], "nonzero": True, "channel_wise": True}, 2),
+    "normalize, fixed subtrahends per channel, channel_wise": ("NormalizeIntensityd", {
+        "subtrahend": [40.0, 7.5], "channel_wise": True}, 2),
+    "normalize, fixed divisor": ("NormalizeIntensityd", {"divisor": 25.0}, 1),
+    "scale intensity": ("ScaleIntensityd", {"minv": -1.0, "maxv": 2.0}, 1),
+    "scale intensity, no output minimum": ("ScaleIntensityd", {"minv": None, "maxv": 3.0}, 1),
+    "scale intensity, channel_wise": ("ScaleIntensityd", {"channel_wise": True}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(INTENSITY))
+def test_intensity_twins_equal_monai_s(case):
+    """ScaleIntensityRange, ScaleIntensityRangePercentiles, NormalizeIntensity (fixed subtrahend and divisor) and
+    ScaleIntensity on an odd-sized volume with zeros (a second channel of another scale where given)."""
+    target, settings, channels = INTENSITY[case]
+    generator = torch.Generator().manual_seed(4)
+    array = torch.rand((channels,) + SHAPE, generator=generator) * 300.0 - 50.0
+    array[:, :3] = 0.0
+    if channels == 2:
+        array[1] = array[1] * 0.1 + 7.0
+    expected = getattr(monai.transforms, target[:-1])(**settings)(
+        MetaTensor(array.clone(), affine=torch.as_tensor(oblique_affine()))).as_tensor()
+    inputs, affine, back, _ = apply_step(twin_step(target, **settings), array[None], oblique_affine(), "sigmoid")
+    difference = float((inputs[0] - expected).abs().max() / max(1.0, float(expected.abs().max())))
+    print("{}: relative difference {:.1e}, output {:.3g}..{:.3g}".format(case, difference, float(expected.min()),
+                                                                         float(expected.max())))
+    assert back is None and np.array_equal(affine, oblique_affine()) and difference < 1e-6
+
+
+def test_scale_intensity_without_an_output_range_is_no_step():
+    """MONAI's ScaleIntensity with minv and maxv None (and no factor) returns the image as it is."""
+    image = MetaTensor(torch.rand((1,) + SHAPE) * 300.0, affine=torch.as_tensor(oblique_affine()))
+    assert torch.equal(monai.transforms.ScaleIntensity(minv=None, maxv=None)(image).as_tensor(), image.as_tensor())
+    assert _twin("ScaleIntensity", {"keys": "image", "minv": None, "maxv": None, "factor": None}, "test") == []
 
 
 @pytest.mark.parametrize("transform", [{"_target_": "ScaleIntensityd"},

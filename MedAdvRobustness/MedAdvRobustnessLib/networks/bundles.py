@@ -12,7 +12,8 @@ with ``weights_only=True``) or ``models/model.ts`` (TorchScript).
 
 A bundle config is code: ``$`` expressions run Python and ``_target_`` can name any callable. Without
 ``trust_checkpoint`` only configs whose every item this reads is plain data, with targets among MONAI's
-components or ``torch.nn``, are accepted.
+components or ``torch.nn``, are accepted; the one expression accepted is a comparison of x with a number
+(``"$lambda x: x > 1"``, a ``CropForeground`` ``select_fn``), read as written (:data:`AS_WRITTEN`).
 """
 import inspect
 import json
@@ -256,10 +257,14 @@ class _Reader:
             if name not in wanted:
                 found.append((name, None))
                 continue
+            raw_settings = {setting: self.raw(item[setting]) for setting in AS_WRITTEN.get(name, ()) if setting in item}
+            if "select_fn" in raw_settings:  # refused by name before anything is resolved
+                select_rule(raw_settings["select_fn"], self.where)
             component = self.component(transform_id)
             if component is None:
                 continue
             _, args = component
+            args.update(raw_settings)
             keys = args.get("keys")
             if keys is not None:
                 keys = [keys] if isinstance(keys, str) else list(keys)
@@ -267,6 +272,19 @@ class _Reader:
                     continue
             found.append((name, args))
         return found
+
+
+    def raw(self, value):
+        """A config value as written, following ``@`` references to the items they name (not resolved)."""
+        for _ in range(10):
+            if not (isinstance(value, str) and value.startswith("@")):
+                break
+            value = self.parser.get(value[1:].replace("#", "::"))
+        return value
+
+
+# Settings read as the config writes them: the parser turns them into Python objects whose content is lost.
+AS_WRITTEN = {"CropForeground": ("select_fn",)}
 
 
 def transform_name(target):
@@ -337,11 +355,13 @@ def _twin(name, args, where):
         if mode == "nearest":  # which voxel a tie picks depends on the dtype MONAI computes the grid in
             step["dtype"] = dtype or "float32"  # None: the input's, float32 after loading
         for bound in ("min_pixdim", "max_pixdim"):
-            if args.get(bound) is not None:
-                value = args[bound]
-                step[bound] = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3)][:3]
+            if args.get(bound) is not None:  # as MONAI: one number is the first axis's bound, the others the target's
+                value = list(args[bound]) if isinstance(args[bound], (list, tuple)) else [args[bound]]
+                step[bound] = ([None if v is None else float(v) for v in value] + [None] * 3)[:3]
         return [step]
     if name == "ScaleIntensityRange":
+        if float(args["a_min"]) == float(args["a_max"]):  # MONAI then only shifts the intensities
+            refuse("a_min=a_max={}".format(args["a_min"]))
         return [{"intensity": {"type": "range", "a_min": float(args["a_min"]), "a_max": float(args["a_max"]),
                                "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
                                "clip": bool(args.get("clip", False))}}]
@@ -355,27 +375,46 @@ def _twin(name, args, where):
         dtype = _dtype_name(args.get("dtype", "float32"))
         if dtype not in ("float32", "float64", None):  # the twin computes in the input's dtype
             refuse("dtype={}".format(dtype))
-        return [{"intensity": {"type": "zscore", "nonzero": bool(args.get("nonzero", False)),
-                               "mean": _number(args.get("subtrahend")), "std": _number(args.get("divisor")),
-                               "channel_wise": str(args.get("channel_wise", False)).lower() == "true"}}]
+        channel_wise = str(args.get("channel_wise", False)).lower() == "true"
+        fixed = {}
+        for setting, key in (("subtrahend", "mean"), ("divisor", "std")):
+            value = args.get(setting)
+            if isinstance(value, (list, tuple)):  # one per channel: MONAI takes them with channel_wise only
+                if not channel_wise or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in value):
+                    refuse("{}={}, channel_wise={}".format(setting, value, channel_wise))
+                fixed[key] = [float(v) for v in value]
+            else:
+                fixed[key] = _number(value)
+        return [{"intensity": dict({"type": "zscore", "nonzero": bool(args.get("nonzero", False)),
+                                    "channel_wise": channel_wise}, **fixed)}]
     if name == "ScaleIntensity":
         if args.get("factor") is not None:
             refuse("factor={}".format(args.get("factor")))
+        if args.get("minv") is None and args.get("maxv") is None:  # MONAI's ScaleIntensity then changes nothing
+            return []
         return [{"intensity": {"type": "minmax", "min": _number(args.get("minv", 0.0)),
                                "max": _number(args.get("maxv", 1.0))}}]
     if name == "CropForeground":
-        select_fn = args.get("select_fn")
-        if select_fn is not None and getattr(select_fn, "__name__", select_fn) != "is_positive":
-            refuse("select_fn={}".format(getattr(select_fn, "__name__", select_fn)))
-        for setting in ("source_key", "channel_indices"):
-            if args.get(setting) not in (None, args.get("keys"), [args.get("keys")], "image"):
-                refuse("{}={}".format(setting, args.get(setting)))
+        compare, threshold = select_rule(args.get("select_fn"), where)
+        if args.get("source_key") not in (None, args.get("keys"), [args.get("keys")], "image"):
+            refuse("source_key={}".format(args.get("source_key")))
+        if str(first(args.get("mode", "constant"))).lower() != "constant":  # where the box leaves the grid
+            refuse("mode={}".format(args.get("mode")))
         k = args.get("k_divisible", 1)
         ks = list(k) if isinstance(k, (list, tuple)) else [k] * 3  # one number: every axis
         if len(ks) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ks):
             refuse("k_divisible={}".format(k))
-        crop = {"threshold": 0.0, "margin": args.get("margin", 0),
+        crop = {"threshold": threshold, "margin": args.get("margin", 0),
                 "allow_smaller": bool(args.get("allow_smaller", False))}
+        if compare != ">":
+            crop["compare"] = compare
+        channels = args.get("channel_indices")
+        if channels is not None:
+            channels = list(channels) if isinstance(channels, (list, tuple)) else [channels]
+            if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels):
+                refuse("channel_indices={}".format(args.get("channel_indices")))
+            crop["channels"] = channels
         if ks != [1, 1, 1]:
             crop["k_divisible"] = ks
         return [{"crop": crop}]
@@ -430,6 +469,30 @@ def _twin(name, args, where):
     raise AssertionError(name)
 
 
+# A CropForeground select_fn as a config writes it: x compared with a number ("$lambda x: x > 1").
+SELECT_FN = re.compile(r"^\$\s*lambda\s+(?P<x>[A-Za-z_]\w*)\s*:\s*(?P=x)\s*(?P<compare>>=|<=|!=|==|>|<)\s*"
+                       r"(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\Z")
+IS_POSITIVE = ("$monai.transforms.is_positive", "$monai.transforms.utils.is_positive")  # MONAI's default, x > 0
+
+
+def select_rule(select_fn, where):
+    """(comparison, threshold) of a ``CropForeground`` ``select_fn``: MONAI's default ``is_positive`` (x > 0), or
+    the config's own text comparing x with a number (the parser makes a lambda of it, whose threshold cannot be
+    read back); InputError naming anything else."""
+    if select_fn is None or select_fn in IS_POSITIVE or (
+            callable(select_fn) and getattr(select_fn, "__name__", None) == "is_positive"
+            and str(getattr(select_fn, "__module__", "")).startswith("monai.")):
+        return ">", 0
+    match = SELECT_FN.match(select_fn) if isinstance(select_fn, str) else None
+    if match is None:
+        raise InputError("bundle {}: CropForeground(select_fn={}) is not reproduced (reproduced are comparisons of x "
+                         "with a number: \"$lambda x: x > 1\", with >, >=, <, <=, != or ==)".format(
+                             where, getattr(select_fn, "__name__", select_fn)))
+    value = match.group("value")
+    number = float(value) if any(c in value for c in ".eE") else int(value)
+    return match.group("compare"), number
+
+
 def _dtype_name(value):
     """``float32`` for torch.float32, numpy.float32 or "float32"; None for None."""
     if value is None:
@@ -470,6 +533,8 @@ def _window(reader, config, notes):
         return None
     name, args = component
     if name in ("SlidingWindowInferer", "SlidingWindowInfererAdapt"):
+        if args.get("with_coord") in (True, "true", "True"):  # the network would get the windows' coordinates
+            raise InputError("bundle {}: {}(with_coord=True) is not reproduced".format(reader.where, name))
         roi = args.get("roi_size")
         return {"roi_size": [int(v) for v in (roi if isinstance(roi, (list, tuple)) else [roi] * 3)],
                 "overlap": args.get("overlap", 0.25), "mode": str(args.get("mode", "constant")),
@@ -535,7 +600,9 @@ def _unsafe(parser, item_id):
 
     def walk(value, where):
         if isinstance(value, str):
-            if value.startswith("$"):
+            if value in IS_POSITIVE or SELECT_FN.match(value):
+                pass  # a comparison of x with a number: a lambda that runs nothing else
+            elif value.startswith("$"):
                 problems.append("{} is a Python expression {!r}".format(where, value[:60]))
             elif value.startswith("%"):
                 problems.append("{} reads another config file {!r}".format(where, value[:60]))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 INTENSITY_TYPES = ("none", "percentile", "zscore", "range", "minmax", "sigmoid", "tanh", "pet")
+# The comparisons a foreground crop may select its voxels with (x compared with the threshold).
+COMPARISONS = {">": torch.gt, ">=": torch.ge, "<": torch.lt, "<=": torch.le, "!=": torch.ne, "==": torch.eq}
 # Outputs outside the cropped box: background. Logits: background 0, other channels this much lower.
 BACKGROUND_LOGIT_GAP = 100.0
 
@@ -22,7 +24,8 @@ def normalize_intensity(volume, spec):
       percentiles of the volume to ``b_min`` and ``b_max`` (MONAI's ``ScaleIntensityRangePercentiles``);
     - ``{"type": "zscore", "nonzero": false, "mean": null, "std": null}`` subtracts the mean and divides by the
       standard deviation (population, as MONAI's ``NormalizeIntensity``; over non-zero voxels only, which alone
-      are changed, with ``nonzero``; fixed values where ``mean``/``std`` are given; per channel, or with
+      are changed, with ``nonzero``; fixed values where ``mean``/``std`` are given, one or a list of one per
+      channel; per channel, or with
       ``"channel_wise": false`` over all channels together, as MONAI's default);
     - ``{"type": "range", "a_min": -57, "a_max": 164, "b_min": 0, "b_max": 1, "clip": true}``: a fixed intensity
       window mapped to [b_min, b_max], clipped (MONAI's ``ScaleIntensityRange``);
@@ -115,7 +118,9 @@ def _scale(flat, low, high, b_min, b_max, clip):
 
 
 def _zscore(flat, spec):
-    mean, std = spec.get("mean"), spec.get("std")
+    mean, std = _per_channel(spec.get("mean"), flat), _per_channel(spec.get("std"), flat)
+    if torch.is_tensor(std):
+        std = torch.where(std == 0, torch.ones_like(std), std)  # as MONAI: a zero divisor is 1
     if spec.get("nonzero", False):
         mask = (flat != 0).detach()
         count = mask.sum(dim=2, keepdim=True).clamp_min(1)
@@ -126,17 +131,27 @@ def _zscore(flat, spec):
         std_ = std_.clamp_min(1e-8) if torch.is_tensor(std_) else (std_ or 1.0)
         return torch.where(mask, (flat - mean_) / std_, flat)
     mean_ = flat.mean(dim=2, keepdim=True) if mean is None else mean
-    std_ = flat.std(dim=2, keepdim=True, unbiased=False).clamp_min(1e-8) if std is None else (std or 1.0)
+    std_ = flat.std(dim=2, keepdim=True, unbiased=False).clamp_min(1e-8) if std is None else (
+        std if torch.is_tensor(std) else (std or 1.0))
     return (flat - mean_) / std_
 
 
+def _per_channel(value, flat):
+    """A fixed mean or standard deviation: a number, or one per channel (a list) as a (1, C, 1) tensor."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    return flat.new_tensor([float(v) for v in value]).view(1, -1, 1)
+
+
 def foreground_box(volume, spec):
-    """Bounding box (list of (start, stop) per spatial axis) of voxels above ``spec["threshold"]`` (default 0)
-    in any channel and image, grown by ``spec["margin"]`` voxels, then to a multiple of ``spec["k_divisible"]``
-    (default 1) about its centre; None where there is no foreground or it fills the volume (MONAI's
-    ``CropForeground`` with its default ``select_fn`` x > 0 on the normalised image)."""
+    """Bounding box (list of (start, stop) per spatial axis) of the voxels where ``x compare threshold``
+    (``spec["compare"]``, one of :data:`COMPARISONS`, default ``>``; ``spec["threshold"]``, default 0) in any of
+    the channels ``spec["channels"]`` (default all) and image, grown by ``spec["margin"]`` voxels, then to a
+    multiple of ``spec["k_divisible"]`` (default 1) about its centre; None where there is no foreground or it
+    fills the volume (MONAI's ``CropForeground`` with ``select_fn=lambda x: x > 0``, its default, or another such
+    comparison, and ``channel_indices``)."""
     with torch.no_grad():
-        mask = (volume.detach() > float(spec.get("threshold", 0.0))).flatten(0, 1).any(dim=0)
+        mask = foreground_mask(volume.detach(), spec).flatten(0, 1).any(dim=0)
         if not bool(mask.any()):
             return None
         margin = spec.get("margin", 0)
@@ -159,6 +174,16 @@ def foreground_box(volume, spec):
     if all(start == 0 and stop == size for (start, stop), size in zip(box, mask.shape)):
         return None
     return box
+
+
+def foreground_mask(volume, spec):
+    """Where ``volume`` (B, C, *spatial; the channels ``spec["channels"]``) compares with the threshold as
+    ``spec["compare"]`` says, in the volume's own dtype (as MONAI's ``select_fn`` on the image)."""
+    channels = spec.get("channels")
+    if channels is not None:
+        volume = volume[:, [int(c) for c in channels]]
+    threshold = spec.get("threshold", 0.0)
+    return COMPARISONS[spec.get("compare", ">")](volume, threshold)
 
 
 def crop(volume, box):

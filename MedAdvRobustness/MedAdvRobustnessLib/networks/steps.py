@@ -4,11 +4,15 @@ A step is a one-key dictionary, in the order the pipeline runs them (``ModelDesc
 bundle's transforms in their declared order):
 
 - ``{"intensity": spec}``: :func:`~.preprocessing.normalize_intensity`; the outputs need no way back.
-- ``{"crop": {"threshold": t, "margin": m}}``: crop to the voxels above ``t`` (MONAI's ``CropForeground``); the
-  outputs are padded back with background.
+- ``{"crop": {"threshold": t, "margin": m}}``: crop to the voxels above ``t`` (MONAI's ``CropForeground``;
+  optional ``"compare"``: ``>`` (default), ``>=``, ``<``, ``<=``, ``!=`` or ``==``, its ``select_fn`` x compared
+  with ``t``; ``"channels"``: its ``channel_indices``; ``"k_divisible"``, ``"allow_smaller"``); the outputs are
+  padded back with background.
 - ``{"spacing": [x, y, z], "mode": "bilinear"|"nearest", "min_pixdim": [...], "max_pixdim": [...]}``: MONAI's
   ``Spacing`` grid (voxel counts, origin and positions as ``zoom_affine`` and ``compute_shape_offset`` give them,
-  border padding; an axis whose spacing lies within the optional ``min_pixdim``..``max_pixdim`` keeps it); the
+  border padding; an axis whose spacing lies within 1e-3 mm of the optional ``min_pixdim``..``max_pixdim``, or of
+  the target, keeps it (a bound may be None: the target); no resampling where MONAI's ``SpatialResample`` keeps
+  the image, :func:`grid_unchanged`); the
   outputs go back to the input grid by linear interpolation, as MONAI's ``Invertd`` brings predictions back.
   Optional, as a bundle's ``Spacing`` sets them: ``"padding_mode": "border"|"zeros"|"reflection"``,
   ``"align_corners": true`` (where reflection reflects), ``"scale_extent": true`` (``compute_shape_offset``'s
@@ -39,9 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .preprocessing import crop, divisible_padding, foreground_box, normalize_intensity, pad_outputs_back, unpad
+from .preprocessing import (COMPARISONS, crop, divisible_padding, foreground_box, normalize_intensity,
+                            pad_outputs_back, unpad)
 
-SPACING_TOLERANCE = 1e-3  # spacings that agree within 0.1 %: no resampling
+AFFINE_TOL = 1e-3  # MONAI's AFFINE_TOL: how close two grids are to be the same (no resampling)
 STEP_KINDS = ("intensity", "crop", "spacing", "pad_divisible", "pad_size", "center_crop", "resize")
 RESAMPLING_MODES = ("bilinear", "nearest")
 PADDING_MODES = ("border", "zeros", "reflection")  # torch's grid_sample, as MONAI's Spacing pads
@@ -80,6 +85,8 @@ def check_steps(steps):
             for flag in ("align_corners", "scale_extent"):
                 if not isinstance(step.get(flag, False), bool):
                     raise InputError("spacing {} must be true or false, got {!r}".format(flag, step.get(flag)))
+        elif step_kind(step) == "crop":
+            check_crop(step["crop"])
         elif step_kind(step) in ("pad_size", "center_crop"):
             kind = step_kind(step)
             if not _sizes_ok(step[kind]):
@@ -102,6 +109,22 @@ def check_steps(steps):
             if step.get("align_corners") is not None and step.get("mode", "trilinear") != "trilinear":
                 raise InputError("resize align_corners is for mode trilinear only (as torch's interpolate)")
     return steps
+
+
+def check_crop(spec):
+    """Refuse a foreground crop whose comparison, threshold or channels cannot be run."""
+    if not isinstance(spec, dict):
+        raise InputError("crop must be its settings (threshold, compare, margin, ...), got {!r}".format(spec))
+    if spec.get("compare", ">") not in COMPARISONS:
+        raise InputError("crop compare must be one of {}, got {!r}".format(" ".join(COMPARISONS),
+                                                                         spec.get("compare")))
+    threshold = spec.get("threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise InputError("crop threshold must be a number, got {!r}".format(threshold))
+    channels = spec.get("channels")
+    if channels is not None and not (isinstance(channels, (list, tuple)) and channels and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)):
+        raise InputError("crop channels must be a list of channel indices, got {!r}".format(channels))
 
 
 def _sizes_ok(value):
@@ -264,40 +287,54 @@ def shifted(affine, voxels):
 
 
 def target_spacing(affine, step):
-    """The spacing a spacing step resamples to: its ``spacing``, except along axes whose spacing lies within
-    ``min_pixdim``..``max_pixdim`` (MONAI's tolerance 1e-3), which keep theirs."""
+    """The spacing a spacing step resamples to, as MONAI's ``Spacing`` picks it: along each axis the step's
+    ``spacing``, except where the grid's own lies within :data:`AFFINE_TOL` mm of ``min_pixdim``..``max_pixdim``
+    (a bound that is missing or None: the target itself), which keeps its own: so a spacing within 1e-3 mm of the
+    target is always kept."""
     target = np.asarray(step["spacing"], dtype=np.float64)
-    if step.get("min_pixdim") is None and step.get("max_pixdim") is None:
-        return target
-    have = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-    # as MONAI's Spacing: a missing bound is the target itself
-    low = np.minimum(np.asarray(step.get("min_pixdim") or target, dtype=np.float64), target) - SPACING_TOLERANCE
-    high = np.maximum(np.asarray(step.get("max_pixdim") or target, dtype=np.float64), target) + SPACING_TOLERANCE
-    return np.where((low <= have) & (have <= high), have, target)
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    have = np.sqrt(np.sum(matrix * matrix, axis=0))  # MONAI's affine_to_spacing
+    low = np.fmin(_pixdim_bound(step.get("min_pixdim")), target)  # fmin, fmax: NaN gives the target
+    high = np.fmax(_pixdim_bound(step.get("max_pixdim")), target)
+    return np.where((low - AFFINE_TOL <= have) & (have <= high + AFFINE_TOL), have, target)
+
+
+def _pixdim_bound(value):
+    """A ``min_pixdim`` or ``max_pixdim`` as three numbers, NaN where missing or None (one number: the first
+    axis's, as MONAI reads it)."""
+    values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    values = [np.nan if v is None else float(v) for v in values[:3]]
+    return np.array(values + [np.nan] * (3 - len(values)), dtype=np.float64)
 
 
 def spacing_grid(affine, shape, pixdim, scale_extent=False):
     """MONAI's ``Spacing`` (``diagonal=False``) of a grid of ``shape`` and voxel-to-RAS ``affine`` to ``pixdim`` mm,
     with MONAI's own ``zoom_affine`` and ``compute_shape_offset`` (with ``scale_extent``, the grid of the voxels'
-    full extent): None where nothing is resampled (the spacings agree within 0.1 %; with ``scale_extent``, where
-    MONAI's ``SpatialResample`` finds the grid unchanged), else (the output grid's matrix, per axis the input voxel
-    coordinates of the output voxels, per axis the output voxel coordinates of the input voxels)."""
+    full extent): None where MONAI does not resample (:func:`grid_unchanged`), else (the output grid's matrix, per
+    axis the input voxel coordinates of the output voxels, per axis the output voxel coordinates of the input
+    voxels)."""
     from monai.data.utils import compute_shape_offset, zoom_affine
     affine, pixdim = np.asarray(affine, dtype=np.float64), np.asarray(pixdim, dtype=np.float64)
-    if not scale_extent and np.all(np.abs(np.linalg.norm(affine[:3, :3], axis=0) - pixdim)
-                                   <= SPACING_TOLERANCE * pixdim):
-        return None
     out_affine = zoom_affine(affine, pixdim, diagonal=False)
     out_shape, offset = compute_shape_offset(tuple(shape), affine, out_affine, bool(scale_extent))
     out_affine[:3, 3] = offset[:3]
+    if grid_unchanged(affine, shape, out_affine, out_shape):
+        return None
     to_input = np.linalg.solve(affine, out_affine)  # output voxel -> input voxel: axis-aligned up to rounding
-    if scale_extent and tuple(int(n) for n in out_shape) == tuple(int(n) for n in shape) and (
-            np.allclose(out_affine, affine, rtol=1e-5, atol=1e-3) or np.allclose(to_input, np.eye(4), rtol=1e-5,
-                                                                                 atol=1e-3)):
-        return None  # as SpatialResample's affine_unchanged (AFFINE_TOL 1e-3)
     forward = [np.arange(int(n)) * to_input[a, a] + to_input[a, 3] for a, n in enumerate(out_shape)]
     backward = [(np.arange(int(n)) - to_input[a, 3]) / to_input[a, a] for a, n in enumerate(shape)]
     return out_affine, forward, backward
+
+
+def grid_unchanged(affine, shape, out_affine, out_shape):
+    """MONAI's ``SpatialResample`` rule for keeping the image as it is: the same voxel counts, and the two matrices,
+    or the voxel map between them and the identity, equal within ``allclose``'s tolerance (absolute
+    :data:`AFFINE_TOL`, relative 1e-5)."""
+    if tuple(int(n) for n in out_shape) != tuple(int(n) for n in shape):
+        return False
+    voxel_map = np.linalg.solve(affine, out_affine)
+    return bool(np.allclose(affine, out_affine, rtol=1e-5, atol=AFFINE_TOL)
+                or np.allclose(voxel_map, np.eye(4), rtol=1e-5, atol=AFFINE_TOL))
 
 
 def resample_axes(tensor, positions, mode="bilinear", padding_mode="border", align_corners=False):
