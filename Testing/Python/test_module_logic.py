@@ -228,3 +228,100 @@ def test_every_probe_has_its_library_parameters():
     pgd = {parameter.name: parameter.default for parameter in registry.probe_parameters("pgd")}
     assert pgd["steps"] == 10 and pgd["norm"] == "linf"
     assert [p.name for p in registry.probe_parameters("smoothing")] == ["seed"]
+
+
+# --- the packages the module needs (MedAdvRobustnessLib.module.dependencies) and Reload ----------------------------
+
+@pytest.fixture
+def fresh_dependencies():
+    from MedAdvRobustnessLib.module import dependencies
+    dependencies.forget()
+    yield dependencies
+    dependencies.forget()
+
+
+def test_every_dependency_of_every_feature_is_installed_here(fresh_dependencies):
+    """scripts/setup.sh installs what the module lists; the list names what the features import."""
+    assert fresh_dependencies.problems("all") == []
+    names = {dependency.module for dependency in fresh_dependencies.DEPENDENCIES}
+    assert {"torch", "monai", "matplotlib", "yaml", "nibabel", "dynamic_network_architectures"} <= names
+    assert {d.distribution for d in fresh_dependencies.missing("run")} <= {"torch", "monai"}
+    nnunet = next(d for d in fresh_dependencies.DEPENDENCIES if d.module == "dynamic_network_architectures")
+    assert nnunet.no_deps and nnunet.requirement == "dynamic_network_architectures>=0.4"
+
+
+def test_the_check_reads_the_metadata_once_until_forget(fresh_dependencies, monkeypatch):
+    import importlib.metadata
+    assert fresh_dependencies.problems("compare") == []
+    calls = []
+
+    def gone(name):
+        calls.append(name)
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", gone)
+    for _ in range(100):  # the widget asks on every change of its parameter node
+        assert fresh_dependencies.problems("compare") == []
+    assert calls == []
+    fresh_dependencies.forget()  # after an install
+    problems = fresh_dependencies.problems("compare")
+    assert len(problems) == 4 and problems[0] == "torch is not installed (needed for every network)"
+    assert sorted(calls) == ["matplotlib", "monai", "nibabel", "torch"]
+    assert fresh_dependencies.problems("run") == problems[:2]
+
+
+def test_an_old_version_is_reported(fresh_dependencies, monkeypatch):
+    monkeypatch.setitem(fresh_dependencies._versions, "monai", "1.3.2")
+    assert fresh_dependencies.problems("run") == [
+        "monai 1.3.2 is older than 1.4 (needed for networks, attacks, corruptions and metrics)"]
+    assert [fresh_dependencies.version_tuple(v) for v in ("2.3.1+cu121", "1.4rc1", "10", "0.4.4")] == \
+        [(2, 3), (1, 4), (10,), (0, 4)]
+
+
+def test_constraints_pin_the_installed_torch_and_numpy(fresh_dependencies, tmp_path):
+    import importlib.metadata
+    import torch
+    import numpy
+    path = fresh_dependencies.write_constraints(tmp_path / "constraints.txt")
+    lines = path.read_text().splitlines()
+    assert "torch=={}".format(importlib.metadata.version("torch")) in lines
+    assert "torch=={}".format(torch.__version__) in lines  # the local label (+cpu, +cu121) included
+    assert "numpy=={}".format(numpy.__version__) in lines
+    assert all(line.split("==")[0] in fresh_dependencies.PINNED for line in lines)
+
+
+def test_an_install_that_changed_an_imported_package_asks_for_a_restart(fresh_dependencies):
+    import yaml  # noqa: F401  (imported: its old code stays loaded)
+    after = fresh_dependencies.installed_versions()
+    assert after["PyYAML"] == yaml.__version__ and "torch" in after
+    assert fresh_dependencies.import_names("PyYAML") == {"yaml", "_yaml"}
+    assert "dynamic_network_architectures" in fresh_dependencies.import_names("dynamic_network_architectures")
+    before = dict(after, PyYAML="5.0")
+    del before["nibabel"]  # freshly installed
+    assert fresh_dependencies.changed_imported(before, after, {"yaml": yaml}) == [
+        ("PyYAML", "5.0", after["PyYAML"])]
+    assert fresh_dependencies.changed_imported(before, after, {}) == []  # nothing of them loaded: no restart
+    assert fresh_dependencies.changed_imported(before, after, {"nibabel": None}) == [
+        ("nibabel", None, after["nibabel"])]
+    assert fresh_dependencies.changed_imported(after, after) == []
+
+
+RELOAD = """
+import sys
+from MedAdvRobustnessLib.module import logic, unload_library
+old = logic
+removed = unload_library()
+assert "MedAdvRobustnessLib.module.logic" in removed and "MedAdvRobustnessLib" in removed, removed
+assert not [name for name in sys.modules if name.startswith("MedAdvRobustnessLib")]
+from MedAdvRobustnessLib.module import logic
+assert logic is not old and logic.ProbeSettings is not old.ProbeSettings
+print("reloaded", len(removed))
+"""
+
+
+def test_unload_library_makes_the_next_import_read_the_library_again():
+    import subprocess
+    import sys
+    completed = subprocess.run([sys.executable, "-c", RELOAD], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("reloaded")

@@ -209,23 +209,109 @@ def test_sample_data_is_registered_only_inside_the_application():
     guarded = [node for node in ast.walk(module_class) if isinstance(node, ast.If)
                and "hasattr(slicer, 'app')" in ast.unparse(node.test)]
     assert guarded and "registerSampleData" in ast.unparse(guarded[0])
-    function = next(node for node in module_tree().body if isinstance(node, ast.FunctionDef)
-                    and node.name == "registerSampleData")
+    function = module_function("registerSampleData")
     source = ast.unparse(function)
-    assert "registerCustomSampleDataSource" in source
-    for name in ("MNI152_T1_2mm.nii.gz", "MNI152_tissue_2mm.nii.gz"):
-        assert name in source
-        assert (MODULE_DIR / "MedAdvRobustnessLib" / "Resources" / "Sample" / name).is_file()
+    assert "for name, fileName, fileType, properties, checksum in SAMPLE_DATA" in source
+    call = next(node for node in ast.walk(function) if isinstance(node, ast.Call)
+                and getattr(node.func, "attr", None) == "registerCustomSampleDataSource")
+    keywords = {keyword.arg: ast.unparse(keyword.value) for keyword in call.keywords}
+    assert set(keywords) <= SAMPLE_DATA_KEYWORDS
+    assert keywords["checksums"] == "checksum" and keywords["loadFileTypes"] == "fileType"
+    assert keywords["loadFileProperties"] == "properties"
 
 
-def test_dependency_installation_uses_the_pytorch_extension_then_pip():
+# SampleDataLogic.registerCustomSampleDataSource's keywords in Slicer 5.8.1, 5.10.0 and 5.12 (Slicer's
+# Modules/Scripted/SampleData/SampleData.py): loadFileTypes replaced 5.6's loadFileType there.
+SAMPLE_DATA_KEYWORDS = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader",
+                        "thumbnailFileName", "loadFileTypes", "loadFiles", "loadFileProperties", "checksums"}
+
+
+def module_function(name):
+    return next(node for node in module_tree().body if isinstance(node, ast.FunctionDef) and node.name == name)
+
+
+def test_sample_data_checksums_are_the_sha256_of_the_files_and_the_label_map_loads_as_one():
+    import hashlib
+    samples = module_constant("SAMPLE_DATA")
+    assert [sample[1] for sample in samples] == ["MNI152_T1_2mm.nii.gz", "MNI152_tissue_2mm.nii.gz"]
+    for name, file_name, file_type, properties, checksum in samples:
+        path = MODULE_DIR / "MedAdvRobustnessLib" / "Resources" / "Sample" / file_name
+        assert checksum == "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest(), file_name
+        assert file_type == "VolumeFile", "the volume reader, never the Segmentations reader"
+        assert properties == ({"labelmap": True} if "tissue" in file_name else {}), file_name
+
+
+def test_the_sample_data_properties_give_a_label_map_volume_through_slicer_s_reader(slicer_scene):
+    """The same file and properties through the volumes logic behind Slicer's VolumeFile reader."""
+    import slicer
+    for name, file_name, file_type, properties, checksum in module_constant("SAMPLE_DATA"):
+        path = MODULE_DIR / "MedAdvRobustnessLib" / "Resources" / "Sample" / file_name
+        node = slicer_scene.volumes_logic.AddArchetypeVolume(str(path), file_name.split(".")[0],
+                                                             1 if properties.get("labelmap") else 0)
+        assert node is not None
+        assert node.IsA("vtkMRMLLabelMapVolumeNode") == bool(properties.get("labelmap")), file_name
+        assert isinstance(node, slicer.vtkMRMLScalarVolumeNode)
+
+
+def test_dependency_installation_uses_the_pytorch_extension_then_constrained_pip():
     logic = top_level_classes(module_tree())["MedAdvRobustnessLogic"]
     source = ast.get_source_segment(MODULE_FILE.read_text(), logic)
-    assert "PyTorchUtils.PyTorchUtilsLogic().installTorch(" in source
-    assert "slicer.util.pip_install(" in source
+    install = source[source.index("def installDependencies"):source.index("def start(")]
+    assert "PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False" in install
+    assert "torchVersionRequirement=TORCH_REQUIREMENT" in install
+    assert module_constant("TORCH_REQUIREMENT") == ">=2.1"
+    assert "dependencies.write_constraints(" in install
+    assert 'importlib.import_module("slicer.packaging").pip_ensure' in install  # Slicer 5.12 and later
+    assert "pip_ensure(withDependencies, constraints=constraints, prompt_install=False" in install
+    assert 'slicer.util.pip_install(["-c", constraints] + withDependencies)' in install  # before 5.12
+    assert 'slicer.util.pip_install(["--no-deps", "-c", constraints] + withoutDependencies)' in install
+    assert "dependencies.changed_imported(before, dependencies.installed_versions())" in install
+    assert "slicer.util.restart()" in install
+    assert not re.search(r"pip_install\([^)]*torch", install), "torch comes from the PyTorch extension only"
     widget = ast.get_source_segment(MODULE_FILE.read_text(), top_level_classes(module_tree())["MedAdvRobustnessWidget"])
     install = widget.index("self.logic.installDependencies()")
     assert widget.rfind("confirmOkCancelDisplay", 0, install) != -1, "install only after the user confirms"
+
+
+def test_pip_ensure_takes_the_keywords_the_module_passes():
+    """slicer.packaging.pip_ensure in Slicer 5.12 (Base/Python/slicer/packaging.py): (requirements, constraints,
+    skip_packages, prompt_install, prompt_restart, requester, skip_in_testing, show_progress)."""
+    call = next(node for node in ast.walk(module_tree()) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "pip_ensure")
+    assert {keyword.arg for keyword in call.keywords} <= {
+        "constraints", "skip_packages", "prompt_install", "prompt_restart", "requester", "skip_in_testing",
+        "show_progress"}
+    assert len(call.args) == 1
+
+
+def test_the_widget_caches_the_dependency_check_and_the_compare_form():
+    source = MODULE_FILE.read_text()
+    logic = ast.get_source_segment(source, top_level_classes(module_tree())["MedAdvRobustnessLogic"])
+    problems = logic[logic.index("def dependencyProblems"):logic.index("def forgetDependencies")]
+    assert "return dependencies.problems(feature)" in problems  # cached there until forget()
+    assert "metadata" not in problems.split('"""')[-1] and "find_spec" not in source
+    widget = top_level_classes(module_tree())["MedAdvRobustnessWidget"]
+    form = next(node for node in widget.body if isinstance(node, ast.FunctionDef) and node.name == "_updateCompareForm")
+    text = ast.unparse(form)
+    assert text.index("if key == self._compareFormKey:\n        return") < text.index("setCheckState")
+    assert text.index("return") < text.index("QListWidgetItem")
+    install = ast.unparse(next(node for node in widget.body if isinstance(node, ast.FunctionDef)
+                               and node.name == "ensureDependencies"))
+    assert "self._compareFormKey = None" in install  # an install shows the form afresh
+
+
+def test_reload_unloads_the_library_before_slicer_reloads_the_module_file():
+    widget = top_level_classes(module_tree())["MedAdvRobustnessWidget"]
+    reload = next(node for node in widget.body if isinstance(node, ast.FunctionDef) and node.name == "onReload")
+    text = ast.unparse(reload)
+    assert text.index("unload_library()") < text.index("ScriptedLoadableModuleWidget.onReload(self)")
+
+
+def test_the_self_test_skips_per_feature_what_it_cannot_run():
+    test_class = top_level_classes(module_tree())["MedAdvRobustnessTest"]
+    text = ast.get_source_segment(MODULE_FILE.read_text(), test_class)
+    assert 'self._sampleParameters("run")' in text and 'self._sampleParameters("compare")' in text
+    assert "self.skipTest(" in text and "logic.forgetDependencies()" in text
 
 
 def test_every_python_file_is_listed_and_every_listed_script_exists():
@@ -380,22 +466,11 @@ def test_ui_properties_survive_loading(loaded_ui):
     assert children["applyButton"].isEnabled() is False and children["cancelButton"].isEnabled() is False
 
 
-def test_extension_description_file_for_the_index():
-    s4ext = ROOT / "MedAdvRobustness.s4ext"
-    entries = {}
-    for line in s4ext.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            entries[key] = value.strip()
-    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
-                "category", "iconurl", "status", "description", "screenshoturls", "enabled"):
-        assert entries.get(key), key
-    text = cmake_text(EXTENSION_CMAKE)
-    for key, variable in (("homepage", "HOMEPAGE"), ("category", "CATEGORY"), ("iconurl", "ICONURL"),
-                          ("screenshoturls", "SCREENSHOTURLS"), ("depends", "DEPENDS"),
-                          ("contributors", "CONTRIBUTORS")):
-        value = re.search(r'set\(EXTENSION_{}\s+"([^"]*)"\)'.format(variable), text).group(1)
-        assert entries[key] == value, key
+def test_contributors_are_name_and_organization_in_cmake_and_the_module():
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS\s+"([^"]*)"\)', cmake_text(EXTENSION_CMAKE)).group(1)
+    assert re.fullmatch(r"[^,()]+ \([^()]+\)(, [^,()]+ \([^()]+\))*", contributors), contributors
+    module_class = ast.unparse(top_level_classes(module_tree())["MedAdvRobustness"])
+    assert "self.parent.contributors = [{!r}]".format(contributors) in module_class
 
 
 def png_size(path):

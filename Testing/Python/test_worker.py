@@ -1,6 +1,7 @@
 """Runs compute in a child process: it advances while the caller holds Python's GIL (as Slicer's main thread does
-in Qt's event loop), errors come back with their type, a dead worker is reported, and nothing is left behind (cancel: see
-test_module_logic).
+in Qt's event loop), errors come back with their type, a dead worker is reported, a cancelled job that does not stop
+is ended with its whole process tree (behind a launcher, as PythonSlicer is), and nothing is left behind (cooperative
+cancel: see test_module_logic).
 
 Real MRML (slicer-core) on the embedded sample, the module's logic as the widget drives it.
 """
@@ -154,7 +155,10 @@ def test_what_cannot_travel_or_start_leaves_nothing_and_collects_once(monkeypatc
     with pytest.raises(Exception):
         worker.ProcessRun(lambda progress, is_cancelled: None)  # a lambda does not pickle
     monkeypatch.setattr(worker.sys, "executable", "/no/such/python")
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError, match=r"cannot start the worker process: .*/no/such/python"):
+        worker.ProcessRun(functools.partial(len, [])).start()
+    monkeypatch.setattr(worker.sys, "executable", "")  # Slicer sets it to "" when no PythonSlicer is on PATH
+    with pytest.raises(FileNotFoundError, match="sys.executable is empty"):
         worker.ProcessRun(functools.partial(len, [])).start()
     assert run_folders() == folders_before
     assert isinstance(worker._picklable(KeyboardInterrupt()), RuntimeError)  # never raised as such in the caller
@@ -168,3 +172,102 @@ def test_outcome_is_collected_once():
         run.outcome()
     with pytest.raises(RuntimeError, match="already collected"):
         run.outcome()
+
+
+def test_outside_slicer_the_worker_runs_this_interpreter():
+    assert worker.python_executable() == sys.executable
+
+
+# A job that ignores cancel (as a long forward pass does until it ends) and starts a process of its own.
+STUBBORN_JOB = """
+import os, subprocess, sys, time
+
+
+def ignore_cancel(pid_file, progress=None, is_cancelled=None):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(pid_file + ".partial", "w") as stream:
+        stream.write("{} {}".format(os.getpid(), child.pid))
+    os.replace(pid_file + ".partial", pid_file)
+    time.sleep(600)
+"""
+# Like PythonSlicer (a launcher that runs the real interpreter as its child, not by exec)
+LAUNCHER = """#!/bin/sh
+"{python}" "$@"
+status=$?
+exit $status
+"""
+
+
+def running(pid):
+    """Whether process ``pid`` exists and is not a zombie (an orphan may wait for a reaper in a container)."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def stubborn_job(tmp_path, monkeypatch):
+    """(job, pid file): the job runs in the worker behind a launcher script; the pid file names the interpreter
+    and the process the job started, once both run."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("reads /proc to see which processes run")
+    (tmp_path / "stubborn.py").write_text(STUBBORN_JOB)
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(LAUNCHER.format(python=sys.executable))
+    launcher.chmod(0o755)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker adds the library in front
+    monkeypatch.setattr(worker, "python_executable", lambda: str(launcher))
+    import stubborn
+    pid_file = tmp_path / "pids"
+    return functools.partial(stubborn.ignore_cancel, str(pid_file)), pid_file
+
+
+def started_processes(run, pid_file):
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), "the job did not start"
+    interpreter, grandchild = (int(value) for value in pid_file.read_text().split())
+    processes = [run.pid, interpreter, grandchild]
+    assert interpreter != run.pid and all(running(pid) for pid in processes)
+    return processes
+
+
+def test_a_cancel_the_job_ignores_ends_the_whole_process_tree_after_the_grace_period(stubborn_job, monkeypatch):
+    job, pid_file = stubborn_job
+    monkeypatch.setattr(worker, "CANCEL_GRACE_SECONDS", 1.0)
+    folders_before = run_folders()
+    run = worker.ProcessRun(job).start()
+    processes = started_processes(run, pid_file)
+    run.cancel()
+    cancelled = time.monotonic()
+    time.sleep(0.5)
+    assert not run.done, "ended before the grace period"
+    while not run.done and time.monotonic() - cancelled < 30:  # the widget's timer polls done
+        time.sleep(0.1)
+    assert run.done
+    assert time.monotonic() - cancelled >= worker.CANCEL_GRACE_SECONDS
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in processes if running(pid)] == [], "launcher, interpreter, the job's own process"
+    assert run.outcome_or_none() is None
+    assert run_folders() == folders_before
+
+
+def test_abandoning_a_job_that_ignores_cancel_ends_its_tree_and_removes_its_folder(stubborn_job):
+    job, pid_file = stubborn_job
+    folders_before = run_folders()
+    run = worker.ProcessRun(job).start()
+    processes = started_processes(run, pid_file)
+    started = time.monotonic()
+    run.abandon()  # the application quits
+    assert time.monotonic() - started < worker.ABANDON_WAIT_SECONDS + 10
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in processes if running(pid)] == []
+    assert run_folders() == folders_before

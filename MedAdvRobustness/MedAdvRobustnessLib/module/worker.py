@@ -8,15 +8,23 @@ Slicer's model-running extensions (MONAIAuto3DSeg, TotalSegmentator) run their n
 The job is a picklable callable taking ``progress(fraction, message)`` and ``is_cancelled()``. It travels to the
 child, and its result or error travels back, as pickles in a private temporary folder that only this process
 writes: they are our own objects, never a user's file.
+
+Inside Slicer the child is started with ``PythonSlicer`` (next to the application's executable, else on PATH),
+elsewhere with this interpreter. ``PythonSlicer`` is a launcher that runs the interpreter as its own child, and a
+job may start processes too: the child gets a process group of its own (a new process group on Windows), and a
+cancel that the job has not honoured within :data:`CANCEL_GRACE_SECONDS` (a long forward pass checks only between
+iterations) ends that whole tree.
 """
 import json
 import logging
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -25,6 +33,31 @@ from ..processes import is_alive
 JOB, RESULT, ERROR, PROGRESS, CANCEL, ABANDONED, LOG = ("job.pickle", "result.pickle", "error.pickle",
                                                          "progress.json", "cancel", "abandoned", "log.txt")
 LIBRARY_PARENT = Path(__file__).resolve().parents[2]
+CANCEL_GRACE_SECONDS = 10.0  # a cancelled job still running after this long is ended, with every process it started
+ABANDON_WAIT_SECONDS = 3.0  # the application quits: how long it waits for an abandoned job to stop by itself
+PYTHON_SLICER = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+
+
+def python_executable():
+    """The interpreter for the worker: inside Slicer ``PythonSlicer`` next to the application's executable or on
+    PATH (Slicer's launcher puts its ``bin`` folder there), then ``sys.executable`` (in Slicer: the PythonSlicer
+    found at startup). Raises FileNotFoundError, naming what was looked for, when none exists."""
+    candidates = []
+    try:
+        import slicer
+        application_folder = slicer.app.applicationDirPath()
+    except (ImportError, AttributeError):  # not inside the Slicer application (slicer-core, plain Python)
+        application_folder = None
+    if application_folder:
+        candidates += [os.path.join(application_folder, PYTHON_SLICER), shutil.which("PythonSlicer")]
+    candidates.append(sys.executable)
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    looked = ("{} in {} or on PATH, nor ".format(PYTHON_SLICER, application_folder) if application_folder else "")
+    raise FileNotFoundError("cannot start the worker process: found neither {}this Python interpreter ({}); "
+                            "reinstall Slicer or start it with its own launcher".format(
+                                looked, sys.executable or "sys.executable is empty"))
 
 
 class ProcessRun:
@@ -34,6 +67,7 @@ class ProcessRun:
     def __init__(self, job):
         self._folder = Path(tempfile.mkdtemp(prefix="medadv-run-"))
         self._process, self._progress, self._cancelled, self._collected = None, (0.0, "starting"), False, False
+        self._cancelled_at = None
         try:
             with open(str(self._folder / JOB), "wb") as stream:
                 pickle.dump(job, stream, protocol=pickle.HIGHEST_PROTOCOL)
@@ -45,28 +79,39 @@ class ProcessRun:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(LIBRARY_PARENT)] + [path for path in [environment.get("PYTHONPATH")] if path])
-        command = [sys.executable, "-m", "MedAdvRobustnessLib.module.worker", str(self._folder), str(os.getpid())]
         try:
+            command = [python_executable(), "-m", "MedAdvRobustnessLib.module.worker", str(self._folder),
+                       str(os.getpid())]
             with open(str(self._folder / LOG), "wb") as log:
                 # cwd: a stray module in the application's working directory must not shadow a package
                 self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                                  stderr=subprocess.STDOUT, env=environment, cwd=str(self._folder),
-                                                 **_hidden_console())
+                                                 **_own_process_group(), **_hidden_console())
         except BaseException:
             self._remove_folder()
             raise
         return self
 
     def cancel(self):
-        """Ask the job to stop at its next check; :attr:`cancelled` is true from now on, finished or not."""
-        self._cancelled = True
+        """Ask the job to stop at its next check; :attr:`cancelled` is true from now on, finished or not. A job
+        still running :data:`CANCEL_GRACE_SECONDS` later is ended with its process tree (see :attr:`done`)."""
+        if not self._cancelled:
+            self._cancelled, self._cancelled_at = True, time.monotonic()
         self._mark(CANCEL)
 
     def abandon(self):
-        """Cancel, and let the child remove the folder: nobody will call :meth:`outcome` (the application quits)."""
+        """Cancel for good: nobody will call :meth:`outcome` (the application quits). Waits
+        :data:`ABANDON_WAIT_SECONDS` for the job to stop, ends its process tree if it has not, and removes the
+        folder (the child removes it itself if it outlives this process)."""
         self._mark(ABANDONED)
         self.cancel()
-        if self.done:
+        if self._process is None:
+            self._remove_folder()
+            return
+        self.wait(ABANDON_WAIT_SECONDS)
+        if not self.done:
+            self._end_tree()
+        if self.done and not self._collected:
             self.outcome_or_none()
 
     @property
@@ -80,7 +125,14 @@ class ProcessRun:
 
     @property
     def done(self):
-        return self._process is not None and self._process.poll() is not None
+        """Whether the child has ended. Polling this (the widget's timer does) also ends a cancelled child that
+        outlived the grace period, with every process it started."""
+        if self._process is None:
+            return False
+        if self._process.poll() is None and self._cancelled and \
+                time.monotonic() - self._cancelled_at > CANCEL_GRACE_SECONDS:
+            self._end_tree()
+        return self._process.poll() is not None
 
     @property
     def progress(self):
@@ -94,11 +146,40 @@ class ProcessRun:
         return self._progress
 
     def wait(self, timeout=None):
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+        """Wait for the child to end, at most ``timeout`` seconds (None: as long as it takes; a cancelled child
+        ends at the latest after the grace period). Returns :attr:`done`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            step = 0.1 if self._cancelled else remaining  # cancelled: come back to enforce the grace period
+            if remaining is not None:
+                step = min(step, remaining)
+            try:
+                self._process.wait(step)
+            except subprocess.TimeoutExpired:
+                pass
         return self.done
+
+    def _end_tree(self):
+        """End the child and every process it started: its process group (POSIX), ``taskkill /T`` (Windows)."""
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **_hidden_console())
+        else:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except OSError:  # already gone
+                pass
+        try:
+            self._process.kill()
+        except OSError:
+            pass
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            logging.warning("MedAdvRobustness: worker process %s did not end", self._process.pid)
 
     def outcome(self):
         """Once done, once: the job's result, or raises the job's error. The temporary folder is removed."""
@@ -133,7 +214,16 @@ class ProcessRun:
             pass
 
     def _remove_folder(self):
-        shutil.rmtree(str(self._folder), ignore_errors=True)
+        _remove_tree(self._folder)
+
+
+def _remove_tree(folder, attempts=20):
+    """Remove ``folder``; on Windows a file that a process just closed can refuse for a moment: try again."""
+    for _ in range(attempts):
+        shutil.rmtree(str(folder), ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(0.1)
 
 
 def _last_lines(log, count=20):
@@ -147,6 +237,13 @@ def _loaded_error(path, log):
     except Exception as error:
         return RuntimeError("the worker failed and its error cannot be read here ({}); {}".format(error,
                                                                                                 _last_lines(log)))
+
+
+def _own_process_group():
+    """Popen arguments that give the child a process group of its own, so that its whole tree can be ended."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
 
 
 def _hidden_console():
@@ -203,7 +300,18 @@ def main(folder, application):
         traceback.print_exc()
         _dump_atomically(_picklable(error), folder / ERROR, pickle.dump)
     if (folder / ABANDONED).exists() or not is_alive(application):  # nobody will collect the outcome
-        shutil.rmtree(str(folder), ignore_errors=True)
+        _release_log()
+        _remove_tree(folder)
+
+
+def _release_log():
+    """Point stdout and stderr (the folder's log file) at the null device: Windows removes no open file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    for descriptor in (1, 2):
+        os.dup2(null, descriptor)
+    os.close(null)
 
 
 if __name__ == "__main__":
