@@ -3,6 +3,7 @@ the Dice curve."""
 import numpy as np
 
 from .evaluation.fragility import fragility_map
+from .scene.fragility import fragility_colours
 from .scene.results import dice_curve_rows, outcome_title
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
@@ -77,14 +78,6 @@ def _aspect(zooms, axis):
     return zooms[rows] / zooms[columns]
 
 
-def fragility_colours(strengths):
-    """One colour per swept strength, the smallest (the most fragile voxels) the brightest: plasma, reversed."""
-    from matplotlib import colormaps
-    plasma = colormaps["plasma"]
-    count = len(strengths)
-    return [plasma(0.95 - 0.8 * index / max(count - 1, 1)) for index in range(count)]
-
-
 def _plot_fragility(figure, ax, result, fragility, axis, index, aspect):
     """The clean slice with the fragility map over it: each voxel coloured by the strength at which its label first
     changes, never-changed voxels left out."""
@@ -94,7 +87,7 @@ def _plot_fragility(figure, ax, result, fragility, axis, index, aspect):
     ax.imshow(display_slice(result.volume.array, axis, index), cmap="gray", vmin=low, vmax=high, aspect=aspect)
     edges = [0.0] + [(a + b) / 2.0 for a, b in zip(strengths, strengths[1:])] + [strengths[-1] * 1.5]
     shown = ax.imshow(np.ma.masked_equal(display_slice(fragility, axis, index), 0),
-                      cmap=ListedColormap(fragility_colours(strengths)), norm=BoundaryNorm(edges, len(strengths)),
+                      cmap=ListedColormap(fragility_colours(len(strengths))), norm=BoundaryNorm(edges, len(strengths)),
                       interpolation="nearest", aspect=aspect)
     ax.set_title("fragility: {} of the first change".format(result.strength_name), fontsize=10)
     ax.axis("off")

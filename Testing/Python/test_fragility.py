@@ -121,3 +121,42 @@ def test_fragility_is_scored_against_the_errors_with_entropy_and_boundary_baseli
     entropy = summary["scores"]["entropy"]
     assert entropy["auroc"] > 0.9 and entropy["error_fraction_top_1%"] > 0.9, "the clean softmax's entropy finds the "\
         "demo network's errors: a baseline fragility must be compared with"
+
+
+def test_fragility_files_and_nodes(demo_sweep, tmp_path):
+    """fragility.nii.gz on the input's grid, structures.csv, fragility_summary.json; in a real MRML scene the
+    coloured fragility volume (0 thresholded out), the structures table and the unstable segmentation."""
+    import csv
+    import json
+    from MedAdvRobustnessLib.scene.fragility import add_fragility_nodes, write_fragility_files
+    from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+    _, result, _ = demo_sweep
+    fragility = fragility_map(result)
+    summary = write_fragility_files(result, tmp_path)
+    written = nib.load(str(tmp_path / "fragility.nii.gz"))
+    assert written.get_data_dtype() == np.float32
+    assert np.allclose(written.affine, nib.load(str(SAMPLE_VOLUME)).affine, atol=1e-5)
+    as_read = result.volume.orientation.to_network(np.transpose(np.asarray(written.dataobj), (2, 1, 0)))
+    assert np.array_equal(as_read, fragility)
+    with open(str(tmp_path / "structures.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["label"] for row in rows] == ["CSF", "grey matter", "white matter"]
+    assert list(rows[0])[-1] == "critical_epsilon" and "changed_0.005" in rows[0]
+    assert json.loads((tmp_path / "fragility_summary.json").read_text())["scores"] == summary["scores"]
+    scene = SlicerScene.standalone()
+    nodes = add_fragility_nodes(scene, result, fragility)
+    volume_node, display = nodes["fragility"], nodes["fragility"].GetDisplayNode()
+    assert volume_node.GetName() == "sample fragility fgsm"
+    assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < EPSILONS[0]
+    assert display.GetColorNodeID() == nodes["fragility_colors"].GetID()
+    colors = nodes["fragility_colors"]
+    entry = lambda value: colors.GetColorName(int(value / display.GetWindowLevelMax() * colors.GetNumberOfColors()))
+    assert [entry(eps) for eps in EPSILONS] == ["first change at {:g}".format(eps) for eps in EPSILONS]
+    assert nodes["structures"].GetNumberOfRows() == 3
+    segmentation = nodes["unstable"].GetSegmentation()
+    assert nodes["unstable"].GetName() == "sample unstable at <= 0.01 fgsm"
+    assert sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())) == \
+        ["CSF", "grey matter", "white matter"]
+    corners = [result.volume.affine @ np.array([0, 0, 0, 1.0]),
+               result.volume.affine @ np.append(np.array(result.volume.array.shape) - 1.0, 1.0)]
+    assert all(min(a, b) <= f <= max(a, b) for f, a, b in zip(nodes["focus"], corners[0], corners[1]))
