@@ -12,6 +12,7 @@ from .scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, v
 from .report import write_report
 from .scene.results import RUN_FILE, StagedOutput, add_result_nodes, write_result_files, write_run_file
 from .evaluation.sweep import run_sweep
+from .scene.fragility import add_fragility_nodes, write_fragility_files
 from .scene.slicer_scene import SlicerScene
 
 
@@ -64,6 +65,7 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
             result = run_sweep(model, volume, probe, strengths, reference, progress, region=region)
         add_nodes_or_nothing(slicer_scene, result)
         write_result_files(result, staging)
+        write_fragility_files(result, staging)
         write_report(result, staging / "report.png")
         slicer_scene.write_mrb(staging / "scene.mrb")
         write_run_file(run_record(probe, strengths, files, model, model_source, model_report, command=command,
@@ -157,10 +159,13 @@ def region_mask(region_map, region_labels=None):
 
 
 def add_nodes_or_nothing(slicer_scene, result):
-    """Add the result nodes to the scene; if that fails midway, remove the ones already added."""
+    """Add the result nodes to the scene (the fragility ones too); if that fails midway, remove the ones already
+    added."""
     before = node_ids(slicer_scene.scene)
     try:
-        return add_result_nodes(slicer_scene, result)
+        nodes = add_result_nodes(slicer_scene, result)
+        nodes.update(add_fragility_nodes(slicer_scene, result))
+        return nodes
     except BaseException:
         remove_nodes_added_since(slicer_scene.scene, before)
         raise

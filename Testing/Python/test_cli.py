@@ -40,9 +40,31 @@ def test_demo_writes_every_result_file(demo_run):
     names = {path.name for path in out.iterdir()}
     assert names == {"scene.mrb", "metrics.csv", "report.png", "run.json", "adversarial_0.nii.gz",
                      "adversarial_0.01.nii.gz", "adversarial_0.03.nii.gz", "prediction_0.nii.gz",
-                     "prediction_0.01.nii.gz", "prediction_0.03.nii.gz"}
+                     "prediction_0.01.nii.gz", "prediction_0.03.nii.gz", "fragility.nii.gz", "structures.csv",
+                     "fragility_summary.json"}
     assert "clean Dice against the reference" in completed.stdout
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_fragility_map_is_the_first_change_of_the_written_predictions(demo_run):
+    """fragility.nii.gz against the prediction files: per voxel the smallest epsilon whose prediction differs from
+    the clean one (0: none does), on the same grid; structures.csv's changed fractions from the same files."""
+    out, completed = demo_run
+    read = {name: nib.load(str(out / name)) for name in ("fragility.nii.gz", "prediction_0.nii.gz",
+                                                           "prediction_0.01.nii.gz", "prediction_0.03.nii.gz")}
+    clean, weak, strong = (np.asarray(read["prediction_{}.nii.gz".format(eps)].dataobj) for eps in ("0", "0.01",
+                                                                                                    "0.03"))
+    expected = np.where(weak != clean, 0.01, np.where(strong != clean, 0.03, 0.0)).astype(np.float32)
+    fragility = read["fragility.nii.gz"]
+    assert np.allclose(fragility.affine, read["prediction_0.nii.gz"].affine)
+    assert np.array_equal(np.asarray(fragility.dataobj), expected)
+    with open(str(out / "structures.csv")) as stream:
+        rows = {row["label"]: row for row in csv.DictReader(stream)}
+    grey = clean == 2
+    assert float(rows["grey matter"]["changed_0.03"]) == pytest.approx(float((strong[grey] != 2).mean()))
+    assert int(rows["grey matter"]["voxels"]) == int(grey.sum())
+    summary = json.loads((out / "fragility_summary.json").read_text())
+    assert set(summary["scores"]) == {"fragility", "entropy", "boundary"}
 
 
 def test_metrics_csv_rows_and_columns(demo_run):
@@ -183,7 +205,13 @@ def test_scene_bundle_reloads_with_every_node(demo_run):
     adversarial = np.asarray(nib.load(str(out / "adversarial_0.03.nii.gz")).dataobj).transpose(2, 1, 0)
     assert np.array_equal(util.arrayFromVolume(volumes["MNI152_T1_2mm adversarial pgd eps 0.03"]), adversarial)
     segmentations = named("vtkMRMLSegmentationNode")
-    assert len(segmentations) == 3
+    assert len(segmentations) == 4  # clean, two attacked, the voxels unstable at the middle epsilon
+    unstable = segmentations["MNI152_T1_2mm unstable at <= 0.01 pgd"].GetSegmentation()
+    assert unstable.GetNumberOfSegments() == 3
+    fragility = volumes["MNI152_T1_2mm fragility pgd"]
+    assert np.array_equal(util.arrayFromVolume(fragility),
+                          np.asarray(nib.load(str(out / "fragility.nii.gz")).dataobj).transpose(2, 1, 0))
+    assert fragility.GetDisplayNode().GetApplyThreshold()
     clean = segmentations["MNI152_T1_2mm segmentation clean"].GetSegmentation()
     names = {clean.GetNthSegment(i).GetName() for i in range(clean.GetNumberOfSegments())}
     assert names == {"CSF", "grey matter", "white matter"}
