@@ -119,6 +119,7 @@ class MedAdvRobustnessParameterNode:
     probeParameters: str = "{}"
     epsilons: str = "0.005 0.01 0.02"
     severities: str = "1 3 5"
+    unstableAt: str = ""
     regionSegmentation: vtkMRMLSegmentationNode
     regionSegmentId: str = ""
     device: Annotated[str, Choice(DEVICES)] = "cpu"
@@ -697,7 +698,9 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def showComparison(nodes) -> None:
-        """Clean and attacked side by side (linked, outlines, perturbation overlay), plot and table below."""
+        """Clean and attacked side by side (linked, outlines; the fragility map over the clean volume, the
+        perturbation over the attacked one), plot and table below; the slices centred on the largest cluster of
+        unstable voxels."""
         from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
 
         layoutManager = slicer.app.layoutManager()
@@ -723,12 +726,14 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         # Linked slices need one orientation: the attacked view follows the clean one (the user may change it).
         cleanSlice = layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode()
         layoutManager.sliceWidget(ATTACKED_VIEW).mrmlSliceNode().SetOrientation(cleanSlice.GetOrientation())
+        fragility = nodes.get("fragility")
         for viewName, background, segmentation in views:
             sliceWidget = layoutManager.sliceWidget(viewName)
             composite = sliceWidget.mrmlSliceCompositeNode()
             composite.SetBackgroundVolumeID(background.GetID() if background else None)
-            composite.SetForegroundVolumeID(perturbation.GetID())
-            composite.SetForegroundOpacity(0.4)
+            overlay = fragility if viewName == CLEAN_VIEW and fragility is not None else perturbation
+            composite.SetForegroundVolumeID(overlay.GetID())
+            composite.SetForegroundOpacity(0.7 if overlay is fragility else 0.4)
             composite.SetLinkedControl(True)
             display = segmentation.GetDisplayNode()
             display.SetVisibility(True)
@@ -736,6 +741,13 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
             display.SetVisibility2DOutline(True)
             display.AddViewNodeID(sliceWidget.mrmlSliceNode().GetID())
             sliceWidget.sliceLogic().FitSliceToAll()
+        if nodes.get("unstable") is not None:  # to review in the Segment Editor: outlines in the clean view
+            unstableDisplay = nodes["unstable"].GetDisplayNode()
+            unstableDisplay.SetVisibility2DFill(False)
+            unstableDisplay.SetViewNodeIDs([layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode().GetID()])
+        if nodes.get("focus") is not None:
+            for viewName in (CLEAN_VIEW, ATTACKED_VIEW):
+                layoutManager.sliceWidget(viewName).mrmlSliceNode().JumpSliceByCentering(*nodes["focus"])
         plotWidget = layoutManager.plotWidget(0)
         plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(nodes["chart"].GetID())
         selection = slicer.app.applicationLogic().GetSelectionNode()

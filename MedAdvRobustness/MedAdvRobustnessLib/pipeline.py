@@ -159,13 +159,18 @@ def region_mask(region_map, region_labels=None):
 
 
 def add_nodes_or_nothing(slicer_scene, result):
+def add_all_result_nodes(slicer_scene, result, unstable_at=None):
+    """The result nodes and the fragility nodes ("unstable at <= ``unstable_at``", default the middle strength)."""
+    nodes = add_result_nodes(slicer_scene, result)
+    nodes.update(add_fragility_nodes(slicer_scene, result, unstable_at=unstable_at))
+    return nodes
+
+
     """Add the result nodes to the scene (the fragility ones too); if that fails midway, remove the ones already
     added."""
     before = node_ids(slicer_scene.scene)
     try:
-        nodes = add_result_nodes(slicer_scene, result)
-        nodes.update(add_fragility_nodes(slicer_scene, result))
-        return nodes
+        return add_all_result_nodes(slicer_scene, result)
     except BaseException:
         remove_nodes_added_since(slicer_scene.scene, before)
         raise

@@ -89,7 +89,8 @@ def test_run_adds_its_nodes_in_one_folder_named_after_volume_network_and_probe(s
     assert hierarchy.GetItemName(nodes["folder"]) == "MNI152_T1_2mm demo-unet pgd"
     in_folder = module_logic.folder_nodes(hierarchy, nodes["folder"])
     expected = [nodes["probed"][EPSILON], nodes["perturbation"][EPSILON], nodes["segmentation"][0.0],
-                nodes["segmentation"][EPSILON], nodes["metrics"], nodes["curve"], nodes["chart"]]
+                nodes["segmentation"][EPSILON], nodes["metrics"], nodes["curve"], nodes["chart"],
+                nodes["fragility"], nodes["structures"], nodes["unstable"]]
     for node in expected:
         assert node in in_folder, node.GetName()
     assert volume not in in_folder
@@ -108,6 +109,11 @@ def test_run_results_are_within_budget_and_carry_the_network_labels(scene_with_s
     for strength in (0.0, EPSILON):
         assert segment_names(nodes["segmentation"][strength]) == NETWORK_LABELS
     assert nodes["metrics"].GetNumberOfRows() == 2 * (len(NETWORK_LABELS) + 1)
+    # one epsilon: the fragility is that epsilon where the attacked label differs, else 0
+    fragility = util.arrayFromVolume(nodes["fragility"])
+    assert set(np.unique(fragility).tolist()) == {0.0, float(np.float32(EPSILON))}
+    assert nodes["unstable_at"] == EPSILON and segment_names(nodes["unstable"]) == NETWORK_LABELS
+    assert nodes["focus"] is not None
 
 
 def test_run_reports_progress_per_iteration(first_run):
@@ -179,6 +185,7 @@ def test_bad_input_is_refused_before_anything_runs(scene_with_sample):
         (module_logic.ProbeSettings(inputVolume=volume, probe="smoothing", severities="7"), "severity"),
         (module_logic.ProbeSettings(inputVolume=volume, networkKind="torchscript"), "select the torchscript"),
         (module_logic.ProbeSettings(inputVolume=labels), "scalar volume"),
+        (module_logic.ProbeSettings(inputVolume=volume, unstableAt="half"), "review unstable at: expected a positive"),
     ]
     node = module_logic.parameter_node(scene)
     for settings, message in cases:

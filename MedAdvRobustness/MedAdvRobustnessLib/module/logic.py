@@ -8,6 +8,7 @@ in a child process (progress and cancel are polled; see :mod:`.worker`), and add
 """
 import functools
 import json
+import math
 import logging
 import re
 from dataclasses import dataclass, field, fields
@@ -43,6 +44,7 @@ class ProbeSettings:
     probeParameters: str = "{}"  # JSON: {probe: {parameter: value text}}; missing: the library default
     epsilons: str = "0.005 0.01 0.02"
     severities: str = "1 3 5"
+    unstableAt: str = ""  # the "unstable at <= s" segmentation's strength; empty: the sweep's middle one
     regionSegmentation: object = None
     regionSegmentId: str = ""
     device: str = "cpu"
@@ -333,25 +335,42 @@ class ProbeRun(WorkerRun):
         self.slicer_scene = slicer_scene
         self.settings = settings
         self.inputs = read_inputs(slicer_scene, settings)
+        self.unstable_at = unstable_strength(settings)
         super().__init__()
 
     def job(self):
         return functools.partial(compute, self.inputs)
 
     def add_nodes(self, result):
-        nodes = add_run_nodes(self.slicer_scene, result)
+        nodes = add_run_nodes(self.slicer_scene, result, self.unstable_at)
         nodes["input"] = self.settings.inputVolume
         return nodes
 
 
-def add_run_nodes(slicer_scene, result):
-    """Add the result nodes under a new subject-hierarchy folder; on any failure remove all of them and it."""
-    from ..pipeline import add_result_nodes
+def unstable_strength(settings):
+    """The strength of the "unstable at <= s" segmentation (None: the sweep's middle one)."""
+    text = settings.unstableAt.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InputError("review unstable at: expected a positive strength (an epsilon or a severity), got {!r}"
+                         .format(text))
+    return value
+
+
+def add_run_nodes(slicer_scene, result, unstable_at=None):
+    """Add the result nodes (the fragility ones too, "unstable at <= ``unstable_at``") under a new
+    subject-hierarchy folder; on any failure remove all of them and it."""
+    from ..pipeline import add_all_result_nodes
 
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
     name = "{} {} {}".format(result.volume.name, result.model_name, result.probe_name)
     return add_nodes_in_folder(slicer_scene.scene, unique_folder_name(hierarchy, name),
-                               lambda: add_result_nodes(slicer_scene, result))
+                               lambda: add_all_result_nodes(slicer_scene, result, unstable_at))
 
 
 def add_nodes_in_folder(scene, name, add_nodes):
