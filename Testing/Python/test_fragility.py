@@ -148,6 +148,7 @@ def test_fragility_files_and_nodes(demo_sweep, tmp_path):
     volume_node, display = nodes["fragility"], nodes["fragility"].GetDisplayNode()
     assert volume_node.GetName() == "sample fragility fgsm"
     assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() < EPSILONS[0]
+    assert not display.GetInterpolate()
     assert display.GetColorNodeID() == nodes["fragility_colors"].GetID()
     colors = nodes["fragility_colors"]
     entry = lambda value: colors.GetColorName(int(value / display.GetWindowLevelMax() * colors.GetNumberOfColors()))

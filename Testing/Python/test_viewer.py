@@ -521,6 +521,36 @@ def test_views_in_headless_chromium(viewer_url, browser):
         crop = page[top:top + int(view["shownHeight"]), left:left + int(view["shownWidth"])]
         assert crop.size and crop.std() > 20 and (crop > 40).mean() > 0.15, name
 
+    # 7. The fragility overlay: colours on the clean view where the labels change, the legend and the table.
+    rows = browser.evaluate("[...document.querySelectorAll('#medadv-structures tbody tr')]"
+                            ".map(row => row.cells[0].textContent.trim())")
+    assert rows == ["CSF", "grey matter", "white matter"], rows
+    before = wait_for_views(browser, lambda v: True, "views before the fragility overlay")
+    click(browser, "medadv-fragility")
+    coloured = wait_for_views(browser, lambda v: v["Clean"]["digest"] != before["Clean"]["digest"],
+                              "the fragility overlay")
+    keep(browser, coloured, "06-fragility")
+    legend = browser.evaluate("document.getElementById('medadv-fragility-legend').textContent")
+    assert "0.01" in legend and "0.04" in legend and "never" in legend, legend
+    overlay = changed(image(before["Clean"]), image(coloured["Clean"]))
+    assert 0.01 < overlay.mean() < 0.9, "the overlay covers {:.1%} of the clean view".format(overlay.mean())
+    assert coloured["Attacked"]["digest"] == before["Attacked"]["digest"], "the overlay is on the clean view only"
+
+
+def test_the_fragility_overlay_follows_its_switch(results_dir):
+    app = build_app(results_dir)
+    run, state = app.runs[0], app.server.state
+    assert run.fragility is not None and run.fragility.GetName() == "MNI152_T1_2mm fragility fgsm"
+    assert [row["label"] for row in app.structures[0]] == ["CSF", "grey matter", "white matter"]
+    assert not app.clean_view.get_foreground_volume_id()
+    state.ready()
+    state.show_fragility = True
+    state.flush()
+    assert app.clean_view.get_foreground_volume_id() == run.fragility.GetID()
+    state.show_fragility = False
+    state.flush()
+    assert not app.clean_view.get_foreground_volume_id()
+
 
 def only_near(differences, region, share=0.98):
     """At least ``share`` of the differing pixels lie in ``region``."""

@@ -73,6 +73,7 @@ def add_fragility_nodes(slicer_scene, result, fragility=None, unstable_at=None):
     display.SetAndObserveColorNodeID(colors.GetID())
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, display_maximum(strengths))
+    display.SetInterpolate(False)  # each voxel its own strength's colour, no blend of neighbouring strengths
     display.SetApplyThreshold(True)  # never-changed voxels (0) are transparent over the input
     display.SetLowerThreshold(strengths[0] / 2.0)
     display.SetUpperThreshold(display_maximum(strengths))

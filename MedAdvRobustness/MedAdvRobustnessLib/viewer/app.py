@@ -2,7 +2,8 @@
 
 Clean and attacked volumes side by side in two linked slice views (same slice plane, same window/level), each with
 its segmentation as outlines in the segments' names and colours, the perturbation as a colour overlay on the
-attacked view, the segment surfaces clean vs attacked in two 3D views, and beside them a strength selector (the
+attacked view, the fragility map (the strength at which each voxel's label first changes) as an overlay on the clean
+view, the segment surfaces clean vs attacked in two 3D views, and beside them a strength selector (the
 attack's epsilons, or a corruption's severities) that switches every view, the metrics table and the Dice-vs-strength
 chart, all read from the scene itself. With a network (``--model``, or the results' own when it is built in), a
 new probe can be run from the page on the shown volume (:mod:`.probe`); the view links are in :mod:`.links`, the page in :mod:`.page`; its run joins the others.
@@ -66,6 +67,7 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         self._perturbation_colors = self._add_perturbation_colors()
         self._perturbation_reach = [self._prepare_display(run) for run in self.runs]
         self.metrics = [table_rows(run.metrics) if run.metrics is not None else [] for run in self.runs]
+        self.structures = [table_rows(run.structures) if run.structures is not None else [] for run in self.runs]
 
         state = self.server.state
         state.run_index = 0
@@ -73,6 +75,7 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         state.show_perturbation = True
         state.perturbation_opacity = PERTURBATION_OPACITY
         state.show_segmentations = True
+        state.show_fragility = False
         state.shown_strength_key = ""
         state.chart_src = ""
         state.new_probe = "fgsm"
@@ -83,7 +86,7 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         self._select_run(0)
         self._build_ui()
         state.change("strength_key", "show_perturbation", "perturbation_opacity",
-                     "show_segmentations")(self._on_display_change)
+                     "show_segmentations", "show_fragility")(self._on_display_change)
         state.change("run_index")(self._on_run_change)
         state.change("orientation")(self._on_orientation_change)
         state.change("intensity_window")(self._on_window_change)
@@ -196,6 +199,9 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         overlay = item.perturbation if state.show_perturbation and item.perturbation is not None else None
         self.attacked_view.set_foreground_volume_id(overlay.GetID() if overlay is not None else None)
         self.attacked_view.set_foreground_opacity(float(state.perturbation_opacity))
+        fragility = run.fragility if state.show_fragility else None
+        self.clean_view.set_foreground_volume_id(fragility.GetID() if fragility is not None else None)
+        self.clean_view.set_foreground_opacity(1.0)
         for other in run.strengths:
             if other is not item:
                 other.segmentation.GetDisplayNode().SetVisibility(False)
@@ -316,8 +322,10 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
             run.clean_segmentation = clean_segmentation or run.clean_segmentation
         reaches = [self._prepare_display(run) for run in new]
         metrics = [table_rows(run.metrics) if run.metrics is not None else [] for run in new]
-        self._perturbation_reach.extend(reaches)  # the three lists stay aligned: extended together
+        structures = [table_rows(run.structures) if run.structures is not None else [] for run in new]
+        self._perturbation_reach.extend(reaches)  # the four lists stay aligned: extended together
         self.metrics.extend(metrics)
+        self.structures.extend(structures)
         self.runs.extend(new)
         self._link_window_level(new)
         self._build_ui()

@@ -112,10 +112,12 @@ class ResultsPage:
                                density="compact", hide_details=True, color="primary", id="medadv-segmentations")
                     for index, run in enumerate(self.runs):
                         with html.Div(v_if="run_index === {}".format(index)):
+                            self._fragility_ui(run)
                             self._legend_ui(run)
                             html.Img(src=("chart_src",), id="medadv-chart", style="width:100%;margin-top:8px;",
                                      alt="Dice vs " + run.strength_name)
                             self._metrics_ui(run, self.metrics[index])
+                            self._structures_ui(run, self.structures[index])
                     self._new_probe_ui()
 
     def _new_probe_ui(self):
@@ -146,6 +148,46 @@ class ResultsPage:
                            divided=True, variant="outlined", id="medadv-strength"):
             for item in run.strengths:
                 v3.VBtn(item.text, value=item.key, id="strength-" + item.key, size="small")
+
+    @staticmethod
+    def _fragility_ui(run):
+        """The fragility overlay's switch and its colour legend (the strength of each voxel's first change)."""
+        if run.fragility is None:
+            return
+        from ..scene.fragility import fragility_colours
+        v3.VSwitch(v_model=("show_fragility",), label="fragility overlay on the clean view",
+                   density="compact", hide_details=True, color="deep-purple", id="medadv-fragility")
+        with html.Div(v_show=("show_fragility",), classes="text-caption", id="medadv-fragility-legend"):
+            html.Span("first change at {}: ".format(_strength_symbol(run)))
+            for item, colour in zip(run.strengths, fragility_colours(len(run.strengths))):
+                with html.Span(style="margin-right:10px;white-space:nowrap;"):
+                    html.Span(style="display:inline-block;width:11px;height:11px;margin-right:3px;"
+                                    "background:{};border:1px solid #444;".format(_css(colour)))
+                    html.Span(item.text)
+            html.Span("(never: transparent)")
+
+    @staticmethod
+    def _structures_ui(run, rows):
+        """The fragile structures: per label its voxels, the fraction changed at each strength, the critical one."""
+        if not rows:
+            return
+        html.Div("fragile structures ({} where Dice against the clean prediction falls below 0.9)".format(
+            run.strength_name), classes="text-caption mt-2")
+        columns = [name for name in rows[0] if name in ("label", "voxels") or name.startswith(("changed_",
+                                                                                                "critical_"))]
+        with html.Div(style="overflow-x:auto;"), v3.VTable(density="compact", id="medadv-structures",
+                                                             style="font-size:12px;"):
+            with html.Thead(), html.Tr():
+                for name in columns:
+                    html.Th(name.replace("changed_", "changed at ").replace("critical_", "critical "),
+                            style="padding:0 4px;white-space:nowrap;")
+            with html.Tbody():
+                for row in rows:
+                    with html.Tr():
+                        for name in columns:
+                            value = row.get(name)
+                            pattern = "{:.3g}" if name.startswith(("changed_", "critical_")) else "{}"
+                            html.Td(_cell(value, pattern), style="padding:0 4px;white-space:nowrap;")
 
     @staticmethod
     def _legend_ui(run):
@@ -210,6 +252,10 @@ def metric_columns(rows):
     known = [column for column in METRIC_COLUMNS if column[0] in present]
     named = {column[0] for column in known}
     return known + [(name, name, "{:.4g}") for name in present if name not in named]
+
+
+def _strength_symbol(run):
+    return "ε" if run.strength_name == "epsilon" else run.strength_name
 
 
 def _cell(value, pattern):

@@ -8,7 +8,9 @@ each epsilon ``<e>`` (or a corruption at each severity ``<s>``):
   ``<vol> perturbation <probe> eps <e>`` (``... severity <s>``),
 - ``<vol> segmentation clean`` and ``<vol> segmentation <probe> eps <e>`` (``... severity <s>``),
 - ``<vol> <model> <probe> metrics``, ``<vol> <model> <probe> Dice vs epsilon table`` (``Dice vs severity table``)
-  and the chart ``<vol> <model> <probe> Dice vs epsilon`` (``Dice vs severity``).
+  and the chart ``<vol> <model> <probe> Dice vs epsilon`` (``Dice vs severity``);
+- ``<vol> fragility <probe>`` and the table ``<vol> <model> <probe> structures`` (:mod:`..scene.fragility`), in
+  scenes written since fragility maps exist.
 """
 import math
 import re
@@ -54,6 +56,8 @@ class ResultsRun:
     dice_table: object = None
     chart: object = None
     model: str = ""
+    fragility: object = None
+    structures: object = None
 
     @property
     def title(self):
@@ -108,6 +112,8 @@ def find_runs(scene) -> List[ResultsRun]:
         if run.volume is None or run.clean_segmentation is None or not run.strengths:
             continue
         _attach_tables(run, named)
+        run.fragility = next((node for node in named if node.GetName() == "{} fragility {}".format(
+            run.volume_name, run.probe) and _is_role_class(node, "fragility")), None)
         complete.append(run)
     return sorted(complete, key=lambda run: (run.volume_name, run.probe, run.strength_name))
 
@@ -129,6 +135,7 @@ def _attach_tables(run, named):
         "metrics": " {} metrics".format(run.probe),
         "dice_table": " {} Dice vs {} table".format(run.probe, run.strength_name),
         "chart": " {} Dice vs {}".format(run.probe, run.strength_name),
+        "structures": " {} structures".format(run.probe),
     }
     for role, suffix in suffixes.items():
         node_class = "vtkMRMLPlotChartNode" if role == "chart" else "vtkMRMLTableNode"
