@@ -10,7 +10,7 @@ from .errors import InputError
 from .networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, MODELS_DIR, describe, load_model
 from .scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .report import write_report
-from .scene.results import RUN_FILE, StagedOutput, add_result_nodes, write_result_files, write_run_file
+from .scene.results import RUN_FILE, StagedOutput, add_result_nodes, check_png, write_result_files, write_run_file
 from .evaluation.sweep import run_sweep
 from .scene.fragility import add_fragility_nodes, write_fragility_files
 from .scene.slicer_scene import SlicerScene
@@ -51,7 +51,7 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
         region = None
         if region_path or region_labels:
             region_map = reference if not region_path else labels_from_node(
-                slicer_scene.load_volume(region_path, label_map=True), volume)
+                slicer_scene.load_volume(region_path, label_map=True), volume, role="region")
             region = region_mask(region_map, region_labels)
         model = load_model(model_source, output_activation, trust_checkpoint=trust_checkpoint, device=device, amp=amp,
                            folds=folds, mirroring=mirroring, skip_untwinned=skip_untwinned)
@@ -67,6 +67,7 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
         write_result_files(result, staging)
         write_fragility_files(result, staging)
         write_report(result, staging / "report.png")
+        check_png(staging / "report.png")
         slicer_scene.write_mrb(staging / "scene.mrb")
         write_run_file(run_record(probe, strengths, files, model, model_source, model_report, command=command,
                                   output_activation=output_activation, trust_checkpoint=trust_checkpoint,
@@ -158,7 +159,6 @@ def region_mask(region_map, region_labels=None):
     return mask
 
 
-def add_nodes_or_nothing(slicer_scene, result):
 def add_all_result_nodes(slicer_scene, result, unstable_at=None):
     """The result nodes and the fragility nodes ("unstable at <= ``unstable_at``", default the middle strength)."""
     nodes = add_result_nodes(slicer_scene, result)
@@ -166,6 +166,7 @@ def add_all_result_nodes(slicer_scene, result, unstable_at=None):
     return nodes
 
 
+def add_nodes_or_nothing(slicer_scene, result):
     """Add the result nodes to the scene (the fragility ones too); if that fails midway, remove the ones already
     added."""
     before = node_ids(slicer_scene.scene)

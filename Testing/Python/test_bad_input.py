@@ -3,15 +3,18 @@ inputs byte-identical. Damaged files are refused rather than read as another ima
 a staging folder left by a killed run is removed by the next run."""
 import gzip
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from conftest import MEDADV
 from MedAdvRobustnessLib.sample import SAMPLE_VOLUME
@@ -80,7 +83,68 @@ def not_gzip(folder):
     return path
 
 
+def nrrd_file(folder, name, array_kji, encoding="raw", detached=False, cut=0):
+    """A NRRD file (``.nhdr`` + ``.raw``: ``detached``) of a float32 (k, j, i) array; ``cut``: bytes cut off the
+    end of the data."""
+    data = array_kji.astype("<f4").tobytes()
+    data = gzip.compress(data) if encoding == "gzip" else data
+    data = data[:len(data) - cut]
+    header = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: {}\nspace directions: "
+              "(1,0,0) (0,1,0) (0,0,1)\nendian: little\nencoding: {}\n".format(
+                  " ".join(str(n) for n in array_kji.shape[::-1]), encoding))
+    path = folder / name
+    if detached:
+        (folder / (name + ".raw")).write_bytes(data)
+        path.write_text(header + "data file: {}.raw\n".format(name))
+    else:
+        path.write_bytes(header.encode() + b"\n" + data)
+    return path
+
+
+def metaimage_file(folder, name, array_kji, compressed=False, cut=0, sizes=None):
+    """A MetaImage ``.mha`` file of a float32 (k, j, i) array (zlib-compressed: ``compressed``)."""
+    data = array_kji.astype("<f4").tobytes()
+    data = zlib.compress(data) if compressed else data
+    data = data[:len(data) - cut]
+    header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+              "CompressedData = {}\nDimSize = {}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n".format(
+                  compressed, sizes or " ".join(str(n) for n in array_kji.shape[::-1])))
+    path = folder / name
+    path.write_bytes(header.encode() + data)
+    return path
+
+
+def with_non_finite(array_kji):
+    array = array_kji.copy()
+    array[5, 4, 3], array[8, 7, 6] = np.nan, -np.inf  # (i, j, k) = (3, 4, 5) first
+    return array
+
+
+def kji():
+    return np.ascontiguousarray(small_volume().transpose())
+
+
 CASES = {  # name: (make the file, what the one error line says)
+    "truncated .nrrd (raw)": (lambda f: nrrd_file(f, "cut.nrrd", kji(), cut=3000),
+                              "is truncated or damaged: it holds 27,720 of the 30,720 bytes"),
+    "truncated .nrrd (gzip)": (lambda f: nrrd_file(f, "cut.nrrd", kji(), "gzip", cut=200),
+                               "is truncated or damaged: it holds"),
+    "truncated .nhdr + .raw": (lambda f: nrrd_file(f, "cut.nhdr", kji(), detached=True, cut=100),
+                               "(data file {volume}.raw) is truncated or damaged"),
+    "NaN and infinite voxels (.nrrd)": (lambda f: nrrd_file(f, "nan.nrrd", with_non_finite(kji()), "gzip"),
+                                        "has 2 NaN or infinite voxel(s), the first at (i, j, k) = (3, 4, 5)"),
+    "NaN and infinite voxels (.mha)": (lambda f: metaimage_file(f, "nan.mha", with_non_finite(kji())),
+                                       "has 2 NaN or infinite voxel(s), the first at (i, j, k) = (3, 4, 5)"),
+    "truncated .mha (zlib)": (lambda f: metaimage_file(f, "cut.mha", kji(), compressed=True, cut=100),
+                              "is truncated or damaged"),
+    ".mha header far larger than the file": (lambda f: metaimage_file(f, "huge.mha", kji(), sizes="1200 1200 1200"),
+                                             "of the 6,912,000,000 bytes its header declares"),
+    "random bytes named .nrrd": (lambda f: (f / "noise.nrrd").write_bytes(os.urandom(3000)) and f / "noise.nrrd",
+                                 "is not a readable NRRD image"),
+    "a NRRD header Slicer's reader refuses": (
+        lambda f: (f / "odd.nrrd").write_bytes(nrrd_file(f, "x.nrrd", kji()).read_bytes().replace(
+            b"space: left-posterior-superior\n", b"").replace(b"encoding", b"space: left-posterior-superior\nencoding"))
+        and f / "odd.nrrd", "Slicer's volume reader cannot read {volume}: _nrrdReadNrrdParse_space_directions: "),
     "truncated .nii.gz": (truncated_gz, "is truncated or damaged: it holds"),
     "truncated .nii": (truncated_nii, "is truncated or damaged: it holds"),
     "NaN and infinite voxels": (non_finite, "has 2 NaN or infinite voxel(s), the first at (i, j, k) = (3, 4, 5)"),
@@ -95,17 +159,26 @@ CASES = {  # name: (make the file, what the one error line says)
 def test_a_damaged_volume_is_refused_in_one_line_and_nothing_is_left(tmp_path, case):
     make, expected = CASES[case]
     volume = make(tmp_path)
-    before = digest(volume)
+    inputs = {path: digest(path) for path in tmp_path.iterdir()}
     out = tmp_path / "results"
     start = time.time()
-    done = subprocess.run([MEDADV, "run", "--volume", str(volume)] + FGSM + ["--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("medadv: error: "), done.stderr
-    assert expected in lines[0], lines[0]
+    line = one_error_line([MEDADV, "run", "--volume", str(volume)] + FGSM + ["--out", str(out)])
+    assert expected.format(volume=volume) in line, line
     assert time.time() - start < 60  # refused before anything large is allocated
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
-    assert digest(volume) == before
+    assert_nothing_left(tmp_path, out)
+    assert {path: digest(path) for path in inputs} == inputs
+
+
+def one_error_line(command, status=2):
+    """Run ``command``; it must exit with ``status`` after exactly one ``medadv: error:`` line and no traceback."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status and len(lines) == 1 and lines[0].startswith("medadv: error: "), done.stderr
+    return lines[0]
+
+
+def assert_nothing_left(folder, out):
+    assert not os.path.lexists(str(out)) and not [p for p in folder.iterdir() if ".partial-" in p.name]
 
 
 def test_the_memory_check_names_the_size_and_what_is_free(tmp_path):
@@ -216,3 +289,211 @@ def test_out_at_a_file_is_called_a_file(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "{} is a file: the results need a folder".format(target) in done.stderr
     assert target.read_text() == "mine"
+
+
+def small_nifti(path, affine=np.eye(4), labels=False):
+    array = (small_volume() % 3).astype(np.int16) if labels else small_volume()
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+class TwoChannelNetwork(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+
+    def forward(self, inputs):
+        return self.conv(inputs)
+
+
+def test_a_network_wanting_other_input_channels_is_named_with_both_counts(tmp_path):
+    model = tmp_path / "two-channels.pt"
+    torch.jit.save(torch.jit.script(TwoChannelNetwork()), str(model))
+    volume = small_nifti(tmp_path / "volume.nii.gz")
+    out = tmp_path / "results"
+    line = one_error_line([MEDADV, "run", "--volume", str(volume), "--model", str(model), "--attack", "fgsm",
+                           "--epsilon", "0.01", "--out", str(out)])
+    assert "model two-channels (TorchScript {})".format(model) in line, line
+    assert "first convolution takes 2 input channel(s) but the volume gives 1" in line, line
+    assert_nothing_left(tmp_path, out)
+
+
+def test_an_unknown_intensity_type_names_the_file_the_value_and_the_known_ones(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    description = folder / "model.json"
+    description.write_text(json.dumps({"name": "mine", "intensity": [{"type": "zscore"}, {"type": "zscroe"}],
+                                       "architecture": {"name": "UNet", "args": {}}}))
+    before = digest(description)
+    out = tmp_path / "results"
+    line = one_error_line([MEDADV, "run", "--volume", str(SAMPLE_VOLUME), "--model", str(folder), "--attack", "fgsm",
+                           "--epsilon", "0.01", "--out", str(out)])
+    assert "{}: unknown intensity type 'zscroe'; known types: none, percentile, zscore".format(description) in line
+    assert_nothing_left(tmp_path, out)
+    assert digest(description) == before
+
+
+def test_a_bench_case_that_is_not_an_image_is_refused_before_any_cell(tmp_path):
+    (tmp_path / "notes.nii.gz").write_text("not an image\n")
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"networks": ["demo-unet"], "cases": [
+        "sample", {"name": "p7", "volume": "notes.nii.gz"}], "probes": [{"attack": "fgsm", "epsilons": [0.01]}]}))
+    out = tmp_path / "bench"
+    start = time.time()
+    line = one_error_line([MEDADV, "bench", str(study), "--out", str(out)])
+    assert "study: case p7: volume {} is not a readable NIfTI image".format(tmp_path / "notes.nii.gz") in line, line
+    assert time.time() - start < 60 and not out.exists()
+
+
+def test_bench_says_how_a_study_trusts_a_checkpoint_and_then_loads_it(tmp_path):
+    from MedAdvRobustnessLib.study import cells
+    from MedAdvRobustnessLib.study.definition import resolve_study
+    model = tmp_path / "pickled.pt"
+    torch.save(torch.nn.Conv3d(1, 2, 3, padding=1), str(model))  # a pickled network: only trusted
+    study = tmp_path / "study.json"
+    network = {"name": "pickled", "source": "pickled.pt"}
+    study.write_text(json.dumps({"networks": [network], "cases": ["sample"],
+                                 "probes": [{"attack": "fgsm", "epsilons": [0.01]}]}))
+    out = tmp_path / "bench"
+    line = one_error_line([MEDADV, "bench", str(study), "--out", str(out)])
+    assert "refusing to load {}".format(model) in line and "--trust-checkpoint" not in line, line
+    assert '"trust_checkpoint": true in the study file\'s entry of network pickled' in line, line
+    trusted = resolve_study({"networks": [dict(network, source=str(model), trust_checkpoint=True)],
+                             "cases": ["sample"], "probes": [{"attack": "fgsm", "epsilons": [0.01]}]})
+    assert cells._cached_model(trusted["networks"][0]).source == "pickled network {}".format(model)
+    untrusted = resolve_study({"networks": [str(model)], "cases": ["sample"],
+                               "probes": [{"attack": "fgsm", "epsilons": [0.01]}]})
+    assert "trust_checkpoint" not in untrusted["networks"][0]  # the cell keys of existing studies stay
+
+
+def test_a_grid_mismatch_of_the_same_shape_says_what_differs_and_names_the_region(tmp_path):
+    volume = small_nifti(tmp_path / "volume.nii.gz")
+    moved = np.diag([2.0, 2.0, 2.0, 1.0])
+    moved[:3, 3] = (10, 0, 0)
+    reference = small_nifti(tmp_path / "labels.nii.gz", moved, labels=True)
+    out = tmp_path / "results"
+    line = one_error_line([MEDADV, "run", "--volume", str(volume), "--reference", str(reference)] + FGSM +
+                          ["--out", str(out)])
+    assert "reference labels is on another grid than volume volume: spacing (2, 2, 2) vs (1, 1, 1)" in line, line
+    assert "origin (10, 0, 0) vs (0, 0, 0) (reference vs volume)" in line, line
+    assert "direction" not in line, line
+    line = one_error_line([MEDADV, "run", "--volume", str(volume), "--region", str(reference)] + FGSM +
+                          ["--out", str(out)])
+    assert line.startswith("medadv: error: region labels is on another grid"), line
+    assert_nothing_left(tmp_path, out)
+
+
+def can_mount():
+    """Whether this machine lets an unprivileged user namespace mount a tmpfs (``unshare -rm``)."""
+    try:
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+NEEDS_MOUNT = pytest.mark.skipif(not can_mount(), reason="this machine lets no user namespace mount a tmpfs "
+                                                         "(unshare -rm mount -t tmpfs failed)")
+
+
+def in_mount_namespace(mounts, command):
+    """Run ``command`` where each ``(folder, options)`` of ``mounts`` is a fresh tmpfs; what it printed, its exit
+    status, and what the mounted folders held after it (they vanish with the namespace)."""
+    script = "".join("mount -t tmpfs -o {} tmpfs {} || exit 99\n".format(options, folder) for folder, options in mounts)
+    script += " ".join("'{}'".format(part) for part in command) + "\necho status=$? >&2\n"
+    script += "".join("ls -A {} | sed 's/^/left: /' >&2\n".format(folder) for folder, _options in mounts)
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    status = [line for line in lines if line.startswith("status=")]
+    assert status, done.stderr
+    return ([line for line in lines if not line.startswith(("status=", "left: "))], int(status[0][7:]),
+            [line[6:] for line in lines if line.startswith("left: ")])
+
+
+@NEEDS_MOUNT
+def test_a_full_disk_ends_in_one_line_and_leaves_nothing(tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    before = digest(SAMPLE_VOLUME)
+    lines, status, left = in_mount_namespace([(disk, "size=300k")], [MEDADV, "demo", "--attack", "fgsm", "--epsilon",
+                                                                     "0.01", "--out", str(disk / "results")])
+    errors = [line for line in lines if not line.startswith("[")]  # the progress lines come before
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("medadv: error: cannot write"), lines
+    assert "written incompletely (is the disk full?)" in errors[0] or "No space left" in errors[0], errors
+    assert left == [] and digest(SAMPLE_VOLUME) == before
+
+
+@NEEDS_MOUNT
+@pytest.mark.parametrize("options, out, expected", [
+    ("ro,size=64k", "{disk}/results", "the folder {disk} is not writable (read-only or no permission)"),
+    ("size=64k", "{disk}", "{disk} is a mount point (another file system than {parent})"),
+])
+def test_an_output_folder_on_a_read_only_or_other_file_system_is_refused_first(tmp_path, options, out, expected):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    lines, status, left = in_mount_namespace([(disk, options)], [MEDADV, "run", "--volume", str(SAMPLE_VOLUME)] +
+                                             FGSM + ["--out", out.format(disk=disk)])
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("medadv: error: "), lines
+    assert expected.format(disk=disk, parent=tmp_path) in lines[0], lines[0]
+    assert left == [] and sorted(p.name for p in tmp_path.iterdir()) == ["disk"]
+
+
+def make_link_to_folder(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "results").symlink_to(tmp_path / "real")
+    return tmp_path / "results"
+
+
+def make_dangling_link(tmp_path):
+    (tmp_path / "results").symlink_to(tmp_path / "nowhere")
+    return tmp_path / "results"
+
+
+def make_parent_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    return tmp_path / "notes.txt" / "results"
+
+
+OUTPUT_PATHS = {  # name: (make the --out path, what the one error line says)
+    "a link to a folder": (make_link_to_folder, "{out} is a symbolic link: give a new or empty folder itself"),
+    "a dangling link": (make_dangling_link, "{out} is a symbolic link to nothing"),
+    "in a file": (make_parent_file, "cannot create {out}: {tmp}/notes.txt is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_PATHS))
+def test_an_output_path_that_cannot_work_is_refused_before_the_work(tmp_path, case):
+    make, expected = OUTPUT_PATHS[case]
+    out = make(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    start = time.time()
+    line = one_error_line([MEDADV, "run", "--volume", str(SAMPLE_VOLUME)] + FGSM + ["--out", str(out)])
+    assert expected.format(out=out, tmp=tmp_path) in line, line
+    assert time.time() - start < 60 and sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_failed_run_removes_the_folders_it_created_above_the_output(tmp_path):
+    volume = nrrd_file(tmp_path, "cut.nrrd", kji(), cut=3000)
+    out = tmp_path / "new" / "deeper" / "results"
+    line = one_error_line([MEDADV, "run", "--volume", str(volume)] + FGSM + ["--out", str(out)])
+    assert "is truncated or damaged" in line and not (tmp_path / "new").exists(), line
+
+
+def test_results_that_cannot_be_moved_into_place_are_not_left_in_the_staging_folder(tmp_path):
+    out = tmp_path / "results"
+    with pytest.raises(OSError, match="cannot move the results into place .*; nothing was kept"):
+        with StagedOutput(out) as staging:
+            (staging / "metrics.csv").write_text("done")
+            out.mkdir()
+            (out / "someone-else.txt").write_text("theirs")  # DIR filled while the run went on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert sorted(p.name for p in out.iterdir()) == ["someone-else.txt"]
+
+
+def test_grid_differences_name_only_what_differs_with_both_values():
+    from MedAdvRobustnessLib.scene.nodes import grid_differences
+    flipped = np.diag([-1.0, -1.0, 1.0, 1.0])
+    assert grid_differences(np.eye(4), flipped) == ["direction (1, 0, 0, 0, 1, 0, 0, 0, 1) vs "
+                                                    "(-1, 0, 0, 0, -1, 0, 0, 0, 1)"]
+    assert grid_differences(flipped, flipped) == []

@@ -114,7 +114,7 @@ class ModelDescription:
                 raise InputError("{}: {}".format(where, error))
         description = cls(**data)
         try:
-            description.steps()
+            check_intensity_types(description.steps())
         except InputError as error:
             raise InputError("{}: {}".format(where, error))
         return description
@@ -128,6 +128,19 @@ class ModelDescription:
         return [known.get(value, Label(value, "background" if value == 0 else "label {}".format(value),
                                        PALETTE[value % len(PALETTE)]))
                 for value in range(count)]
+
+
+def check_intensity_types(steps):
+    """Refuse intensity steps whose ``type`` :func:`~.preprocessing.normalize_intensity` does not know."""
+    from .preprocessing import INTENSITY_TYPES
+    for step in steps:
+        specs = step.get("intensity", []) if isinstance(step, dict) else []
+        for spec in specs if isinstance(specs, (list, tuple)) else [specs]:
+            kind = spec.get("type", "none") if isinstance(spec, dict) else spec
+            if spec is not None and (not isinstance(spec, dict) or kind not in INTENSITY_TYPES):
+                raise InputError("unknown intensity type {!r}; known types: {} (as {{\"type\": NAME, ...}})".format(
+                    kind, ", ".join(INTENSITY_TYPES)))
+    return steps
 
 
 def parse_labels(labels, where="labels"):
@@ -674,8 +687,14 @@ def describe(model, volume):
         volume = volume.as_tensor()
     spacing = grid_spacing(grid)
     with model.on_grid(grid):
-        inputs, plan = model.prepare(volume)
-        outputs = model.checked_outputs(model.infer(inputs), plan)
+        try:
+            inputs, plan = model.prepare(volume)
+            outputs = model.checked_outputs(model.infer(inputs), plan)
+        except RuntimeError as error:  # the network's first run: where a model that does not fit the volume fails
+            refusal = network_input_error(model, error)
+            if refusal is None:
+                raise
+            raise refusal from None
     detected = detect_activation(outputs)
     if model.description.output_activation is None:
         model.detected_activation = detected
@@ -683,6 +702,21 @@ def describe(model, volume):
     windows = len(window_plan(inputs.shape[2:], window)) if window else 1
     try:
         parameters = sum(p.numel() for p in model.network.parameters())
+CHANNELS_ERROR = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+
+
+def network_input_error(model, error):
+    """An :class:`InputError` naming the model and the channel counts where ``error`` (a RuntimeError from inside
+    the network) says its first convolution takes another number of input channels than it was given; else None."""
+    found = CHANNELS_ERROR.search(str(error))
+    if found is None:
+        return None
+    return InputError("model {} ({}): its first convolution takes {} input channel(s) but the volume gives {}; "
+                      "give a network made for {}-channel volumes".format(
+                          model.description.name, model.source or "in memory", found.group(1), found.group(2),
+                          found.group(2)))
+
+
     except Exception:
         parameters = None
     return ModelReport(

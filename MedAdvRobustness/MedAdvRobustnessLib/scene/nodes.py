@@ -22,28 +22,50 @@ def volume_from_node(node):
         raise InputError("volume {} has {} components per voxel; only scalar volumes can be attacked".format(
             node.GetName(), image.GetNumberOfScalarComponents()))
     array_kji = util.arrayFromVolume(node)
-    if not np.all(np.isfinite(array_kji)):
-        raise InputError("volume {} contains NaN or infinite values".format(node.GetName()))
+    bad = ~np.isfinite(array_kji)
+    if bad.any():
+        first = tuple(int(v) for v in np.argwhere(bad)[0][::-1])
+        raise InputError("volume {} has {:,} NaN or infinite voxel(s), the first at (i, j, k) = {}; replace them "
+                         "(the probes and metrics need finite voxels)".format(node.GetName(), int(bad.sum()), first))
     ijk_to_ras = ijk_to_ras_of(node)
     orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
     return Volume(node.GetName(), orientation.to_network(array_kji).astype(np.float32), ijk_to_ras, orientation,
                   node.GetTransformNodeID())
 
 
-def labels_from_node(node, like):
-    """Integer labels (X, Y, Z) of a label map node that must lie on the grid of the volume ``like``."""
+def labels_from_node(node, like, role="reference"):
+    """Integer labels (X, Y, Z) of a label map node that must lie on the grid of the volume ``like``; ``role``
+    (``reference``, ``region``) names it in the errors."""
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
-        raise InputError("the reference must be a label map volume")
+        raise InputError("the {} must be a label map volume".format(role))
     array_kji = util.arrayFromVolume(node)
-    same_grid = (array_kji.shape == like.orientation.shape_kji
-                 and np.allclose(ijk_to_ras_of(node), like.ijk_to_ras, atol=GRID_TOLERANCE))
-    if not same_grid:
-        raise InputError("reference {} is on another grid than volume {} (shape {} vs {}); resample it onto the "
-                         "volume first".format(node.GetName(), like.name, array_kji.shape[::-1],
-                                               like.orientation.shape_kji[::-1]))
-    if not np.all(np.equal(np.mod(array_kji, 1), 0)) or array_kji.min() < 0:
-        raise InputError("reference {} must hold non-negative integer labels".format(node.GetName()))
+    if array_kji.shape != like.orientation.shape_kji:
+        raise InputError("{} {} is on another grid than volume {} (shape {} vs {}); resample it onto the volume "
+                         "first".format(role, node.GetName(), like.name, array_kji.shape[::-1],
+                                        like.orientation.shape_kji[::-1]))
+    differences = grid_differences(ijk_to_ras_of(node), like.ijk_to_ras)
+    if differences:
+        raise InputError("{} {} is on another grid than volume {}: {} ({} vs volume); resample it onto the volume "
+                         "first".format(role, node.GetName(), like.name, "; ".join(differences), role))
+    if not np.all(np.isfinite(array_kji)) or not np.all(np.equal(np.mod(array_kji, 1), 0)) or array_kji.min() < 0:
+        raise InputError("{} {} must hold non-negative integer labels".format(role, node.GetName()))
     return like.orientation.to_network(array_kji).astype(np.int64)
+
+
+def grid_differences(ijk_to_ras, other):
+    """What differs between two voxel-to-RAS matrices, each with both values: spacing (mm), origin (RAS, mm),
+    direction (the i, j and k axes in RAS, one after the other)."""
+    def parts(matrix):
+        matrix = np.asarray(matrix, dtype=np.float64)
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        return {"spacing": spacing, "origin": matrix[:3, 3], "direction": (matrix[:3, :3] / spacing).T}  # i, j, k
+
+    def text(values):
+        return "(" + ", ".join("{:.6g}".format(v + 0.0) for v in np.ravel(values)) + ")"
+
+    mine, theirs = parts(ijk_to_ras), parts(other)
+    return ["{} {} vs {}".format(name, text(mine[name]), text(theirs[name])) for name in mine
+            if not np.allclose(mine[name], theirs[name], atol=GRID_TOLERANCE)]
 
 
 def ijk_to_ras_of(node):

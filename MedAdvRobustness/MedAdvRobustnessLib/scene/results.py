@@ -1,5 +1,7 @@
 """Write a :class:`~..evaluation.records.RobustnessResult` into an MRML scene and into a results folder."""
 import csv
+import errno
+import io
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import slicer
 
 from ..errors import InputError
 from ..processes import is_alive
+from .slicer_scene import captured_stderr, check_volume_file, sync_file
 from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
     add_volume_node
 MEAN_COLOR = (0.1, 0.1, 0.1)
@@ -78,23 +81,54 @@ def add_dice_curve(scene, result, title):
 
 
 def write_metrics_csv(result, path):
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=result.columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in result.columns})
+    write_text_checked(path, text.getvalue())
+
+
+def write_text_checked(path, text):
+    """Write a text file and flush it to the disk: a full disk or a failing device raises OSError here."""
     with open(str(path), "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=result.columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in result.rows:
-            writer.writerow({key: "" if row.get(key) is None else row[key] for key in result.columns})
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def write_volume_file(array_xyz, like, path, label_map=False):
-    """Write a network-convention array on the grid of ``like`` with Slicer's writer (same geometry)."""
+    """Write a network-convention array on the grid of ``like`` with Slicer's writer (same geometry), checked
+    complete on the disk (Slicer's writer reports success on a full disk)."""
     scratch = slicer.vtkMRMLScene()
     node_class = "vtkMRMLLabelMapVolumeNode" if label_map else "vtkMRMLScalarVolumeNode"
     array = array_xyz.astype("int16") if label_map else array_xyz
     node = add_volume_node(scratch, array, like, "scratch", node_class, display=False)
     storage = node.CreateDefaultStorageNode()
     storage.SetFileName(str(path))
-    if not storage.WriteData(node):
-        raise OSError("cannot write {}".format(path))
+    with captured_stderr():
+        written = storage.WriteData(node)
+    if not written:
+        raise OSError(errno.EIO, "Slicer's writer failed", str(path))
+    check_written_volume(path)
+
+
+def check_written_volume(path):
+    """Refuse a written volume file that the disk holds incompletely (its header's voxels are not all there)."""
+    sync_file(path)
+    try:
+        check_volume_file(path, complete_only=True)
+    except InputError:
+        raise OSError(errno.EIO, "written incompletely (is the disk full?)", str(path))
+
+
+def check_png(path):
+    """Refuse a PNG file that does not end with its IEND chunk (written incompletely)."""
+    sync_file(path)
+    with open(str(path), "rb") as stream:
+        stream.seek(max(0, os.path.getsize(str(path)) - 12))
+        if b"IEND" not in stream.read():
+            raise OSError(errno.EIO, "written incompletely (is the disk full?)", str(path))
 
 
 def write_result_files(result, out_dir):
@@ -110,21 +144,38 @@ def write_result_files(result, out_dir):
     write_metrics_csv(result, out_dir / "metrics.csv")
     summary = result.rood_summary()
     if summary is not None:
-        (out_dir / "rood_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_checked(out_dir / "rood_summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def write_run_file(record, path):
     """``run.json``: the record of how the results were made (JSON, no NaN)."""
-    Path(path).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    write_text_checked(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def check_output_dir(out_dir):
-    """The results folder must not exist yet, or be empty, so that nothing of the user's is overwritten."""
-    out_dir = Path(out_dir)
+    """The results folder, absolute: new or an empty folder, not a link, in a writable folder (or one that can be
+    created there) and on its file system (the results are staged next to it and moved in by a rename), so that
+    nothing of the user's is overwritten and no finished run is left stranded in its staging folder."""
+    given = Path(out_dir)
+    if given.is_symlink():
+        raise InputError("{} is a symbolic link{}: give a new or empty folder itself, not a link".format(
+            given, "" if given.exists() else " to nothing"))
+    out_dir = Path(os.path.abspath(str(given)))
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("{} is a file: the results need a folder (give a new or empty folder)".format(out_dir))
+        raise InputError("{} is a file: the results need a folder (give a new or empty folder)".format(given))
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError("output folder {} exists and is not empty".format(out_dir))
+        raise InputError("output folder {} exists and is not empty".format(given))
+    parent = out_dir.parent
+    existing = next(folder for folder in [parent] + list(parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise InputError("cannot create {}: {} is not a folder".format(given, existing))
+    if not os.access(str(existing), os.W_OK | os.X_OK):
+        raise InputError("cannot create {}: the folder {} is not writable (read-only or no permission)".format(
+            given, existing))
+    if out_dir.exists() and out_dir.stat().st_dev != parent.stat().st_dev:
+        raise InputError("{} is a mount point (another file system than {}): the results are staged in {} and "
+                         "moved into place, which cannot cross file systems; give a new folder inside it".format(
+                             given, parent, parent))
     return out_dir
 
 
@@ -132,34 +183,59 @@ OWNER_FILE = ".medadv-owner"  # in a staging folder: the process id of the run w
 
 
 class StagedOutput:
-    """Write into a hidden sibling folder; move it into place only when everything succeeded.
+    """Write into a hidden sibling folder; move it into place only when everything succeeded (else remove it).
 
     The staging folder records its owner's process id; staging folders of runs that died without cleaning up
     (SIGKILL, power loss) are removed by the next run writing next to them.
     """
 
     def __init__(self, out_dir):
-        self.out_dir = check_output_dir(out_dir).absolute()
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.out_dir = check_output_dir(out_dir)
+        parent = self.out_dir.parent
+        self.created = [folder for folder in reversed([parent] + list(parent.parents)) if not folder.exists()]
         self.staging = None
 
     def __enter__(self):
         prefix = "." + self.out_dir.name + ".partial-"
-        remove_stale_staging(self.out_dir.parent, prefix)
-        self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=str(self.out_dir.parent)))
-        (self.staging / OWNER_FILE).write_text(str(os.getpid()))
+        try:
+            for folder in self.created:  # the missing folders above DIR: removed again if the run fails
+                folder.mkdir()
+            remove_stale_staging(self.out_dir.parent, prefix)
+            self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=str(self.out_dir.parent)))
+            write_text_checked(self.staging / OWNER_FILE, str(os.getpid()))
+        except BaseException:
+            self._remove_staging()
+            raise
         return self.staging
 
     def __exit__(self, kind, error, trace):
-        if kind is None:
-            (self.staging / OWNER_FILE).unlink()
-            if self.out_dir.exists():
-                self.out_dir.rmdir()
-            os.chmod(str(self.staging), 0o777 & ~_umask())
-            self.staging.rename(self.out_dir)
-        else:
-            shutil.rmtree(str(self.staging), ignore_errors=True)
+        if kind is not None:
+            self._remove_staging()
+            return False
+        try:
+            self._move_into_place()
+        except OSError as failure:
+            self._remove_staging()
+            raise OSError(failure.errno, "cannot move the results into place ({}); nothing was kept".format(
+                failure.strerror or failure), str(self.out_dir))
         return False
+
+    def _remove_staging(self):
+        """Remove the staging folder and the folders created for it (where still empty)."""
+        if self.staging is not None:
+            shutil.rmtree(str(self.staging), ignore_errors=True)
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def _move_into_place(self):
+        (self.staging / OWNER_FILE).unlink()
+        os.chmod(str(self.staging), 0o777 & ~_umask())
+        if self.out_dir.exists():
+            self.out_dir.rmdir()  # still empty (else: refused, nothing of the user's is replaced)
+        self.staging.rename(self.out_dir)
 
 
 def remove_stale_staging(folder, prefix):

@@ -1,10 +1,16 @@
 """An MRML scene with Slicer's module logics: the application's inside 3D Slicer, real ones bound here outside it."""
+import bz2
+import errno
 import gzip
 import os
+import re
 import shutil
+import sys
 import tempfile
+import threading
 import zipfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,26 +60,41 @@ class SlicerScene:
     def load_volume(self, path, name=None, label_map=False):
         """Read a volume file with Slicer's reader (NIfTI, NRRD, MetaImage, ...)."""
         path = Path(path)
+        if path.is_dir():
+            raise InputError("{} is a folder: give a volume file (NIfTI, NRRD, MetaImage, ...)".format(path))
         if not path.is_file():
             raise InputError("file not found: {}".format(path))
-        check_nifti_file(path)
+        check_volume_file(path)
         name = name or _stem(path)
-        node = self.volumes_logic.AddArchetypeVolume(str(path), name, 1 if label_map else 0)
+        with captured_stderr() as messages:  # the reader's ERR lines: their gist goes into the one error line
+            node = self.volumes_logic.AddArchetypeVolume(str(path), name, 1 if label_map else 0)
         if node is None:
-            raise InputError("Slicer's volume reader cannot read {}".format(path))
+            reason = reader_reason(messages[0])
+            raise InputError("Slicer's volume reader cannot read {}{}".format(path, ": " + reason if reason else ""))
         return node
 
     def save_node(self, node, path):
         """Write a volume or segmentation node to a file (format from the suffix), geometry included."""
         storage = node.CreateDefaultStorageNode()
         storage.SetFileName(str(path))
-        if not storage.WriteData(node):
+        with captured_stderr():
+            written = storage.WriteData(node)
+        if not written:
             raise InputError("cannot write {} to {}".format(node.GetName(), path))
 
     def write_mrb(self, path):
-        """Save the scene and all its data as a Medical Reality Bundle."""
-        if not self.scene.WriteToMRB(str(Path(path).absolute())):
-            raise InputError("cannot write scene bundle {}".format(path))
+        """Save the scene and all its data as a Medical Reality Bundle, checked complete (a zip whose directory,
+        at its end, reads back)."""
+        with captured_stderr():
+            written = self.scene.WriteToMRB(str(Path(path).absolute()))
+        if not written:
+            raise OSError(errno.EIO, "cannot write the scene bundle (is the disk full?)", str(path))
+        try:
+            with zipfile.ZipFile(str(path)) as bundle:
+                bundle.namelist()
+        except (OSError, zipfile.BadZipFile):
+            raise OSError(errno.EIO, "the scene bundle was written incompletely (is the disk full?)", str(path))
+        sync_file(path)
 
     @classmethod
     def read_mrb(cls, path):
@@ -101,10 +122,25 @@ def _bind(logic, name, scene, application_logic):
     return logic
 
 
-def check_nifti_file(path):
+def check_volume_file(path, complete_only=False):
+    """Refuse a NIfTI, NRRD or MetaImage file that Slicer's reader would read as another image or fail on with a
+    page of messages: damaged headers, fewer voxel bytes than the header declares, NaN or infinite voxels, more
+    voxels than this machine's memory can hold (``complete_only``: the header and the byte count only). Other
+    formats: see :func:`~.nodes.volume_from_node`."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        check_nifti_file(path, complete_only)
+    elif name.endswith((".nrrd", ".nhdr")):
+        _check_layout(path, _nrrd_layout(path), complete_only)
+    elif name.endswith((".mha", ".mhd")):
+        _check_layout(path, _metaimage_layout(path), complete_only)
+
+
+def check_nifti_file(path, complete_only=False):
     """Refuse a NIfTI file that Slicer's reader would read as something else: several volumes (it keeps the first),
     fewer voxel bytes than the header declares (it zero-fills them), NaN or infinite voxels (it turns them into 0),
-    or more voxels than this machine's memory can hold. Nothing else is checked for other formats."""
+    or more voxels than this machine's memory can hold."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return
     import nibabel
@@ -120,11 +156,168 @@ def check_nifti_file(path):
     declared = int(image.header.get_data_offset()) + voxels * dtype.itemsize
     stored = _stored_bytes(path, declared)
     if stored < declared:
-        raise InputError("{} is truncated or damaged: it holds {:,} of the {:,} bytes its header declares for {} "
-                         "voxels of {}".format(path, stored, declared, "x".join(str(n) for n in shape[:3]), dtype))
+        _refuse_truncated(path, stored, declared, shape[:3], dtype)
+    if complete_only:
+        return
     _check_memory(path, shape, voxels)
     if np.issubdtype(dtype, np.floating) or image.header.get_slope_inter()[0] not in (None, 1.0):
-        _check_finite(path, np.asanyarray(image.dataobj))
+        _check_finite(path, np.asanyarray(image.dataobj), "Slicer's reader would read them as 0")
+
+
+def _refuse_truncated(path, stored, declared, shape, dtype):
+    raise InputError("{} is truncated or damaged: it holds {:,} of the {:,} bytes its header declares for {} "
+                     "voxels of {}".format(path, stored, declared, "x".join(str(n) for n in shape), dtype))
+
+
+# NRRD and MetaImage: the header fields that say where the voxels are and how many bytes they take.
+NRRD_TYPES = {"int8": "i1", "signed char": "i1", "uint8": "u1", "uchar": "u1", "unsigned char": "u1",
+              "int16": "i2", "short": "i2", "short int": "i2", "signed short": "i2", "signed short int": "i2",
+              "uint16": "u2", "ushort": "u2", "unsigned short": "u2", "unsigned short int": "u2",
+              "int32": "i4", "int": "i4", "signed int": "i4", "uint32": "u4", "uint": "u4", "unsigned int": "u4",
+              "int64": "i8", "longlong": "i8", "long long": "i8", "long long int": "i8", "signed long long": "i8",
+              "signed long long int": "i8", "uint64": "u8", "ulonglong": "u8", "unsigned long long": "u8",
+              "unsigned long long int": "u8", "float": "f4", "double": "f8"}
+NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
+METAIMAGE_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
+                   "MET_UINT": "u4", "MET_LONG_LONG": "i8", "MET_ULONG_LONG": "u8", "MET_FLOAT": "f4",
+                   "MET_DOUBLE": "f8"}
+HEADER_LINES = 10000
+
+
+def _header_lines(stream):
+    """The text lines of a header at the start of ``stream`` (binary), up to a blank line or the end, each as it
+    stands; the stream is left where the lines end."""
+    for _ in range(HEADER_LINES):
+        line = stream.readline(1 << 16)
+        if not line or not line.strip():
+            return
+        yield line.decode("latin-1").rstrip("\r\n")
+
+
+def _nrrd_layout(path):
+    """Where and how a NRRD file's voxels are stored, from its header; None where this check does not apply
+    (ASCII or hex data, several data files, an unknown type): the reader then reads it as it does."""
+    with open(str(path), "rb") as stream:
+        if not stream.read(8).startswith(b"NRRD000"):
+            raise InputError("{} is not a readable NRRD image (it does not start with NRRD000)".format(path))
+        stream.readline()
+        fields = {}
+        for line in _header_lines(stream):
+            key, separator, value = line.partition(":")
+            if separator and not line.startswith("#") and not value.startswith("="):
+                fields[key.strip().lower().replace(" ", "")] = value.strip()
+        offset = stream.tell()
+    try:
+        shape = tuple(int(n) for n in fields["sizes"].split())
+        kind, encoding = fields["type"].lower(), fields.get("encoding", "raw").lower()
+        skip, line_skip = int(fields.get("byteskip", 0)), int(fields.get("lineskip", 0))
+    except KeyError as error:
+        raise InputError("{} is not a readable NRRD image (its header has no {} field)".format(path, error))
+    except ValueError as error:
+        raise InputError("{} is not a readable NRRD image ({})".format(path, error))
+    data_file = fields.get("datafile")
+    if (kind not in NRRD_TYPES or encoding not in NRRD_ENCODINGS or line_skip
+            or (data_file and (data_file.upper().startswith("LIST") or " " in data_file or "%" in data_file))):
+        return None
+    endian = ">" if fields.get("endian", "little").lower() == "big" else "<"
+    return {"shape": shape, "dtype": np.dtype(endian + NRRD_TYPES[kind]), "encoding": NRRD_ENCODINGS[encoding],
+            "file": path.parent / data_file if data_file else path, "offset": 0 if data_file else offset,
+            "skip": skip}
+
+
+def _metaimage_layout(path):
+    """Where and how a MetaImage (.mha/.mhd) file's voxels are stored, from its header; None where this check does
+    not apply (ASCII data, a list of files, an unknown element type)."""
+    fields, offset = {}, None
+    with open(str(path), "rb") as stream:
+        for line in _header_lines(stream):
+            key, separator, value = line.partition("=")
+            if not separator:
+                break
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                offset = stream.tell()
+                break
+    if offset is None or "dimsize" not in fields or "elementtype" not in fields:
+        raise InputError("{} is not a readable MetaImage (its header has no DimSize, ElementType or "
+                         "ElementDataFile)".format(path))
+    try:
+        shape = tuple(int(n) for n in fields["dimsize"].split())
+        channels = int(fields.get("elementnumberofchannels", 1))
+        skip = int(fields.get("headersize", 0))
+    except ValueError as error:
+        raise InputError("{} is not a readable MetaImage ({})".format(path, error))
+    data_file = fields["elementdatafile"]
+    true = ("true", "1")
+    if (fields["elementtype"].upper() not in METAIMAGE_TYPES or fields.get("binarydata", "true").lower() not in true
+            or data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file):
+        return None
+    big = (fields.get("binarydatabyteordermsb") or fields.get("elementbyteordermsb") or "false").lower() in true
+    local = data_file.upper() == "LOCAL"
+    return {"shape": ((channels,) if channels > 1 else ()) + shape,
+            "dtype": np.dtype((">" if big else "<") + METAIMAGE_TYPES[fields["elementtype"].upper()]),
+            "encoding": "zlib" if fields.get("compresseddata", "false").lower() in true else "raw",
+            "file": path if local else path.parent / data_file, "offset": offset if local else 0,
+            "skip": 0 if local else skip}
+
+
+def _check_layout(path, layout, complete_only=False):
+    """Refuse voxel data shorter than its header declares, too large for memory, or holding NaN or infinity."""
+    if layout is None:
+        return
+    shape, dtype, data = layout["shape"], layout["dtype"], layout["file"]
+    if not data.is_file():
+        raise InputError("{} names the data file {}, which does not exist".format(path, data))
+    voxels = int(np.prod(shape, dtype=np.int64))
+    declared = voxels * dtype.itemsize
+    if layout["encoding"] == "raw" and layout["skip"] < 0:  # the data are the file's last bytes
+        layout = dict(layout, offset=max(0, data.stat().st_size - declared), skip=0)
+    head = max(layout["skip"], 0) if layout["encoding"] != "raw" else 0  # skipped after decompression
+    stored = _data_bytes(layout, declared + head) - head
+    if stored < declared:
+        where = path if data == path else "{} (data file {})".format(path, data)
+        _refuse_truncated(where, max(stored, 0), declared, shape, dtype)
+    if complete_only:
+        return
+    _check_memory(path, shape[-3:], voxels)
+    if dtype.kind == "f":
+        array = np.frombuffer(_data(layout, declared + head)[head:], dtype=dtype).reshape(shape[::-1]).T
+        _check_finite(path, np.moveaxis(array, 0, -1) if array.ndim > 3 else array)  # (i, j, k[, component])
+
+
+def _data_bytes(layout, wanted):
+    """How many bytes of voxel data the file holds (decompressed), counting no further than ``wanted``."""
+    if layout["encoding"] == "raw":
+        return layout["file"].stat().st_size - layout["offset"] - layout["skip"]
+    return sum(len(chunk) for chunk in _decompressed(layout, wanted))
+
+
+def _data(layout, wanted):
+    """The first ``wanted`` bytes of voxel data (decompressed)."""
+    if layout["encoding"] == "raw":
+        with open(str(layout["file"]), "rb") as stream:
+            stream.seek(layout["offset"] + layout["skip"])
+            return stream.read(wanted)
+    return b"".join(_decompressed(layout, wanted))
+
+
+def _decompressed(layout, wanted):
+    """The decompressed voxel data (gzip, zlib or bzip2) in chunks, no further than ``wanted`` bytes; it stops
+    where the stream ends or is damaged: what came before is all there is."""
+    decompressor = bz2.BZ2Decompressor() if layout["encoding"] == "bzip2" else zlib.decompressobj(47)
+    count = 0
+    with open(str(layout["file"]), "rb") as stream:
+        stream.seek(layout["offset"])
+        while count < wanted and not decompressor.eof:
+            block = stream.read(1 << 20)
+            if not block:
+                return
+            try:
+                chunk = decompressor.decompress(block, wanted - count)
+            except (OSError, EOFError, ValueError, zlib.error):
+                return
+            count += len(chunk)
+            yield chunk
 
 
 MEMORY_BYTES_PER_VOXEL = 64  # float32 copies of a volume during a run (scene, network input, attack state)
@@ -158,13 +351,14 @@ def _stored_bytes(path, wanted):
     return count
 
 
-def _check_finite(path, array):
+def _check_finite(path, array, why="the probes and metrics need finite voxels"):
+    """Refuse NaN and infinite voxels of ``array`` (indexed i, j, k), with their count and the first one."""
     bad = ~np.isfinite(array)
     count = int(np.count_nonzero(bad))
     if count:
         first = tuple(int(v) for v in np.argwhere(bad)[0][:3])
-        raise InputError("{} has {:,} NaN or infinite voxel(s), the first at (i, j, k) = {}; Slicer's reader would "
-                         "read them as 0: replace them in the file".format(path, count, first))
+        raise InputError("{} has {:,} NaN or infinite voxel(s), the first at (i, j, k) = {}; replace them in the "
+                         "file ({})".format(path, count, first, why))
 
 
 def _stem(path):
@@ -173,3 +367,48 @@ def _stem(path):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+_STDERR_LOCK = threading.RLock()
+
+
+@contextmanager
+def captured_stderr():
+    """Hold what the C++ readers and writers print on the standard error (VTK's and ITK's ERR lines) while the
+    block runs; the list it yields then holds that text."""
+    messages = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:  # one thread at a time: the descriptor is shared
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield messages
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            messages.append(capture.read().decode("utf-8", "replace"))
+
+
+READER_REASONS = (r"\[nrrd\] (_nrrd\w+: \S.*)", r"(MetaImage: .+)", r"Description: (?:ITK ERROR: )?(.+)",
+                  r"(Could not create IO object.+)", r"(Failed to instantiate a file reader)")
+
+
+def reader_reason(text):
+    """The line of a reader's messages that says why it failed: the last match of the first of
+    :data:`READER_REASONS` that matches (teem's innermost NRRD message, MetaIO's, ITK's, ...)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    for pattern in READER_REASONS:
+        found = re.findall(pattern, text)
+        if found:
+            return " ".join(found[-1].split())[:300]
+    return ""
+
+
+def sync_file(path):
+    """Flush a written file to the disk, so that a full disk or a failing device shows here, not later."""
+    descriptor = os.open(str(path), os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows syncs writable ones
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -91,9 +91,22 @@ def _file_case(volume, reference, name):
     if reference is not None and not Path(reference).is_file():
         raise InputError("study: reference not found: {}".format(reference))
     files = [volume] + ([Path(reference)] if reference is not None else [])
-    return {"name": str(name or _case_stem(volume) or volume.stem), "volume": str(volume.resolve()),
+    name = str(name or _case_stem(volume) or volume.stem)
+    for role, path in zip(("volume", "reference"), files):
+        check_case_file(name, role, path)
+    return {"name": name, "volume": str(volume.resolve()),
             "reference": str(Path(reference).resolve()) if reference is not None else None,
             "hash": hash_files(files)}
+
+
+def check_case_file(name, role, path):
+    """Refuse, before any cell runs, a case file that is not a sound image (see
+    :func:`~..scene.slicer_scene.check_volume_file`), naming the case."""
+    from ..scene.slicer_scene import check_volume_file
+    try:
+        check_volume_file(Path(path))
+    except InputError as error:
+        raise InputError("study: case {}: {} {}".format(name, role, error))
 
 
 def load_case(case):

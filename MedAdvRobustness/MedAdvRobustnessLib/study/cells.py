@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InputError
 from ..evaluation.sweep import run_sweep
-from ..networks.models import load_model
+from ..networks.models import TRUST_HINT, load_model, network_input_error
 from ..probes.attacks import AttackCancelled
 from .cases import heldout_volume, load_case
 from .definition import study_probe
@@ -53,6 +53,9 @@ def probe_settings(probe):
     return {item.name: getattr(made, item.name) for item in dataclasses.fields(made)}
 
 
+BENCH_TRUST_HINT = ("load it only if you trust where it comes from, with \"trust_checkpoint\": true in the "
+                    "study file's entry of network {} ({{\"name\": ..., \"source\": ..., \"trust_checkpoint\": "
+                    "true}})")
 _CACHE = threading.local()  # per thread (a Dask worker runs cells in threads): on_grid changes a model
 _THREADS = {"lock": threading.Lock(), "cells": 0, "before": None}
 
@@ -97,8 +100,13 @@ def _torch_threads(wanted):
 
 
 def _cell_error(task, error):
-    """``error`` with the cell it stopped in front of its message (an InputError stays one)."""
+    """``error`` with the cell it stopped in front of its message (an InputError stays one, and says how a study
+    trusts a checkpoint; a network that does not fit the case's channels becomes one)."""
+    model = _cache("models").get(_model_key(task["network"]))
+    if isinstance(error, RuntimeError) and model is not None:
+        error = network_input_error(model, error) or error
     text = str(error) if isinstance(error, InputError) else "{}: {}".format(type(error).__name__, error)
+    text = text.replace(TRUST_HINT, BENCH_TRUST_HINT.format(task["network"]["name"]))
     message = "cell failed (network {}, case {}, probe {}, strength {:g}): {}".format(
         task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"], text)
     return (InputError if isinstance(error, InputError) else RuntimeError)(message)
@@ -120,11 +128,15 @@ def _cache(name):
 
 
 def _cached_model(network):
-    models, key = _cache("models"), (network["source"], network["hash"])
+    models, key = _cache("models"), _model_key(network)
     if key not in models:
         models.clear()
-        models[key] = load_model(network["source"])
+        models[key] = load_model(network["source"], trust_checkpoint=bool(network.get("trust_checkpoint")))
     return models[key]
+
+
+def _model_key(network):
+    return network["source"], network["hash"], bool(network.get("trust_checkpoint"))
 
 
 def _cached_case(case):

@@ -67,7 +67,7 @@ def resolve_study(study):
     unknown = sorted(set(study) - set(STUDY_KEYS))
     if unknown:
         raise InputError("study: unknown key(s) {}; known keys: {}".format(", ".join(unknown), ", ".join(STUDY_KEYS)))
-    seed = int(study.get("seed", 0))
+    seed = _whole_number(study, "seed", 0)
     networks = [_network(item) for item in _non_empty(study, "networks")]
     cases = [case for item in _non_empty(study, "cases") for case in resolve_cases(item)]
     probes = [_probe(item, seed) for item in _non_empty(study, "probes")]
@@ -77,7 +77,14 @@ def resolve_study(study):
         if repeated:
             raise InputError("study: {} name(s) {} given twice; name them apart".format(kind, ", ".join(repeated)))
     return {"networks": networks, "cases": cases, "probes": probes, "seed": seed,
-            "threads": int(study.get("threads", 1))}
+            "threads": _whole_number(study, "threads", 1)}
+
+
+def _whole_number(study, key, default):
+    value = study.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError("study: {} must be a whole number, got {!r}".format(key, value))
+    return value
 
 
 def _non_empty(study, key):
@@ -87,10 +94,21 @@ def _non_empty(study, key):
     return items
 
 
+NETWORK_KEYS = ("name", "source", "trust_checkpoint")
+
+
 def _network(item):
-    """``{"name", "source", "hash"}`` of a built-in name, a model folder or file (name: the folder's)."""
+    """``{"name", "source", "hash"}`` of a built-in name, a model folder or file (name: the folder's), with
+    ``"trust_checkpoint": true`` where the study trusts its checkpoint (see :func:`~.models.load_checkpoint`)."""
+    trust = False
     if isinstance(item, dict):
-        name, source = item.get("name"), item.get("source")
+        name, source, trust = item.get("name"), item.get("source"), item.get("trust_checkpoint", False)
+        unknown = sorted(set(item) - set(NETWORK_KEYS))
+        if unknown or not isinstance(trust, bool):
+            raise InputError("study: network {!r}: {}; a network is {{\"name\": ..., \"source\": ..., "
+                             "\"trust_checkpoint\": true or false}}".format(
+                                 name or source, "unknown key(s) " + ", ".join(unknown) if unknown else
+                                 "trust_checkpoint must be true or false"))
     else:
         name, source = None, item
     if not source:
@@ -105,7 +123,9 @@ def _network(item):
                 source, ", ".join(sorted(BUILTIN_MODELS))))
         files = _model_files(path)
         source = str(path.resolve())
-    return {"name": str(name or Path(source).name.replace(".json", "")), "source": source, "hash": hash_files(files)}
+    network = {"name": str(name or Path(source).name.replace(".json", "")), "source": source,
+               "hash": hash_files(files)}
+    return dict(network, trust_checkpoint=True) if trust else network  # absent when false: the cell keys stay
 
 
 def _model_files(path):
@@ -134,12 +154,19 @@ def _probe(item, seed):
         raise InputError("study: a probe is {{\"attack\": NAME, \"epsilons\": [...]}} or {{\"corruption\": NAME, "
                          "\"severities\": [...]}}, got {!r}".format(item))
     kind = "attack" if "attack" in item else "corruption"
+    if not isinstance(item.get("params") or {}, dict):
+        raise InputError("study: the params of probe {} must be a mapping of parameter names to values, got "
+                         "{!r}".format(item[kind], item["params"]))
     params = dict(item.get("params") or {})
     params.setdefault("seed", seed)
-    strengths = item.get("epsilons" if kind == "attack" else "severities")
+    key = "epsilons" if kind == "attack" else "severities"
+    strengths = item.get(key)
     if not strengths:
-        raise InputError("study: probe {} needs {}".format(item[kind], "epsilons" if kind == "attack" else
-                                                           "severities"))
+        raise InputError("study: probe {} needs {}".format(item[kind], key))
+    if not isinstance(strengths, list) or not all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                  for value in strengths):
+        raise InputError("study: the {} of probe {} must be a list of numbers, got {!r}".format(
+            key, item[kind], strengths))
     probe = {"kind": kind, "probe": str(item[kind]), "params": params}
     strengths = study_probe(probe).check_strengths(strengths)
     name = item.get("name") or probe["probe"]
