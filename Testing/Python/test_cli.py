@@ -41,9 +41,31 @@ def test_demo_writes_every_result_file(demo_run):
     assert names == {"scene.mrb", "metrics.csv", "report.png", "run.json", "adversarial_0.nii.gz",
                      "adversarial_0.01.nii.gz", "adversarial_0.03.nii.gz", "prediction_0.nii.gz",
                      "prediction_0.01.nii.gz", "prediction_0.03.nii.gz", "fragility.nii.gz", "structures.csv",
-                     "fragility_summary.json"}
+                     "fragility_summary.json", "labels.ctbl", "labels.itksnap.txt"}
     assert "clean Dice against the reference" in completed.stdout
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_label_names_and_colours_travel_with_the_label_maps(demo_run):
+    """labels.ctbl read back by Slicer's own colour table reader; labels.itksnap.txt in ITK-SNAP's format."""
+    import slicer
+    out, _ = demo_run
+    scene = slicer.vtkMRMLScene()
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLColorTableStorageNode")
+    storage.SetFileName(str(out / "labels.ctbl"))
+    assert storage.ReadData(table)
+    names = [table.GetColorName(value) for value in range(table.GetNumberOfColors())]
+    assert names == ["background", "CSF", "grey matter", "white matter"]
+    colour = [0.0] * 4
+    table.GetColor(2, colour)
+    entries = [line.split() for line in (out / "labels.itksnap.txt").read_text().splitlines()
+               if not line.startswith("#")]
+    assert [int(entry[0]) for entry in entries] == [0, 1, 2, 3]
+    assert [" ".join(entry[7:]).strip('"') for entry in entries] == names
+    assert [int(v) for v in entries[2][1:4]] == [int(round(255 * c)) for c in colour[:3]] and colour[3] == 1.0
+    labels = np.asarray(nib.load(str(out / "prediction_0.01.nii.gz")).dataobj)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
 
 
 def test_the_fragility_map_is_the_first_change_of_the_written_predictions(demo_run):

@@ -133,7 +133,8 @@ def check_png(path):
 
 def write_result_files(result, out_dir):
     """``adversarial_<eps>.nii.gz`` (``corrupted_<severity>``) and ``prediction_<...>.nii.gz`` per strength (0:
-    clean), ``metrics.csv``, and for corruptions ``rood_summary.json``."""
+    clean), their label names and colours (``labels.ctbl`` for Slicer, ``labels.itksnap.txt`` for ITK-SNAP),
+    ``metrics.csv``, and for corruptions ``rood_summary.json``."""
     out_dir = Path(out_dir)
     volume_prefix = STRENGTH_WORDS[result.strength_name][1]
     for outcome in result.outcomes:
@@ -141,10 +142,40 @@ def write_result_files(result, out_dir):
         write_volume_file(outcome.probed, result.volume, out_dir / "{}_{}.nii.gz".format(volume_prefix, strength))
         write_volume_file(outcome.prediction, result.volume, out_dir / "prediction_{}.nii.gz".format(strength),
                           label_map=True)
+    write_color_table(result.labels, out_dir / LABELS_TABLE)
+    write_text_checked(out_dir / ITKSNAP_LABELS, itksnap_labels(result.labels))
     write_metrics_csv(result, out_dir / "metrics.csv")
     summary = result.rood_summary()
     if summary is not None:
         write_text_checked(out_dir / "rood_summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+LABELS_TABLE, ITKSNAP_LABELS = "labels.ctbl", "labels.itksnap.txt"
+
+
+def write_color_table(labels, path):
+    """The labels' names and colours as a Slicer colour table file (``.ctbl``), written by Slicer's own writer."""
+    scratch = slicer.vtkMRMLScene()
+    table = add_color_table(scratch, labels, "labels")
+    storage = table.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    with captured_stderr():
+        written = storage.WriteData(table)
+    if not written:
+        raise OSError(errno.EIO, "Slicer's colour table writer failed", str(path))
+    sync_file(path)
+
+
+def itksnap_labels(labels):
+    """An ITK-SNAP label description file: index, colour (0-255), opacity, visibility, mesh visibility, name."""
+    lines = ["# ITK-SnAP Label Description File (written by medadv)",
+             "# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL"]
+    for label in labels:
+        red, green, blue = (int(round(255 * channel)) for channel in label.color[:3])
+        visible = 0 if label.value == 0 else 1
+        lines.append("{:5d} {:5d} {:4d} {:4d} {:8g} {:2d} {:2d}    \"{}\"".format(
+            label.value, red, green, blue, float(visible), visible, visible, label.name.replace('"', "'")))
+    return "\n".join(lines) + "\n"
 
 
 def write_run_file(record, path):
