@@ -1,6 +1,8 @@
 """``medadv``: attack a segmentation network on a volume file, headless, with Slicer's MRML core."""
 import argparse
+import math
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -331,7 +333,13 @@ MODEL_HELP = ("'demo'; a model folder with model.json (or that file: an architec
 
 
 def _add_model_arguments(parser, trust):
-    """Where the network runs, and (``run``) whether a checkpoint that needs arbitrary unpickling may load."""
+    """Where the network runs, and (``run``) whether a checkpoint that needs arbitrary unpickling may load; the
+    output options of ``run`` and ``demo``."""
+    parser.add_argument("--unstable-at", type=float, metavar="S",
+                        help="the scene's 'unstable at <= S' segmentation: per clean label the voxels whose label "
+                             "changes at or below this strength (default: the middle strength of the sweep)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress on stderr (errors and the summary on stdout still show)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda or cuda:N; an error if CUDA is not available")
     parser.add_argument("--amp", action="store_true",
@@ -417,13 +425,18 @@ def _attack(volume, model, reference, args, output_activation):
     from .pipeline import run_on_files
     probe, strengths = probe_from_args(args)
     start = time.time()
+    if args.unstable_at is not None and not (math.isfinite(args.unstable_at) and args.unstable_at > 0):
+        raise InputError("--unstable-at must be a positive strength, got {}".format(args.unstable_at))
+    progress = None if args.quiet else Progress(sys.stderr)
     result = run_on_files(volume, model, probe, strengths, args.out, reference, output_activation=output_activation,
-                          progress=_print_progress, trust_checkpoint=getattr(args, "trust_checkpoint", False),
+                          progress=progress, trust_checkpoint=getattr(args, "trust_checkpoint", False),
                           device=args.device, amp=args.amp, region_path=args.region,
                           region_labels=args.region_labels, folds=getattr(args, "folds", None),
                           mirroring=getattr(args, "mirroring", True),
                           skip_untwinned=getattr(args, "skip_untwinned", False),
-                          command=getattr(args, "command_line", None))
+                          command=getattr(args, "command_line", None), unstable_at=args.unstable_at)
+    if progress is not None:
+        progress.close()
     print(summary(result, time.time() - start))
     return 0
 
@@ -460,15 +473,67 @@ def summary(result, seconds):
     if rood is not None:
         lines.append("ROOD-MRI summary of the mean Dice (alpha 2/3): weighted mean {:.3f}, degradation {:.3f}, "
                      "overall {:.3f}".format(rood["weighted_mean"], rood["degradation"], rood["overall"]))
-    return "\n".join(lines)
+    return "\n".join(lines + fragility_lines(result))
+
+
+def fragility_lines(result):
+    """The structures by critical strength, and (with a reference) how well fragility ranks the errors."""
+    from .evaluation.fragility import fragility_map, fragility_summary, structure_rows, summary_line
+    key = "critical_" + result.strength_name
+    rows = sorted(structure_rows(result), key=lambda row: (row[key] is None, row[key] or 0.0))
+    lines = ["critical {} (Dice against the clean prediction below 0.9): {}".format(result.strength_name, ", ".join(
+        "{} {}".format(row["label"], "never" if row[key] is None else "{:.3g}".format(row[key])) for row in rows))]
+    if result.reference is not None:
+        lines.append(summary_line(fragility_summary(result, fragility_map(result), result.reference)))
+    return lines
 
 
 def _number(value):
     return "" if value is None else "{:.1f}".format(value)
 
 
-def _print_progress(fraction, message):
-    print("[{:3.0f}%] {}".format(100 * fraction, message), file=sys.stderr, flush=True)
+class Progress:
+    """Progress on ``stream``: a bar with the time left on a terminal, plain ``[ 40%] message`` lines otherwise
+    (a log file, a pipe). Lines before the work starts (the model report) are printed as they come."""
+
+    WIDTH = 24
+
+    def __init__(self, stream):
+        self.stream, self.terminal = stream, stream.isatty()
+        self.started, self.bar_shown = None, False
+
+    def __call__(self, fraction, message):
+        if not self.terminal:
+            print("[{:3.0f}%] {}".format(100 * fraction, message), file=self.stream, flush=True)
+            return
+        if fraction <= 0 and not self.bar_shown:
+            print(message, file=self.stream, flush=True)
+            return
+        now = time.monotonic()
+        self.started = self.started or now
+        filled = int(round(self.WIDTH * min(fraction, 1.0)))
+        left = (now - self.started) * (1 - fraction) / fraction if fraction > 0 else None
+        width = shutil.get_terminal_size((100, 20)).columns
+        line = "[{}{}] {:3.0f}% {} {}".format("#" * filled, "." * (self.WIDTH - filled), 100 * fraction,
+                                             eta_text(left), message)
+        self.stream.write("\r\x1b[K" + line[:max(width - 1, 20)])
+        self.stream.flush()
+        self.bar_shown = True
+
+    def close(self):
+        if self.bar_shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.bar_shown = False
+
+
+def eta_text(seconds):
+    """``ETA 1:05`` (minutes:seconds; hours:minutes:seconds from an hour), ``ETA --`` before it can be estimated."""
+    if seconds is None:
+        return "ETA --"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return "ETA {:d}:{:02d}:{:02d}".format(hours, minutes, rest) if hours else "ETA {:d}:{:02d}".format(minutes, rest)
 
 
 def _quiet_vtk():

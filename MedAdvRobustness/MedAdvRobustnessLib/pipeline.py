@@ -32,7 +32,7 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
 
 def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
                  progress=None, trust_checkpoint=False, device="cpu", amp=False, region_path=None, region_labels=None,
-                 folds=None, mirroring=True, skip_untwinned=False, command=None):
+                 folds=None, mirroring=True, skip_untwinned=False, command=None, unstable_at=None):
     """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
     if anything fails. Its ``run.json`` records how (:func:`run_record`; ``command``: the command line, default
     ``sys.argv``).
@@ -40,7 +40,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
     ``region_path`` (a label map on the volume's grid, else the reference when only ``region_labels`` is given)
     restricts the probe (an attack, or an intensity corruption) to its voxels holding ``region_labels`` (default:
     every non-zero label). ``folds``, ``mirroring`` (nnU-Net folders) and ``skip_untwinned`` (bundles): see
-    :func:`load_model`."""
+    :func:`load_model`. ``unstable_at``: the strength of the scene's "unstable at <= s" segmentation (default
+    the middle one)."""
     strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
@@ -63,7 +64,7 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
                 if progress:
                     progress(0.0, line)
             result = run_sweep(model, volume, probe, strengths, reference, progress, region=region)
-        add_nodes_or_nothing(slicer_scene, result)
+        add_nodes_or_nothing(slicer_scene, result, unstable_at)
         write_result_files(result, staging)
         write_fragility_files(result, staging)
         write_report(result, staging / "report.png")
@@ -166,12 +167,12 @@ def add_all_result_nodes(slicer_scene, result, unstable_at=None):
     return nodes
 
 
-def add_nodes_or_nothing(slicer_scene, result):
+def add_nodes_or_nothing(slicer_scene, result, unstable_at=None):
     """Add the result nodes to the scene (the fragility ones too); if that fails midway, remove the ones already
     added."""
     before = node_ids(slicer_scene.scene)
     try:
-        return add_all_result_nodes(slicer_scene, result)
+        return add_all_result_nodes(slicer_scene, result, unstable_at)
     except BaseException:
         remove_nodes_added_since(slicer_scene.scene, before)
         raise

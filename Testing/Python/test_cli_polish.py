@@ -129,3 +129,46 @@ def test_license_is_the_apache_license_2_0():
     text = (ROOT / "LICENSE").read_text()
     assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
     assert "END OF TERMS AND CONDITIONS" in text and "http://www.apache.org/licenses/LICENSE-2.0" in text
+
+
+def test_progress_is_a_bar_with_the_time_left_on_a_terminal_and_nothing_with_quiet(tmp_path):
+    """The real command with its stderr on a pseudo-terminal: the bar redraws in place (carriage return) with an
+    ETA; the summary (with the critical strengths and how fragility ranks the errors) on stdout. -q: no progress."""
+    import os
+    import pty
+    master, slave = pty.openpty()
+    command = [str(MEDADV), "demo", "--attack", "fgsm", "--epsilon", "0.01", "0.02", "--unstable-at", "0.02",
+               "--out", str(tmp_path / "bar")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the command closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout, _ = process.communicate(timeout=600)
+    os.close(master)
+    assert process.returncode == 0, shown.decode(errors="replace")[-2000:]
+    text = shown.decode()
+    assert "\r\x1b[K[" in text and "ETA" in text and "100%" in text
+    assert text.splitlines()[0].startswith("model demo-unet"), "the model report comes first, as lines"
+    assert "critical epsilon (Dice against the clean prediction below 0.9): grey matter" in stdout
+    assert "errors of the clean prediction" in stdout and "entropy AUROC" in stdout
+    from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+    scene = SlicerScene.read_mrb(tmp_path / "bar" / "scene.mrb").scene
+    assert scene.GetFirstNodeByName("MNI152_T1_2mm unstable at <= 0.02 fgsm") is not None
+    quiet = subprocess.run(command[:-1] + [str(tmp_path / "quiet"), "-q"], capture_output=True, text=True,
+                           timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "mean Dice" in quiet.stdout
+    refused = subprocess.run(command[:-1] + [str(tmp_path / "bad"), "--unstable-at", "-1"], capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "medadv: error: --unstable-at must be a positive strength, got -1.0"
+
+
+def test_eta_text():
+    assert cli.eta_text(None) == "ETA --" and cli.eta_text(65.4) == "ETA 1:05" and cli.eta_text(3725) == "ETA 1:02:05"
