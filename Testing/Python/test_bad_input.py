@@ -333,6 +333,19 @@ def test_an_unknown_intensity_type_names_the_file_the_value_and_the_known_ones(t
     assert digest(description) == before
 
 
+def test_architecture_arguments_monai_refuses_are_one_line(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"name": "mine", "architecture": {"name": "UNet", "args": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4], "strides": []}}}))
+    torch.save({}, str(folder / "model.pt"))
+    out = tmp_path / "results"
+    line = one_error_line([MEDADV, "run", "--volume", str(SAMPLE_VOLUME), "--model", str(folder), "--attack", "fgsm",
+                           "--epsilon", "0.01", "--out", str(out)])
+    assert "cannot build UNet with" in line and "the length of `channels` should be no less than 2" in line, line
+    assert_nothing_left(tmp_path, out)
+
+
 def test_a_bench_case_that_is_not_an_image_is_refused_before_any_cell(tmp_path):
     (tmp_path / "notes.nii.gz").write_text("not an image\n")
     study = tmp_path / "study.json"

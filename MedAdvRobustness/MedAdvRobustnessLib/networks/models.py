@@ -474,7 +474,7 @@ def build_network(architecture):
         raise InputError("unknown MONAI architecture {!r}".format(name))
     try:
         return network_class(**architecture.get("args", {}))
-    except TypeError as error:
+    except (TypeError, ValueError, AssertionError) as error:  # what MONAI raises on arguments it refuses
         raise InputError("cannot build {} with {}: {}".format(name, architecture.get("args", {}), error))
 
 
