@@ -413,3 +413,113 @@ def test_cell_keys_stay_those_earlier_versions_stored():
         "n__c__ghosting__1__ae0f0c7e933f"
     assert cells.cell_key({"network": network, "case": case, "probe": attack, "strength": 0.02}) == \
         "n__c__fgsm__0.02__f51c88f785d3"
+
+
+FRAGILE_STUDY = {"networks": ["demo-unet-short"], "cases": ["heldout:1"],
+                 "probes": [{"attack": "fgsm", "epsilons": [0.01, 0.02, 0.04]},
+                            {"corruption": "rician_noise", "severities": [1, 3]}]}
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory):
+    """A demo network on one held-out case under FGSM (3 epsilons) and Rician noise (2 severities), with its
+    network's forward passes counted inside the cells' sweeps and outside them; then run again on its stored cells,
+    then again with one cell's changed-voxel file removed."""
+    out = tmp_path_factory.mktemp("fragile")
+    passes, in_sweep = {"inside": 0, "outside": 0}, []
+    real_load, real_sweep = cells.load_model, cells.run_sweep
+
+    def counted_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.network.register_forward_pre_hook(lambda *hook: passes.__setitem__(
+            "inside" if in_sweep else "outside", passes["inside" if in_sweep else "outside"] + 1))
+        return model
+
+    def counted_sweep(*args, **kwargs):
+        in_sweep.append(True)
+        try:
+            return real_sweep(*args, **kwargs)
+        finally:
+            in_sweep.pop()
+    cells._cache("models").clear()
+    cells.load_model, cells.run_sweep = counted_model, counted_sweep
+    try:
+        first = execution.run_study(FRAGILE_STUDY, out)
+        after_first = dict(passes)
+        csv_first = (out / "fragility.csv").read_text()
+        again = execution.run_study(FRAGILE_STUDY, out)
+        after_again = dict(passes)
+        removed = sorted((out / "cells").glob("*fgsm__0.02__*.npz"))
+        removed[0].unlink()
+        third = execution.run_study(FRAGILE_STUDY, out)
+    finally:
+        cells.load_model, cells.run_sweep = real_load, real_sweep
+        cells._cache("models").clear()
+    return dict(out=out, first=first, again=again, third=third, after_first=after_first, after_again=after_again,
+                csv_first=csv_first, removed=removed[0].name[:-len(".npz")])
+
+
+@pytest.fixture(scope="module")
+def direct_sweep():
+    """The bench's FGSM swept over all its epsilons at once by ``run_sweep``, with the cells' thread count."""
+    from MedAdvRobustnessLib.evaluation.sweep import run_sweep
+    from MedAdvRobustnessLib.networks.models import load_model
+    probe = definition.resolve_study(FRAGILE_STUDY)["probes"][0]
+    model = load_model("demo-unet-short")
+    volume, reference = cases.heldout_volume(1)
+    with cells._torch_threads(1), model.on_grid(volume):
+        return run_sweep(model, volume, definition.study_probe(probe), probe["strengths"], reference)
+
+
+def read_map(path):
+    from MedAdvRobustnessLib.scene.nodes import volume_from_node
+    from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+    return volume_from_node(SlicerScene.standalone().load_volume(path)).array
+
+
+def test_bench_fragility_is_that_of_one_sweep_over_all_strengths(fragile, direct_sweep):
+    """The map the bench combines from its one-strength cells equals fragility_map of run_sweep over the same
+    strengths, exactly; fragility.csv holds fragility_summary of it."""
+    from MedAdvRobustnessLib.evaluation.fragility import fragility_map, fragility_summary
+    result = direct_sweep
+    expected = fragility_map(result)
+    written = read_map(fragile["out"] / "fragility" / "demo-unet-short__heldout-1__fgsm.nii.gz")
+    assert written.dtype == np.float32 and np.array_equal(written, expected)
+    assert set(np.unique(expected)) == {0.0, np.float32(0.01), np.float32(0.02), np.float32(0.04)}
+    summary = fragility_summary(result, expected, result.reference)
+    row = next(row for row in read_table(fragile["out"] / "fragility.csv") if row["probe"] == "fgsm")
+    assert (int(row["voxels"]), int(row["errors"])) == (summary["voxels"], summary["errors"])
+    for score, entry in summary["scores"].items():
+        assert float(row[score + "_auroc"]) == pytest.approx(entry["auroc"], rel=1e-5)
+        assert float(row[score + "_top1"]) == pytest.approx(entry["error_fraction_top_1%"], rel=1e-5)
+        assert float(row[score + "_top5"]) == pytest.approx(entry["error_fraction_top_5%"], rel=1e-5)
+    network = next(row for row in read_table(fragile["out"] / "summary.csv") if row["probe"] == "fgsm")
+    assert float(network["fragility_auroc"]) == pytest.approx(summary["scores"]["fragility"]["auroc"], rel=1e-5)
+    assert "Does fragility find the errors?" in (fragile["out"] / "report.html").read_text()
+
+
+def test_instability_combines_the_probes_maps(fragile, direct_sweep):
+    from MedAdvRobustnessLib.evaluation.fragility import instability_map
+    from MedAdvRobustnessLib.study.command import fragility_line
+    out = fragile["out"]
+    maps = [read_map(out / "fragility" / "demo-unet-short__heldout-1__{}.nii.gz".format(probe))
+            for probe in ("fgsm", "rician_noise")]
+    expected = instability_map(maps, [0.02, 1.0])  # the middle strengths
+    written = read_map(out / "instability" / "demo-unet-short__heldout-1.nii.gz")
+    assert np.array_equal(written, expected) and set(np.unique(expected)) == {0.0, 0.5, 1.0}
+    clean = direct_sweep.clean.prediction
+    row, = read_table(out / "instability.csv")
+    assert float(row["instability_mean"]) == pytest.approx(float(expected[clean != 0].mean()), rel=1e-5)
+    overall = fragile["first"].fragility[("demo-unet-short", "overall")]
+    assert overall["instability_mean"] == pytest.approx(float(row["instability_mean"]), rel=1e-5)
+    assert "fragility {:.3f}".format(overall["fragility_auroc"]) in fragility_line(overall)
+
+
+def test_fragility_adds_no_forward_pass(fragile):
+    """Every forward pass is one of the cells' sweeps; the run on the stored cells rewrites the fragility with
+    none; a cell stored without its changed voxels (as an earlier version stored them) is computed again."""
+    first, again = fragile["after_first"], fragile["after_again"]
+    assert first["inside"] > 0 and first["outside"] == 0
+    assert again == first and fragile["again"].computed == []
+    assert (fragile["out"] / "fragility.csv").read_text() == fragile["csv_first"]
+    assert fragile["third"].computed == [fragile["removed"]]

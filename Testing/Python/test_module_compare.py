@@ -92,6 +92,14 @@ def test_comparison_fills_one_folder_with_the_summary_and_the_chart(scene_with_t
     series = nodes["chart"].GetNumberOfPlotSeriesNodes()
     assert series == 2
     assert nodes["computed"] == 4 and nodes["reused"] == 0  # 2 networks x 2 volumes x 1 epsilon
+    instability = nodes["instability"]
+    assert sorted(instability) == sorted((network, case) for network in ("demo-slicewise2d", "demo-unet-short")
+                                         for case in ("MNI152_T1_2mm", "heldout"))
+    for (network, case), node in instability.items():
+        assert node in in_folder and node.GetName() == "{} {} instability".format(case, network)
+        values = util.arrayFromVolume(node)
+        assert values.shape == util.arrayFromVolume(sample if case != "heldout" else heldout).shape
+        assert set(np.unique(values)) == {0.0, 1.0}  # one probe: changed at its (middle) epsilon or not
     assert any("cell 4/4" in message for message in messages)
     for node, original in zip((sample, heldout), originals):
         np.testing.assert_array_equal(util.arrayFromVolume(node), original)

@@ -7,6 +7,7 @@
 - :func:`unstable_labels`: per clean label, the voxels whose label changes at or below a strength.
 - :func:`fragility_summary`: how well fragility (1 / strength, never changed = 0) ranks the voxels where the clean
   prediction is wrong, next to two baselines: the entropy of the clean outputs and the closeness to a label boundary.
+- :func:`first_change_map`, :func:`ranking_summary`: the same from arrays (a study's cells, each one strength).
 - :func:`instability_map`: over several sweeps, the fraction under which each voxel changes at or below their
   middle strength.
 """
@@ -26,6 +27,15 @@ def fragility_map(result):
     for outcome in sorted(result.outcomes[1:], key=lambda item: item.strength, reverse=True):
         before = outcome.clean_prediction if outcome.clean_prediction is not None else clean
         fragility[outcome.prediction != before] = outcome.strength  # the smallest strength is written last
+    return fragility
+
+
+def first_change_map(strengths, changed):
+    """:func:`fragility_map` from one boolean mask per strength (the voxels whose label it changed): the smallest
+    strength whose mask holds the voxel, 0 where none does."""
+    fragility = np.zeros(changed[0].shape, dtype=np.float32)
+    for strength, mask in sorted(zip(strengths, changed), key=lambda item: item[0], reverse=True):
+        fragility[mask] = strength
     return fragility
 
 
@@ -103,13 +113,18 @@ def fragility_summary(result, fragility, reference):
     Scored on the voxels where the clean prediction or the reference is foreground: per score its AUROC (ties
     counted half, as the Mann-Whitney statistic) and the fraction of errors among its top 1 % and 5 % (voxels tied
     at the cut counted in proportion)."""
-    clean = result.clean.prediction
+    return ranking_summary(result.clean.prediction, result.clean_entropy, result.spacing, fragility, reference)
+
+
+def ranking_summary(clean, entropy, spacing, fragility, reference):
+    """:func:`fragility_summary` from the arrays: the clean prediction, the entropy of the clean outputs (or
+    None), the voxel spacing (mm)."""
     scored = (clean != 0) | (reference != 0)
     errors = (clean != reference)[scored]
     scores = {"fragility": np.where(fragility > 0, 1.0 / np.maximum(fragility, 1e-12), 0.0)[scored]}
-    if result.clean_entropy is not None:
-        scores["entropy"] = result.clean_entropy[scored].astype(np.float64)
-    scores["boundary"] = -boundary_distance(clean, result.spacing)[scored]
+    if entropy is not None:
+        scores["entropy"] = entropy[scored].astype(np.float64)
+    scores["boundary"] = -boundary_distance(clean, spacing)[scored]
     summary = {"voxels": int(scored.sum()), "errors": int(errors.sum()),
                "error_fraction": float(errors.mean()) if errors.size else None,
                "scored_on": "voxels where the clean prediction or the reference is foreground",

@@ -2,9 +2,10 @@
 
 It is ``medadv bench`` driven from the scene: the checked volumes (with their references) are written as bench
 cases into the study folder, the study runs cell by cell in a worker process (progress, cancel), and its summary
-table and Dice curves land in the scene as table and chart nodes, all in one new folder. The study folder keeps
-the cells, ``results.csv``, ``summary.csv``, the figures and ``report.html``: run again with the same folder and
-only the missing cells are computed.
+table and Dice curves land in the scene as table and chart nodes, with each network's instability map on each
+volume, all in one new folder. The study folder keeps the cells, ``results.csv``, ``summary.csv``, the fragility
+(``fragility.csv``, ``fragility/``, ``instability/``), the figures and ``report.html``: run again with the same
+folder and only the missing cells are computed.
 """
 import functools
 import re
@@ -183,7 +184,8 @@ def compute_comparison(inputs, progress=None, is_cancelled=None):
 
 
 def add_compare_nodes(slicer_scene, study_run, probe_name):
-    """The summary table and the chart of mean Dice per network against the strength, in a new folder."""
+    """The summary table, the chart of mean Dice per network against the strength and the instability maps, in a
+    new folder."""
     from ..study.outputs import add_study_nodes
     scene = slicer_scene.scene
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -192,9 +194,31 @@ def add_compare_nodes(slicer_scene, study_run, probe_name):
         summary, charts = add_study_nodes(scene, study_run.records)
         return {"summary": summary, "chart": charts[0], "study": str(study_run.out_dir),
                 "report": str(Path(study_run.out_dir) / "report.html"), "computed": len(study_run.computed),
-                "reused": len(study_run.reused)}
+                "reused": len(study_run.reused), "instability": add_instability_nodes(slicer_scene, study_run)}
 
     return add_nodes_in_folder(scene, unique_folder_name(hierarchy, "compare networks {}".format(probe_name)), add)
+
+
+def add_instability_nodes(slicer_scene, study_run):
+    """Per network and case, its instability map (``instability/<network>__<case>.nii.gz``: the fraction of the
+    probes under which a voxel changes at or below their middle strength) as ``<case> <network> instability``,
+    0 transparent. Returns {(network, case): node}."""
+    from ..study.fragility import output_path
+    nodes = {}
+    for task in (record["task"] for record in study_run.records):
+        key = task["network"]["name"], task["case"]["name"]
+        if key not in nodes:
+            path = output_path(Path(study_run.out_dir) / "instability", *key)
+            nodes[key] = slicer_scene.load_volume(path, name="{} {} instability".format(key[1], key[0]))
+            display = nodes[key].GetDisplayNode()
+            display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(0.0, 1.0)
+            display.SetInterpolate(False)
+            display.SetApplyThreshold(True)  # stable voxels (0) are transparent over the volume
+            display.SetLowerThreshold(1e-6)
+            display.SetUpperThreshold(1.0)
+    return nodes
 
 
 class CompareRun(WorkerRun):

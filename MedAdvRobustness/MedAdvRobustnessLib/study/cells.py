@@ -18,6 +18,7 @@ from ..networks.models import TRUST_HINT, load_model, network_input_error
 from ..probes.attacks import AttackCancelled
 from .cases import heldout_volume, load_case
 from .definition import study_probe
+from .fragility import cell_arrays
 from .outputs import versions
 
 
@@ -61,7 +62,8 @@ _THREADS = {"lock": threading.Lock(), "cells": 0, "before": None}
 
 
 def compute_cell(task, is_cancelled=None):
-    """Run one cell (in any process or thread: local worker, Dask worker, or this one) and return its record.
+    """Run one cell (in any process or thread: local worker, Dask worker, or this one) and return its record, with
+    ``arrays``: what the fragility needs of its predictions (:func:`~.fragility.cell_arrays`).
     ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled; any other error
     says which cell failed."""
     start = time.time()
@@ -78,7 +80,8 @@ def compute_cell(task, is_cancelled=None):
         raise _cell_error(task, error) from error
     rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
     return {"key": task["key"], "task": task, "rows": rows, "seconds": round(time.time() - start, 3),
-            "host": socket.gethostname(), "pid": os.getpid(), "versions": versions()}
+            "host": socket.gethostname(), "pid": os.getpid(), "versions": versions(),
+            "arrays": cell_arrays(result)}  # stored beside the record by the study, not in it
 
 
 @contextmanager

@@ -36,7 +36,16 @@ def _bench(args):
         if row["probe"] == "overall":
             print("{:<24} clean Dice {}  robustness {}  ROOD degradation {}".format(
                 row["network"], _fmt(row["clean_dice"]), _fmt(row["robustness_score"]), _fmt(row["rood_degradation"])))
+            print(fragility_line(run.fragility.get((row["network"], "overall"), {})))
     return 0
+
+
+def fragility_line(overall):
+    """The fragility of a network in the printed summary: the AUROC of its three error rankings and its mean
+    instability."""
+    return "{:<24} errors ranked (AUROC, mean over probes and cases): fragility {}  entropy {}  boundary {};  " \
+           "instability {}".format("", *(_fmt(overall.get(key)) for key in (
+               "fragility_auroc", "entropy_auroc", "boundary_auroc", "instability_mean")))
 
 
 def _fmt(value):

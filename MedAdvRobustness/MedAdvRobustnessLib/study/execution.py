@@ -7,14 +7,17 @@ from ..errors import InputError
 from ..probes.attacks import AttackCancelled
 from .cells import compute_cell, study_cells
 from .definition import load_study, resolve_study
+from .fragility import has_cell_arrays, store_cell_arrays
 from .outputs import write_json_atomic, write_outputs
 
 
 class StudyRun:
-    """What :func:`run_study` did: the records of all cells, which it computed now and which it found stored."""
+    """What :func:`run_study` did: the records of all cells, which it computed now and which it found stored, and
+    the fragility per (network, probe) and the instability per network (see :func:`~.fragility.network_fragility`)."""
 
-    def __init__(self, out_dir, records, computed, reused):
+    def __init__(self, out_dir, records, computed, reused, fragility=None):
         self.out_dir, self.records, self.computed, self.reused = out_dir, records, computed, reused
+        self.fragility = fragility or {}
 
 
 def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cancelled=None):
@@ -34,13 +37,14 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     tasks = study_cells(resolved)
-    stored = {task["key"]: _read_cell(cells_dir, task["key"]) for task in tasks}
+    stored = {task["key"]: _read_cell(cells_dir, task) for task in tasks}
     pending = [task for task in tasks if stored[task["key"]] is None]
     records = {key: record for key, record in stored.items() if record is not None}
     reused = sorted(records)
     computed = []
 
     def finished(record):
+        store_cell_arrays(cells_dir, record["task"], record.pop("arrays"))  # before the record: it marks the cell done
         write_json_atomic(cells_dir / (record["key"] + ".json"), record)
         records[record["key"]] = record
         computed.append(record["key"])
@@ -57,8 +61,8 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
         for task in pending:
             finished(compute_cell(task, is_cancelled))
     ordered = [records[task["key"]] for task in tasks]
-    write_outputs(out_dir, resolved, ordered)
-    return StudyRun(out_dir, ordered, computed, reused)
+    fragility = write_outputs(out_dir, resolved, ordered)
+    return StudyRun(out_dir, ordered, computed, reused, fragility)
 
 
 def _run_pool(tasks, workers, finished):
@@ -96,9 +100,12 @@ def _run_dask(tasks, scheduler, finished):
             client.close()
 
 
-def _read_cell(cells_dir, key):
+def _read_cell(cells_dir, task):
+    """The stored record of a cell, or None: not stored, unreadable, or stored without the arrays of its
+    fragility (by an earlier version): computed again."""
+    key = task["key"]
     path = cells_dir / (key + ".json")
-    if not path.is_file():
+    if not path.is_file() or not has_cell_arrays(cells_dir, task):
         return None
     try:
         record = json.loads(path.read_text())

@@ -24,6 +24,11 @@ SUMMARY_COLUMNS = ("network", "probe", "kind", "dice_against", "cases", "cases_w
                    "rood_degradation", "rood_degradation_sd", "rood_overall")
 
 
+SUMMARY_FRAGILITY_COLUMNS = ("fragility_cases", "fragility_auroc", "entropy_auroc", "boundary_auroc", "fragility_top1",
+                             "entropy_top1", "boundary_top1", "fragility_top5", "entropy_top5", "boundary_top5",
+                             "instability_mean")
+
+
 def versions():
     """Versions of what computes the cells."""
     import monai
@@ -37,12 +42,19 @@ def versions():
 
 
 def write_outputs(out_dir, resolved, records):
-    """``results.csv``, ``summary.csv``, ``study.json`` (provenance), ``figures/`` and ``report.html``."""
+    """``results.csv``, ``summary.csv``, ``study.json`` (provenance), ``figures/``, ``report.html`` and the
+    fragility (``fragility.csv``, ``instability.csv``, ``fragility/``, ``instability/``, see :mod:`.fragility`).
+    Returns the fragility per (network, probe) and instability per network."""
+    from .fragility import (FRAGILITY_COLUMNS, INSTABILITY_COLUMNS, network_fragility, study_fragility)
     out_dir = Path(out_dir)
     rows = table_rows(records)
-    summary = summary_rows(rows)
+    fragile, unstable = study_fragility(out_dir, resolved, records)
+    by_network = network_fragility(fragile, unstable)
+    summary = [dict(row, **by_network.get((row["network"], row["probe"]), {})) for row in summary_rows(rows)]
     _write_csv(out_dir / "results.csv", rows, _columns(rows))
-    _write_csv(out_dir / "summary.csv", summary, SUMMARY_COLUMNS)
+    _write_csv(out_dir / "summary.csv", summary, SUMMARY_COLUMNS + SUMMARY_FRAGILITY_COLUMNS)
+    _write_csv(out_dir / "fragility.csv", fragile, FRAGILITY_COLUMNS)
+    _write_csv(out_dir / "instability.csv", unstable, INSTABILITY_COLUMNS)
     heldout = {"recipe": [list(step) for step in HELDOUT_RECIPE],
                "seeds": "{} + 10 x case index + step (0, 1, 2)".format(HELDOUT_SEED)}
     provenance = {"study": resolved, "versions": versions(), "cells": len(records), "heldout_cases": heldout,
@@ -52,6 +64,7 @@ def write_outputs(out_dir, resolved, records):
     figures = write_figures(out_dir / "figures", rows, summary)
     shown = [path for path in figures if path.name != "overview.png"]  # the same panels, side by side
     write_html(out_dir / "report.html", resolved, summary, shown, provenance)
+    return by_network
 
 
 def _columns(rows):
@@ -160,9 +173,8 @@ def write_html(path, resolved, summary, figures, provenance):
     import html
     images = "".join('<figure><img alt="{0}" src="data:image/png;base64,{1}"><figcaption>{0}</figcaption></figure>'
                      .format(html.escape(p.name), base64.b64encode(p.read_bytes()).decode()) for p in figures)
-    header = "".join("<th>{}</th>".format(html.escape(c)) for c in SUMMARY_COLUMNS)
-    body = "".join("<tr>{}</tr>".format("".join("<td>{}</td>".format(html.escape(str(_cell_text(row.get(c)))))
-                                                for c in SUMMARY_COLUMNS)) for row in summary)
+    table = _html_table(summary, SUMMARY_COLUMNS)
+    fragility = _html_table(summary, ("network", "probe") + SUMMARY_FRAGILITY_COLUMNS)
     text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medadv bench</title><style>{}"
             "</style></head><body><h1>Networks compared: clean Dice and robustness</h1>"
             "<p>Robustness score: area under the Dice-vs-epsilon curve relative to the clean Dice, normalised to "
@@ -170,9 +182,24 @@ def write_html(path, resolved, summary, figures, provenance):
             "the reference label map; cases without one (cases_without_reference) are left out of the averages, "
             "unless no case has one: then Dice is against the clean prediction (dice_against), and the clean Dice "
             "(1) is left out of the scatter.</p>"
-            "<table><tr>{}</tr>{}</table>{}<h2>Study and provenance</h2><pre>{}</pre></body></html>").format(
-        STYLE, header, body, images, html.escape(json.dumps(provenance, indent=1, default=str)))
+            "{}{}<h2>Does fragility find the errors?</h2><p>Per network and probe, the mean over the cases with "
+            "a reference (fragility_cases) of how well three per-voxel scores rank the voxels where the clean "
+            "prediction is wrong: AUROC, and the error fraction among the top 1 % and 5 % of each score. Fragility: "
+            "1 / the smallest strength that changes the voxel's label (never: 0); entropy of the clean outputs; "
+            "closeness to a label boundary. instability_mean (overall rows): the mean over the cases' clean "
+            "foreground of the fraction of probes under which a voxel changes at or below the probe's middle "
+            "strength. Per case: fragility.csv, instability.csv.</p>{}"
+            "<h2>Study and provenance</h2><pre>{}</pre></body></html>").format(
+        STYLE, table, images, fragility, html.escape(json.dumps(provenance, indent=1, default=str)))
     write_atomic(path, text)
+
+
+def _html_table(rows, columns):
+    import html
+    header = "".join("<th>{}</th>".format(html.escape(c)) for c in columns)
+    body = "".join("<tr>{}</tr>".format("".join("<td>{}</td>".format(html.escape(str(_cell_text(row.get(c)))))
+                                                for c in columns)) for row in rows)
+    return "<table><tr>{}</tr>{}</table>".format(header, body)
 
 
 def add_study_nodes(scene, records):
