@@ -4,7 +4,7 @@ The model is the small nnU-Net shipped for the tests (Testing/Data/nnUNet: 2 mm,
 
 - ``brain``: the MNI152 1 mm T1 (197x233x189, nilearn wheel), resampled by the model to 2 mm (99x117x95);
 - ``ct``: a CT-sized 512x512x300 volume of 0.8x0.8x1.5 mm (a smooth phantom inside a cylinder, zeros outside),
-  78.6 M voxels, resampled to 205x205x225 at the network.
+  78.6 M voxels, cropped to its non-zero cylinder and resampled to 225x183x183 at the network (as measured).
 
 Each runs in its own subprocess, so its peak memory (``ru_maxrss``) is its own. In it: attack iterations (one
 FGSM-style gradient step each: nnU-Net's whole pipeline forward, the gradient tile by tile, the step, the
