@@ -121,6 +121,11 @@ def main(argv=None):
     except BrokenPipeError:  # the reader of the output went away (`medadv attacks | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except RuntimeError as error:
+        if "CUDA out of memory" not in str(error) and type(error).__name__ != "OutOfMemoryError":
+            raise
+        return _error("the GPU ran out of memory; run on the CPU (--device cpu) or give the network a smaller "
+                      "window (roi_size in model.json)", 2)
     except OSError as error:  # the system refused a file or folder (read-only, full disk, permissions)
         where = " {}".format(error.filename) if error.filename else ""
         return _error("cannot write or read{}: {}".format(where, error.strerror or error), 2)
@@ -294,6 +299,10 @@ def _add_bench_command(commands):
     bench.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:8786) to run the cells on "
                                            "(needs pip install \"medadvrobustness[dask]\")")
     bench.add_argument("--write-cases", metavar="DIR", help="also write the held-out cases as NIfTI pairs to DIR")
+    bench.add_argument("--device", default="cpu",
+                       help="where the networks run: cpu (default), cuda or cuda:N (cells keyed apart from the CPU's)")
+    bench.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress on stderr (the summary on stdout still shows)")
     bench.set_defaults(handler=_bench)
 
 

@@ -295,6 +295,25 @@ def test_command_line_lists_make_the_same_cells_as_the_study_file(study, tmp_pat
     assert cli.main(["bench", "--networks", str(root / "tiny-a"), "--cases", str(root / "cases"), "--attacks", "fgsm",
                      "--epsilons", "0.02", "--out", str(out)]) == 0
     assert "0 cell(s) computed, 2 found stored" in capsys.readouterr().out
+    # progress on stderr, the summary on stdout; -q: no progress
+    assert cli.main(["bench", str(file_study), "--out", str(tmp_path / "again")]) == 0
+    printed = capsys.readouterr()
+    assert "[1/2]" in printed.err and "[1/2]" not in printed.out and "2 cell(s) computed" in printed.out
+    assert cli.main(["bench", str(file_study), "--out", str(tmp_path / "quiet"), "-q"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and "2 cell(s) computed" in printed.out
+
+
+def test_another_device_keys_its_cells_apart_and_a_gpu_out_of_memory_says_what_to_do():
+    network, case = {"name": "n", "source": "demo", "hash": "h"}, {"name": "c"}
+    attack = {"kind": "attack", "probe": "fgsm", "params": {"seed": 0}, "name": "fgsm"}
+    task = {"network": network, "case": case, "probe": attack, "strength": 0.02}
+    assert cells.cell_key(dict(task, device="cpu")) == cells.cell_key(task) == "n__c__fgsm__0.02__f51c88f785d3"
+    assert cells.cell_key(dict(task, device="cuda")) != cells.cell_key(task)
+    error = cells._cell_error(dict(task, device="cuda"), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried "
+                                                                                    "to allocate 2.00 GiB"))
+    assert isinstance(error, InputError) and "the GPU ran out of memory" in str(error)
+    assert "--device cpu" in str(error) and "cell failed (network n, case c, probe fgsm" in str(error)
 
 
 def test_cell_key_changes_when_a_default_of_the_probe_changes(study, monkeypatch):

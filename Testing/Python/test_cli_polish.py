@@ -172,3 +172,14 @@ def test_progress_is_a_bar_with_the_time_left_on_a_terminal_and_nothing_with_qui
 
 def test_eta_text():
     assert cli.eta_text(None) == "ETA --" and cli.eta_text(65.4) == "ETA 1:05" and cli.eta_text(3725) == "ETA 1:02:05"
+
+
+def test_a_gpu_out_of_memory_is_one_line_saying_what_to_do(monkeypatch, capsys, tmp_path):
+    from MedAdvRobustnessLib import pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    monkeypatch.setattr(pipeline, "run_on_files", out_of_memory)
+    assert cli.main(["demo", "--attack", "fgsm", "--epsilon", "0.01", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == ("medadv: error: the GPU ran out of memory; run on the CPU (--device "
+                                               "cpu) or give the network a smaller window (roi_size in model.json)")

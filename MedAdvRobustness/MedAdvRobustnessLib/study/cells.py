@@ -22,8 +22,9 @@ from .fragility import cell_arrays
 from .outputs import versions
 
 
-def study_cells(resolved):
-    """Every cell of a resolved study as a plain (picklable, JSON-able) task dictionary, in a fixed order."""
+def study_cells(resolved, device="cpu"):
+    """Every cell of a resolved study as a plain (picklable, JSON-able) task dictionary, in a fixed order; the
+    networks run on ``device``."""
     cells = []
     for network in resolved["networks"]:
         for case in resolved["cases"]:
@@ -31,7 +32,7 @@ def study_cells(resolved):
                 for strength in probe["strengths"]:
                     task = {"network": network, "case": case, "probe": {k: v for k, v in probe.items()
                                                                         if k != "strengths"},
-                            "strength": strength, "threads": resolved["threads"]}
+                            "strength": strength, "threads": resolved["threads"], "device": str(device)}
                     task["key"] = cell_key(task)
                     cells.append(task)
     return cells
@@ -39,8 +40,11 @@ def study_cells(resolved):
 
 def cell_key(task):
     """File name of a cell: readable names and a hash of everything that determines its result."""
-    spec = json.dumps({"network": task["network"], "case": task["case"], "probe": task["probe"],
-                       "settings": probe_settings(task["probe"]), "strength": task["strength"]}, sort_keys=True)
+    spec = {"network": task["network"], "case": task["case"], "probe": task["probe"],
+            "settings": probe_settings(task["probe"]), "strength": task["strength"]}
+    if task.get("device", "cpu") != "cpu":  # another device's arithmetic: not the CPU's cells (whose keys stay)
+        spec["device"] = task["device"]
+    spec = json.dumps(spec, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
     text = "{}__{}__{}__{:g}__{}".format(task["network"]["name"], task["case"]["name"], task["probe"]["name"],
                                          task["strength"], digest)
@@ -69,7 +73,7 @@ def compute_cell(task, is_cancelled=None):
     start = time.time()
     try:
         with _torch_threads(max(1, int(task.get("threads", 1)))):  # the same arithmetic in every worker
-            model = _cached_model(task["network"])
+            model = _cached_model(task["network"], task.get("device", "cpu"))
             volume, reference = _cached_case(task["case"])
             with model.on_grid(volume):
                 result = run_sweep(model, volume, study_probe(task["probe"]), [task["strength"]], reference,
@@ -105,14 +109,22 @@ def _torch_threads(wanted):
 def _cell_error(task, error):
     """``error`` with the cell it stopped in front of its message (an InputError stays one, and says how a study
     trusts a checkpoint; a network that does not fit the case's channels becomes one)."""
-    model = _cache("models").get(_model_key(task["network"]))
+    model = _cache("models").get(_model_key(task["network"]) + (task.get("device", "cpu"),))
     if isinstance(error, RuntimeError) and model is not None:
         error = network_input_error(model, error) or error
+    if is_out_of_memory(error):
+        error = InputError("the GPU ran out of memory ({}); run on the CPU (--device cpu) or give the network a "
+                           "smaller window (roi_size)".format(" ".join(str(error).split())[:160]))
     text = str(error) if isinstance(error, InputError) else "{}: {}".format(type(error).__name__, error)
     text = text.replace(TRUST_HINT, BENCH_TRUST_HINT.format(task["network"]["name"]))
     message = "cell failed (network {}, case {}, probe {}, strength {:g}): {}".format(
         task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"], text)
     return (InputError if isinstance(error, InputError) else RuntimeError)(message)
+
+
+def is_out_of_memory(error):
+    """Whether ``error`` is torch's GPU out-of-memory error."""
+    return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
 
 
 def _table_row(task, row, strength_name, against):
@@ -130,11 +142,12 @@ def _cache(name):
     return getattr(_CACHE, name)
 
 
-def _cached_model(network):
-    models, key = _cache("models"), _model_key(network)
+def _cached_model(network, device="cpu"):
+    models, key = _cache("models"), _model_key(network) + (device,)
     if key not in models:
         models.clear()
-        models[key] = load_model(network["source"], trust_checkpoint=bool(network.get("trust_checkpoint")))
+        models[key] = load_model(network["source"], trust_checkpoint=bool(network.get("trust_checkpoint")),
+                                 device=device)
     return models[key]
 
 

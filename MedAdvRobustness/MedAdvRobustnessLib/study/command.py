@@ -1,4 +1,5 @@
 """``medadv bench STUDY.json``: the command line of a study (its parser is in cli.py, which imports no torch)."""
+import sys
 from pathlib import Path
 
 from ..errors import InputError
@@ -27,9 +28,12 @@ def _bench(args):
         write_heldout_cases(args.write_cases, count)
 
     def report(done, total, record):
-        print("[{}/{}] {} ({:.1f} s)".format(done, total, record["key"], record["seconds"]), flush=True)
+        if not args.quiet:  # progress on stderr, the summary on stdout
+            print("[{}/{}] {} ({:.1f} s)".format(done, total, record["key"], record["seconds"]), file=sys.stderr,
+                  flush=True)
 
-    run = run_study(study, args.out, workers=args.workers, scheduler=args.scheduler, progress=report)
+    run = run_study(study, args.out, workers=args.workers, scheduler=args.scheduler, progress=report,
+                    device=args.device)
     print("{} cell(s) computed, {} found stored; {}".format(len(run.computed), len(run.reused),
                                                            Path(args.out) / "report.html"))
     for row in summary_rows(table_rows(run.records)):

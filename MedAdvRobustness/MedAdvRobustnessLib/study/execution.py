@@ -20,13 +20,14 @@ class StudyRun:
         self.fragility = fragility or {}
 
 
-def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cancelled=None):
+def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cancelled=None, device="cpu"):
     """Compute the missing cells of ``study`` (dictionary, or path of a JSON/YAML file) and write the outputs.
 
     ``workers``: local worker processes (1: in this process). ``scheduler``: address of a Dask distributed
     scheduler (``tcp://host:8786``) or a ``distributed.Client``; its workers need this package and, for file
     cases, the case files at the same paths. ``progress(done, total, record)`` after each stored cell.
-    ``is_cancelled()`` true stops the study with AttackCancelled (the cells stored so far are kept).
+    ``is_cancelled()`` true stops the study with AttackCancelled (the cells stored so far are kept). ``device``:
+    where the networks run (``cuda``: cells keyed apart from the CPU's).
     """
     if not isinstance(study, dict):
         study = load_study(study)
@@ -36,7 +37,7 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
     out_dir = Path(out_dir)
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    tasks = study_cells(resolved)
+    tasks = study_cells(resolved, device)
     stored = {task["key"]: _read_cell(cells_dir, task) for task in tasks}
     pending = [task for task in tasks if stored[task["key"]] is None]
     records = {key: record for key, record in stored.items() if record is not None}
