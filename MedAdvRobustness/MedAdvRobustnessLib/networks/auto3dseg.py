@@ -69,8 +69,8 @@ import torch
 from ..errors import InputError
 from .models import PALETTE, TRUST_HINT, Label, ModelDescription, SegmentationModel
 from .outputs import Regions, predict_labels
-from .preprocessing import crop, normalize_intensity, pad_outputs_back
-from .steps import resample_axes, shifted, spacing_grid, target_spacing
+from .preprocessing import crop, normalize_intensity, pad_outputs_back, straight_through
+from .steps import monai_resampled, resample_axes, shifted, spacing_grid, target_spacing
 
 SCRIPT = "Scripts/auto3dseg_segresnet_inference.py"
 SCRIPT_COMMIT = "4b04da5"  # its last change (May 2024), read at the extension's 9cdf2df (December 2025)
@@ -335,7 +335,9 @@ class Auto3DSegModel(SegmentationModel):
             grid = spacing_grid(affine, shape, target_spacing(affine, step))
             if grid is not None:
                 network_affine, forward, _ = grid
-                inputs = resample_axes(inputs, forward, "bilinear")
+                size = tuple(len(where) for where in forward)
+                inputs = straight_through(resample_axes(inputs, forward, "bilinear"), monai_resampled(
+                    inputs, affine, network_affine, size, dtype="float32"))  # the script's Spacingd: float32
                 backward = self._nearest(network_affine, tuple(int(n) for n in inputs.shape[2:]), affine, shape)
         if self.brats:
             inputs = self._normalised(inputs)

@@ -130,11 +130,17 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
         raise InputError("bundle {}: its preprocessing Compose(lazy=True) merges the spatial transforms into one "
                          "resampling, which is not reproduced (each transform is, one after the other)".format(where))
     transforms = reader.transforms("preprocessing", image_key, MAPPED)
-    if "Orientation" not in [name for name, _ in transforms]:
+    names = [name for name, _ in transforms]
+    if "Orientation" not in names:
         raise InputError("bundle {}: its preprocessing has no Orientation(d), so its network sees the file's own "
                          "voxel order, which is not reproduced (here the network gets RAS)".format(where))
+    before = [name for name in names[:names.index("Orientation")] if name in SPATIAL]
+    if before:
+        raise InputError("bundle {}: its preprocessing runs {} before Orientation(d), in the file's own voxel order, "
+                         "which is not reproduced (the steps run on the RAS-oriented volume here); put "
+                         "Orientation(d) first".format(where, ", ".join(before)))
     skipped = [name for name, args in transforms if args is None and name not in NEUTRAL] if skip_untwinned else []
-    steps = [step for name, args in transforms if name not in skipped for step in _twin(name, args, where)]
+    steps = [step for name, args in transforms if name not in skipped for step in _checked_twin(name, args, where)]
     if skipped:
         notes.append("preprocessing transform{} {} skipped (no differentiable twin; skip_untwinned): the attacked "
                      "pipeline differs from the bundle's".format("s" if len(skipped) > 1 else "",
@@ -302,6 +308,17 @@ RESIZE_MODE_NAMES = {"linear": "trilinear", "bilinear": "trilinear", "trilinear"
                 "nearest": "nearest", "nearest-exact": "nearest-exact"}
 SIGNATURE_ARGS = {"keys", "allow_missing_keys", "lazy"}
 KNOWN = NEUTRAL | MAPPED | {"Activations", "AsDiscrete", "Invert", "KeepLargestConnectedComponent"}
+SPATIAL = {"Spacing", "CropForeground", "SpatialPad", "DivisiblePad", "Resize", "CenterSpatialCrop"}  # grid-bound
+
+
+def _checked_twin(name, args, where):
+    """:func:`_twin`, with arguments it cannot read (missing, of the wrong type or length) refused in one line."""
+    try:
+        return _twin(name, args, where)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        problem = "no {}".format(error) if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
+        raise InputError("bundle {}: preprocessing transform {} has arguments that cannot be read ({}): {}".format(
+            where, name, problem, {key: value for key, value in (args or {}).items()}))
 
 
 def _twin(name, args, where):
@@ -352,8 +369,9 @@ def _twin(name, args, where):
         # Invertd(nearest_interp=False) inverts with the recorded mode, padding_mode and align_corners
         step = {"spacing": pixdim[:3], "mode": mode, "padding_mode": padding, "back": "same"}
         step.update(flags)
-        if mode == "nearest":  # which voxel a tie picks depends on the dtype MONAI computes the grid in
-            step["dtype"] = dtype or "float32"  # None: the input's, float32 after loading
+        # which voxel a nearest tie picks, and the float noise of a bilinear resampling (whose values medadv takes
+        # from MONAI's own resampling), depend on the dtype MONAI computes in
+        step["dtype"] = dtype or "float32"  # None: the input's, float32 after loading
         for bound in ("min_pixdim", "max_pixdim"):
             if args.get(bound) is not None:  # as MONAI: one number is the first axis's bound, the others the target's
                 value = list(args[bound]) if isinstance(args[bound], (list, tuple)) else [args[bound]]
@@ -362,6 +380,9 @@ def _twin(name, args, where):
     if name == "ScaleIntensityRange":
         if float(args["a_min"]) == float(args["a_max"]):  # MONAI then only shifts the intensities
             refuse("a_min=a_max={}".format(args["a_min"]))
+        low, high = _number(args.get("b_min")), _number(args.get("b_max"))
+        if bool(args.get("clip", False)) and low is not None and high is not None and low > high:
+            refuse("b_min={} > b_max={} with clip=True".format(low, high))  # MONAI's clamp then gives b_max
         return [{"intensity": {"type": "range", "a_min": float(args["a_min"]), "a_max": float(args["a_max"]),
                                "b_min": _number(args.get("b_min")), "b_max": _number(args.get("b_max")),
                                "clip": bool(args.get("clip", False))}}]

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import InputError
 from .outputs import Regions
+from .preprocessing import straight_through
 from .windowed import window_plan
 from .models import Label, ModelDescription, PALETTE, SegmentationModel, TRUST_HINT, UnsafeCheckpoint, grid_spacing
 
@@ -735,11 +736,6 @@ class NNUNetModel(SegmentationModel):
         backward = self.plans.transpose_backward
         full = full.permute(0, 1, *[a + 2 for a in backward])
         return self._network_order(full).to(plan["device"])
-
-
-def straight_through(exact, value):
-    """``value`` forward (exactly: x - x is 0), the gradient of ``exact`` backward."""
-    return value.to(exact.dtype) + (exact - exact.detach())
 
 
 def _paste(full, part, inside):

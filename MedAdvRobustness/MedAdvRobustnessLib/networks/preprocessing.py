@@ -240,3 +240,8 @@ def unpad(tensor, padding):
     pairs = list(zip(padding[0::2], padding[1::2]))[::-1]
     index = tuple(slice(before, tensor.shape[2 + axis] - after) for axis, (before, after) in enumerate(pairs))
     return tensor[(slice(None), slice(None)) + index]
+
+
+def straight_through(exact, value):
+    """``value`` forward (exactly: x - x is 0), the gradient of ``exact`` backward."""
+    return value.to(exact.dtype) + (exact - exact.detach())

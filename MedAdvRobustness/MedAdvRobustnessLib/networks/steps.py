@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .preprocessing import (COMPARISONS, crop, divisible_padding, foreground_box, normalize_intensity,
-                            pad_outputs_back, unpad)
+                            pad_outputs_back, straight_through, unpad)
 
 AFFINE_TOL = 1e-3  # MONAI's AFFINE_TOL: how close two grids are to be the same (no resampling)
 STEP_KINDS = ("intensity", "crop", "spacing", "pad_divisible", "pad_size", "center_crop", "resize")
@@ -205,7 +205,10 @@ def apply_step(step, inputs, affine, activation):
             back = lambda outputs: resample_axes(outputs, backward, mode, padding, corners)  # noqa: E731
         else:
             back = lambda outputs: resample_axes(outputs, backward, "bilinear")  # noqa: E731
-        return resample_axes(inputs, forward, mode, padding, corners), new_affine, back, None
+        resampled = resample_axes(inputs, forward, mode, padding, corners)
+        values = monai_resampled(inputs, affine, new_affine, size, mode, padding, corners,
+                                 step.get("dtype", "float64"))
+        return straight_through(resampled, values), new_affine, back, None
     if kind == "resize":
         full = tuple(int(n) for n in inputs.shape[2:])
         size = resize_shape(full, step["resize"], step.get("size_mode", "all"))
@@ -422,6 +425,27 @@ def nearest_voxels(src_affine, src_shape, dst_affine, dst_shape, padding_mode="b
             _NEAREST_CACHE.pop(next(iter(_NEAREST_CACHE)))
         _NEAREST_CACHE[key] = flat
     return _NEAREST_CACHE[key]
+
+
+def monai_resampled(inputs, affine, new_affine, size, mode="bilinear", padding_mode="border", align_corners=False,
+                    dtype="float64"):
+    """MONAI's own ``SpatialResample`` of the (detached) inputs onto the grid (``new_affine``, ``size``): the values
+    its Spacing gives, float noise included. Where resampling meets zero voxels MONAI leaves values of about 1e-12,
+    and a later ``NormalizeIntensity(nonzero=True)`` counts them: the twin's exact interpolation (whose gradient
+    attacks use) gives 0 there, so the forward values are MONAI's."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+    resample = SpatialResample(mode=mode, padding_mode=padding_mode, align_corners=align_corners,
+                               dtype=getattr(torch, dtype))
+    source, target = (torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in (affine, new_affine))
+    items = []
+    for item in inputs.detach():
+        out = resample(MetaTensor(item, affine=source), dst_affine=target, spatial_size=[int(n) for n in size])
+        items.append(torch.as_tensor(out.as_tensor(), dtype=inputs.dtype, device=inputs.device))
+    values = torch.stack(items)
+    if tuple(values.shape[2:]) != tuple(int(n) for n in size):
+        raise AssertionError("MONAI resampled to {}, not {}".format(tuple(values.shape[2:]), tuple(size)))
+    return values
 
 
 def gather_voxels(tensor, flat, shape):
