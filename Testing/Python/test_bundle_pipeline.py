@@ -168,3 +168,36 @@ def test_transform_arguments_that_cannot_be_read_are_one_line(tmp_path, edit, me
     config_path.write_text(json.dumps(config))
     with pytest.raises(InputError, match=message):
         load_model(root)
+
+
+def test_the_module_and_bench_take_a_bundle_and_an_auto3dseg_model(tmp_path, t1_crop, slicer_scene):
+    """The module's logic (as the widget drives it) and ``medadv bench`` run a MONAI bundle folder and an Auto3DSeg
+    model folder like any other network: segments named by the model's labels, Dice rows per strength."""
+    import csv
+    from conftest import drive_as_widget
+    from test_auto3dseg import CONFIGS, write_checkpoint
+    from MedAdvRobustnessLib.module import logic as module_logic
+    from MedAdvRobustnessLib.study import execution
+    torch.manual_seed(0)
+    bundle = write_bundle(tmp_path / "bundle", UNet(**UNET).eval(), nonzero=False)
+    auto3dseg, _, _ = write_checkpoint(tmp_path / "auto3dseg", CONFIGS["mri-2mm"][1])
+    (auto3dseg / "labels.csv").write_text("LabelValue,Name\n1,csf\n2,grey\n")
+    (tmp_path / "cases").mkdir()
+    path = stored(t1_crop, "LPS-permuted", tmp_path / "cases" / "case.nii.gz")
+    volume = slicer_scene.load_volume(str(path))
+    for kind, source, names in (("bundle", bundle, {"dark", "bright"}), ("description", auto3dseg, {"csf", "grey"})):
+        settings = module_logic.ProbeSettings(inputVolume=volume, networkKind=kind, networkPath=str(source),
+                                              probe="fgsm", epsilons="0.02")
+        run, _ = drive_as_widget(slicer_scene, settings, module_logic.start_run)
+        segmentation = run.finish()["segmentation"][0.0].GetSegmentation()
+        found = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+        assert found and found <= names, (kind, found)
+    study = {"networks": [{"name": "bundle", "source": str(bundle)}, {"name": "auto3dseg", "source": str(auto3dseg)}],
+             "cases": [str(tmp_path / "cases")], "probes": [{"attack": "fgsm", "epsilons": [0.02]}]}
+    execution.run_study(study, tmp_path / "bench")
+    with open(str(tmp_path / "bench" / "results.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    for network in ("bundle", "auto3dseg"):
+        mean = {float(row["strength"]): float(row["dice_clean"]) for row in rows
+                if row["network"] == network and row["label"] == "mean"}
+        assert mean[0.0] == 1.0 and mean[0.02] <= 1.0, (network, mean)
