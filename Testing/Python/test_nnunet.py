@@ -324,6 +324,10 @@ def test_an_all_zero_volume_is_refused(tmp_path):
     (lambda p, d: p["configurations"]["3d_fullres"]["resampling_fn_data_kwargs"].update(antialias=True),
      "setting.s. antialias that are not reproduced"),
     (lambda p, d: p["configurations"]["3d_fullres"].pop("spacing"), "has no 'spacing'"),
+    (lambda p, d: p["configurations"]["3d_fullres"].update(spacing="2"), "spacing must be a list of numbers"),
+    (lambda p, d: p.update(transpose_forward=[0, 1]), "transpose_forward must be a permutation of 0, 1, 2"),
+    (lambda p, d: p["configurations"]["3d_fullres"]["architecture"].pop("network_class_name"),
+     "architecture has no network_class_name"),
 ])
 def test_more_plans_that_cannot_be_reproduced_are_refused(tmp_path, edit, message):
     folder = tmp_path / "model"

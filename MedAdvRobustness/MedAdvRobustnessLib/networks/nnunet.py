@@ -108,10 +108,10 @@ class NNUNetPlans:
         self.configuration_name = configuration or (parts[2] if len(parts) == 3 else None)
         self.config = self._configuration(self.configuration_name)
         self._check_framework_classes()
-        self.transpose_forward = [int(a) for a in self.plans.get("transpose_forward", [0, 1, 2])]
-        self.transpose_backward = [int(a) for a in self.plans.get("transpose_backward", [0, 1, 2])]
-        self.spacing = [float(s) for s in self.required("spacing")]
-        self.patch_size = [int(s) for s in self.required("patch_size")]
+        self.transpose_forward = self._axes("transpose_forward")
+        self.transpose_backward = self._axes("transpose_backward")
+        self.spacing = self._numbers("spacing", float)
+        self.patch_size = self._numbers("patch_size", int)
         if len(self.patch_size) != 3 or len(self.spacing) != 3:
             raise NNUNetError("{}: configuration {} is {}D; only 3D configurations are supported".format(
                 self.where, self.configuration_name, len(self.patch_size)))
@@ -123,6 +123,22 @@ class NNUNetPlans:
         self.data_resampling = self._resampling("data")
         self.output_resampling = self._resampling("probabilities")
         self.labels, self.regions = self._labels()
+
+    def _axes(self, key):
+        """``transpose_forward``/``transpose_backward``: a permutation of 0, 1, 2 (default: none)."""
+        axes = self.plans.get(key, [0, 1, 2])
+        if not isinstance(axes, list) or sorted(str(a) for a in axes) != ["0", "1", "2"]:
+            raise NNUNetError("{}: {} must be a permutation of 0, 1, 2, got {!r}".format(self.where, key, axes))
+        return [int(a) for a in axes]
+
+    def _numbers(self, key, kind):
+        """A list of numbers of the configuration (``spacing``, ``patch_size``), or an error naming it."""
+        values = self.required(key)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise NNUNetError("{}: configuration {}'s {} must be a list of numbers, got {!r}".format(
+                self.where, self.configuration_name, key, values))
+        return [kind(v) for v in values]
 
     def required(self, key):
         """A key of the configuration nnU-Net cannot predict without: its value, or an error naming it."""
@@ -187,10 +203,12 @@ class NNUNetPlans:
                                   .format(where, scheme, channel, ", ".join(NORMALIZATIONS)))
             if scheme == "CTNormalization":
                 properties = self.intensity.get(str(channel), {})
-                missing = [k for k in ("mean", "std", "percentile_00_5", "percentile_99_5") if k not in properties]
+                keys = ("mean", "std", "percentile_00_5", "percentile_99_5")
+                missing = [k for k in keys if not isinstance(properties.get(k), (int, float))
+                           or isinstance(properties.get(k), bool)]
                 if missing:
                     raise NNUNetError("{}: CTNormalization of channel {} needs the foreground intensity property "
-                                      "(ies) {}".format(where, channel, ", ".join(missing)))
+                                      "(ies) {} as numbers".format(where, channel, ", ".join(missing)))
 
     def _resampling(self, kind):
         name = self.config.get("resampling_fn_" + kind)
@@ -252,7 +270,12 @@ class NNUNetPlans:
 
     @property
     def network_class(self):
-        return self.config["architecture"]["network_class_name"]
+        name = self.config["architecture"].get("network_class_name") \
+            if isinstance(self.config.get("architecture"), dict) else None
+        if not isinstance(name, str):
+            raise NNUNetError("{}: configuration {}'s architecture has no network_class_name".format(
+                self.where, self.configuration_name))
+        return name
 
     def steps(self, mirror_axes, folds, tile_step_size):
         """The reproduced pipeline, one line per step, for the model report."""
@@ -380,7 +403,7 @@ def build_nnunet_network(plans):
     architecture = plans.config.get("architecture")
     if not isinstance(architecture, dict):
         raise NNUNetError("{}: no architecture (plans from nnU-Net before v2.4 are not supported)".format(where))
-    name = architecture["network_class_name"]
+    name = plans.network_class
     if not name.startswith(NETWORK_PACKAGE):
         raise NNUNetError("{}: network class {} is not from {}; only those are built".format(
             where, name, NETWORK_PACKAGE.rstrip(".")))
