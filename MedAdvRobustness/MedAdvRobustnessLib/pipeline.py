@@ -56,6 +56,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
             region = region_mask(region_map, region_labels)
         model = load_model(model_source, output_activation, trust_checkpoint=trust_checkpoint, device=device, amp=amp,
                            folds=folds, mirroring=mirroring, skip_untwinned=skip_untwinned)
+        if hasattr(model, "file_ijk_to_ras"):  # nnU-Net reads the file in its own voxel order, not Slicer's
+            model.file_ijk_to_ras = nifti_voxel_to_ras(volume_path)
         files = {"volume": _file_entry(volume_path), "reference": _file_entry(reference_path),  # once read and valid
                  "region": _file_entry(region_path), "model": model_files_entry(model_source)}
         with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
@@ -147,6 +149,15 @@ def versions():
     except PackageNotFoundError:  # in 3D Slicer itself: no slicer-core wheel
         slicer_core = "unknown"
     return dict(study_versions(), **{"slicer-core": slicer_core})
+
+
+def nifti_voxel_to_ras(path):
+    """The voxel-to-RAS matrix of a NIfTI file as nibabel (and so nnU-Net, and MONAI) reads it; None for another
+    format."""
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel
+    return np.asarray(nibabel.load(str(path)).affine, dtype=np.float64)
 
 
 def region_mask(region_map, region_labels=None):

@@ -633,6 +633,9 @@ class NNUNetModel(SegmentationModel):
         self.tile_step_size = float(tile_step_size)
         self.nnunet_rounding = True
         self.fold_names = list(fold_names)
+        # the voxel-to-RAS matrix of the file as nnU-Net reads it (nibabel's affine), where Slicer's reader stored
+        # the volume in another voxel order (it reverses k of a left-handed file): then the file's order is used
+        self.file_ijk_to_ras = None
 
     fixed_activation = True  # softmax, or sigmoid for regions, as nnU-Net's predictor applies them
 
@@ -651,11 +654,28 @@ class NNUNetModel(SegmentationModel):
             spacing = grid_spacing(self.input_affine)
             return volume.permute(0, 1, 4, 3, 2), None if spacing is None else list(spacing)[::-1]
         spacing_ijk = np.linalg.norm(np.asarray(self.input_ijk_to_ras)[:3, :3], axis=0)
-        return orientation.tensor_to_ijk(volume).permute(0, 1, 4, 3, 2), [float(s) for s in spacing_ijk[::-1]]
+        ijk = orientation.tensor_to_ijk(volume)
+        reversed_axes = self._reversed_axes()
+        if reversed_axes:
+            ijk = torch.flip(ijk, [axis + 2 for axis in reversed_axes])
+        return ijk.permute(0, 1, 4, 3, 2), [float(s) for s in spacing_ijk[::-1]]
+
+    def _reversed_axes(self):
+        """The volume's i, j, k axes that run opposite to the file's (``file_ijk_to_ras``), as Slicer's reader
+        stores a left-handed file with k reversed."""
+        if self.file_ijk_to_ras is None or self.input_ijk_to_ras is None:
+            return []
+        mine = np.asarray(self.input_ijk_to_ras, dtype=np.float64)[:3, :3]
+        theirs = np.asarray(self.file_ijk_to_ras, dtype=np.float64)[:3, :3]
+        return [axis for axis in range(3) if np.allclose(mine[:, axis], -theirs[:, axis], atol=1e-4)
+                and not np.allclose(mine[:, axis], theirs[:, axis], atol=1e-4)]
 
     def _network_order(self, outputs):
         """The inverse of :meth:`_file_order` for outputs."""
         ijk = outputs.permute(0, 1, 4, 3, 2)
+        reversed_axes = self._reversed_axes()
+        if reversed_axes:
+            ijk = torch.flip(ijk, [axis + 2 for axis in reversed_axes])
         orientation = self.input_orientation
         return ijk if orientation is None else orientation.tensor_from_ijk(ijk)
 
