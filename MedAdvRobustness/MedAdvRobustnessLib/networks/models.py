@@ -19,8 +19,8 @@ import torch
 from ..errors import InputError
 from .outputs import Regions, check_activation, label_count, predict_labels
 from .steps import apply_step, check_steps, default_steps, step_text
-from .windowed import (GRADIENT_MODES, is_nnunet_window, sliding_window_outputs, window_plan, window_settings,
-                       window_vjp)
+from .windowed import (GRADIENT_MODES, WindowKeeper, default_memory_budget, is_nnunet_window, sliding_window_outputs,
+                       window_plan, window_settings, window_vjp)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
@@ -211,7 +211,10 @@ class SegmentationModel(torch.nn.Module):
         if gradient_mode is not None and gradient_mode not in GRADIENT_MODES:
             raise ValueError("gradient_mode must be one of {}".format(GRADIENT_MODES))
         self.gradient_mode = gradient_mode or "windowed"
+        self.memory_budget = None  # bytes for a windowed gradient's kept windows; None: half the available memory
+        self.gradient_report = None  # what the last windowed gradient kept and recomputed (WindowKeeper.report)
         self._window_counts = {}
+        self._window_graphs = {}
         self.detected_activation = None
         self.input_affine = None
         self.input_orientation = None  # how the volume's own voxel order maps to the network convention
@@ -327,27 +330,50 @@ class SegmentationModel(torch.nn.Module):
         Windowed networks (``gradient_mode="windowed"``): the outputs are aggregated without autograd, the loss
         gradient taken on them, and pushed back through the network one window at a time (:func:`window_vjp`),
         then through the resampling and normalisation to the raw intensities: exact for any loss of the outputs.
-        Where one window covers the input, plain autograd does the same with one forward pass fewer.
+        Where one window covers the input, plain autograd does the same with one forward pass fewer. Within
+        ``memory_budget`` the windows' graphs are kept from the forward pass instead of being recomputed
+        (:class:`WindowKeeper`; ``gradient_report`` says how many were).
         """
         volume = volume.detach().requires_grad_(True)
         inputs, plan = self.prepare(volume)
+        self.gradient_report = None
         if not self.windowed_gradients or self._one_window(inputs):  # one window: autograd holds no more memory
             outputs = self.restore(self.description.activate(self.infer(inputs)), plan)
             loss = loss_fn(outputs)
             gradient, = torch.autograd.grad(loss, volume)
             return float(loss.detach()), gradient, outputs.detach()
+        keeper = self._window_keeper(inputs)
         with torch.no_grad():
-            network_outputs = self.infer(inputs.detach())
+            network_outputs = self.infer(inputs.detach()) if keeper is None else sliding_window_outputs(
+                keeper, inputs.detach(), self.description.window)
         network_outputs.requires_grad_(True)
         outputs = self.restore(self.description.activate(network_outputs), plan)
         loss = loss_fn(outputs)
         output_gradient, = torch.autograd.grad(loss, network_outputs)
-        input_gradient = window_vjp(self.run_network, inputs.detach(), output_gradient, self.description.window)
+        input_gradient = window_vjp(self.run_network, inputs.detach(), output_gradient, self.description.window,
+                                    keeper)
+        self.gradient_report = keeper.report() if keeper is not None else {"mode": "none kept"}
+        if keeper is not None and keeper.measured is not None:
+            self._window_graphs[keeper.key] = keeper.measured  # the next gradient on this size need not measure
         if inputs.requires_grad:
             gradient, = torch.autograd.grad(inputs, volume, input_gradient)
         else:
             gradient = input_gradient
         return float(loss.detach()), gradient.to(volume.device), outputs.detach()
+
+    def _window_keeper(self, inputs):
+        """A :class:`WindowKeeper` within ``memory_budget`` (default: half the memory available now), with room for
+        six volume-sized output buffers; None where the model aggregates its own tiles (nnU-Net)."""
+        if is_nnunet_window(self.description.window) or type(self).infer is not SegmentationModel.infer:
+            return None
+        budget = self.memory_budget if self.memory_budget is not None else default_memory_budget(inputs.device)
+        roi = window_settings(self.description.window)["roi_size"]
+        voxels = inputs.shape[0] * int(np.prod([max(i, r) for i, r in zip(inputs.shape[2:], roi)]))
+        key = (tuple(inputs.shape), inputs.dtype, repr(self.description.window), self.amp)
+        keeper = WindowKeeper(self.run_network, budget, voxels, measured=self._window_graphs.get(key),
+                              shared=list(self.network.parameters()) + list(self.network.buffers()))
+        keeper.key = key
+        return keeper
 
     def _one_window(self, inputs):
         if inputs.shape[0] != 1:
@@ -676,32 +702,6 @@ def network_in_channels(network):
     return None
 
 
-@torch.no_grad()
-def describe(model, volume):
-    """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.volume.Volume`) and report what
-    it is: declared settings and what the outputs show. An undeclared output activation is detected from the
-    outputs and adopted by the model."""
-    grid = model.input_affine
-    if hasattr(volume, "as_tensor"):
-        grid = volume  # its voxel order too (frameworks that do not reorient work in it)
-        volume = volume.as_tensor()
-    spacing = grid_spacing(grid)
-    with model.on_grid(grid):
-        try:
-            inputs, plan = model.prepare(volume)
-            outputs = model.checked_outputs(model.infer(inputs), plan)
-        except RuntimeError as error:  # the network's first run: where a model that does not fit the volume fails
-            refusal = network_input_error(model, error)
-            if refusal is None:
-                raise
-            raise refusal from None
-    detected = detect_activation(outputs)
-    if model.description.output_activation is None:
-        model.detected_activation = detected
-    window = window_settings(model.description.window) if model.description.window else None
-    windows = len(window_plan(inputs.shape[2:], window)) if window else 1
-    try:
-        parameters = sum(p.numel() for p in model.network.parameters())
 CHANNELS_ERROR = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
 
 
@@ -717,6 +717,36 @@ def network_input_error(model, error):
                           found.group(2)))
 
 
+@torch.no_grad()
+def describe(model, volume):
+    """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.volume.Volume`) and report what
+    it is: declared settings and what the outputs show. An undeclared output activation is detected from the
+    outputs and adopted by the model."""
+    grid = model.input_affine
+    if hasattr(volume, "as_tensor"):
+        grid = volume  # its voxel order too (frameworks that do not reorient work in it)
+        volume = volume.as_tensor()
+    spacing = grid_spacing(grid)
+    with model.on_grid(grid):
+        try:
+            inputs, plan = model.prepare(volume)
+            outputs = model.checked_outputs(model.infer(inputs), plan)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # the network's first run
+            refusal = network_input_error(model, error) or InputError(
+                "model {} ({}) fails on this volume ({} input): {}: {}".format(
+                    model.description.name, model.source or "in memory", "x".join(str(n) for n in volume.shape[2:]),
+                    type(error).__name__, (str(error).strip().splitlines() or [""])[0][:300]))
+            raise refusal from None
+    if not bool(torch.isfinite(outputs).all()):
+        raise InputError("model {} ({}) outputs NaN or infinite values on this volume; its outputs cannot be "
+                         "predicted from or attacked".format(model.description.name, model.source or "in memory"))
+    detected = detect_activation(outputs)
+    if model.description.output_activation is None:
+        model.detected_activation = detected
+    window = window_settings(model.description.window) if model.description.window else None
+    windows = len(window_plan(inputs.shape[2:], window)) if window else 1
+    try:
+        parameters = sum(p.numel() for p in model.network.parameters())
     except Exception:
         parameters = None
     return ModelReport(

@@ -80,15 +80,19 @@ def percentiles(flat, q):
     to the voxels interpolated, with the same weights."""
     n = flat.shape[-1]
     rows = flat.reshape(-1, n)
-    values = []
+    wanted = []
     for fraction in q:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError("percentile fraction {!r} outside [0, 1]".format(fraction))
         position = float(fraction) * (n - 1)
         below = int(math.floor(position))
-        value = order_statistic(rows, below)
-        if position > below:
-            value = torch.lerp(value, order_statistic(rows, below + 1), position - below)
+        wanted.append((below, position - below))
+    ranks = sorted({rank for below, weight in wanted for rank in ((below, below + 1) if weight > 0 else (below,))})
+    picked = rows.gather(1, order_indices(rows.detach(), ranks))  # one gather: one scatter in the backward pass
+    column = {rank: picked[:, i] for i, rank in enumerate(ranks)}
+    values = []
+    for below, weight in wanted:
+        value = column[below] if weight == 0 else torch.lerp(column[below], column[below + 1], weight)
         values.append(value.reshape(flat.shape[:-1] + (1,)))
     return values
 
@@ -97,10 +101,52 @@ def order_statistic(rows, k):
     """The ``k``-th smallest value (0-based) of each row of a (R, N) tensor, taken from one voxel so that the
     gradient goes there; among equal values the one a stable sort would put at ``k`` (the lowest index first), so
     the choice does not depend on the other voxels."""
-    detached = rows.detach()
-    kth = detached.kthvalue(k + 1, dim=-1).values
-    indices = [torch.nonzero(row == value)[k - int((row < value).sum()), 0] for row, value in zip(detached, kth)]
-    return rows.gather(1, torch.stack(indices)[:, None])[:, 0]
+    return rows.gather(1, order_indices(rows.detach(), [k]))[:, 0]
+
+
+def order_indices(rows, ranks):
+    """(R, len(ranks)) indices: per row of ``rows`` (R, N), the voxel a stable sort puts at each rank.
+
+    Rank 0 is the first minimum; ranks in a tail (at most 1/8 of the voxels) come from one partial selection of
+    that tail (``topk``, with the indices: no pass over the whole row unless a tie reaches past the tail), the
+    others from ``kthvalue``. Among equal values the rank within the tie picks the voxel, in index order."""
+    n = rows.shape[-1]
+    columns = {0: rows.argmin(dim=1)} if 0 in ranks else {}
+    lower = [rank for rank in ranks if 0 < rank < n // 2]
+    upper = [rank for rank in ranks if rank >= max(n // 2, 1)]
+    for tail, largest in ((lower, False), (upper, True)):
+        size = (n - min(tail) + 1 if largest else max(tail) + 2) if tail else 0
+        if size > max(n // _TAIL, 2):
+            columns.update((rank, _kth_pick(rows, rank)) for rank in tail)
+        elif tail:
+            size = min(size, n)
+            values, indices = rows.topk(size, dim=1, largest=largest)  # sorted from the extreme inwards
+            for rank in tail:
+                columns[rank] = torch.stack([_tail_pick(row, row_values, row_indices, rank, largest)
+                                             for row, row_values, row_indices in zip(rows, values, indices)])
+    return torch.stack([columns[rank] for rank in ranks], dim=1)
+
+
+_TAIL = 8  # a tail selection takes at most 1/_TAIL of the voxels, else kthvalue
+
+
+def _tail_pick(row, values, indices, rank, largest):
+    """The voxel of ``row`` at ``rank``, from the ``values`` and ``indices`` of one of its tails."""
+    n = row.numel()
+    value = values[n - 1 - rank if largest else rank]
+    if bool(values[-1] == value) and len(values) < n:  # the tie may go on past the tail: look at the whole row
+        positions = torch.nonzero(row == value)[:, 0]
+    else:
+        positions = indices[values == value].sort().values
+    below = n - int((values > value).sum()) - len(positions) if largest else int((values < value).sum())
+    return positions[rank - below]
+
+
+def _kth_pick(rows, rank):
+    """Per row, the voxel at ``rank`` by ``kthvalue`` and one pass for the tie."""
+    value = rows.kthvalue(rank + 1, dim=1).values
+    less = (rows < value[:, None]).sum(dim=1)
+    return torch.stack([torch.nonzero(row == v)[rank - int(k), 0] for row, v, k in zip(rows, value, less)])
 
 
 def _scale(flat, low, high, b_min, b_max, clip):

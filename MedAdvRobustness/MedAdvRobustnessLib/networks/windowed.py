@@ -15,8 +15,14 @@ memory at a time (``sw_batch_size`` windows per backward).
 A window with ``"style": "nnunet"`` places its tiles and weights as nnU-Net's predictor does
 (:class:`NNUNetTilePlan`); the nnU-Net model aggregates its tiles itself (with nnU-Net's float16 arithmetic), and
 the gradient is computed the same way.
+
+With a memory budget (:class:`WindowKeeper`), the forward pass keeps the graphs of as many windows as fit, and
+:func:`window_vjp` runs one backward per kept window with its share instead of recomputing it (one forward and
+one backward per window when all fit, never autograd through MONAI's aggregation); the others are recomputed.
+The gradient is the same either way.
 """
 import itertools
+import os
 
 import numpy as np
 import torch
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 WINDOW_DEFAULTS = {"overlap": 0.25, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant",
                    "cval": 0.0, "sw_batch_size": 1}
 GRADIENT_MODES = ("windowed", "naive")
+OUTPUT_BUFFERS = 6  # aggregated outputs, their gradient, its padded share, restored outputs, count map and slack
 
 
 def window_settings(window):
@@ -168,11 +175,12 @@ def nnunet_gaussian(tile_size, sigma_scale=1.0 / 8, value_scaling_factor=10.0):
     return gaussian.float()
 
 
-def window_vjp(predictor, inputs, output_gradient, window):
+def window_vjp(predictor, inputs, output_gradient, window, kept=None):
     """d L / d inputs, given ``output_gradient`` = d L / d Y for Y = sliding-window outputs of ``inputs``.
 
     Exact (up to float rounding) for any loss of Y. ``inputs`` (B, C, *spatial), ``output_gradient``
-    (B, K, *spatial) on the same grid; the predictor must keep the spatial size of its windows.
+    (B, K, *spatial) on the same grid; the predictor must keep the spatial size of its windows. ``kept``: a
+    :class:`WindowKeeper` that ran the forward pass; its kept windows are not run again (and are freed here).
     """
     inputs = inputs.detach()
     plan = window_plan(inputs.shape[2:], window, device=inputs.device, dtype=output_gradient.dtype)
@@ -184,9 +192,13 @@ def window_vjp(predictor, inputs, output_gradient, window):
     for first in range(0, len(jobs), batch):
         chunk = jobs[first:first + batch]
         index = [(slice(image, image + 1), slice(None)) + window_slice for image, window_slice in chunk]
-        window_inputs = torch.cat([padded[i] for i in index]).requires_grad_(True)
+        graph = kept.take(first // batch) if kept is not None else None
         with torch.enable_grad():
-            window_outputs = predictor(window_inputs)
+            if graph is None:
+                window_inputs = torch.cat([padded[i] for i in index]).requires_grad_(True)
+                window_outputs = predictor(window_inputs)
+            else:
+                window_inputs, window_outputs = graph
             if tuple(window_outputs.shape[2:]) != tuple(window_inputs.shape[2:]):
                 raise ValueError("windowed gradients need outputs of the window's size, got {} for {}".format(
                     tuple(window_outputs.shape[2:]), tuple(window_inputs.shape[2:])))
@@ -201,6 +213,109 @@ def window_vjp(predictor, inputs, output_gradient, window):
         leaf = inputs.requires_grad_(True)
         gradient, = torch.autograd.grad(plan.pad_input(leaf), leaf, padded_gradient)
     return gradient
+
+
+def available_memory(device):
+    """Bytes free now: on a CUDA device what the allocator can still get, else the available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_memory_budget(device):
+    """The memory budget of a windowed gradient where none is set: half the memory available now."""
+    return available_memory(device) // 2
+
+
+def parse_bytes(text):
+    """``"8G"``, ``"512M"``, ``"1.5GiB"``, ``"2e9"`` as bytes (K, M, G, T: powers of 1024)."""
+    units = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
+    value = str(text).strip().lower().replace("ib", "").replace("b", "")
+    unit = value[-1:] if value[-1:] in units and value[-1:] else ""
+    try:
+        number = float(value[:-1] if unit else value)
+    except ValueError:
+        raise ValueError("not a memory size: {!r} (give bytes, or a number with K, M, G or T)".format(text))
+    if number < 0:
+        raise ValueError("a memory size cannot be negative: {!r}".format(text))
+    return int(number * units[unit])
+
+
+class WindowKeeper:
+    """The predictor MONAI's sliding window calls during a windowed gradient: it runs each batch of windows with
+    autograd and keeps its graph while ``budget`` bytes allow, else without autograd (recomputed by
+    :func:`window_vjp`). The first batch's graph is measured (the bytes its saved tensors and outputs hold,
+    ``shared`` tensors such as the weights left out). Of the budget, room for :data:`OUTPUT_BUFFERS` buffers of
+    the aggregated outputs (``voxels``: images x padded voxels) is set aside, and one batch's room for the window
+    being recomputed or pushed back. ``measured``: (graph bytes, output bytes per voxel) of an earlier keeper on
+    the same input size, so that this one need not measure."""
+
+    def __init__(self, predictor, budget, voxels=0, shared=(), measured=None):
+        self.predictor, self.budget, self.voxels, self.reserve = predictor, int(budget), int(voxels), 0
+        self.shared = {tensor.untyped_storage().data_ptr() for tensor in shared}
+        self.graphs, self.window_bytes, self.capacity, self.kept = [], None, 0, 0
+        if measured is not None:
+            self._plan(*measured)
+
+    def __call__(self, window_inputs):
+        if self.window_bytes is not None and self.kept >= self.capacity:
+            self.graphs.append(None)
+            return self.predictor(window_inputs)
+        with torch.enable_grad():
+            leaf = window_inputs.detach().requires_grad_(True)
+            if self.window_bytes is None:
+                outputs, graph_bytes = self._measured(leaf)
+                self._plan(graph_bytes, outputs.shape[1] * outputs.element_size())
+            else:
+                outputs = self.predictor(leaf)
+        keep = self.kept < self.capacity  # not even the first batch where one does not fit
+        self.graphs.append((leaf, outputs) if keep else None)
+        self.kept += keep
+        return outputs.detach()
+
+    def _plan(self, graph_bytes, output_voxel_bytes):
+        self.window_bytes, self.output_voxel_bytes = graph_bytes, output_voxel_bytes
+        self.reserve = OUTPUT_BUFFERS * self.voxels * output_voxel_bytes
+        self.capacity = max((self.budget - self.reserve) // max(graph_bytes, 1) - 1, 0)
+
+    @property
+    def measured(self):
+        """(graph bytes of one batch, output bytes per voxel), for the next keeper on the same input size."""
+        return None if self.window_bytes is None else (self.window_bytes, self.output_voxel_bytes)
+
+    def take(self, index):
+        """The kept (inputs, outputs) of the ``index``-th batch, or None; the keeper lets go of it."""
+        graph = self.graphs[index] if index < len(self.graphs) else None
+        if graph is not None:
+            self.graphs[index] = None
+        return graph
+
+    def report(self):
+        """What ran: windows (batches) in all, kept, recomputed; the budget and one batch's graph in bytes."""
+        batches, kept = len(self.graphs), self.kept
+        mode = "all kept" if kept == batches else ("none kept" if kept == 0 else "some kept")
+        return {"mode": mode, "batches": batches, "kept": kept, "recomputed": batches - kept,
+                "budget": self.budget, "window_bytes": self.window_bytes, "reserve": self.reserve}
+
+    def _measured(self, leaf):
+        stored = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.shared:
+                stored[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            outputs = self.predictor(leaf)
+        stored[outputs.untyped_storage().data_ptr()] = outputs.untyped_storage().nbytes()
+        return outputs, sum(stored.values())
 
 
 def _scan_interval(image_size, roi_size, dims, overlap):

@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..evaluation.metrics import dice_per_label, mean_dice
 from ..networks.models import as_segmentation_model
 from ..networks.outputs import Regions, label_count, predict_labels, voxel_loss
 from .base import Probe
@@ -93,9 +92,25 @@ def project_linf(candidate, original, epsilon, bounds):
     """
     original64 = original.double()
     delta = (candidate.double() - original64).clamp(-epsilon, epsilon)
-    projected = (original64 + delta).clamp(*bounds).to(candidate.dtype)
+    return _exact_linf(original64 + delta, original, original64, epsilon, bounds)
+
+
+def _exact_linf(wanted, original, original64, epsilon, bounds):
+    """``wanted`` (float64) clipped to ``bounds``, rounded to the volume's dtype, stepped one float back toward
+    the original where rounding passed epsilon."""
+    projected = wanted.clamp(*bounds).to(original.dtype)
     overshoot = (projected.double() - original64).abs() > epsilon
     return torch.where(overshoot, torch.nextafter(projected, original), projected)
+
+
+def linf_limits(original, epsilon, bounds, region=None):
+    """Per voxel, the lowest and highest value :func:`project_linf` can return (the original outside
+    ``region``): clamping a candidate between them in its own dtype is :func:`project_linf`, without float64."""
+    original64 = original.double()
+    limits = [_exact_linf(original64 + sign * epsilon, original, original64, epsilon, bounds) for sign in (-1, 1)]
+    if region is not None:
+        limits = [torch.where(region, limit, original) for limit in limits]
+    return limits
 
 
 def project_l2(candidate, original, epsilon, bounds, region=None):
@@ -165,11 +180,27 @@ def dlr_loss(scores, labels, target=None):
     return (own - wanted) / (ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3]) + _TINY)
 
 
-def foreground_dice(outputs, activation, labels):
-    """Mean foreground Dice of each volume's prediction against ``labels``: a list, one value per volume."""
+def foreground_dice(outputs, activation, labels, count=None):
+    """Mean foreground Dice of each volume's prediction against ``labels``: a list, one value per volume.
+
+    As :func:`~..evaluation.metrics.dice_per_label` (a label absent from both maps scores 1), from one label
+    confusion count per volume (``count``: the number of labels, default from the outputs and ``labels``)."""
     prediction = predict_labels(outputs, activation)
-    count = max(label_count(outputs, activation), int(labels.max()) + 1)
-    return [mean_dice(dice_per_label(prediction[b].cpu(), labels[b].cpu(), count)) for b in range(len(prediction))]
+    if count is None:
+        count = max(label_count(outputs, activation), int(labels.max()) + 1)
+    return [_mean_dice(prediction[b], labels[b], count) for b in range(len(prediction))]
+
+
+def _mean_dice(prediction, labels, count):
+    """Mean foreground Dice of two label maps, in float32 as MONAI's ``compute_dice`` on one-hot maps."""
+    if count < 2:
+        return float("nan")
+    pairs = torch.bincount((prediction.flatten() * count + labels.flatten()).cpu(), minlength=count * count)
+    pairs = pairs.view(count, count)  # [predicted, reference]
+    overlap = 2.0 * pairs.diagonal()[1:].float()
+    totals = (pairs.sum(dim=1) + pairs.sum(dim=0))[1:].float()
+    scores = torch.where(totals > 0, overlap / totals.clamp_min(1.0), torch.ones_like(totals))
+    return sum(scores.tolist()) / len(scores)
 
 
 # --- targets -----------------------------------------------------------------------------------------------------
@@ -344,6 +375,8 @@ class _Context:
         self.record = AttackRecord(attack.name, epsilon, 0)
         self.total_steps, self.step = 1, 0
         self._target = None
+        self._limits = None  # L-infinity: the per-voxel interval of the projection, built on first use
+        self._label_count = None
 
     # targeting
     def target(self, outputs):
@@ -368,11 +401,11 @@ class _Context:
         ``target_weight`` w: w * mean over the voxels to change + (1 - w) * mean over those to keep."""
         if weights is not None:
             per_voxel = per_voxel * weights
-        mask = torch.ones_like(per_voxel) if self.loss_mask is None else \
-            self.loss_mask.expand_as(per_voxel).to(per_voxel.dtype)
+        mask = None if self.loss_mask is None else self.loss_mask.expand_as(per_voxel).to(per_voxel.dtype)
         share = self.attack.target_weight
         if not self.targeted or share is None or self._target is None:
             return _mean(per_voxel, mask)
+        mask = torch.ones_like(per_voxel) if mask is None else mask
         change = (self._target != self.labels).to(per_voxel.dtype) * mask
         keep = mask - change
         total = torch.zeros(per_voxel.shape[0], dtype=per_voxel.dtype, device=per_voxel.device)
@@ -390,11 +423,20 @@ class _Context:
     def evaluate(self, point, loss):
         """``loss(outputs)`` per volume at ``point``: (values (B,), ascent gradient, detached outputs)."""
         check_cancel(self.is_cancelled)
-        direction = self.direction
-        value, gradient, outputs = self.model.loss_and_gradient(point, lambda out: direction * loss(out).sum())
-        with torch.no_grad():
-            values = loss(outputs).detach()
-        dice = foreground_dice(outputs, self.activation, self.labels)
+        direction, kept = self.direction, {}
+
+        def total(outputs):  # the per-volume values are kept: the loss is computed once
+            kept["values"] = loss(outputs)
+            return direction * kept["values"].sum()
+
+        _, gradient, outputs = self.model.loss_and_gradient(point, total)
+        values = kept["values"].detach()
+        windows = getattr(self.model, "gradient_report", None)
+        if windows:  # a windowed gradient: which windows were kept, which recomputed (the last evaluation's)
+            self.record.details["windows"] = windows
+        if self._label_count is None:
+            self._label_count = max(label_count(outputs, self.activation), int(self.labels.max()) + 1)
+        dice = foreground_dice(outputs, self.activation, self.labels, self._label_count)
         self.step += 1
         self.record.losses.append(float(values.mean()))
         self.record.dice.append(sum(dice) / len(dice))
@@ -410,8 +452,9 @@ class _Context:
         candidate = candidate.to(self.volume.dtype)
         if norm == "l2":
             return project_l2(candidate, self.volume, self.epsilon, self.bounds, self.voxel_region)
-        projected = project_linf(candidate, self.volume, self.epsilon, self.bounds)
-        return projected if self.voxel_region is None else torch.where(self.voxel_region, projected, self.volume)
+        if self._limits is None:
+            self._limits = linf_limits(self.volume, self.epsilon, self.bounds, self.voxel_region)
+        return torch.minimum(torch.maximum(candidate, self._limits[0]), self._limits[1])
 
     def ascend(self, point, gradient, size, norm):
         """``point`` moved by ``size`` (a number or per-volume (B,) tensor) along the steepest ascent direction
@@ -448,8 +491,10 @@ class _Context:
             return dice if self.targeted else -dice
 
 
-def _mean(per_voxel, mask):
-    """Per-volume mean of ``per_voxel`` over ``mask`` (0 where the mask is empty)."""
+def _mean(per_voxel, mask=None):
+    """Per-volume mean of ``per_voxel`` over ``mask`` (all voxels where None; 0 where the mask is empty)."""
+    if mask is None:
+        return per_voxel.flatten(start_dim=1).sum(dim=1) / float(max(per_voxel[0].numel(), 1))
     return (per_voxel * mask).flatten(start_dim=1).sum(dim=1) / mask.flatten(start_dim=1).sum(dim=1).clamp_min(1.0)
 
 

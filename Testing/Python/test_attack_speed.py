@@ -1,0 +1,121 @@
+"""The faster attack paths give what the slower ones gave: windowed gradients with kept windows (all, some, none)
+equal to recomputing every window and to autograd; the float32 L-infinity projection equal to the float64 one; the
+confusion-count Dice equal to MONAI's; the tail selection of percentiles equal to a stable sort; a batch of
+strengths equal to one strength at a time."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHAPE, random_volume, tiny_model
+from MedAdvRobustnessLib.evaluation.metrics import dice_per_label, mean_dice
+from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel
+from MedAdvRobustnessLib.networks.outputs import voxel_loss
+from MedAdvRobustnessLib.networks.preprocessing import order_indices
+from MedAdvRobustnessLib.networks.windowed import OUTPUT_BUFFERS, parse_bytes
+from MedAdvRobustnessLib.probes.attacks import PGD, foreground_dice, linf_limits, project_linf
+
+WINDOWS = [
+    {"roi_size": [16, 16, 16], "overlap": 0.25, "mode": "gaussian"},
+    {"roi_size": [16, 20, 24], "overlap": 0.5, "mode": "constant", "sw_batch_size": 3},
+]
+
+
+def small_windowed_model(window, mode="windowed"):
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(),
+                                  torch.nn.Conv3d(4, 3, 3, padding=1)).double()
+    description = ModelDescription(name="small", window=window, output_activation="logits",
+                                   intensity={"type": "percentile", "lower": 1.0, "upper": 99.0})
+    return SegmentationModel(network, description, gradient_mode=mode).eval()
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["gaussian", "constant-batched-padded"])
+def test_kept_windows_give_the_recomputed_gradient(window):
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.rand((1, 1, 30, 28, 20), generator=generator, dtype=torch.float64) * 200.0
+    labels = torch.randint(0, 3, (1, 30, 28, 20), generator=generator)
+    loss = lambda outputs: voxel_loss(outputs, labels, "logits").mean()  # noqa: E731
+    naive = small_windowed_model(window, "naive").loss_and_gradient(volume, loss)[1]
+    model = small_windowed_model(window)
+    model.memory_budget = 0
+    _, recomputed, outputs = model.loss_and_gradient(volume, loss)
+    report = model.gradient_report
+    assert report["mode"] == "none kept" and report["kept"] == 0 and report["batches"] >= 2
+    reserve = OUTPUT_BUFFERS * int(np.prod([max(i, r) for i, r in zip(volume.shape[2:], window["roi_size"])])) \
+        * outputs.shape[1] * outputs.element_size()
+    assert report["reserve"] == reserve
+    budgets = {"all kept": 10 ** 12, "some kept": reserve + 2 * report["window_bytes"]}
+    for mode, budget in budgets.items():
+        model.memory_budget = budget
+        _, gradient, _ = model.loss_and_gradient(volume, loss)
+        assert model.gradient_report["mode"] == mode
+        if mode == "some kept":
+            assert model.gradient_report["kept"] == 1
+        torch.testing.assert_close(gradient, recomputed, rtol=1e-12, atol=1e-12 * float(recomputed.abs().max()))
+    torch.testing.assert_close(recomputed, naive, rtol=1e-9, atol=1e-12 * float(naive.abs().max()))
+    _, record = PGD(steps=1)(model, volume, labels, 5.0, (0.0, 200.0))
+    assert record.details["windows"]["mode"] == "some kept"
+
+
+def test_memory_sizes_parse():
+    assert parse_bytes("8G") == 8 * 2 ** 30 and parse_bytes("512MiB") == 512 * 2 ** 20
+    assert parse_bytes("2e9") == 2 * 10 ** 9 and parse_bytes("1.5 GB") == int(1.5 * 2 ** 30)
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("with_region", [False, True])
+def test_float32_projection_equals_the_float64_one(with_region):
+    generator = torch.Generator().manual_seed(3)
+    original = (torch.rand((2, 1) + SHAPE, generator=generator) * 1000.0 - 100.0)
+    original[0, 0, 0, 0, :4] = torch.tensor([-100.0, 900.0, 0.1, 1e-30])
+    region = (torch.rand((2, 1) + SHAPE, generator=generator) > 0.3) if with_region else None
+    bounds = (-90.0, 850.5)
+    for epsilon in (0.1, 4.84, 33.3333):
+        lower, upper = linf_limits(original, epsilon, bounds, region)
+        for scale in (0.5, 1.0, 3.0):
+            candidate = original + scale * epsilon * (torch.rand(original.shape, generator=generator) * 2 - 1)
+            expected = project_linf(candidate, original, epsilon, bounds)
+            if region is not None:
+                expected = torch.where(region, expected, original)
+            assert torch.equal(torch.minimum(torch.maximum(candidate, lower), upper), expected)
+
+
+def test_confusion_dice_equals_monai():
+    generator = torch.Generator().manual_seed(4)
+    outputs = torch.randn((2, 5) + SHAPE, generator=generator)
+    labels = torch.randint(0, 4, (2,) + SHAPE, generator=generator)  # label 4 absent from the labels
+    labels[1][labels[1] == 2] = 0
+    prediction = outputs.max(dim=1).indices
+    expected = [mean_dice(dice_per_label(prediction[b], labels[b], 5)) for b in range(2)]
+    assert foreground_dice(outputs, "logits", labels) == expected
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_tail_selection_picks_what_a_stable_sort_puts_there(ties):
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randn((3, 2000), generator=generator, dtype=torch.float64)
+    rows = rows.mul(2).round() if ties else rows
+    ranks = [0, 1, 9, 10, 700, 1000, 1989, 1990, 1998, 1999]  # both tails, kthvalue, the extremes
+    order = np.argsort(rows.numpy(), axis=1, kind="stable")
+    assert torch.equal(order_indices(rows, ranks), torch.from_numpy(order[:, ranks]))
+
+
+def test_pgd_record_is_unchanged_by_the_single_loss():
+    """The losses recorded are those of the points the gradients were taken at, one per evaluation."""
+    model = tiny_model()
+    volume = random_volume()
+    labels = torch.randint(0, 4, (1,) + SHAPE, generator=torch.Generator().manual_seed(6))
+    low, high = float(volume.min()), float(volume.max())
+    points = []
+    original = model.loss_and_gradient
+
+    def spy(point, loss_fn):
+        points.append(point.clone())
+        return original(point, loss_fn)
+
+    model.loss_and_gradient = spy
+    _, record = PGD(steps=3)(model, volume, labels, 0.03 * (high - low), (low, high))
+    with torch.no_grad():
+        expected = [float(voxel_loss(model(p), labels, "logits").mean()) for p in points]
+    assert record.losses == pytest.approx(expected, rel=1e-6) and len(record.dice) == 3
