@@ -104,18 +104,30 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+class HungUp(Terminated):
+    """SIGHUP: the terminal went away."""
+
+
+def _hang_up(signum, frame):
+    raise HungUp()
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = list(sys.argv) if argv is None else [parser.prog] + [str(item) for item in argv]
     _quiet_vtk()
     signal.signal(signal.SIGTERM, _terminate)
+    if hasattr(signal, "SIGHUP"):  # the terminal closed (a dropped ssh session): clean up as on SIGTERM
+        signal.signal(signal.SIGHUP, _hang_up)
     try:
         return args.handler(args)
     except InputError as error:
         return _error(str(error), 2)
     except KeyboardInterrupt:
         return _error("interrupted (Ctrl-C); nothing was written", 130, "medadv: ")
+    except HungUp:
+        return _error("the terminal hung up (SIGHUP); nothing was written", 129, "medadv: ")
     except Terminated:
         return _error("terminated (SIGTERM); nothing was written", 143, "medadv: ")
     except BrokenPipeError:  # the reader of the output went away (`medadv attacks | head`): stop quietly
@@ -156,6 +168,26 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 lines.append(indent + line if line.strip() else "")
         flush()
         return "\n".join(lines)
+
+
+def memory_size(text):
+    """argparse type: a size in bytes (``8G``, ``512M``, ``1048576``)."""
+    from .networks.windowed import parse_bytes
+    try:
+        return parse_bytes(text)
+    except (ValueError, OverflowError) as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def positive_int(text):
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a whole number, got {!r}".format(text))
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, got {}".format(value))
+    return value
 
 
 def _examples(*commands):
@@ -247,7 +279,7 @@ def build_parser():
                          "medadv bench --networks demo my-segresnet --cases heldout:3 --attacks fgsm --epsilons 0.01 "
                          "--out compare"))
     train.add_argument("--out", required=True, help="folder for model.json, model.pt and training.json")
-    train.add_argument("--iterations", type=int, default=3000, help="training iterations (default 3000)")
+    train.add_argument("--iterations", type=positive_int, default=3000, help="training iterations (default 3000)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and augmentation (default 0)")
     train.add_argument("--architecture", default="unet", choices=("unet", "segresnet", "attentionunet", "slicewise2d"),
                        help="network family, same recipe (default unet: the demo network)")
@@ -351,6 +383,10 @@ def _add_model_arguments(parser, trust):
                         help="no progress on stderr (errors and the summary on stdout still show)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default), cuda or cuda:N; an error if CUDA is not available")
+    parser.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                        help="windowed networks: memory for the windows' kept forward graphs, e.g. 8G or 512M "
+                             "(default: half the available memory); too small for two windows: every window is "
+                             "recomputed")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: float16 autocast on CUDA, bfloat16 on CPU")
     if trust:
@@ -443,7 +479,8 @@ def _attack(volume, model, reference, args, output_activation):
                           region_labels=args.region_labels, folds=getattr(args, "folds", None),
                           mirroring=getattr(args, "mirroring", True),
                           skip_untwinned=getattr(args, "skip_untwinned", False),
-                          command=getattr(args, "command_line", None), unstable_at=args.unstable_at)
+                          command=getattr(args, "command_line", None), unstable_at=args.unstable_at,
+                          memory_budget=args.memory_budget)
     if progress is not None:
         progress.close()
     print(summary(result, time.time() - start))

@@ -32,7 +32,8 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
 
 def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
                  progress=None, trust_checkpoint=False, device="cpu", amp=False, region_path=None, region_labels=None,
-                 folds=None, mirroring=True, skip_untwinned=False, command=None, unstable_at=None):
+                 folds=None, mirroring=True, skip_untwinned=False, command=None, unstable_at=None,
+                 memory_budget=None):
     """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
     if anything fails. Its ``run.json`` records how (:func:`run_record`; ``command``: the command line, default
     ``sys.argv``).
@@ -41,7 +42,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
     restricts the probe (an attack, or an intensity corruption) to its voxels holding ``region_labels`` (default:
     every non-zero label). ``folds``, ``mirroring`` (nnU-Net folders) and ``skip_untwinned`` (bundles): see
     :func:`load_model`. ``unstable_at``: the strength of the scene's "unstable at <= s" segmentation (default
-    the middle one)."""
+    the middle one). ``memory_budget`` (bytes): a windowed network's kept forward graphs (default: half the
+    available memory)."""
     strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
@@ -56,6 +58,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
             region = region_mask(region_map, region_labels)
         model = load_model(model_source, output_activation, trust_checkpoint=trust_checkpoint, device=device, amp=amp,
                            folds=folds, mirroring=mirroring, skip_untwinned=skip_untwinned)
+        if memory_budget is not None:
+            model.memory_budget = int(memory_budget)
         if hasattr(model, "file_ijk_to_ras"):  # nnU-Net reads the file in its own voxel order, not Slicer's
             model.file_ijk_to_ras = nifti_voxel_to_ras(volume_path)
         files = {"volume": _file_entry(volume_path), "reference": _file_entry(reference_path),  # once read and valid

@@ -49,6 +49,8 @@ def check_parameters(probe):
                                                                    ", ".join(meta["choices"])))
         if isinstance(value, float) and not math.isfinite(value):
             raise InputError("{} {} must be a finite number, got {}".format(probe.name, item.name, value))
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            raise InputError("{} {} must be below 2**63, got {}".format(probe.name, item.name, value))
         if meta.get("minimum") is not None and value < meta["minimum"]:
             raise InputError("{} {} must be at least {:g}, got {:g}".format(probe.name, item.name, meta["minimum"],
                                                                            value))

@@ -27,6 +27,10 @@ def volume_from_node(node):
         first = tuple(int(v) for v in np.argwhere(bad)[0][::-1])
         raise InputError("volume {} has {:,} NaN or infinite voxel(s), the first at (i, j, k) = {}; replace them "
                          "(the probes and metrics need finite voxels)".format(node.GetName(), int(bad.sum()), first))
+    if np.abs(array_kji).max() > np.finfo(np.float32).max:
+        raise InputError("volume {} has voxels beyond the float32 range (up to {:.3g}), which the network's float32 "
+                         "arithmetic turns into infinity; rescale the volume".format(
+                             node.GetName(), float(np.abs(array_kji).max())))
     ijk_to_ras = ijk_to_ras_of(node)
     orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
     return Volume(node.GetName(), orientation.to_network(array_kji).astype(np.float32), ijk_to_ras, orientation,

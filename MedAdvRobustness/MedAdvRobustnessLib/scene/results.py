@@ -187,6 +187,8 @@ def check_output_dir(out_dir):
     """The results folder, absolute: new or an empty folder, not a link, in a writable folder (or one that can be
     created there) and on its file system (the results are staged next to it and moved in by a rename), so that
     nothing of the user's is overwritten and no finished run is left stranded in its staging folder."""
+    if not str(out_dir).strip():
+        raise InputError("the results folder is empty text: give a folder name")
     given = Path(out_dir)
     if given.is_symlink():
         raise InputError("{} is a symbolic link{}: give a new or empty folder itself, not a link".format(

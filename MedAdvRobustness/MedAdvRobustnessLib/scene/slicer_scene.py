@@ -102,8 +102,11 @@ class SlicerScene:
         result = cls.standalone()
         extracted = tempfile.mkdtemp(prefix="medadv-mrb-")
         try:
-            with zipfile.ZipFile(str(path)) as bundle:
-                bundle.extractall(extracted)
+            try:
+                with zipfile.ZipFile(str(path)) as bundle:
+                    bundle.extractall(extracted)
+            except (zipfile.BadZipFile, EOFError) as error:
+                raise InputError("{} is not a readable scene bundle (.mrb: a zip file): {}".format(path, error))
             scene_files = sorted(Path(extracted).rglob("*.mrml"))
             if not scene_files:
                 raise InputError("{} holds no .mrml scene".format(path))
@@ -303,21 +306,25 @@ def _data(layout, wanted):
 
 def _decompressed(layout, wanted):
     """The decompressed voxel data (gzip, zlib or bzip2) in chunks, no further than ``wanted`` bytes; it stops
-    where the stream ends or is damaged: what came before is all there is."""
+    where the stream ends early (what came before is all there is). Once ``wanted`` bytes are there, the rest of
+    the stream is read to its end and its checksum: damaged data is refused rather than read as another image."""
     decompressor = bz2.BZ2Decompressor() if layout["encoding"] == "bzip2" else zlib.decompressobj(47)
     count = 0
     with open(str(layout["file"]), "rb") as stream:
         stream.seek(layout["offset"])
-        while count < wanted and not decompressor.eof:
+        while not decompressor.eof:
             block = stream.read(1 << 20)
             if not block:
                 return
             try:
-                chunk = decompressor.decompress(block, wanted - count)
-            except (OSError, EOFError, ValueError, zlib.error):
-                return
+                chunk = decompressor.decompress(block)
+            except (OSError, EOFError, ValueError, zlib.error) as error:  # a stream cut short only runs out
+                raise InputError("{} is damaged: its compressed voxel data cannot be decompressed ({}); Slicer's "
+                                 "reader would read another image or fail".format(layout["file"], error))
+            keep = chunk[:max(wanted - count, 0)]
             count += len(chunk)
-            yield chunk
+            if keep:
+                yield keep
 
 
 MEMORY_BYTES_PER_VOXEL = 64  # float32 copies of a volume during a run (scene, network input, attack state)
@@ -341,14 +348,17 @@ def _stored_bytes(path, wanted):
     count = 0
     try:
         with gzip.open(str(path), "rb") as stream:
-            while count < wanted:
-                chunk = stream.read(min(1 << 24, wanted - count))
+            while True:  # to the end: gzip checks the data's CRC and length there
+                chunk = stream.read(1 << 24)
                 if not chunk:
                     break
                 count += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        return count  # the compressed stream ends early or is corrupt: what came before it is all there is
-    return count
+    except EOFError:
+        return min(count, wanted)  # the compressed stream ends early: what came before it is all there is
+    except (OSError, zlib.error) as error:  # corrupt data, or a CRC or length that does not match
+        raise InputError("{} is damaged: its gzip data fails gzip's own check ({}); Slicer's reader would read "
+                         "another image".format(path, error))
+    return min(count, wanted)
 
 
 def _check_finite(path, array, why="the probes and metrics need finite voxels"):
