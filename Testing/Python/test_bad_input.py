@@ -226,7 +226,8 @@ def wait_for_staging(tmp_path, process, timeout=120):
 
 
 @pytest.mark.parametrize("signal_number, status, word", [(signal.SIGINT, 130, "interrupted"),
-                                                         (signal.SIGTERM, 143, "terminated")])
+                                                         (signal.SIGTERM, 143, "terminated"),
+                                                         (signal.SIGHUP, 129, "the terminal hung up")])
 def test_ctrl_c_and_sigterm_end_in_one_line_and_leave_nothing(tmp_path, signal_number, status, word):
     out = tmp_path / "results"
     process = start_demo(tmp_path, out)
@@ -523,3 +524,37 @@ def test_grid_differences_name_only_what_differs_with_both_values():
     assert grid_differences(np.eye(4), flipped) == ["direction (1, 0, 0, 0, 1, 0, 0, 0, 1) vs "
                                                     "(-1, 0, 0, 0, -1, 0, 0, 0, 1)"]
     assert grid_differences(flipped, flipped) == []
+
+
+def test_a_network_that_outputs_nan_or_fails_on_the_volume_is_one_line(tmp_path):
+    class Failing(torch.nn.Module):
+        def forward(self, x):
+            if x.shape[-1] > 0:
+                raise RuntimeError("boom inside the network")
+            return x
+
+    for name, network, expected in (
+            ("nan.pt", torch.nn.Sequential(torch.nn.Conv3d(1, 3, 1), torch.nn.Threshold(1e9, float("nan"))),
+             "outputs NaN or infinite values on this volume"),
+            ("fails.pt", Failing(), "fails on this volume (80x96x80 input): builtins.RuntimeError: boom inside the network")):
+        model = tmp_path / name
+        torch.jit.script(network).save(str(model))
+        out = tmp_path / "results"
+        line = one_error_line([MEDADV, "run", "--volume", str(SAMPLE_VOLUME), "--model", str(model), "--attack",
+                               "fgsm", "--epsilon", "0.01", "--out", str(out)])
+        assert expected in line, line
+        assert_nothing_left(tmp_path, out)
+
+
+def test_an_empty_out_a_damaged_scene_and_a_volume_beyond_float32_are_one_line(tmp_path):
+    assert "the results folder is empty text" in one_error_line([MEDADV, "run", "--volume", str(SAMPLE_VOLUME)] +
+                                                                FGSM + ["--out", ""])
+    scene = tmp_path / "scene.mrb"
+    scene.write_bytes(os.urandom(3000))
+    assert "is not a readable scene bundle" in one_error_line([MEDADV, "view", str(scene), "--port", "0"])
+    huge = tmp_path / "huge-values.nii.gz"
+    nib.save(nib.Nifti1Image(small_volume().astype(np.float64) * 1e300, np.eye(4)), str(huge))
+    out = tmp_path / "results"
+    assert "has voxels beyond the float32 range" in one_error_line([MEDADV, "run", "--volume", str(huge)] + FGSM +
+                                                                   ["--out", str(out)])
+    assert_nothing_left(tmp_path, out)

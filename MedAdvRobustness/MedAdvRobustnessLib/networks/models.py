@@ -731,11 +731,14 @@ def describe(model, volume):
         try:
             inputs, plan = model.prepare(volume)
             outputs = model.checked_outputs(model.infer(inputs), plan)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # the network's first run
+        except (RuntimeError, ValueError, TypeError, IndexError, torch.jit.Error) as error:  # the first run
+            lines = str(error).strip().splitlines() or [""]
+            reason = lines[-1] if isinstance(error, torch.jit.Error) else "{}: {}".format(type(error).__name__,
+                                                                                         lines[0])
             refusal = network_input_error(model, error) or InputError(
-                "model {} ({}) fails on this volume ({} input): {}: {}".format(
+                "model {} ({}) fails on this volume ({} input): {}".format(
                     model.description.name, model.source or "in memory", "x".join(str(n) for n in volume.shape[2:]),
-                    type(error).__name__, (str(error).strip().splitlines() or [""])[0][:300]))
+                    reason[:300]))
             raise refusal from None
     if not bool(torch.isfinite(outputs).all()):
         raise InputError("model {} ({}) outputs NaN or infinite values on this volume; its outputs cannot be "

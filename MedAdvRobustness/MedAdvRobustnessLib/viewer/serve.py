@@ -60,6 +60,10 @@ def scene_file(results):
         raise InputError("not found: {}".format(results))
     elif path.suffix.lower() != ".mrb":
         raise InputError("{} is neither a results folder nor a .mrb scene bundle".format(results))
+    import zipfile
+    if not zipfile.is_zipfile(str(path)):
+        raise InputError("{} is not a readable scene bundle (.mrb: a zip file): damaged or of another kind".format(
+            path))
     return path.absolute()
 
 
