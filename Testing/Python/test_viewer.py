@@ -306,7 +306,7 @@ def test_metrics_table_takes_any_extra_column():
             {"model": "m", "attack": "fgsm", "epsilon": 0.04, "label": "CSF", "dice_clean": 0.5, "hd95_clean": 9.5,
              "ssim": 0.6, "dice_reference": None, "nsd_clean": None, "note": ""}]
     columns = [name for name, _title, _format in metric_columns(rows)]
-    assert columns == ["epsilon", "label", "dice_clean", "hd95_clean", "ssim", "nsd_clean", "note"]
+    assert columns == ["epsilon", "label", "dice_clean", "hd95_clean", "nsd_clean", "ssim", "note"]  # known, then new
     assert metric_columns([]) == []
 
 

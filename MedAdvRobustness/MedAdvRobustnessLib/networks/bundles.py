@@ -315,6 +315,8 @@ def _checked_twin(name, args, where):
     """:func:`_twin`, with arguments it cannot read (missing, of the wrong type or length) refused in one line."""
     try:
         return _twin(name, args, where)
+    except InputError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError) as error:
         problem = "no {}".format(error) if isinstance(error, KeyError) else " ".join(str(error).split())[:200]
         raise InputError("bundle {}: preprocessing transform {} has arguments that cannot be read ({}): {}".format(

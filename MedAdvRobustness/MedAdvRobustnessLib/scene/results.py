@@ -103,14 +103,19 @@ def write_volume_file(array_xyz, like, path, label_map=False):
     scratch = slicer.vtkMRMLScene()
     node_class = "vtkMRMLLabelMapVolumeNode" if label_map else "vtkMRMLScalarVolumeNode"
     array = array_xyz.astype("int16") if label_map else array_xyz
-    node = add_volume_node(scratch, array, like, "scratch", node_class, display=False)
+    write_node(add_volume_node(scratch, array, like, "scratch", node_class, display=False), path)
+    check_written_volume(path)
+
+
+def write_node(node, path):
+    """Write ``node`` with its default storage node (Slicer's writer for the file's type), its messages held back;
+    OSError where the writer fails."""
     storage = node.CreateDefaultStorageNode()
     storage.SetFileName(str(path))
     with captured_stderr():
         written = storage.WriteData(node)
     if not written:
         raise OSError(errno.EIO, "Slicer's writer failed", str(path))
-    check_written_volume(path)
 
 
 def check_written_volume(path):
@@ -155,14 +160,8 @@ LABELS_TABLE, ITKSNAP_LABELS = "labels.ctbl", "labels.itksnap.txt"
 
 def write_color_table(labels, path):
     """The labels' names and colours as a Slicer colour table file (``.ctbl``), written by Slicer's own writer."""
-    scratch = slicer.vtkMRMLScene()
-    table = add_color_table(scratch, labels, "labels")
-    storage = table.CreateDefaultStorageNode()
-    storage.SetFileName(str(path))
-    with captured_stderr():
-        written = storage.WriteData(table)
-    if not written:
-        raise OSError(errno.EIO, "Slicer's colour table writer failed", str(path))
+    scratch = slicer.vtkMRMLScene()  # kept while the node is written: a node's storage needs its scene
+    write_node(add_color_table(scratch, labels, "labels"), path)
     sync_file(path)
 
 

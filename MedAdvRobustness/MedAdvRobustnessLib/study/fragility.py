@@ -8,9 +8,7 @@ scores it against the case's reference, and combines the probes of a (network, c
 """
 import hashlib
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +56,9 @@ def has_cell_arrays(cells_dir, task):
 
 def write_npz_atomic(path, **arrays):
     """``np.savez_compressed`` to a temporary file in the same folder, then renamed."""
-    temporary = path.with_name(".{}.{}.tmp".format(path.name, uuid.uuid4().hex[:12]))
-    try:
-        with open(str(temporary), "xb") as stream:
-            np.savez_compressed(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(str(temporary), str(path))
-    except BaseException:
-        if temporary.exists():
-            temporary.unlink()
-        raise
+    from .outputs import atomic_file
+    with atomic_file(path, binary=True) as stream:
+        np.savez_compressed(stream, **arrays)
 
 
 def _load(path):

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -232,12 +233,21 @@ def write_json_atomic(path, data):
 
 
 def write_atomic(path, text):
-    """Write to a temporary file in the same folder, then rename: a reader sees the whole file or none. The file
-    is created as open() creates one (permissions from the umask); a failed write leaves nothing behind."""
+    """Write text to ``path`` as :func:`atomic_file` does."""
+    with atomic_file(path) as stream:
+        stream.write(text)
+
+
+@contextmanager
+def atomic_file(path, binary=False):
+    """A stream to a temporary file in the same folder, renamed to ``path`` once written and flushed to the disk:
+    a reader sees the whole file or none. The file is created as open() creates one (permissions from the umask);
+    a failed write leaves nothing behind."""
     temporary = path.with_name(".{}.{}.tmp".format(path.name, uuid.uuid4().hex[:12]))
     try:
-        with open(str(temporary), "x", encoding="utf-8", newline="") as stream:
-            stream.write(text)
+        with open(str(temporary), "xb") if binary else open(str(temporary), "x", encoding="utf-8",
+                                                            newline="") as stream:
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(str(temporary), str(path))
