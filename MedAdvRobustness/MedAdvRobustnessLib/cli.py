@@ -524,13 +524,13 @@ def summary(result, seconds):
 
 def fragility_lines(result):
     """The structures by critical strength, and (with a reference) how well fragility ranks the errors."""
-    from .evaluation.fragility import fragility_map, fragility_summary, structure_rows, summary_line
+    from .evaluation.fragility import fragility_summary, structure_rows, summary_line
     key = "critical_" + result.strength_name
     rows = sorted(structure_rows(result), key=lambda row: (row[key] is None, row[key] or 0.0))
     lines = ["critical {} (Dice against the clean prediction below 0.9): {}".format(result.strength_name, ", ".join(
         "{} {}".format(row["label"], "never" if row[key] is None else "{:.3g}".format(row[key])) for row in rows))]
     if result.reference is not None:
-        lines.append(summary_line(fragility_summary(result, fragility_map(result), result.reference)))
+        lines.append(summary_line(fragility_summary(result, result.fragility, result.reference)))
     return lines
 
 

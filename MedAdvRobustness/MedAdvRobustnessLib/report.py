@@ -2,7 +2,6 @@
 the Dice curve."""
 import numpy as np
 
-from .evaluation.fragility import fragility_map
 from .scene.fragility import fragility_colours
 from .scene.results import dice_curve_rows, outcome_title
 
@@ -24,7 +23,7 @@ def write_report(result, path):
     low, high = volume.intensity_range
     limit = max(float(np.abs(attacked.probed - volume.array).max()), 1e-12)
 
-    fragility = fragility_map(result)
+    fragility = result.fragility
     figure = plt.figure(figsize=(20, 11), constrained_layout=True)
     grid = figure.add_gridspec(3, 5, width_ratios=[1, 1, 1, 1, 1.3])
     for row, (view, axis) in enumerate(VIEWS):

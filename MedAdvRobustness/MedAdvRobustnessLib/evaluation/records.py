@@ -1,5 +1,6 @@
 """What a sweep gives: one :class:`Outcome` per strength and the :class:`RobustnessResult` with its metric rows."""
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Optional
 
 import numpy as np
@@ -44,6 +45,12 @@ class RobustnessResult:
     strength_name: str = "epsilon"
     strength_label: str = "epsilon (fraction of intensity range)"
     clean_entropy: Optional[np.ndarray] = None  # per voxel, of the clean outputs (nats)
+
+    @cached_property
+    def fragility(self):
+        """The fragility map (:func:`~.fragility.fragility_map`), computed once for every writer."""
+        from .fragility import fragility_map
+        return fragility_map(self)
 
     @property
     def spacing(self):

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from ..evaluation.fragility import (fragility_map, fragility_summary, largest_cluster_centre, middle_strength,
+from ..evaluation.fragility import (fragility_summary, largest_cluster_centre, middle_strength,
                                     structure_rows, unstable_labels)
 from .nodes import add_label_map_node, add_segmentation_node, add_table_node, add_volume_node
 from .results import epsilon_text, write_text_checked, write_volume_file
@@ -35,7 +35,7 @@ def structure_columns(result):
 def write_fragility_files(result, out_dir, fragility=None):
     """``fragility.nii.gz``, ``structures.csv`` and (with a reference) ``fragility_summary.json`` in ``out_dir``;
     returns the summary (None without a reference)."""
-    fragility = fragility_map(result) if fragility is None else fragility
+    fragility = result.fragility if fragility is None else fragility
     write_volume_file(fragility, result.volume, out_dir / "fragility.nii.gz")
     columns = structure_columns(result)
     text = io.StringIO(newline="")
@@ -64,7 +64,7 @@ def add_fragility_nodes(slicer_scene, result, fragility=None, unstable_at=None):
     (``unstable_at``: a strength, default the sweep's middle one). Returns the nodes by role and ``focus``: the RAS
     centre of the largest unstable cluster (None if no voxel is unstable)."""
     scene, volume = slicer_scene.scene, result.volume
-    fragility = fragility_map(result) if fragility is None else fragility
+    fragility = result.fragility if fragility is None else fragility
     strengths = [outcome.strength for outcome in result.outcomes[1:]]
     unstable_at = middle_strength(result) if unstable_at is None else float(unstable_at)
     node = add_volume_node(scene, fragility, volume, "{} fragility {}".format(volume.name, result.probe_name))
