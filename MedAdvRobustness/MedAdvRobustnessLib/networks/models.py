@@ -32,6 +32,7 @@ PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90,
 TRUST_HINT = ("load it only if you trust where it comes from, with --trust-checkpoint (trust_checkpoint=True "
               "in Python)")
 CHECKPOINT_KEYS = ("state_dict", "model")
+TASKS = ("segmentation", "classification")
 
 
 class UnsafeCheckpoint(InputError):
@@ -71,6 +72,7 @@ class ModelDescription:
     pad_divisible: Optional[int] = None
     preprocessing: Optional[list] = None
     activation_after_inference: Optional[str] = None
+    task: Optional[str] = None
     notes: str = ""
 
     def activate(self, outputs):
@@ -107,6 +109,8 @@ class ModelDescription:
         data = dict(data)
         data["labels"] = parse_labels(data.get("labels", []), where)
         data.setdefault("output_activation", None)  # not declared: detected from the outputs
+        if data.get("task") is not None and data["task"] not in TASKS:
+            raise InputError("{}: unknown task {!r}; expected one of {}".format(where, data["task"], ", ".join(TASKS)))
         if data.get("output_activation") is not None:
             try:
                 check_activation(data["output_activation"])
@@ -216,6 +220,7 @@ class SegmentationModel(torch.nn.Module):
         self._window_counts = {}
         self._window_graphs = {}
         self.detected_activation = None
+        self.detected_task = None
         self.input_affine = None
         self.input_orientation = None  # how the volume's own voxel order maps to the network convention
         self.input_ijk_to_ras = None
@@ -233,6 +238,11 @@ class SegmentationModel(torch.nn.Module):
     @property
     def activation(self):
         return self.description.output_activation or self.detected_activation or "logits"
+
+    @property
+    def task(self):
+        """``segmentation`` or ``classification``: declared, else detected from the outputs (:func:`describe`)."""
+        return self.description.task or self.detected_task or "segmentation"
 
     @property
     def device(self):
@@ -288,7 +298,10 @@ class SegmentationModel(torch.nn.Module):
         return inputs, plan
 
     def restore(self, outputs, plan):
-        """Network outputs → outputs on the input's grid (each step undone, last first)."""
+        """Network outputs → outputs on the input's grid (each step undone, last first); a classifier's (B, K)
+        class scores as they are."""
+        if outputs.dim() == 2:
+            return outputs.to(plan["device"])
         for back in reversed(plan["undo"]):
             if back is not None:
                 outputs = back(outputs)
@@ -313,6 +326,8 @@ class SegmentationModel(torch.nn.Module):
             outputs = outputs[0]
         if not torch.is_tensor(outputs):
             raise InputError("the network returned {}, not a tensor".format(type(outputs).__name__))
+        if outputs.dim() == 2:  # (B, K) class scores: a classifier
+            return outputs if outputs.dtype == inputs.dtype else outputs.to(inputs.dtype)
         if tuple(outputs.shape[2:]) != tuple(inputs.shape[2:]):
             raise InputError("the network returned outputs of size {} for an input of size {}; only networks "
                              "whose outputs lie on their input grid are supported".format(
@@ -746,6 +761,12 @@ def describe(model, volume):
     detected = detect_activation(outputs)
     if model.description.output_activation is None:
         model.detected_activation = detected
+    task = "classification" if outputs.dim() == 2 else "segmentation"
+    if model.description.task not in (None, task):
+        raise InputError("model {} is declared a {} network but outputs shape {} ({})".format(
+            model.description.name, model.description.task, tuple(outputs.shape),
+            "class scores" if task == "classification" else "one score map per label"))
+    model.detected_task = task
     window = window_settings(model.description.window) if model.description.window else None
     windows = len(window_plan(inputs.shape[2:], window)) if window else 1
     try:

@@ -186,6 +186,8 @@ def foreground_dice(outputs, activation, labels, count=None):
     As :func:`~..evaluation.metrics.dice_per_label` (a label absent from both maps scores 1), from one label
     confusion count per volume (``count``: the number of labels, default from the outputs and ``labels``)."""
     prediction = predict_labels(outputs, activation)
+    if prediction.dim() == 1:  # a classifier: 1 where the class is still the label's, else 0
+        return [float(p == l) for p, l in zip(prediction.tolist(), labels.tolist())]
     if count is None:
         count = max(label_count(outputs, activation), int(labels.max()) + 1)
     return [_mean_dice(prediction[b], labels[b], count) for b in range(len(prediction))]
@@ -344,7 +346,8 @@ class _Context:
     def __init__(self, attack, model, volume, labels, epsilon, bounds, region, target, progress, is_cancelled):
         if volume.dim() != 5:
             raise InputError("attacks take a (B, C, X, Y, Z) volume, got shape {}".format(tuple(volume.shape)))
-        spatial = (volume.shape[0],) + tuple(volume.shape[2:])
+        # a classifier's labels are one class per volume (B,), a segmentation network's one label per voxel
+        spatial = (volume.shape[0],) if labels.dim() == 1 else (volume.shape[0],) + tuple(volume.shape[2:])
         if tuple(labels.shape) != spatial:
             raise InputError("labels of shape {} do not match the volume {}".format(tuple(labels.shape),
                                                                                    tuple(volume.shape)))
@@ -352,7 +355,7 @@ class _Context:
             raise InputError("target of shape {} does not match the volume {}".format(tuple(target.shape),
                                                                                      tuple(volume.shape)))
         if region is not None:
-            if tuple(region.shape[1:]) != spatial[1:] or region.shape[0] not in (1, spatial[0]):
+            if tuple(region.shape[1:]) != tuple(volume.shape[2:]) or region.shape[0] not in (1, spatial[0]):
                 raise InputError("region of shape {} does not match the volume {}".format(tuple(region.shape),
                                                                                          tuple(volume.shape)))
             region = region.to(torch.bool).to(volume.device)
@@ -492,7 +495,10 @@ class _Context:
 
 
 def _mean(per_voxel, mask=None):
-    """Per-volume mean of ``per_voxel`` over ``mask`` (all voxels where None; 0 where the mask is empty)."""
+    """Per-volume mean of ``per_voxel`` over ``mask`` (all voxels where None; 0 where the mask is empty); a
+    classifier's per-volume losses (B,) as they are."""
+    if per_voxel.dim() == 1:
+        return per_voxel
     if mask is None:
         return per_voxel.flatten(start_dim=1).sum(dim=1) / float(max(per_voxel[0].numel(), 1))
     return (per_voxel * mask).flatten(start_dim=1).sum(dim=1) / mask.flatten(start_dim=1).sum(dim=1).clamp_min(1.0)
