@@ -124,6 +124,8 @@ def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARC
             raise InputError("unknown architecture {!r}; choose one of {}".format(architecture,
                                                                                  ", ".join(ARCHITECTURES)))
         architecture = ARCHITECTURES[architecture]
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError("{} is a file: give a folder for model.json, model.pt and training.json".format(out_dir))
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism

@@ -278,7 +278,7 @@ def test_gzip_check_reads_a_sound_file_whole(tmp_path):
     nib.save(nib.Nifti1Image(small_volume(), np.eye(4)), str(path))
     with gzip.open(str(path), "rb") as stream:
         size = len(stream.read())
-    assert _stored_bytes(path, size) == size and _stored_bytes(path, 10) == 10
+    assert _stored_bytes(path, size) == (size, True) and _stored_bytes(path, 10) == (10, True)
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -485,7 +485,10 @@ def make_parent_file(tmp_path):
 OUTPUT_PATHS = {  # name: (make the --out path, what the one error line says)
     "a link to a folder": (make_link_to_folder, "{out} is a symbolic link: give a new or empty folder itself"),
     "a dangling link": (make_dangling_link, "{out} is a symbolic link to nothing"),
+    "under a dangling link": (lambda tmp: make_dangling_link(tmp) / "run",
+                              "cannot create {out}: {tmp}/results is a symbolic link to nothing"),
     "in a file": (make_parent_file, "cannot create {out}: {tmp}/notes.txt is not a folder"),
+    "a 250-character name": (lambda tmp: tmp / ("r" * 250), "is 250 bytes long; with its staging folder's 18 more"),
 }
 
 
@@ -558,3 +561,150 @@ def test_an_empty_out_a_damaged_scene_and_a_volume_beyond_float32_are_one_line(t
     assert "has voxels beyond the float32 range" in one_error_line([MEDADV, "run", "--volume", str(huge)] + FGSM +
                                                                    ["--out", str(out)])
     assert_nothing_left(tmp_path, out)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_ssim_of_a_single_slice_is_the_2d_ssim_of_that_slice(axis):
+    from monai.metrics import SSIMMetric
+    from skimage.metrics import structural_similarity as reference_ssim
+    from MedAdvRobustnessLib.evaluation.metrics import structural_similarity
+    generator = torch.Generator().manual_seed(axis)
+    image = torch.rand(40, 32, generator=generator) * 100
+    noisy = image + torch.randn(image.shape, generator=generator) * 10
+    expected = float(SSIMMetric(spatial_dims=2, data_range=100.0, win_size=7)(noisy[None, None], image[None, None]))
+    independent = reference_ssim(image.double().numpy(), noisy.double().numpy(), data_range=100.0, sigma=1.5,
+                                 gaussian_weights=True, truncate=2.0, use_sample_covariance=False)  # 7x7 as well
+    volume, probed = image.unsqueeze(axis), noisy.unsqueeze(axis)
+    assert structural_similarity(volume, probed, 100.0) == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(independent, abs=5e-3)  # MONAI's kernel differs slightly from scikit-image's
+    assert structural_similarity(volume, volume, 100.0) == pytest.approx(1.0)
+    slices = torch.stack([image, noisy, image], dim=axis), torch.stack([noisy, image, image], dim=axis)
+    assert structural_similarity(*slices, 100.0) == pytest.approx((2 * expected + 1) / 3, abs=1e-6)  # per slice
+
+
+def test_ssim_refuses_a_volume_with_one_long_axis_and_a_one_slice_run_works(tmp_path):
+    from MedAdvRobustnessLib.errors import InputError
+    from MedAdvRobustnessLib.evaluation.metrics import structural_similarity
+    with pytest.raises(InputError, match=r"the volume \(64x3x1\) is too small for SSIM"):
+        structural_similarity(torch.zeros(64, 3, 1), torch.zeros(64, 3, 1), 1.0)
+    volume = tmp_path / "slice.nii.gz"  # a 2D image as Slicer loads it
+    nib.save(nib.Nifti1Image((np.arange(64 * 64, dtype=np.float32).reshape(64, 64, 1) % 97) + 1, np.eye(4)),
+             str(volume))
+    done = subprocess.run([MEDADV, "run", "--volume", str(volume)] + FGSM + ["--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    with open(str(tmp_path / "out" / "metrics.csv")) as table:
+        import csv
+        rows = [row for row in csv.DictReader(table) if row["label"] == "mean"]
+    assert float(rows[0]["ssim"]) == 1 and 0 < float(rows[-1]["ssim"]) < 1
+
+
+def nifti_header_file(folder, name, **fields):
+    """``small_volume()`` as a .nii with header ``fields`` written as given (nibabel's save would repair them)."""
+    header = nib.Nifti1Image(small_volume(), np.eye(4)).header
+    header["vox_offset"] = 352
+    for key, value in fields.items():
+        header[key] = value
+    path = folder / name
+    path.write_bytes(header.binaryblock + b"\0" * 4 + small_volume().tobytes("F"))
+    return path
+
+
+def nrrd_sizes_file(folder, sizes):
+    path = folder / "sizes.nrrd"
+    path.write_bytes("NRRD0004\ntype: float\ndimension: 3\nsizes: {}\nencoding: raw\n\n".format(sizes).encode() +
+                     small_volume().tobytes())
+    return path
+
+
+HEADERS = {  # name: (make the file, what the error says)
+    "negative NIfTI dimension": (lambda f: nifti_header_file(f, "neg.nii", dim=[3, 20, -24, 16, 1, 1, 1, 1]),
+                                 "its header gives size -24 along axis j (sizes 20 -24 16)"),
+    "vox_offset past the end": (lambda f: nifti_header_file(f, "offset.nii", vox_offset=1e7),
+                                "puts the voxel data at byte 10,000,000 (vox_offset), at or past the end of the "
+                                "file's 31,072 bytes"),
+    "zero spacing (pixdim)": (lambda f: nifti_header_file(f, "flat.nii", pixdim=[1, 1, 1, 0, 1, 1, 1, 1],
+                                                          sform_code=0, qform_code=1),
+                              "gives spacing 0.0 along axis k (pixdim); nibabel, ITK and Slicer would take it as 1 mm"),
+    "zero spacing (sform)": (lambda f: nifti_header_file(f, "flat.nii", srow_y=[0, 0, 0, 0], sform_code=2),
+                             "gives spacing 0.0 along axis j (sform)"),
+    "negative NRRD size": (lambda f: nrrd_sizes_file(f, "16 -24 20"), "its header gives size -24 along axis j"),
+    "overflowing NRRD sizes": (lambda f: nrrd_sizes_file(f, "16 24 99999999999999999999"),
+                               "its header sizes 16 24 99999999999999999999 overflow"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADERS))
+def test_an_impossible_header_is_refused_with_what_it_says(tmp_path, case):
+    from MedAdvRobustnessLib.errors import InputError
+    from MedAdvRobustnessLib.scene.slicer_scene import check_volume_file
+    make, expected = HEADERS[case]
+    with pytest.raises(InputError) as error:
+        check_volume_file(make(tmp_path))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_zero_spacing_is_refused_by_medadv_run(tmp_path):
+    volume = HEADERS["zero spacing (pixdim)"][0](tmp_path)
+    out = tmp_path / "results"
+    assert "along axis k (pixdim)" in one_error_line([MEDADV, "run", "--volume", str(volume)] + FGSM +
+                                                     ["--out", str(out)])
+    assert_nothing_left(tmp_path, out)
+
+
+def test_stale_staging_folders_of_dead_runs_are_removed_whatever_their_name(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folders = {name: tmp_path / name for name in (".old-run.partial-abc", ".other.partial-x", ".live.partial-y",
+                                                  "mine.partial-1")}
+    for name, folder in folders.items():
+        folder.mkdir()
+    for name in (".old-run.partial-abc", "mine.partial-1"):
+        (folders[name] / OWNER_FILE).write_text(str(dead.pid))  # "mine...": no leading dot, not a staging folder
+    (folders[".live.partial-y"] / OWNER_FILE).write_text(str(os.getpid()))
+    with StagedOutput(tmp_path / "results") as staging:
+        (staging / "file.txt").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.partial-x", ".live.partial-y",
+                                                                 "mine.partial-1", "results"])
+
+
+def test_a_study_whose_first_cell_fails_leaves_no_folder(tmp_path):
+    from MedAdvRobustnessLib.study.execution import run_study
+
+    class Failing(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom inside the network")
+
+    model = tmp_path / "fails.pt"
+    torch.jit.script(Failing()).save(str(model))
+    out = tmp_path / "new" / "out"
+    one_line = r"cell failed \(network fails.pt, .*\): builtins.RuntimeError: boom inside the network$"
+    with pytest.raises(RuntimeError, match=one_line):
+        run_study({"networks": [str(model)], "cases": ["sample"], "probes": [{"attack": "fgsm", "epsilons": [0.01]}]},
+                  out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fails.pt"]
+
+
+def test_heldout_beyond_the_limit_and_a_multi_line_yaml_error_are_one_line(tmp_path):
+    from MedAdvRobustnessLib.errors import InputError
+    from MedAdvRobustnessLib.study.cases import resolve_cases
+    from MedAdvRobustnessLib.study.definition import load_study
+    start = time.time()
+    with pytest.raises(InputError, match=r"give heldout:N with N from 1 to 100 "):
+        resolve_cases("heldout:1000000000")
+    assert time.time() - start < 5
+    study = tmp_path / "study.yaml"
+    study.write_text("networks: [demo\ncases:\n  - sample\n")
+    with pytest.raises(InputError) as error:
+        load_study(study)
+    assert "\n" not in str(error.value) and "line 2, column 6: expected ',' or ']'" in str(error.value)
+
+
+def test_train_refuses_a_file_as_out_and_prints_no_library_warnings(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert "{} is a file: give a folder".format(target) in one_error_line(
+        [MEDADV, "train", "--out", str(target), "--iterations", "1"])
+    done = subprocess.run([MEDADV, "train", "--out", str(tmp_path / "net"), "--iterations", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "" and target.read_text() == "mine"

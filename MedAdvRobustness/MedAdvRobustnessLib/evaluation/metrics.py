@@ -4,6 +4,8 @@ import math
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 SURFACE_TOLERANCE_MM = 2.0  # the default tolerance of the surface Dice (normalised surface distance)
 
 
@@ -74,12 +76,30 @@ class LabelSurfaces:
         return distances
 
 
+SSIM_WINDOW = 7  # voxels along each axis of the Gaussian window (sigma 1.5)
+
+
 def structural_similarity(original, adversarial, intensity_range):
-    """SSIM (MONAI, Gaussian window) between two volumes of the same grid, over the volume's intensity range."""
+    """SSIM (MONAI, Gaussian window of :data:`SSIM_WINDOW` voxels) between two volumes of the same grid, over the
+    volume's intensity range.
+
+    3D where every axis holds the window; where one axis is shorter (a single slice, a 2D image as Slicer loads
+    it, 64x64x1), the mean of the 2D SSIM of each slice across that axis; refused where fewer than two do.
+    """
     from monai.metrics import SSIMMetric
-    spatial = original.dim()
-    metric = SSIMMetric(spatial_dims=spatial, data_range=float(intensity_range), win_size=7)
-    return float(metric(adversarial.float()[None, None], original.float()[None, None]).mean())
+    long_axes = [axis for axis, size in enumerate(original.shape) if size >= SSIM_WINDOW]
+    if len(long_axes) < 2:
+        raise InputError("the volume ({}) is too small for SSIM: its {}-voxel window needs {} voxels along at least "
+                         "two axes".format("x".join(str(n) for n in original.shape), SSIM_WINDOW, SSIM_WINDOW))
+    pair = [volume.float() for volume in (adversarial, original)]
+    if len(long_axes) == original.dim():
+        pair = [volume[None, None] for volume in pair]
+    else:  # the slices of the short axes as a batch of 2D images
+        short = [axis for axis in range(original.dim()) if axis not in long_axes]
+        sizes = [original.shape[axis] for axis in long_axes]
+        pair = [volume.permute(*short, *long_axes).reshape(-1, 1, *sizes) for volume in pair]
+    metric = SSIMMetric(spatial_dims=pair[0].dim() - 2, data_range=float(intensity_range), win_size=SSIM_WINDOW)
+    return float(metric(*pair).mean())
 
 
 def mean_dice(scores):

@@ -189,15 +189,20 @@ def check_output_dir(out_dir):
     if not str(out_dir).strip():
         raise InputError("the results folder is empty text: give a folder name")
     given = Path(out_dir)
+    out_dir = Path(os.path.abspath(str(given)))
+    check_name_length(given, out_dir)
     if given.is_symlink():
         raise InputError("{} is a symbolic link{}: give a new or empty folder itself, not a link".format(
             given, "" if given.exists() else " to nothing"))
-    out_dir = Path(os.path.abspath(str(given)))
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("{} is a file: the results need a folder (give a new or empty folder)".format(given))
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError("output folder {} exists and is not empty".format(given))
     parent = out_dir.parent
+    dangling = next((folder for folder in [parent] + list(parent.parents)
+                     if folder.is_symlink() and not folder.exists()), None)
+    if dangling is not None:
+        raise InputError("cannot create {}: {} is a symbolic link to nothing".format(given, dangling))
     existing = next(folder for folder in [parent] + list(parent.parents) if folder.exists())
     if not existing.is_dir():
         raise InputError("cannot create {}: {} is not a folder".format(given, existing))
@@ -211,6 +216,19 @@ def check_output_dir(out_dir):
     return out_dir
 
 
+NAME_MAX = 255  # bytes of one file name on the common file systems (ext4, XFS, APFS, NTFS)
+STAGING_EXTRA = len(".") + len(".partial-") + 8  # the staging folder's name around the results folder's
+
+
+def check_name_length(given, out_dir):
+    """Refuse a results folder name too long for its staging folder's name (``.NAME.partial-XXXXXXXX``)."""
+    length = len(os.fsencode(out_dir.name))
+    if length + STAGING_EXTRA > NAME_MAX:
+        raise InputError("the folder name of {} is {} bytes long; with its staging folder's {} more it passes the "
+                         "{}-byte limit of a file name: give a name of at most {} bytes".format(
+                             given, length, STAGING_EXTRA, NAME_MAX, NAME_MAX - STAGING_EXTRA))
+
+
 OWNER_FILE = ".medadv-owner"  # in a staging folder: the process id of the run writing it
 
 
@@ -218,7 +236,7 @@ class StagedOutput:
     """Write into a hidden sibling folder; move it into place only when everything succeeded (else remove it).
 
     The staging folder records its owner's process id; staging folders of runs that died without cleaning up
-    (SIGKILL, power loss) are removed by the next run writing next to them.
+    (SIGKILL, power loss) are removed by the next run writing into the same parent folder, whatever its name.
     """
 
     def __init__(self, out_dir):
@@ -232,7 +250,7 @@ class StagedOutput:
         try:
             for folder in self.created:  # the missing folders above DIR: removed again if the run fails
                 folder.mkdir()
-            remove_stale_staging(self.out_dir.parent, prefix)
+            remove_stale_staging(self.out_dir.parent)
             self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=str(self.out_dir.parent)))
             write_text_checked(self.staging / OWNER_FILE, str(os.getpid()))
         except BaseException:
@@ -270,14 +288,15 @@ class StagedOutput:
         self.staging.rename(self.out_dir)
 
 
-def remove_stale_staging(folder, prefix):
-    """Remove the staging folders ``prefix*`` in ``folder`` whose owner process is gone."""
-    for staging in Path(folder).glob(prefix + "*"):
+def remove_stale_staging(folder):
+    """Remove the staging folders (``.NAME.partial-*`` holding :data:`OWNER_FILE`) in ``folder`` whose owner
+    process is gone; anything else is left alone."""
+    for staging in Path(folder).glob(".*.partial-*"):
         try:
             owner = int((staging / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # not ours, or not yet claimed: leave it
-        if not is_alive(owner):
+        if not is_alive(owner) and not staging.is_symlink():
             shutil.rmtree(str(staging), ignore_errors=True)
 
 

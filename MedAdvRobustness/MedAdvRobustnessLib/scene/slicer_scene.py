@@ -2,6 +2,8 @@
 import bz2
 import errno
 import gzip
+import logging
+import math
 import os
 import re
 import shutil
@@ -148,16 +150,24 @@ def check_nifti_file(path, complete_only=False):
         return
     import nibabel
     try:
-        image = nibabel.load(str(path))
+        with _quiet_logger("nibabel.global"):  # its header repairs ("setting 0 dims to 1"): refused below instead
+            image = nibabel.load(str(path))
     except Exception as error:
         raise InputError("{} is not a readable NIfTI image ({})".format(path, str(error).splitlines()[0]))
-    shape, dtype = image.shape, image.get_data_dtype()
+    header = _raw_nifti_header(path, type(image.header))
+    shape, dtype = tuple(int(n) for n in header["dim"][1:1 + len(image.shape)]), image.get_data_dtype()
+    _check_sizes(path, shape, dtype)
+    _check_spacing(path, header, min(len(shape), 3))
     if len(shape) > 3 and any(size > 1 for size in shape[3:]):
         raise InputError("{} has {} volumes or components per voxel (shape {}); give a single scalar volume".format(
             path, int(np.prod(shape[3:])), shape))
-    voxels = int(np.prod(shape[:3], dtype=np.int64))
-    declared = int(image.header.get_data_offset()) + voxels * dtype.itemsize
-    stored = _stored_bytes(path, declared)
+    voxels = math.prod(shape[:3])
+    offset = int(header.get_data_offset())
+    declared = offset + voxels * dtype.itemsize
+    stored, whole = _stored_bytes(path, declared)
+    if offset >= stored and whole:
+        raise InputError("{} is damaged: its header puts the voxel data at byte {:,} (vox_offset), at or past the end "
+                         "of the file's {:,} bytes".format(path, offset, stored))
     if stored < declared:
         _refuse_truncated(path, stored, declared, shape[:3], dtype)
     if complete_only:
@@ -165,6 +175,51 @@ def check_nifti_file(path, complete_only=False):
     _check_memory(path, shape, voxels)
     if np.issubdtype(dtype, np.floating) or image.header.get_slope_inter()[0] not in (None, 1.0):
         _check_finite(path, np.asanyarray(image.dataobj), "Slicer's reader would read them as 0")
+
+
+@contextmanager
+def _quiet_logger(name):
+    """Hold back what the logger ``name`` says while the block runs."""
+    logger = logging.getLogger(name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _raw_nifti_header(path, header_type):
+    """The NIfTI header as the file stores it (nibabel's load replaces a zero spacing by 1)."""
+    from nibabel.openers import ImageOpener
+    with ImageOpener(str(path)) as stream:
+        return header_type.from_fileobj(stream, check=False)
+
+
+def _check_sizes(path, shape, dtype):
+    """Refuse a header's sizes below 1 along an axis, or too many voxels for a 64-bit byte count."""
+    for axis, size in enumerate(shape):
+        if size < 1:
+            raise InputError("{} is damaged: its header gives size {} along axis {} (sizes {}); each must be 1 or "
+                             "more".format(path, size, "ijk"[axis] if axis < 3 else axis, " ".join(map(str, shape))))
+    if math.prod(shape) * dtype.itemsize >= 2 ** 63:
+        raise InputError("{} is damaged: its header sizes {} overflow (more bytes than a 64-bit count "
+                         "holds)".format(path, " ".join(map(str, shape))))
+
+
+def _check_spacing(path, header, axes):
+    """Refuse a NIfTI spacing of 0 (or not finite) along one of the first ``axes`` axes, in the sform (where it
+    is set) or in pixdim (where the qform, or nothing, gives the grid): nibabel, ITK and Slicer's reader take it as
+    1 mm, which would make every distance in mm a guess."""
+    sources = []
+    if header["sform_code"] > 0:
+        sources.append(("sform", np.linalg.norm(header.get_sform()[:3, :3], axis=0)))
+    if header["qform_code"] > 0 or header["sform_code"] <= 0:
+        sources.append(("pixdim", np.asarray(header["pixdim"][1:4], dtype=np.float64)))
+    for source, spacing in sources:
+        for axis, value in enumerate(spacing[:axes]):
+            if not np.isfinite(value) or value == 0:
+                raise InputError("{} gives spacing {} along axis {} ({}); nibabel, ITK and Slicer would take it as "
+                                 "1 mm: set the real spacing in the file".format(path, value, "ijk"[axis], source))
 
 
 def _refuse_truncated(path, stored, declared, shape, dtype):
@@ -269,9 +324,10 @@ def _check_layout(path, layout, complete_only=False):
     if layout is None:
         return
     shape, dtype, data = layout["shape"], layout["dtype"], layout["file"]
+    _check_sizes(path, shape, dtype)
     if not data.is_file():
         raise InputError("{} names the data file {}, which does not exist".format(path, data))
-    voxels = int(np.prod(shape, dtype=np.int64))
+    voxels = math.prod(shape)
     declared = voxels * dtype.itemsize
     if layout["encoding"] == "raw" and layout["skip"] < 0:  # the data are the file's last bytes
         layout = dict(layout, offset=max(0, data.stat().st_size - declared), skip=0)
@@ -342,9 +398,10 @@ def _check_memory(path, shape, voxels):
 
 
 def _stored_bytes(path, wanted):
-    """How many bytes the file holds (decompressed, for .gz), counting no further than ``wanted``."""
+    """How many bytes the file holds (decompressed, for .gz), counting no further than ``wanted``, and whether
+    that is all of it (False: a gzip stream that ends early)."""
     if not path.name.lower().endswith(".gz"):
-        return path.stat().st_size
+        return path.stat().st_size, True
     count = 0
     try:
         with gzip.open(str(path), "rb") as stream:
@@ -354,11 +411,11 @@ def _stored_bytes(path, wanted):
                     break
                 count += len(chunk)
     except EOFError:
-        return min(count, wanted)  # the compressed stream ends early: what came before it is all there is
+        return min(count, wanted), False  # the compressed stream ends early: what came before it is all there is
     except (OSError, zlib.error) as error:  # corrupt data, or a CRC or length that does not match
         raise InputError("{} is damaged: its gzip data fails gzip's own check ({}); Slicer's reader would read "
                          "another image".format(path, error))
-    return min(count, wanted)
+    return min(count, wanted), True
 
 
 def _check_finite(path, array, why="the probes and metrics need finite voxels"):

@@ -28,6 +28,9 @@ HELDOUT_RECIPE = (("elastic_deformation", 3), ("affine", 1), ("bias_field", 2))
 HELDOUT_SEED = 1000
 
 
+HELDOUT_MAX = 100  # held-out variants a study may ask for (each is seeded apart; the sample is one brain)
+
+
 def resolve_cases(item):
     """Cases of one study entry: ``heldout:N``, ``sample``, a folder, a volume file, or ``{name, volume,
     reference}``."""
@@ -41,8 +44,9 @@ def resolve_cases(item):
             count = int(item[len(HELDOUT_PREFIX):])
         except ValueError:
             count = 0
-        if count < 1:
-            raise InputError("study: {!r}: give heldout:N with N >= 1 held-out variants of the sample".format(item))
+        if not 1 <= count <= HELDOUT_MAX:
+            raise InputError("study: {!r}: give heldout:N with N from 1 to {} held-out variants of the "
+                             "sample".format(item, HELDOUT_MAX))
         return [heldout_case(index) for index in range(1, count + 1)]
     if item == "sample":
         return [_file_case(SAMPLE_VOLUME, SAMPLE_LABELS, "sample")]

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -56,6 +57,24 @@ def probe_settings(probe):
     reused."""
     made = study_probe(probe)
     return {item.name: getattr(made, item.name) for item in dataclasses.fields(made)}
+
+
+@contextmanager
+def cells_folder(out_dir):
+    """``OUT/cells``, made with the folders above it that are missing; if the block fails, those it made are
+    removed again where still empty (a failed first cell leaves no empty ``OUT/cells``; stored cells are kept)."""
+    cells = Path(out_dir) / "cells"
+    created = [folder for folder in [cells] + list(cells.parents) if not folder.exists()]
+    cells.mkdir(parents=True, exist_ok=True)
+    try:
+        yield cells
+    except BaseException:
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 BENCH_TRUST_HINT = ("load it only if you trust where it comes from, with \"trust_checkpoint\": true in the "
@@ -115,11 +134,19 @@ def _cell_error(task, error):
     if is_out_of_memory(error):
         error = InputError("the GPU ran out of memory ({}); run on the CPU (--device cpu) or give the network a "
                            "smaller window (roi_size)".format(" ".join(str(error).split())[:160]))
-    text = str(error) if isinstance(error, InputError) else "{}: {}".format(type(error).__name__, error)
+    text = str(error) if isinstance(error, InputError) else _one_line_reason(error)
     text = text.replace(TRUST_HINT, BENCH_TRUST_HINT.format(task["network"]["name"]))
     message = "cell failed (network {}, case {}, probe {}, strength {:g}): {}".format(
         task["network"]["name"], task["case"]["name"], task["probe"]["name"], task["strength"], text)
     return (InputError if isinstance(error, InputError) else RuntimeError)(message)
+
+
+def _one_line_reason(error):
+    """An error's reason on one line: TorchScript's last line (the error raised inside), else type and first line."""
+    lines = str(error).strip().splitlines() or [""]
+    if isinstance(error, torch.jit.Error):
+        return lines[-1][:300]
+    return "{}: {}".format(type(error).__name__, lines[0])[:300]
 
 
 def is_out_of_memory(error):

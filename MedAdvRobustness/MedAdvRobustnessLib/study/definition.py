@@ -27,7 +27,7 @@ def load_study(path):
         else:
             study = json.loads(text)
     except Exception as error:  # json's ValueError, yaml.YAMLError
-        raise InputError("cannot read study {}: {}".format(path, error))
+        raise InputError("cannot read study {}: {}".format(path, _one_line(error)))
     if not isinstance(study, dict):
         raise InputError("study {} must be a mapping with networks, cases and probes".format(path))
     base = path.parent
@@ -35,6 +35,15 @@ def load_study(path):
     study["cases"] = [_relative_to(item, base) for item in study.get("cases", [])]
     study["networks"] = _relative_networks(study.get("networks", []), base)
     return study
+
+
+def _one_line(error):
+    """A parser's error on one line: YAML's problem and where it is (line and column from 1), else its text."""
+    mark = getattr(error, "problem_mark", None)
+    if getattr(error, "problem", None) and mark is not None:
+        context = " ({})".format(error.context) if getattr(error, "context", None) else ""
+        return "line {}, column {}: {}{}".format(mark.line + 1, mark.column + 1, error.problem, context)
+    return " ".join(str(error).split())
 
 
 def _relative_to(item, base):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..probes.attacks import AttackCancelled
-from .cells import compute_cell, study_cells
+from .cells import cells_folder, compute_cell, study_cells
 from .definition import load_study, resolve_study
 from .fragility import has_cell_arrays, store_cell_arrays
 from .outputs import write_json_atomic, write_outputs
@@ -35,34 +35,34 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
     if int(workers) < 1:
         raise InputError("workers must be at least 1, got {}".format(workers))
     out_dir = Path(out_dir)
-    cells_dir = out_dir / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    tasks = study_cells(resolved, device)
-    stored = {task["key"]: _read_cell(cells_dir, task) for task in tasks}
-    pending = [task for task in tasks if stored[task["key"]] is None]
-    records = {key: record for key, record in stored.items() if record is not None}
-    reused = sorted(records)
-    computed = []
+    with cells_folder(out_dir) as cells_dir:
+        tasks = study_cells(resolved, device)
+        stored = {task["key"]: _read_cell(cells_dir, task) for task in tasks}
+        pending = [task for task in tasks if stored[task["key"]] is None]
+        records = {key: record for key, record in stored.items() if record is not None}
+        reused = sorted(records)
+        computed = []
 
-    def finished(record):
-        store_cell_arrays(cells_dir, record["task"], record.pop("arrays"))  # before the record: it marks the cell done
-        write_json_atomic(cells_dir / (record["key"] + ".json"), record)
-        records[record["key"]] = record
-        computed.append(record["key"])
-        if progress:
-            progress(len(records), len(tasks), record)
-        if is_cancelled and is_cancelled():
-            raise AttackCancelled()
+        def finished(record):
+            # the arrays before the record: the record marks the cell done
+            store_cell_arrays(cells_dir, record["task"], record.pop("arrays"))
+            write_json_atomic(cells_dir / (record["key"] + ".json"), record)
+            records[record["key"]] = record
+            computed.append(record["key"])
+            if progress:
+                progress(len(records), len(tasks), record)
+            if is_cancelled and is_cancelled():
+                raise AttackCancelled()
 
-    if scheduler is not None:
-        _run_dask(pending, scheduler, finished)
-    elif int(workers) > 1 and len(pending) > 1:
-        _run_pool(pending, int(workers), finished)
-    else:
-        for task in pending:
-            finished(compute_cell(task, is_cancelled))
-    ordered = [records[task["key"]] for task in tasks]
-    fragility = write_outputs(out_dir, resolved, ordered)
+        if scheduler is not None:
+            _run_dask(pending, scheduler, finished)
+        elif int(workers) > 1 and len(pending) > 1:
+            _run_pool(pending, int(workers), finished)
+        else:
+            for task in pending:
+                finished(compute_cell(task, is_cancelled))
+        ordered = [records[task["key"]] for task in tasks]
+        fragility = write_outputs(out_dir, resolved, ordered)
     return StudyRun(out_dir, ordered, computed, reused, fragility)
 
 
