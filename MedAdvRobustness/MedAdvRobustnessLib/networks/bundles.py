@@ -429,7 +429,8 @@ def _twin(name, args, where):
         if len(ks) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ks):
             refuse("k_divisible={}".format(k))
         crop = {"threshold": threshold, "margin": args.get("margin", 0),
-                "allow_smaller": bool(args.get("allow_smaller", False))}
+                "allow_smaller": bool(args.get("allow_smaller", False)),
+                "outside": "zeros"}  # Invertd pads the crop back with zeros in every channel
         if compare != ">":
             crop["compare"] = compare
         channels = args.get("channel_indices")

@@ -245,13 +245,16 @@ def crop(volume, box):
     return volume[(slice(None), slice(None)) + tuple(slice(start, stop) for start, stop in box)]
 
 
-def pad_outputs_back(outputs, box, full_shape, activation):
-    """Outputs on the cropped box → outputs on the full grid, background outside the box."""
+def pad_outputs_back(outputs, box, full_shape, activation, outside="background"):
+    """Outputs on the cropped box → outputs on the full grid; outside the box the background label (``outside``
+    ``background``) or zeros in every channel (``zeros``: what MONAI's ``Invertd`` gives a bundle)."""
     if box is None:
         return outputs
     background = torch.zeros((outputs.shape[0], outputs.shape[1]) + tuple(full_shape), dtype=outputs.dtype,
                              device=outputs.device)
-    if activation == "softmax":
+    if outside == "zeros":
+        pass
+    elif activation == "softmax":
         background[:, 0] = 1.0
     elif activation == "logits" or activation is None:
         background[:, 1:] = -BACKGROUND_LOGIT_GAP

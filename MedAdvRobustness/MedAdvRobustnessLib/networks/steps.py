@@ -179,7 +179,8 @@ def apply_step(step, inputs, affine, activation):
         box = (foreground_box(inputs, step["crop"]) if kind == "crop"
                else center_box(inputs.shape[2:], step["center_crop"]))
         full = tuple(inputs.shape[2:])
-        back = None if box is None else (lambda outputs: pad_outputs_back(outputs, box, full, activation))
+        outside = step[kind].get("outside", "background") if kind == "crop" else "background"
+        back = None if box is None else (lambda outputs: pad_outputs_back(outputs, box, full, activation, outside))
         return crop(inputs, box), shifted(affine, [start for start, _ in box] if box else None), back, box
     if kind == "spacing":
         extent = bool(step.get("scale_extent", False))
@@ -287,6 +288,21 @@ def shifted(affine, voxels):
     moved = np.array(affine, dtype=np.float64)
     moved[:3, 3] = moved[:3, :3] @ np.asarray(voxels, dtype=np.float64) + moved[:3, 3]
     return moved
+
+
+def file_exact_affine(affine, file_ijk_to_ras, tolerance=1e-3):
+    """``affine`` (network convention) rebuilt from the file's own voxel-to-RAS matrix as nibabel, and so MONAI,
+    reads it, where the two grids are the same voxels in another order (a signed axis permutation): the last bits
+    of the matrix decide which voxels MONAI's resampler leaves at ~1e-12 near a zero background, and a reader's
+    matrix differs from nibabel's by ~1e-6. Otherwise (no file, another grid) ``affine`` as it is."""
+    if affine is None or file_ijk_to_ras is None:
+        return affine
+    file_affine = np.asarray(file_ijk_to_ras, dtype=np.float64)
+    voxel_map = np.linalg.solve(file_affine, np.asarray(affine, dtype=np.float64))  # network ijk -> file ijk
+    rounded = np.round(voxel_map)
+    if np.abs(voxel_map - rounded).max() > tolerance or not np.allclose(np.abs(rounded[:3, :3]).sum(axis=0), 1):
+        return affine
+    return file_affine @ rounded
 
 
 def target_spacing(affine, step):
