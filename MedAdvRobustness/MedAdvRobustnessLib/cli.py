@@ -19,14 +19,16 @@ MISSING_DASK = '--scheduler needs Dask distributed: pip install "medadvrobustnes
 # --help`, `medadv run --help`) imports neither torch nor MONAI, which the registry's modules import:
 # test_cli_polish.py checks these tables against registry_tables(); when a probe gains or changes a parameter,
 # update them from what registry_tables() returns.
-ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "cospgd", "dag", "fgsm", "pgd", "segpgd")  # probes.attacks.ATTACKS, sorted
+ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "cospgd", "dag", "deepfool", "deepfool-linf", "fgsm", "jsma", "pgd", "segpgd")  # probes.attacks.ATTACKS, sorted
 CORRUPTION_NAMES = ("affine", "anisotropic_downsampling", "bias_field", "contrast_compression", "contrast_expansion",
                     "elastic_deformation", "ghosting", "motion", "rician_noise", "smoothing", "gibbs_ringing",
                     "kspace_spikes")  # probes.corruptions.CORRUPTIONS, in its order
 SEVERITIES = (1, 2, 3, 4, 5)  # probes.corruptions.SEVERITIES
 ACTIVATIONS = ("logits", "softmax", "sigmoid")  # networks.outputs.ACTIVATIONS
+TASKS = ("segmentation", "classification")  # networks.models.TASKS
 _ITERATIVE = ("pgd", "apgd-ce", "apgd-dlr", "cospgd", "segpgd")
 _APGD = ("apgd-ce", "apgd-dlr")
+_DEEPFOOL = ("deepfool", "deepfool-linf")
 
 
 def _each(names, value):
@@ -36,7 +38,7 @@ def _each(names, value):
 # Every parameter of any probe (the default attack's, pgd's, where it takes it), with each probe's default.
 PROBE_OPTIONS = (
     (Parameter("norm", "linf", str, "threat model", ("linf", "l2")), _each(_ITERATIVE, "linf")),
-    (Parameter("steps", 10, int, "iterations (gradient evaluations) per restart"), dict(_each(_ITERATIVE, 10), dag=20)),
+    (Parameter("steps", 10, int, "iterations (gradient evaluations) per restart"), dict(_each(_ITERATIVE, 10), dag=20, **_each(_DEEPFOOL, 50))),
     (Parameter("step_size", None, float, "step as a fraction of epsilon (default 2.5/steps)"),
      dict(_each(_ITERATIVE, None), **_each(_APGD, 2.0))),
     (Parameter("random_start", True, bool, "start at a random point of the epsilon ball (seeded)"),
@@ -60,14 +62,21 @@ PROBE_OPTIONS = (
     (Parameter("momentum", 0.75, float, "weight alpha of the new step (1 - alpha: momentum)"), _each(_APGD, 0.75)),
     (Parameter("rho", 0.75, float, "halve the step when fewer than rho of the steps since the last checkpoint "
                "raised the loss"), _each(_APGD, 0.75)),
-    (Parameter("gamma", 0.5, float, "L-infinity size of each step as a fraction of epsilon"), {"dag": 0.5}),
+    (Parameter("gamma", 0.5, float, "L-infinity size of each step as a fraction of epsilon"), {"dag": 0.5, "jsma": 1.0}),
     (Parameter("scale_quantile", 1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] (1: the "
                "paper's r/|r|inf)"), {"dag": 1.0}),
+    (Parameter("overshoot", 0.02, float, "each step goes (1 + overshoot) times past the boundary"),
+     _each(_DEEPFOOL, 0.02)),
+    (Parameter("candidates", None, int, "classes considered: the top scoring ones of the clean volume (none: all)"),
+     _each(_DEEPFOOL, None)),
+    (Parameter("theta", 0.1, float, "change per chosen voxel, fraction of the intensity range (at most epsilon)"),
+     {"jsma": 0.1}),
 )
 
 
 def registry_tables():
     """The tables above as the probe registry and the networks give them (imports torch)."""
+    from .networks.models import TASKS as tasks
     from .networks.outputs import ACTIVATIONS as activations
     from .probes.attacks import ATTACKS
     from .probes.corruptions import CORRUPTIONS, SEVERITIES as severities
@@ -77,13 +86,13 @@ def registry_tables():
         for parameter in probe_parameters(name):
             takers.setdefault(parameter.name, (parameter, {}))[1][name] = parameter.default
     return {"attacks": tuple(sorted(ATTACKS)), "corruptions": tuple(CORRUPTIONS), "severities": tuple(severities),
-            "activations": tuple(activations), "probe_options": tuple(takers.values())}
+            "activations": tuple(activations), "tasks": tuple(tasks), "probe_options": tuple(takers.values())}
 
 
 def static_tables():
     """The tables the parser is built from, in the form of :func:`registry_tables`."""
     return {"attacks": ATTACK_NAMES, "corruptions": CORRUPTION_NAMES, "severities": SEVERITIES,
-            "activations": ACTIVATIONS, "probe_options": PROBE_OPTIONS}
+            "activations": ACTIVATIONS, "tasks": TASKS, "probe_options": PROBE_OPTIONS}
 
 
 def package_version():
@@ -229,6 +238,9 @@ def build_parser():
     run.add_argument("--volume", required=True, help="input volume (NIfTI, NRRD, ... any file Slicer reads)")
     run.add_argument("--model", required=True, help=MODEL_HELP)
     run.add_argument("--reference", help="reference label map on the volume's grid")
+    run.add_argument("--label", type=int, metavar="K", help="a classifier's true class (its class index)")
+    run.add_argument("--task", choices=TASKS, help="what the network does (default: as model.json says, else "
+                                                   "detected from the outputs' shape and reported)")
     _add_attack_arguments(run, default_epsilons=None)
     run.add_argument("--output-activation", choices=ACTIVATIONS,
                      help="what the network outputs are (default: as model.json or the bundle says, else "
@@ -279,11 +291,15 @@ def build_parser():
                          "medadv bench --networks demo my-segresnet --cases heldout:3 --attacks fgsm --epsilons 0.01 "
                          "--out compare"))
     train.add_argument("--out", required=True, help="folder for model.json, model.pt and training.json")
-    train.add_argument("--iterations", type=positive_int, default=3000, help="training iterations (default 3000)")
+    train.add_argument("--iterations", type=positive_int,
+                       help="training iterations (default 3000; 120 with --task classification)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and augmentation (default 0)")
     train.add_argument("--architecture", default="unet", choices=("unet", "segresnet", "attentionunet", "slicewise2d"),
                        help="network family, same recipe (default unet: the demo network)")
     train.add_argument("--name", help="network name in model.json (default demo-ARCHITECTURE)")
+    train.add_argument("--task", default="segmentation", choices=("segmentation", "classification"),
+                       help="classification: the demo classifier (axial level of MNI152 slices; its own recipe, "
+                            "default 120 iterations; --architecture does not apply)")
     train.set_defaults(handler=_train)
 
     from .viewer.serve import add_view_command  # the browser viewer: `medadv view DIR` (handler in viewer/serve.py)
@@ -480,7 +496,8 @@ def _attack(volume, model, reference, args, output_activation):
                           mirroring=getattr(args, "mirroring", True),
                           skip_untwinned=getattr(args, "skip_untwinned", False),
                           command=getattr(args, "command_line", None), unstable_at=args.unstable_at,
-                          memory_budget=args.memory_budget)
+                          memory_budget=args.memory_budget, label=getattr(args, "label", None),
+                          task=getattr(args, "task", None))
     if progress is not None:
         progress.close()
     print(summary(result, time.time() - start))
@@ -494,14 +511,29 @@ def _list_attacks(args):
 
 
 def _train(args):
+    import logging
+    import warnings
     from .training import train
-    train(args.out, iterations=args.iterations, seed=args.seed, architecture=args.architecture,
-          name=args.name or "demo-" + args.architecture)
+    logging.getLogger("monai").setLevel(logging.ERROR)  # e.g. that an optional DICOM decoder is not installed
+    with warnings.catch_warnings():  # MONAI's and torch's notices of API changes: for their users' code, not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(monai|torch)\b")
+        if args.task == "classification":
+            from .classification_training import train as train_classifier
+            train_classifier(args.out, iterations=args.iterations or 120, seed=args.seed,
+                             name=args.name or "demo-classifier")
+        else:
+            train(args.out, iterations=args.iterations or 3000, seed=args.seed, architecture=args.architecture,
+                  name=args.name or "demo-" + args.architecture)
     return 0
 
 
 def summary(result, seconds):
-    """The clean Dice per label, then per strength the mean Dice, HD95, SSIM and PSNR, as text."""
+    """The clean Dice per label, then per strength the mean Dice, HD95, SSIM and PSNR, as text (a classifier's:
+    :func:`classification_summary`)."""
+    if getattr(result, "task", "segmentation") == "classification":
+        return classification_summary(result, seconds)
     key, against = result.strength_name, result.against
     kind = "attack" if key == "epsilon" else "corruption"
     lines = ["{} on {} ({} {}), {:.0f} s".format(result.model_name, result.volume.name, result.probe_name, kind,
@@ -520,6 +552,26 @@ def summary(result, seconds):
         lines.append("ROOD-MRI summary of the mean Dice (alpha 2/3): weighted mean {:.3f}, degradation {:.3f}, "
                      "overall {:.3f}".format(rood["weighted_mean"], rood["degradation"], rood["overall"]))
     return "\n".join(lines + fragility_lines(result))
+
+
+def classification_summary(result, seconds):
+    """Per strength the predicted class, its probability, the true class's, whether it flipped, SSIM and PSNR."""
+    key = result.strength_name
+    lines = ["{} on {} ({} {}, classification), {:.0f} s".format(
+        result.model_name, result.volume.name, result.probe_name, "attack" if key == "epsilon" else "corruption",
+        seconds)]
+    lines.append("{:>10}  {:<24} {:>10}  {:>10}  {:>7}  {:>6}  {:>8}".format(
+        key, "predicted", "confidence", "p(label)", "flipped", "SSIM", "PSNR dB"))
+    for row in result.rows:
+        lines.append("{:>10g}  {:<24} {:>10.3f}  {:>10}  {:>7}  {:>6.3f}  {:>8}".format(
+            row[key], str(row["predicted_name"])[:24], row["confidence"],
+            "" if row.get("label_probability") is None else "{:.3f}".format(row["label_probability"]),
+            "yes" if row["flipped"] else "no", row["ssim"], _number(row["psnr"])))
+    minimal = [row for row in result.rows if row.get("minimal_linf_fraction") is not None]
+    if minimal:
+        lines.append("smallest perturbation that flips (fraction of the range): L-inf {:.4g}, L2 {:.4g}".format(
+            minimal[-1]["minimal_linf_fraction"], minimal[-1]["minimal_l2_fraction"]))
+    return "\n".join(lines)
 
 
 def fragility_lines(result):

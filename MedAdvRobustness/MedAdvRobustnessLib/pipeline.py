@@ -9,9 +9,10 @@ import numpy as np
 from .errors import InputError
 from .networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, MODELS_DIR, describe, load_model
 from .scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
-from .report import write_report
+from .report import write_classification_report, write_report
 from .scene.results import RUN_FILE, StagedOutput, add_result_nodes, check_png, write_result_files, write_run_file
 from .evaluation.sweep import run_sweep
+from .scene.classification import add_classification_nodes, write_classification_files
 from .scene.fragility import add_fragility_nodes, write_fragility_files
 from .scene.slicer_scene import SlicerScene
 
@@ -22,6 +23,7 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
     nodes; on failure or cancel no new node is left."""
     volume = volume_from_node(volume_node)
     reference = labels_from_node(reference_node, volume) if reference_node is not None else None
+    model.file_ijk_to_ras = nifti_voxel_to_ras(node_file(volume_node))  # as medadv run does with the same file
     with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
         for line in describe(model, volume).lines():  # detects an undeclared output activation, reports it
             if progress:
@@ -33,7 +35,7 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
 def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference_path=None, output_activation=None,
                  progress=None, trust_checkpoint=False, device="cpu", amp=False, region_path=None, region_labels=None,
                  folds=None, mirroring=True, skip_untwinned=False, command=None, unstable_at=None,
-                 memory_budget=None):
+                 memory_budget=None, label=None, task=None):
     """Read the files, apply the probe (attack or corruption), and write the results folder: all of it, or nothing
     if anything fails. Its ``run.json`` records how (:func:`run_record`; ``command``: the command line, default
     ``sys.argv``).
@@ -43,7 +45,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
     every non-zero label). ``folds``, ``mirroring`` (nnU-Net folders) and ``skip_untwinned`` (bundles): see
     :func:`load_model`. ``unstable_at``: the strength of the scene's "unstable at <= s" segmentation (default
     the middle one). ``memory_budget`` (bytes): a windowed network's kept forward graphs (default: half the
-    available memory)."""
+    available memory). ``label``: a classifier's true class (then ``reference_path`` does not apply). ``task``:
+    ``segmentation`` or ``classification``, where the model does not say (default: detected from its outputs)."""
     strengths = probe.check_strengths(strengths)
     with StagedOutput(out_dir) as staging:
         slicer_scene = SlicerScene.standalone()
@@ -60,8 +63,9 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
                            folds=folds, mirroring=mirroring, skip_untwinned=skip_untwinned)
         if memory_budget is not None:
             model.memory_budget = int(memory_budget)
-        if hasattr(model, "file_ijk_to_ras"):  # nnU-Net reads the file in its own voxel order, not Slicer's
-            model.file_ijk_to_ras = nifti_voxel_to_ras(volume_path)
+        if task is not None:
+            model.description.task = task
+        model.file_ijk_to_ras = nifti_voxel_to_ras(volume_path)  # the frameworks' own matrix and voxel order
         files = {"volume": _file_entry(volume_path), "reference": _file_entry(reference_path),  # once read and valid
                  "region": _file_entry(region_path), "model": model_files_entry(model_source)}
         with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
@@ -69,11 +73,20 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
             for line in model_report:
                 if progress:
                     progress(0.0, line)
+            if model.task == "classification":
+                reference = _class_reference(reference, label)
+            elif label is not None:
+                raise InputError("--label gives a classifier's true class; {} is a segmentation network: give its "
+                                 "reference segmentation with --reference".format(model.description.name))
             result = run_sweep(model, volume, probe, strengths, reference, progress, region=region)
         add_nodes_or_nothing(slicer_scene, result, unstable_at)
-        write_result_files(result, staging)
-        write_fragility_files(result, staging)
-        write_report(result, staging / "report.png")
+        if model.task == "classification":
+            write_classification_files(result, staging)
+            write_classification_report(result, staging / "report.png")
+        else:
+            write_result_files(result, staging)
+            write_fragility_files(result, staging)
+            write_report(result, staging / "report.png")
         check_png(staging / "report.png")
         slicer_scene.write_mrb(staging / "scene.mrb")
         write_run_file(run_record(probe, strengths, files, model, model_source, model_report, command=command,
@@ -155,10 +168,17 @@ def versions():
     return dict(study_versions(), **{"slicer-core": slicer_core})
 
 
+def node_file(volume_node):
+    """The file a volume node was read from (its storage node's), or None."""
+    storage = volume_node.GetStorageNode() if hasattr(volume_node, "GetStorageNode") else None
+    return storage.GetFileName() if storage is not None else None
+
+
 def nifti_voxel_to_ras(path):
     """The voxel-to-RAS matrix of a NIfTI file as nibabel (and so nnU-Net, and MONAI) reads it; None for another
-    format."""
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
+    format, no file, or a file no longer there. A model uses it only where the volume's grid is this file's (see
+    :func:`~.networks.steps.file_exact_affine`)."""
+    if not path or not os.path.isfile(str(path)) or not str(path).lower().endswith((".nii", ".nii.gz")):
         return None
     import nibabel
     return np.asarray(nibabel.load(str(path)).affine, dtype=np.float64)
@@ -175,8 +195,19 @@ def region_mask(region_map, region_labels=None):
     return mask
 
 
+def _class_reference(reference, label):
+    """A classifier's reference: the true class ``label`` (or None); a reference segmentation is refused."""
+    if reference is not None:
+        raise InputError("the network is a classifier: it takes the true class (--label K), not a reference "
+                         "segmentation")
+    return None if label is None else int(label)
+
+
 def add_all_result_nodes(slicer_scene, result, unstable_at=None):
-    """The result nodes and the fragility nodes ("unstable at <= ``unstable_at``", default the middle strength)."""
+    """The result nodes and the fragility nodes ("unstable at <= ``unstable_at``", default the middle strength);
+    a classifier's result nodes (:func:`~.scene.classification.add_classification_nodes`)."""
+    if getattr(result, "task", "segmentation") == "classification":
+        return add_classification_nodes(slicer_scene, result)
     nodes = add_result_nodes(slicer_scene, result)
     nodes.update(add_fragility_nodes(slicer_scene, result, unstable_at=unstable_at))
     return nodes

@@ -130,3 +130,69 @@ def _rood_text(result):
         return ""
     return "\nROOD-MRI summary (alpha 2/3): weighted mean Dice {:.3f}, degradation {:.3f}".format(
         rood["weighted_mean"], rood["degradation"])
+
+
+def write_classification_report(result, path):
+    """A classifier's figure for the strongest strength: the image clean and probed with the class and its
+    probability, the perturbation, the clean image's saliency, and the confidence curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .scene.classification import confidence_curve_rows, predicted_text
+
+    volume, attacked = result.volume, result.outcomes[-1]
+    spatial = volume.array.shape[-3:]
+    axis = int(np.argmin(spatial))  # a one-slice image's own plane; else the thinnest direction
+    index = int(np.argmax(np.asarray(result.saliency).sum(axis=tuple(a for a in range(3) if a != axis))))
+    aspect = _aspect(np.linalg.norm(volume.affine[:3, :3], axis=0), axis)
+    low, high = volume.intensity_range
+    limit = max(float(np.abs(attacked.probed - volume.array).max()), 1e-12)
+    figure, axes = plt.subplots(1, 5, figsize=(22, 5), constrained_layout=True)
+    panels = ((volume.array, "clean: " + predicted_text(result, 0)),
+              (attacked.probed, "{}: {}".format(outcome_title(result, attacked),
+                                                predicted_text(result, len(result.outcomes) - 1))))
+    for ax, (image, title) in zip(axes, panels):
+        ax.imshow(_image_slice(image, axis, index, low, high), cmap="gray", vmin=low, vmax=high, aspect=aspect)
+        ax.set_title(title, fontsize=10)
+    shown = axes[2].imshow(_channel_mean(display_slice_any(attacked.probed - volume.array, axis, index)),
+                           cmap="RdBu_r", vmin=-limit, vmax=limit, aspect=aspect)
+    axes[2].set_title("perturbation (intensity units)", fontsize=10)
+    figure.colorbar(shown, ax=axes[2], shrink=0.8)
+    shown = axes[3].imshow(display_slice(np.asarray(result.saliency), axis, index), cmap="inferno", aspect=aspect)
+    axes[3].set_title("saliency |d score / d input| (clean)", fontsize=10)
+    figure.colorbar(shown, ax=axes[3], shrink=0.8)
+    for ax in axes[:4]:
+        ax.axis("off")
+    rows = confidence_curve_rows(result)
+    strengths = [row[result.strength_name] for row in rows]
+    axes[4].plot(strengths, [row["confidence"] for row in rows], "o-", label="predicted class")
+    if any(row["label_probability"] is not None for row in rows):
+        axes[4].plot(strengths, [row["label_probability"] for row in rows], "s-", label="true class")
+    axes[4].set_xlabel(result.strength_label)
+    axes[4].set_ylabel("probability")
+    axes[4].set_ylim(0, 1.02)
+    axes[4].grid(alpha=0.3)
+    axes[4].legend()
+    axes[4].set_title("confidence vs {}".format(result.strength_name))
+    figure.suptitle("{} on {}: {} (classification)".format(result.model_name, volume.name, result.probe_name),
+                    fontsize=13)
+    figure.savefig(str(path), dpi=80)
+    plt.close(figure)
+
+
+def display_slice_any(array, axis, index):
+    """:func:`display_slice` of a one-channel (X, Y, Z) or channel-first (C, X, Y, Z) array (channels last)."""
+    array = np.asarray(array)
+    if array.ndim == 3:
+        return display_slice(array, axis, index)
+    return np.stack([display_slice(channel, axis, index) for channel in array], axis=-1)
+
+
+def _channel_mean(plane):
+    return plane if plane.ndim == 2 else plane.mean(axis=-1)
+
+
+def _image_slice(array, axis, index, low, high):
+    """A grey slice, or a colour one scaled to [0, 1] by the intensity range."""
+    plane = display_slice_any(array, axis, index)
+    return plane if plane.ndim == 2 else np.clip((plane - low) / max(high - low, 1e-12), 0.0, 1.0)

@@ -343,7 +343,10 @@ def test_apgd_schedule_and_best_point():
 
 # --- (e) progress and cancel ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+SEGMENTATION_ATTACKS = sorted(name for name, attack in ATTACKS.items() if "segmentation" in attack.tasks)
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_ATTACKS)
 def test_progress_reports_loss_and_dice_and_cancel_stops(name):
     model, volume = tiny_model(), random_volume()
     labels = model.predict(volume)

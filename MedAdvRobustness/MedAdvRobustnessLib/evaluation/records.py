@@ -31,6 +31,7 @@ class Outcome:
     record: object = None
     reference: Optional[np.ndarray] = None
     clean_prediction: Optional[np.ndarray] = None
+    probabilities: Optional[np.ndarray] = None  # a classifier's: the probability of each class
 
 
 @dataclass
@@ -85,3 +86,39 @@ class RobustnessResult:
                   for outcome in self.outcomes[1:]}
         return dict(rood_summary(scores, self.mean_dice(0, self.against)), metric="mean Dice",
                     against=self.against, corruption=self.probe_name)
+
+
+CLASSIFICATION_COLUMNS = ("model", "attack", "strength", "predicted", "predicted_name", "confidence", "label",
+                          "label_probability", "flipped", "linf", "l2", "linf_fraction", "l2_fraction", "psnr",
+                          "ssim")
+MINIMAL_COLUMNS = ("minimal_l2_fraction", "minimal_linf_fraction")
+
+
+@dataclass
+class ClassificationResult:
+    """A classifier's sweep: one :class:`Outcome` and one metric row per strength (0: clean), the true class
+    (``reference``, or None) and the gradient saliency map of the clean input on the volume's grid."""
+    model_name: str
+    probe_name: str
+    volume: object
+    labels: List[Label]
+    reference: Optional[int]
+    outcomes: List[Outcome]
+    rows: List[dict]
+    saliency: np.ndarray
+    strength_name: str = "epsilon"
+    strength_label: str = "epsilon (fraction of intensity range)"
+    task = "classification"
+
+    @property
+    def clean(self):
+        return self.outcomes[0]
+
+    @property
+    def columns(self):
+        """The issue's columns, the strength column named after the probe's strength, plus the minimal
+        perturbation's where the attack reports one."""
+        columns = tuple(self.strength_name if column == "strength" else column for column in CLASSIFICATION_COLUMNS)
+        if any(column in row for row in self.rows for column in MINIMAL_COLUMNS):
+            columns += MINIMAL_COLUMNS
+        return columns

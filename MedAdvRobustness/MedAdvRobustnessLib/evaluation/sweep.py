@@ -12,6 +12,7 @@ from ..networks.models import as_segmentation_model
 from ..networks.outputs import predict_labels, prediction_entropy
 from ..probes.attacks import check_cancel
 from ..probes.corruptions import spacing_from_affine
+from .classification import run_classification_sweep
 from .metrics import (SURFACE_TOLERANCE_MM, LabelSurfaces, dice_per_label, mean_dice, perturbation_metrics,
                       structural_similarity)
 from .records import Outcome, RobustnessResult
@@ -28,6 +29,8 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     the anatomy is refused). ``target`` (integer labels) makes an attack targeted.
     ``progress(fraction, message)`` reports the work done; ``is_cancelled()`` stops between iterations.
     ``surface_tolerance`` (mm): the tolerance of the surface Dice columns (``nsd_*``).
+    A classifier (``model.task``) gets a :class:`~.records.ClassificationResult`
+    (:func:`~.classification.run_classification_sweep`): its ``reference`` is the true class, or None.
     """
     model = as_segmentation_model(model)
     strengths = probe.check_strengths(strengths)
@@ -38,7 +41,16 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     if high <= low:
         raise InputError("volume {} has constant intensity; epsilon as a fraction of its range is undefined".format(
             volume.name))
-    sweep = Sweep(model, volume, reference, region, target, is_cancelled)
+    with torch.no_grad():
+        clean_outputs = model(volume.as_tensor())
+    task = network_task(model, clean_outputs)
+    if task not in probe.tasks:
+        raise InputError("{} is for {} networks only; {} is a {} network".format(
+            probe.name, " and ".join(probe.tasks), model.description.name, task))
+    if task == "classification":
+        return run_classification_sweep(model, volume, clean_outputs, probe, strengths, reference, region, target,
+                                        progress, is_cancelled, _reporter)
+    sweep = Sweep(model, volume, clean_outputs, reference, region, target, is_cancelled)
     if reference is not None and int(reference.max()) >= len(sweep.labels):
         raise InputError("the reference holds label {} but the network predicts labels 0..{}".format(
             int(reference.max()), len(sweep.labels) - 1))
@@ -51,6 +63,14 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
                        surface_tolerance)
     return RobustnessResult(model_name, probe.name, volume, sweep.labels, reference, outcomes, rows,
                             probe.strength_name, probe.strength_label, sweep.clean_entropy)
+
+
+def network_task(model, outputs):
+    """``segmentation`` or ``classification``: the model's declared or detected task, else detected here from its
+    ``outputs``' shape ((B, K): a classifier)."""
+    if model.description.task is None and model.detected_task is None:
+        model.detected_task = "classification" if outputs.dim() == 2 else "segmentation"
+    return model.task
 
 
 def _reporter(probe, strength, index, count, progress):
@@ -68,14 +88,13 @@ def _reporter(probe, strength, index, count, progress):
 
 class Sweep:
     """What every strength of one sweep shares, as a probe's :meth:`~..probes.base.Probe.outcome` uses it: the
-    model, the clean volume (``inputs``, (1, C, X, Y, Z)) and its clean prediction, the reference, the region and
-    target (tensors or None), the loss labels (the reference, else the clean prediction), the intensity bounds."""
+    model, the clean volume (``inputs``, (1, C, X, Y, Z)) and its clean prediction (from ``clean_outputs``), the
+    reference, the region and target (tensors or None), the loss labels (the reference, else the clean
+    prediction), the intensity bounds."""
 
-    def __init__(self, model, volume, reference, region, target, is_cancelled):
+    def __init__(self, model, volume, clean_outputs, reference, region, target, is_cancelled):
         self.model, self.volume, self.reference, self.is_cancelled = model, volume, reference, is_cancelled
         self.inputs = volume.as_tensor()
-        with torch.no_grad():
-            clean_outputs = model(self.inputs)
         self.labels = model.labels(clean_outputs)
         self.clean_prediction = predict_labels(clean_outputs, model.activation)[0].numpy()
         self.clean_entropy = prediction_entropy(clean_outputs.float(), model.activation)[0].numpy()

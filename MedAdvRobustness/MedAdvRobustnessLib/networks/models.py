@@ -18,14 +18,14 @@ import torch
 
 from ..errors import InputError
 from .outputs import Regions, check_activation, label_count, predict_labels
-from .steps import apply_step, check_steps, default_steps, step_text
+from .steps import apply_step, check_steps, default_steps, file_exact_affine, step_text
 from .windowed import (GRADIENT_MODES, WindowKeeper, default_memory_budget, is_nnunet_window, sliding_window_outputs,
                        window_plan, window_settings, window_vjp)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
                   "demo-slicewise2d": "demo-slicewise2d", "demo-segresnet": "demo-segresnet",
-                  "demo-attentionunet": "demo-attentionunet"}
+                  "demo-attentionunet": "demo-attentionunet", "demo-classifier": "demo-classifier"}
 DESCRIPTION_FILE = "model.json"
 PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90, 0.55), (0.45, 0.80, 0.45),
            (0.80, 0.45, 0.85), (0.40, 0.85, 0.85), (0.95, 0.65, 0.20), (0.60, 0.60, 0.60), (0.90, 0.30, 0.55)]
@@ -73,6 +73,7 @@ class ModelDescription:
     preprocessing: Optional[list] = None
     activation_after_inference: Optional[str] = None
     task: Optional[str] = None
+    spatial_dims: Optional[int] = None
     notes: str = ""
 
     def activate(self, outputs):
@@ -111,6 +112,8 @@ class ModelDescription:
         data.setdefault("output_activation", None)  # not declared: detected from the outputs
         if data.get("task") is not None and data["task"] not in TASKS:
             raise InputError("{}: unknown task {!r}; expected one of {}".format(where, data["task"], ", ".join(TASKS)))
+        if data.get("spatial_dims") not in (None, 2, 3):
+            raise InputError("{}: spatial_dims must be 2 or 3, got {!r}".format(where, data["spatial_dims"]))
         if data.get("output_activation") is not None:
             try:
                 check_activation(data["output_activation"])
@@ -224,6 +227,7 @@ class SegmentationModel(torch.nn.Module):
         self.input_affine = None
         self.input_orientation = None  # how the volume's own voxel order maps to the network convention
         self.input_ijk_to_ras = None
+        self.file_ijk_to_ras = None  # the volume's file matrix as nibabel reads it (NIfTI), where known
         self.amp = bool(amp)
         self.source = source
         self.load_notes = []
@@ -245,6 +249,14 @@ class SegmentationModel(torch.nn.Module):
         return self.description.task or self.detected_task or "segmentation"
 
     @property
+    def spatial_dims(self):
+        """2 for a network on 2D images (declared, or its architecture's ``spatial_dims``), else 3."""
+        declared = self.description.spatial_dims
+        if declared is None and self.description.architecture:
+            declared = self.description.architecture.get("args", {}).get("spatial_dims")
+        return declared or 3
+
+    @property
     def device(self):
         for tensor in list(self.network.parameters()) + list(self.network.buffers()):
             return tensor.device
@@ -261,7 +273,7 @@ class SegmentationModel(torch.nn.Module):
         """Within this block, inputs have this spacing (or the grid of this voxel-to-RAS matrix, or of this Volume:
         then also its own voxel order, which frameworks that do not reorient, as nnU-Net, work in)."""
         previous = self.input_affine, self.input_orientation, self.input_ijk_to_ras
-        self.input_affine = grid_affine(spacing_or_affine)
+        self.input_affine = file_exact_affine(grid_affine(spacing_or_affine), self.file_ijk_to_ras)
         self.input_orientation = getattr(spacing_or_affine, "orientation", None)
         self.input_ijk_to_ras = getattr(spacing_or_affine, "ijk_to_ras", None)
         try:
@@ -315,17 +327,22 @@ class SegmentationModel(torch.nn.Module):
         return sliding_window_outputs(self.run_network, inputs, window)
 
     def run_network(self, inputs):
-        """The network on one input (or batch of windows), under autocast with ``amp``, outputs in input dtype."""
+        """The network on one input (or batch of windows), under autocast with ``amp``, outputs in input dtype; a 2D
+        network gets the one-slice input without its one-voxel axis."""
+        flat_axis = one_voxel_axis(inputs, self.description.name) if self.spatial_dims == 2 else None
+        network_inputs = inputs if flat_axis is None else inputs.squeeze(flat_axis)
         if self.amp:
             kind = inputs.device.type
             with torch.autocast(device_type=kind, dtype=torch.float16 if kind == "cuda" else torch.bfloat16):
-                outputs = self.network(inputs)
+                outputs = self.network(network_inputs)
         else:
-            outputs = self.network(inputs)
+            outputs = self.network(network_inputs)
         if isinstance(outputs, (list, tuple)):
             outputs = outputs[0]
         if not torch.is_tensor(outputs):
             raise InputError("the network returned {}, not a tensor".format(type(outputs).__name__))
+        if flat_axis is not None and outputs.dim() > 2:
+            outputs = outputs.unsqueeze(flat_axis)
         if outputs.dim() == 2:  # (B, K) class scores: a classifier
             return outputs if outputs.dtype == inputs.dtype else outputs.to(inputs.dtype)
         if tuple(outputs.shape[2:]) != tuple(inputs.shape[2:]):
@@ -407,6 +424,15 @@ class SegmentationModel(torch.nn.Module):
     def labels(self, outputs):
         """Labels (names, colours) for outputs of this network."""
         return self.description.labels_for(label_count(outputs, self.activation))
+
+
+def one_voxel_axis(inputs, name):
+    """The dimension of a (B, C, X, Y, Z) input's single one-voxel axis, that a 2D network's image lacks."""
+    flat = [axis for axis in range(2, inputs.dim()) if inputs.shape[axis] == 1]
+    if len(flat) != 1:
+        raise InputError("model {} is a 2D network: it takes a one-slice volume (one axis of one voxel), got "
+                         "{}".format(name, "x".join(str(n) for n in inputs.shape[2:])))
+    return flat[0]
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -646,12 +672,16 @@ class ModelReport:
     amp: bool
     parameters: Optional[int]
     notes: List[str]
+    task: str = "segmentation"
+    spatial_dims: int = 3
 
     def lines(self):
         def size(values, unit=""):
             return "x".join("{:g}".format(v) for v in values) + unit
 
         out = ["model {} ({})".format(self.name, self.source)]
+        out.append("task: {}, {}D network{}".format(self.task, self.spatial_dims, ", {} classes".format(
+            len(self.labels)) if self.task == "classification" else ""))
         network = "network: {} output channel(s)".format(self.out_channels)
         if self.parameters is not None:
             network += ", {:.2f} M parameters".format(self.parameters / 1e6)
@@ -666,7 +696,7 @@ class ModelReport:
                                                                                       agree))
         else:
             out.append("outputs: {} (detected: not declared)".format(self.detected_activation))
-        out.append("labels: " + ", ".join("{} {}".format(label.value, label.name) for label in self.labels))
+        out.append(("classes: " if self.task == "classification" else "labels: ") + ", ".join("{} {}".format(label.value, label.name) for label in self.labels))
         out.append("intensity: {}".format(json.dumps(self.intensity)))
         out.append("preprocessing, in order: {}".format("; ".join(
             "{}. {}".format(index, text) for index, text in enumerate(self.steps, 1))))
@@ -782,4 +812,4 @@ def describe(model, volume):
         network_spacing=model.description.spacing, input_spacing=spacing, input_size=tuple(volume.shape[2:]),
         network_size=plan["network_size"], window=window, windows=windows, gradient_mode=model.gradient_mode
         if window else "autograd", device=str(model.device), amp=model.amp, parameters=parameters,
-        notes=list(model.load_notes))
+        notes=list(model.load_notes), task=task, spatial_dims=model.spatial_dims)

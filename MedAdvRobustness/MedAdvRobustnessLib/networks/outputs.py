@@ -103,3 +103,15 @@ def prediction_entropy(outputs, activation):
         return -(probabilities * torch.log(probabilities.clamp_min(_TINY))).sum(dim=1)
     probabilities = outputs.clamp(_TINY, 1.0 - 1e-7)
     return -(probabilities * torch.log(probabilities) + (1 - probabilities) * torch.log1p(-probabilities)).sum(dim=1)
+
+
+def class_probabilities(outputs, activation):
+    """Probability of each class (B, classes) from a classifier's (B, K) outputs: the softmax of logits, softmax
+    outputs as they are; for sigmoid outputs class 0 is "none above 0.5" (:func:`predict_labels`'s rule), its
+    probability that of no channel being on."""
+    if check_activation(activation) == "logits":
+        return torch.softmax(outputs, dim=1)
+    if activation == "sigmoid":
+        return torch.cat([(1 - outputs).prod(dim=1, keepdim=True), outputs], dim=1)
+    return outputs
+

@@ -94,7 +94,8 @@ def ras_axes(ijk_to_ras):
 
 @dataclass
 class Volume:
-    """A scalar volume as the network sees it, with what is needed to write results back on its grid."""
+    """A volume as the network sees it, with what is needed to write results back on its grid: ``array`` is
+    (X, Y, Z) for one channel, channel-first (C, X, Y, Z) for several (an RGB image's channels)."""
     name: str
     array: np.ndarray
     ijk_to_ras: np.ndarray
@@ -103,15 +104,25 @@ class Volume:
 
     @classmethod
     def from_array(cls, array_ijk, ijk_to_ras=None, name="volume"):
-        """A volume from an (i, j, k) array and its voxel-to-RAS matrix (nibabel's ``img.get_fdata()`` and
-        ``img.affine``; default: 1 mm voxels along R, A, S). The array is copied, never modified."""
+        """A volume from an (i, j, k) array, or (i, j, k, C) for several channels (as nibabel gives an RGB image),
+        and its voxel-to-RAS matrix (nibabel's ``img.get_fdata()`` and ``img.affine``; default: 1 mm voxels along
+        R, A, S). The array is copied, never modified."""
         array_ijk = np.asarray(array_ijk)
-        if array_ijk.ndim != 3:
-            raise ValueError("a volume is a 3D array, got shape {}".format(array_ijk.shape))
+        if array_ijk.ndim not in (3, 4):
+            raise ValueError("a volume is an (i, j, k) or (i, j, k, channels) array, got shape {}".format(
+                array_ijk.shape))
         ijk_to_ras = np.eye(4) if ijk_to_ras is None else np.asarray(ijk_to_ras, dtype=np.float64)
-        array_kji = np.transpose(array_ijk, (2, 1, 0))
-        orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
-        return cls(name, orientation.to_network(array_kji).astype(np.float32), ijk_to_ras, orientation)
+        orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_ijk.shape[2::-1])
+        if array_ijk.ndim == 3:
+            array = orientation.to_network(np.transpose(array_ijk, (2, 1, 0)))
+        else:
+            array = np.stack([orientation.to_network(np.transpose(array_ijk[..., channel], (2, 1, 0)))
+                              for channel in range(array_ijk.shape[3])])
+        return cls(name, array.astype(np.float32), ijk_to_ras, orientation)
+
+    @property
+    def channels(self):
+        return 1 if self.array.ndim == 3 else self.array.shape[0]
 
     @property
     def intensity_range(self):
@@ -123,5 +134,6 @@ class Volume:
         return self.orientation.network_affine(self.ijk_to_ras)
 
     def as_tensor(self):
-        """(1, 1, X, Y, Z) float32 tensor of raw intensities."""
-        return torch.from_numpy(self.array.astype(np.float32, copy=False))[None, None]
+        """(1, C, X, Y, Z) float32 tensor of raw intensities."""
+        tensor = torch.from_numpy(self.array.astype(np.float32, copy=False))
+        return tensor[None, None] if self.array.ndim == 3 else tensor[None]

@@ -351,6 +351,9 @@ class _Context:
         if tuple(labels.shape) != spatial:
             raise InputError("labels of shape {} do not match the volume {}".format(tuple(labels.shape),
                                                                                    tuple(volume.shape)))
+        if labels.dim() == 1 and attack.target_mode in ("grow", "vanish"):
+            raise InputError("{}: target mode {} moves a region's border; for a classifier use permute, swap or "
+                             "turn".format(attack.name, attack.target_mode))
         if target is not None and tuple(target.shape) != spatial:
             raise InputError("target of shape {} does not match the volume {}".format(tuple(target.shape),
                                                                                      tuple(volume.shape)))
@@ -575,6 +578,7 @@ class PGD(Attack):
 @dataclass
 class SegPGD(PGD):
     name: ClassVar[str] = "segpgd"
+    tasks: ClassVar[tuple] = ("segmentation",)
     summary: ClassVar[str] = ("SegPGD (Gu et al. ECCV 2022): PGD on (1-l)*CE over correctly classified voxels + "
                               "l*CE over misclassified ones, l = (t-1)/(2T)")
 
@@ -591,6 +595,7 @@ class SegPGD(PGD):
 @dataclass
 class CosPGD(PGD):
     name: ClassVar[str] = "cospgd"
+    tasks: ClassVar[tuple] = ("segmentation",)
     summary: ClassVar[str] = ("CosPGD (Agnihotri et al. ICML 2024): PGD on the per-voxel CE weighted by the "
                               "(detached) cosine similarity of the class probabilities and the one-hot labels "
                               "(targeted: 1 - cosine to the target)")
@@ -729,6 +734,7 @@ class DAG(Attack):
     instead: with percentile intensity normalisation (the demo network) the gradient at the voxels that set the
     percentiles is ~10^4 times any other, and r / |r|inf then moves almost nothing else.
     """
+    tasks: ClassVar[tuple] = ("segmentation",)
     name: ClassVar[str] = "dag"
     summary: ClassVar[str] = ("Dense Adversary Generation (Xie et al. ICCV 2017): per-voxel adversarial targets; "
                               "r = grad sum over the active voxels of (z_target - z_label), step gamma*eps*r/|r|inf, "

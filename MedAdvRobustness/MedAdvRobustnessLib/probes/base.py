@@ -10,6 +10,7 @@ class Probe:
     - ``name``, ``summary``: what it is, in a word and in a line;
     - ``strength_name``, ``strength_label``: what its strengths are (``epsilon``, a fraction of the intensity
       range, or ``severity`` 1..5) for columns and axis titles;
+    - ``tasks``: the kinds of network it applies to (``segmentation``, ``classification``);
     - ``moves_anatomy``: whether it moves the anatomy (then the sweep compares with the moved reference and clean
       prediction, and it cannot be restricted to a region);
     - :meth:`check_strengths`: the strengths it takes, checked and sorted;
@@ -19,6 +20,7 @@ class Probe:
     summary = ""
     strength_name = "epsilon"
     strength_label = "epsilon (fraction of intensity range)"
+    tasks = ("segmentation", "classification")
     moves_anatomy = False
 
     @classmethod

@@ -5,8 +5,10 @@ the :data:`~.corruptions.CORRUPTIONS` table. The CLI, ``medadv attacks``, the Sl
 bench read the probes and their parameters from here.
 """
 from ..errors import InputError
-from . import attacks, corruptions
+from . import attacks, corruptions, minimal
 from .parameters import convert, parameter_fields
+
+attacks.ATTACKS.update(minimal.ATTACKS)  # the minimal-perturbation attacks on classifiers (DeepFool, JSMA)
 
 
 def probe_names():

@@ -1,0 +1,182 @@
+"""Minimal-perturbation attacks on classifiers: DeepFool (L2 and L-infinity) and the saliency map attack (JSMA).
+
+DeepFool (Moosavi-Dezfooli et al. 2016) linearises the class scores around the current point and steps, with an
+``overshoot``, across the nearest linearised decision boundary, until the class flips or ``steps`` iterations are
+done. As every attack it takes epsilon as the largest L-infinity perturbation allowed: the search stops once it
+is passed and the result is projected into it. The perturbation found at the flip (before that cut) is recorded in
+``record.details["minimal_perturbation"]`` (L2 and L-infinity, intensity units; None where nothing flipped).
+"""
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from ..errors import InputError
+from .attacks import Attack, _norms, class_scores, project_linf
+from .parameters import parameter
+
+_TINY = 1e-12
+
+
+def require_classifier(context):
+    """InputError unless the attacked network is a classifier (one class per volume)."""
+    if context.labels.dim() != 1:
+        raise InputError("{} attacks classifiers (one class per volume); this network segments".format(
+            context.attack.name))
+
+
+@dataclass
+class DeepFool(Attack):
+    name: ClassVar[str] = "deepfool"
+    summary: ClassVar[str] = ("DeepFool (Moosavi-Dezfooli et al. 2016): the minimal L2 perturbation that crosses the "
+                              "nearest linearised decision boundary, with overshoot; classifiers only")
+    tasks: ClassVar[tuple] = ("classification",)
+    distance: ClassVar[str] = "l2"
+
+    steps: int = parameter(50, int, "largest number of iterations", minimum=1)
+    overshoot: float = parameter(0.02, float, "each step goes (1 + overshoot) times past the boundary", minimum=0.0)
+    candidates: Optional[int] = parameter(None, int, "classes considered: the top scoring ones of the clean volume "
+                                          "(none: all)", minimum=2)
+
+    def run(self, context):
+        require_classifier(context)
+        volume, labels = context.volume, context.labels
+        with torch.no_grad():
+            considered = self._considered(class_scores(context.model(volume), context.activation), labels)
+        classes = torch.nonzero(considered.any(dim=0)).flatten().tolist()
+        context.plan((self.steps + 1) * len(classes))
+        point, active = volume.clone(), torch.ones(len(volume), dtype=torch.bool, device=volume.device)
+        minimal = [None] * len(volume)
+        for iteration in range(self.steps + 1):
+            scores, gradients = self._scores_and_gradients(context, point, classes)
+            flipped = scores.argmax(dim=1) != labels
+            for b in torch.nonzero(active & flipped).flatten().tolist():
+                minimal[b] = self._sizes(point[b] - volume[b])
+            over = _norms(point - volume, "linf").flatten() > context.epsilon
+            active = active & ~flipped & ~over
+            if iteration == self.steps or not bool(active.any()):
+                break
+            moved = self._step(context, point, scores, gradients, considered)
+            point = torch.where(active.view((-1,) + (1,) * (point.dim() - 1)), moved, point)
+        context.record.details["minimal_perturbation"] = minimal[0] if len(minimal) == 1 else minimal
+        context.record.details["iterations"] = iteration
+        return project_linf(point, volume, context.epsilon, context.bounds)
+
+    def _considered(self, scores, labels):
+        """(B, K) mask of the classes each volume's search considers: all, or its label and the ``candidates - 1``
+        other top-scoring classes of the clean volume."""
+        if self.candidates is None or self.candidates >= scores.shape[1]:
+            return torch.ones_like(scores, dtype=torch.bool)
+        others = scores.scatter(1, labels[:, None], float("-inf")).topk(self.candidates - 1, dim=1).indices
+        mask = torch.zeros_like(scores, dtype=torch.bool).scatter(1, others, True)
+        return mask.scatter(1, labels[:, None], True)
+
+    def _scores_and_gradients(self, context, point, classes):
+        """Scores (B, K) at ``point`` and the gradient of each class score in ``classes``, (B, K, N) (zero for
+        the others); one gradient evaluation per class."""
+        scores, gradients = None, torch.zeros((len(point), 0), dtype=point.dtype, device=point.device)
+        for k in classes:
+            _, gradient, outputs = context.evaluate(point, lambda out, k=k: class_scores(out, context.activation)[:, k])
+            if scores is None:
+                scores = class_scores(outputs, context.activation)
+                gradients = torch.zeros((len(point), scores.shape[1], point[0].numel()), dtype=gradient.dtype,
+                                        device=gradient.device)
+            gradients[:, k] = gradient.flatten(start_dim=1)
+        return scores, gradients
+
+    def _step(self, context, point, scores, gradients, considered):
+        """One DeepFool step per volume towards the nearest linearised boundary, clipped to the bounds."""
+        batch, own = torch.arange(len(point), device=point.device), context.labels
+        f_prime = scores - scores[batch, own][:, None]  # (B, K)
+        w_prime = gradients - gradients[batch, own][:, None]  # (B, K, N)
+        lengths = torch.linalg.vector_norm(w_prime, ord=1 if self.distance == "linf" else 2, dim=2)
+        distances = f_prime.abs() / lengths.clamp_min(_TINY)
+        distances = torch.where(considered, distances, torch.full_like(distances, float("inf")))
+        distances[batch, own] = float("inf")
+        nearest = distances.argmin(dim=1)
+        w, f, length = w_prime[batch, nearest], f_prime[batch, nearest].abs(), lengths[batch, nearest]
+        if self.distance == "linf":
+            delta = (f / length.clamp_min(_TINY))[:, None] * w.sign()
+        else:
+            delta = (f / length.clamp_min(_TINY) ** 2)[:, None] * w
+        moved = point + (1.0 + self.overshoot) * delta.view_as(point).to(point.dtype)
+        return moved.clamp(*context.bounds).detach()
+
+    @staticmethod
+    def _sizes(delta):
+        flat = delta.double().flatten()
+        return {"l2": float(torch.linalg.vector_norm(flat)), "linf": float(flat.abs().max())}
+
+
+@dataclass
+class DeepFoolLinf(DeepFool):
+    name: ClassVar[str] = "deepfool-linf"
+    summary: ClassVar[str] = ("DeepFool, L-infinity variant (Moosavi-Dezfooli et al. 2016): the minimal L-infinity "
+                              "perturbation that crosses the nearest linearised decision boundary; classifiers only")
+    distance: ClassVar[str] = "linf"
+
+
+@dataclass
+class JSMA(Attack):
+    """Targeted: each iteration raises the two voxels with the largest gradient of the target class's output
+    among those below their ceiling (the upper bound, at most epsilon above the original) by ``theta`` (of the
+    bounds' span; at most epsilon), as ART's ``SaliencyMapMethod`` chooses them, until the target is predicted,
+    every voxel is at its ceiling, or one more pair would change more than ``gamma`` of the voxels."""
+    name: ClassVar[str] = "jsma"
+    summary: ClassVar[str] = ("saliency map attack (JSMA, Papernot et al. 2016): raises the voxel pairs with the "
+                              "largest target-class gradient until the target class is predicted; classifiers only")
+    tasks: ClassVar[tuple] = ("classification",)
+
+    theta: float = parameter(0.1, float, "change per chosen voxel, fraction of the intensity range (at most "
+                             "epsilon)", minimum=0.0)
+    gamma: float = parameter(1.0, float, "largest share of the voxels changed", minimum=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0.0 < self.theta and 0.0 < self.gamma <= 1.0):
+            raise InputError("jsma: theta must be positive and gamma in (0, 1], got theta {:g}, gamma {:g}".format(
+                self.theta, self.gamma))
+
+    def run(self, context):
+        require_classifier(context)
+        low, high = context.bounds
+        change = min(self.theta * (high - low), context.epsilon)
+        original = context.volume.flatten(start_dim=1)
+        ceiling = torch.clamp(original.double() + context.epsilon, max=high).to(original.dtype)
+        flat, touched = original.clone(), torch.zeros_like(original, dtype=torch.bool)
+        allowed = int(self.gamma * original.shape[1])
+        context.plan(math.ceil(allowed / 2) * math.ceil(min(high - low, context.epsilon) / change))
+        target = None
+        while True:
+            _, gradient, outputs = context.evaluate(flat.view_as(context.volume), lambda out: context.direction * out[
+                :, self._target(context, out, target)])
+            target = self._target(context, outputs, target)
+            free = flat < ceiling
+            chosen = gradient.flatten(start_dim=1).masked_fill(~free, float("-inf")).topk(2, dim=1).indices
+            within = touched.scatter(1, chosen, True).sum(dim=1) <= allowed
+            active = (outputs.argmax(dim=1) != target) & free.any(dim=1) & within
+            if not bool(active.any()):
+                break
+            rows = torch.nonzero(active).flatten()[:, None]
+            picked = chosen[rows[:, 0]]
+            flat[rows, picked] = torch.minimum(flat[rows, picked] + change, ceiling[rows, picked])
+            touched[rows, picked] = True
+        context.record.details["changed_share"] = (touched.sum(dim=1).double() / original.shape[1]).tolist()
+        return project_linf(flat.view_as(context.volume), context.volume, context.epsilon, context.bounds)
+
+    def _target(self, context, outputs, known):
+        """The target class per volume: ``target_label``, the target map of ``target_mode``, else the next class."""
+        if known is not None:
+            return known
+        if self.target_label is not None and self.target_mode is None:
+            if not 0 <= self.target_label < outputs.shape[1]:
+                raise InputError("jsma: target_label {} is not a class of this network (0..{})".format(
+                    self.target_label, outputs.shape[1] - 1))
+            return torch.full_like(context.labels, self.target_label)
+        if context.targeted:
+            return context.target(outputs)
+        return (context.labels + 1) % outputs.shape[1]
+
+
+ATTACKS = {attack.name: attack for attack in (DeepFool, DeepFoolLinf, JSMA)}

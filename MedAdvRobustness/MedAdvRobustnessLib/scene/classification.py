@@ -1,0 +1,70 @@
+"""Write a classifier's :class:`~..evaluation.records.ClassificationResult` into an MRML scene and a results
+folder: the attacked images, the perturbations, the saliency map, the metrics table and the confidence curve."""
+from pathlib import Path
+
+import numpy as np
+
+from .nodes import add_line_chart, add_table_node, add_volume_node
+from .results import STRENGTH_WORDS, epsilon_text, outcome_title, write_metrics_csv, write_volume_file
+
+CONFIDENCE_SERIES = (("confidence", (0.85, 0.3, 0.25)), ("label_probability", (0.25, 0.45, 0.85)))
+
+
+def predicted_text(result, outcome_index):
+    """``<class name> (p 0.93)`` for one outcome, from its metric row."""
+    row = result.rows[outcome_index]
+    return "{} (p {:.2f})".format(row["predicted_name"], row["confidence"])
+
+
+def add_classification_nodes(slicer_scene, result):
+    """Per strength the probed image and its perturbation, the clean image's saliency map, the metrics table and
+    the confidence-vs-strength chart; returns the new nodes by role."""
+    scene, volume = slicer_scene.scene, result.volume
+    title = "{} {} {}".format(volume.name, result.model_name, result.probe_name)
+    nodes = {"probed": {}, "perturbation": {}}
+    for outcome in result.outcomes[1:]:
+        suffix = outcome_title(result, outcome)
+        nodes["probed"][outcome.strength] = add_volume_node(
+            scene, outcome.probed, volume, "{} {} {}".format(volume.name, STRENGTH_WORDS[result.strength_name][1],
+                                                             suffix))
+        nodes["perturbation"][outcome.strength] = add_volume_node(
+            scene, outcome.probed - volume.array, volume, "{} perturbation {}".format(volume.name, suffix))
+    nodes["saliency"] = add_volume_node(scene, result.saliency, volume, "{} saliency {}".format(
+        volume.name, result.model_name))
+    nodes["metrics"] = add_table_node(scene, result.rows, result.columns, title + " metrics")
+    nodes["curve"], nodes["chart"] = add_confidence_curve(scene, result, title)
+    return nodes
+
+
+def confidence_curve_rows(result):
+    """Strength, confidence of the predicted class and (with a true class) that class's probability."""
+    key = result.strength_name
+    return [{key: row[key], "confidence": row["confidence"], "label_probability": row.get("label_probability")}
+            for row in result.rows]
+
+
+def add_confidence_curve(scene, result, title):
+    key = result.strength_name
+    rows = confidence_curve_rows(result)
+    series = [item for item in CONFIDENCE_SERIES
+              if item[0] == "confidence" or any(row["label_probability"] is not None for row in rows)]
+    table = add_table_node(scene, rows, [key] + [name for name, _ in series], "{} confidence vs {} table".format(
+        title, key))
+    chart = add_line_chart(scene, table, key, series, "{} confidence vs {}".format(title, key),
+                           result.strength_label, "probability")
+    return table, chart
+
+
+def write_classification_files(result, out_dir):
+    """``adversarial_<eps>.nii.gz`` (``corrupted_<severity>``) and ``perturbation_<eps>.nii.gz`` per strength,
+    ``saliency.nii.gz`` (of the clean image) and ``metrics.csv``."""
+    out_dir = Path(out_dir)
+    prefix = STRENGTH_WORDS[result.strength_name][1]
+    for outcome in result.outcomes:
+        strength = epsilon_text(outcome.strength)
+        write_volume_file(outcome.probed, result.volume, out_dir / "{}_{}.nii.gz".format(prefix, strength))
+        if outcome.strength > 0:
+            write_volume_file(outcome.probed - result.volume.array, result.volume,
+                              out_dir / "perturbation_{}.nii.gz".format(strength))
+    write_volume_file(np.asarray(result.saliency, dtype=np.float32), result.volume, out_dir / "saliency.nii.gz")
+    write_metrics_csv(result, out_dir / "metrics.csv")
