@@ -265,8 +265,12 @@ def build_parser():
         epilog=_examples("medadv demo --out demo-results",
                          "medadv demo --attack fgsm --epsilon 0.01 --out demo-fgsm",
                          "medadv demo --attack fgsm --epsilon 0.02 --region-labels 1 --out csf-only",
-                         "medadv demo --corruption ghosting --severity 1 3 5 --out demo-ghosting"))
+                         "medadv demo --corruption ghosting --severity 1 3 5 --out demo-ghosting",
+                         "medadv demo --task classification --attack deepfool --epsilon 0.05 0.1 --out demo-deepfool"))
     _add_attack_arguments(demo, default_epsilons=DEMO_EPSILONS)
+    demo.add_argument("--task", choices=TASKS, default="segmentation",
+                      help="classification: the demo classifier on a held-out axial slice of the sample (true "
+                           "class: lateral ventricles)")
     demo.add_argument("--out", required=True, help="results folder (must not exist or be empty)")
     _add_model_arguments(demo, trust=False)
     demo.set_defaults(handler=_demo)
@@ -478,7 +482,10 @@ def _run(args):
 
 
 def _demo(args):
-    from .sample import SAMPLE_LABELS, SAMPLE_VOLUME
+    from .sample import SAMPLE_LABELS, SAMPLE_SLICE, SAMPLE_SLICE_CLASS, SAMPLE_VOLUME
+    if args.task == "classification":
+        args.label = SAMPLE_SLICE_CLASS
+        return _attack(SAMPLE_SLICE, "demo-classifier", None, args, None)
     return _attack(SAMPLE_VOLUME, "demo", SAMPLE_LABELS, args, None)
 
 

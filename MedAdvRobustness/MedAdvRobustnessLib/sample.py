@@ -11,6 +11,9 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "Resources" / "Sample"
 SAMPLE_VOLUME = SAMPLE_DIR / "MNI152_T1_2mm.nii.gz"
 SAMPLE_LABELS = SAMPLE_DIR / "MNI152_tissue_2mm.nii.gz"
 TISSUE_LABELS = ("background", "CSF", "grey matter", "white matter")
+# a held-out axial slice for the demo classifier (classification_training.write_sample_slices) and its class
+SAMPLE_SLICE = SAMPLE_DIR / "classification" / "MNI152_T1_axial_z+20mm.nii.gz"
+SAMPLE_SLICE_CLASS = 1  # lateral ventricles
 SAMPLE_SHAPE = (80, 96, 80)
 DOWNSAMPLING = 2
 NILEARN_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"

@@ -80,10 +80,14 @@ def test_fgsm_and_pgd_equal_torchattacks(case):
 
 # --- (b) budgets, bounds and region ---------------------------------------------------------------------------
 
+SEGMENTATION_ATTACKS = sorted(name for name, attack in ATTACKS.items() if "segmentation" in attack.tasks)
+
+
 def registry_suite():
-    """Every attack of the registry: with few steps, with each other norm it offers, and targeted (turn 2 into 3)."""
+    """Every segmentation attack of the registry (the classifiers' own: test_minimal_attacks.py, test_classification.py):
+    with few steps, with each other norm it offers, and targeted (turn 2 into 3)."""
     cases = []
-    for name in sorted(ATTACKS):
+    for name in SEGMENTATION_ATTACKS:
         taken = {parameter.name: parameter for parameter in ATTACKS[name].parameters()}
         base = {"steps": 3} if "steps" in taken else {}
         cases.append((name, base))
@@ -342,9 +346,6 @@ def test_apgd_schedule_and_best_point():
 
 
 # --- (e) progress and cancel ---------------------------------------------------------------------------------------
-
-SEGMENTATION_ATTACKS = sorted(name for name, attack in ATTACKS.items() if "segmentation" in attack.tasks)
-
 
 @pytest.mark.parametrize("name", SEGMENTATION_ATTACKS)
 def test_progress_reports_loss_and_dice_and_cancel_stops(name):

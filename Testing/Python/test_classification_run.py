@@ -112,3 +112,13 @@ def test_a_classifier_refuses_a_reference_segmentation_and_a_segmenter_refuses_l
                        "--label", 7, "--out", tmp_path / "b", "-q")
     assert completed.returncode != 0 and completed.stderr.strip().count("\n") == 0
     assert "7" in completed.stderr and not (tmp_path / "b").exists()
+
+
+def test_the_classification_demo_runs_on_a_held_out_slice(tmp_path):
+    completed = medadv("demo", "--task", "classification", "--attack", "pgd", "--steps", "5", "--epsilon", "0.05",
+                       "--out", tmp_path / "demo", "-q")
+    assert completed.returncode == 0, completed.stderr
+    with open(str(tmp_path / "demo" / "metrics.csv")) as stream:
+        clean, attacked = list(csv.DictReader(stream))
+    assert clean["predicted_name"] == "lateral ventricles" and clean["label"] == "1"
+    assert attacked["flipped"] == "True" and float(attacked["linf_fraction"]) <= 0.05 + 1e-6

@@ -278,3 +278,15 @@ def test_read_mrb_refuses_a_bundle_without_scene(tmp_path):
         bundle.writestr("notes.txt", "no scene here")
     with pytest.raises(InputError, match="no .mrml scene"):
         SlicerScene.read_mrb(path)
+
+
+@pytest.mark.parametrize("label_map", [False, True])
+def test_a_file_named_like_a_numbered_series_is_read_alone(tmp_path, label_map):
+    """Slicer's archetype reader takes scan_1, scan_2, ... as one series unless told to read a single file."""
+    import nibabel as nib
+    for index in (1, 2, 3):
+        array = np.full((6, 5, 1), index, dtype=np.int16)
+        nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 3.0, 1.0])), str(tmp_path / "scan_{}.nii.gz".format(index)))
+    node = SlicerScene.standalone().load_volume(tmp_path / "scan_2.nii.gz", label_map=label_map)
+    array = util.arrayFromVolume(node)  # (k, j, i)
+    assert array.shape == (1, 5, 6) and np.all(array == 2)

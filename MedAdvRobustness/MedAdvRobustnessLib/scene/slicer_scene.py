@@ -28,6 +28,10 @@ def in_slicer_application():
     return hasattr(slicer, "app")
 
 
+LABEL_MAP, SINGLE_FILE = 1, 4  # AddArchetypeVolume's loading options: without SINGLE_FILE, files named like a
+# numbered series (scan_1.nii.gz, scan_2.nii.gz) are read together as one volume
+
+
 class SlicerScene:
     """A scene with its volumes and segmentations logics."""
 
@@ -69,7 +73,7 @@ class SlicerScene:
         check_volume_file(path)
         name = name or _stem(path)
         with captured_stderr() as messages:  # the reader's ERR lines: their gist goes into the one error line
-            node = self.volumes_logic.AddArchetypeVolume(str(path), name, 1 if label_map else 0)
+            node = self.volumes_logic.AddArchetypeVolume(str(path), name, (LABEL_MAP if label_map else 0) | SINGLE_FILE)
         if node is None:
             reason = reader_reason(messages[0])
             raise InputError("Slicer's volume reader cannot read {}{}".format(path, ": " + reason if reason else ""))
