@@ -282,7 +282,7 @@ def test_gzip_check_reads_a_sound_file_whole(tmp_path):
 
 
 @pytest.mark.parametrize("content, expected", [
-    (os.urandom(3000), "cannot read {} as a PyTorch checkpoint: the file is damaged or of another kind"),
+    (np.random.default_rng(0).bytes(3000), "cannot read {} as a PyTorch checkpoint: the file is damaged or of another kind"),
     (b"just some text\n", "cannot read {} as a PyTorch checkpoint: the file is damaged or of another kind"),
 ])
 def test_a_damaged_model_file_is_called_damaged_not_unsafe(tmp_path, content, expected):
