@@ -489,7 +489,7 @@ def test_a_bundle_s_select_fn_is_read_as_written_and_other_code_refused_by_name(
             "channel_indices": 0, "margin": 2}
     root = twins_bundle(tmp_path / "bundle", UNet(**UNET).eval(), "trilinear", None, "symmetric", extra=[crop])
     assert load_model(root).description.preprocessing[-1] == {"crop": {
-        "threshold": 1.5, "compare": ">=", "channels": [0], "margin": 2, "allow_smaller": False}}
+        "threshold": 1.5, "compare": ">=", "channels": [0], "margin": 2, "allow_smaller": False, "outside": "zeros"}}
     config_path = root / "configs" / "inference.json"
     config = json.loads(config_path.read_text())
     config["select"] = "$lambda x: x != 0"

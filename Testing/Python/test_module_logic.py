@@ -230,7 +230,8 @@ def test_parse_strengths_takes_lists_and_sweeps():
 
 def test_every_probe_has_its_library_parameters():
     names = registry.probe_names()
-    assert names[:7] == ["apgd-ce", "apgd-dlr", "cospgd", "dag", "fgsm", "pgd", "segpgd"]
+    assert names[:10] == ["apgd-ce", "apgd-dlr", "cospgd", "dag", "deepfool", "deepfool-linf", "fgsm", "jsma", "pgd",
+                          "segpgd"]
     assert "smoothing" in names and "rician_noise" in names
     pgd = {parameter.name: parameter.default for parameter in registry.probe_parameters("pgd")}
     assert pgd["steps"] == 10 and pgd["norm"] == "linf"

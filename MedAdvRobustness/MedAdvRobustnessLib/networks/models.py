@@ -252,8 +252,9 @@ class SegmentationModel(torch.nn.Module):
     def spatial_dims(self):
         """2 for a network on 2D images (declared, or its architecture's ``spatial_dims``), else 3."""
         declared = self.description.spatial_dims
-        if declared is None and self.description.architecture:
-            declared = self.description.architecture.get("args", {}).get("spatial_dims")
+        architecture = self.description.architecture
+        if declared is None and architecture and not architecture.get("slicewise"):  # slice by slice: a volume
+            declared = architecture.get("args", {}).get("spatial_dims")
         return declared or 3
 
     @property
