@@ -62,7 +62,7 @@ PROBE_OPTIONS = (
     (Parameter("momentum", 0.75, float, "weight alpha of the new step (1 - alpha: momentum)"), _each(_APGD, 0.75)),
     (Parameter("rho", 0.75, float, "halve the step when fewer than rho of the steps since the last checkpoint "
                "raised the loss"), _each(_APGD, 0.75)),
-    (Parameter("gamma", 0.5, float, "L-infinity size of each step as a fraction of epsilon"), {"dag": 0.5, "jsma": 1.0}),
+    (Parameter("gamma", 0.5, float, "L-infinity size of each step as a fraction of epsilon"), {"dag": 0.5}),
     (Parameter("scale_quantile", 1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] (1: the "
                "paper's r/|r|inf)"), {"dag": 1.0}),
     (Parameter("overshoot", 0.02, float, "each step goes (1 + overshoot) times past the boundary"),
@@ -71,6 +71,7 @@ PROBE_OPTIONS = (
      _each(_DEEPFOOL, None)),
     (Parameter("theta", 0.1, float, "change per chosen voxel, fraction of the intensity range (at most epsilon)"),
      {"jsma": 0.1}),
+    (Parameter("max_fraction", 1.0, float, "largest share of the voxels changed (ART's gamma)"), {"jsma": 1.0}),
 )
 
 

@@ -91,17 +91,18 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
         slicer_scene.write_mrb(staging / "scene.mrb")
         write_run_file(run_record(probe, strengths, files, model, model_source, model_report, command=command,
                                   output_activation=output_activation, trust_checkpoint=trust_checkpoint,
-                                  mirroring=mirroring, skip_untwinned=skip_untwinned, region_labels=region_labels),
-                       staging / RUN_FILE)
+                                  mirroring=mirroring, skip_untwinned=skip_untwinned, region_labels=region_labels,
+                                  label=label), staging / RUN_FILE)
     return result
 
 
 def run_record(probe, strengths, files, model, model_source, model_report, command=None, output_activation=None,
-               trust_checkpoint=False, mirroring=True, skip_untwinned=False, region_labels=None):
+               trust_checkpoint=False, mirroring=True, skip_untwinned=False, region_labels=None, label=None):
     """What ``run.json`` holds: the command line, the probe with every parameter (defaults included), its strengths
-    and seed, the input files (``files``: volume, reference, region and model entries) with their SHA-256, the
-    model (source, settings as run, files and bench's hash of them, what :func:`describe` reported) and the
-    versions. The region is the region file's labels, else the reference's (``"map": "reference"``)."""
+    and seed, the input files (``files``: volume, reference, region and model entries) with their SHA-256, a
+    classifier's true class (``label``), the model (source, task, settings as run, files and bench's hash of them,
+    what :func:`describe` reported) and the versions. The region is the region file's labels, else the
+    reference's (``"map": "reference"``)."""
     settings = probe.settings()
     kind = "attack" if probe.strength_name == "epsilon" else "corruption"
     region = None
@@ -115,8 +116,9 @@ def run_record(probe, strengths, files, model, model_source, model_report, comma
         "volume": files["volume"],
         "reference": files["reference"],
         "region": region,
+        "label": label,
         "model": dict({"source": str(model_source) if isinstance(model_source, (str, os.PathLike)) else "in memory",
-                       "name": model.description.name, "loaded_as": model.source,
+                       "name": model.description.name, "task": model.task, "loaded_as": model.source,
                        "output_activation": output_activation, "activation": str(model.activation),
                        "device": str(model.device), "amp": bool(model.amp), "trust_checkpoint": bool(trust_checkpoint),
                        "folds": getattr(model, "fold_names", None),  # the nnU-Net folds ensembled

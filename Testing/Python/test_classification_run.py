@@ -73,6 +73,8 @@ def test_a_classifier_run_writes_its_files_and_the_issue_s_columns(run):
         assert all(0.0 <= p <= 1.0 for p in probabilities)
     assert float(rows[2]["linf_fraction"]) <= 0.2 + 1e-6
     assert "predicted" in completed.stdout and "flipped" in completed.stdout
+    record = json.loads((out / "run.json").read_text())
+    assert record["label"] == 1 and record["model"]["task"] == "classification"
 
 
 def test_what_is_written_back_lies_on_the_input_grid(run, files):

@@ -87,7 +87,7 @@ def test_jsma_equals_art():
     assert not torch.equal(adversarial, volume)
 
 
-def test_jsma_reaches_its_target_within_gamma_and_budget():
+def test_jsma_reaches_its_target_within_max_fraction_and_budget():
     _, model = classifier()
     volume = volumes(count=1) * 0.5
     labels = model.predict(volume)
@@ -96,7 +96,7 @@ def test_jsma_reaches_its_target_within_gamma_and_budget():
     assert model.predict(adversarial).item() == target
     assert float((adversarial - volume).abs().max()) <= 0.3
     changed = (adversarial != volume).double().mean().item()
-    _, limited = make_probe("jsma", target_label=target, gamma=0.1)(model, volume, labels, 0.01, (0.0, 1.0))
+    _, limited = make_probe("jsma", target_label=target, max_fraction=0.1)(model, volume, labels, 0.01, (0.0, 1.0))
     assert record.details["changed_share"][0] == changed and limited.details["changed_share"][0] <= 0.1
 
 

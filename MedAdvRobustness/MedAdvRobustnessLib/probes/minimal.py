@@ -122,7 +122,8 @@ class JSMA(Attack):
     """Targeted: each iteration raises the two voxels with the largest gradient of the target class's output
     among those below their ceiling (the upper bound, at most epsilon above the original) by ``theta`` (of the
     bounds' span; at most epsilon), as ART's ``SaliencyMapMethod`` chooses them, until the target is predicted,
-    every voxel is at its ceiling, or one more pair would change more than ``gamma`` of the voxels."""
+    every voxel is at its ceiling, or one more pair would change more than ``max_fraction`` of the voxels (ART's
+    ``gamma``)."""
     name: ClassVar[str] = "jsma"
     summary: ClassVar[str] = ("saliency map attack (JSMA, Papernot et al. 2016): raises the voxel pairs with the "
                               "largest target-class gradient until the target class is predicted; classifiers only")
@@ -130,13 +131,13 @@ class JSMA(Attack):
 
     theta: float = parameter(0.1, float, "change per chosen voxel, fraction of the intensity range (at most "
                              "epsilon)", minimum=0.0)
-    gamma: float = parameter(1.0, float, "largest share of the voxels changed", minimum=0.0)
+    max_fraction: float = parameter(1.0, float, "largest share of the voxels changed (ART's gamma)", minimum=0.0)
 
     def __post_init__(self):
         super().__post_init__()
-        if not (0.0 < self.theta and 0.0 < self.gamma <= 1.0):
-            raise InputError("jsma: theta must be positive and gamma in (0, 1], got theta {:g}, gamma {:g}".format(
-                self.theta, self.gamma))
+        if not (0.0 < self.theta and 0.0 < self.max_fraction <= 1.0):
+            raise InputError("jsma: theta must be positive and max_fraction in (0, 1], got theta {:g}, max_fraction "
+                             "{:g}".format(self.theta, self.max_fraction))
 
     def run(self, context):
         require_classifier(context)
@@ -145,7 +146,7 @@ class JSMA(Attack):
         original = context.volume.flatten(start_dim=1)
         ceiling = torch.clamp(original.double() + context.epsilon, max=high).to(original.dtype)
         flat, touched = original.clone(), torch.zeros_like(original, dtype=torch.bool)
-        allowed = int(self.gamma * original.shape[1])
+        allowed = int(self.max_fraction * original.shape[1])
         context.plan(math.ceil(allowed / 2) * math.ceil(min(high - low, context.epsilon) / change))
         target = None
         while True:
