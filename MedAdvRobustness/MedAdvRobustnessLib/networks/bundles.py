@@ -163,6 +163,7 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
     activation, description.activation_after_inference = _activation(reader)
     description.output_activation = activation
     description.labels = _labels(outputs_format, activation, where)
+    description.task = _task(outputs_format.get(reader.output_key))
     version = metadata.get("version")
     description.notes = "MONAI bundle {}{}".format(description.name, " version {}".format(version) if version else "")
     if skipped:
@@ -591,6 +592,16 @@ def _activation(reader):
 def _data_format(metadata):
     data_format = metadata.get("network_data_format") or {}
     return dict(data_format.get("inputs") or {}), dict(data_format.get("outputs") or {})
+
+
+def _task(output_format):
+    """``classification`` where the metadata's output is class scores (``"format": "classes"`` or ``"type":
+    "probabilities"``, as the model zoo's classifiers declare them), else None (detected from the outputs)."""
+    if not isinstance(output_format, dict):
+        return None
+    if output_format.get("format") == "classes" or output_format.get("type") == "probabilities":
+        return "classification"
+    return None
 
 
 def _labels(outputs_format, activation, where):
