@@ -464,7 +464,8 @@ def _twin(name, args, where):
         return [{"pad_size": _sizes(args["spatial_size"], refuse, "spatial_size"),
                  "method": str(args.get("method", "symmetric")).lower(), "value": float(value)}]
     if name == "CenterSpatialCrop":
-        return [{"center_crop": _sizes(args["roi_size"], refuse, "roi_size")}]
+        return [{"center_crop": _sizes(args["roi_size"], refuse, "roi_size"),
+                 "outside": "zeros"}]  # Invertd pads the crop back with zeros in every channel
     if name == "Resize":
         mode = str(first(args.get("mode", "area"))).lower()
         if mode not in RESIZE_MODE_NAMES:

@@ -23,9 +23,9 @@ bundle's transforms in their declared order):
 - ``{"pad_divisible": k}``: MONAI's ``DivisiblePad``; the outputs are unpadded.
 - ``{"pad_size": [x, y, z], "method": "symmetric"|"end", "value": 0}``: MONAI's ``SpatialPad`` (constant ``value``;
   an axis whose size is not positive, or not larger than the input's, is not padded); the outputs are unpadded.
-- ``{"center_crop": [x, y, z]}``: MONAI's ``CenterSpatialCrop`` (the box starts at ``n // 2 - size // 2``; an
-  axis whose size is not positive, or not smaller than the input's, is kept); the outputs are padded back with
-  background.
+- ``{"center_crop": [x, y, z], "outside": "background"|"zeros"}``: MONAI's ``CenterSpatialCrop`` (the box starts
+  at ``n // 2 - size // 2``; an axis whose size is not positive, or not smaller than the input's, is kept); the
+  outputs are padded back with background, or with zeros in every channel (as ``Invertd`` pads them; bundles).
 - ``{"resize": [x, y, z], "size_mode": "all", "mode": "trilinear"|"area"|"nearest"|"nearest-exact",
   "align_corners": None|False|True}``: MONAI's ``Resize``, which is ``torch.nn.functional.interpolate`` to that
   size (a size that is not positive keeps the axis; ``"size_mode": "longest"`` with one number scales the longest
@@ -92,6 +92,9 @@ def check_steps(steps):
             if not _sizes_ok(step[kind]):
                 raise InputError("{} must be three whole numbers of voxels (or one for all axes), got {!r}".format(
                     kind, step[kind]))
+            if kind == "center_crop" and step.get("outside", "background") not in ("background", "zeros"):
+                raise InputError("center_crop outside must be background or zeros, got {!r}".format(
+                    step.get("outside")))
             if kind == "pad_size" and step.get("method", "symmetric") not in PAD_METHODS:
                 raise InputError("pad_size method must be one of {}, got {!r}".format(", ".join(PAD_METHODS),
                                                                                      step.get("method")))
@@ -179,7 +182,7 @@ def apply_step(step, inputs, affine, activation):
         box = (foreground_box(inputs, step["crop"]) if kind == "crop"
                else center_box(inputs.shape[2:], step["center_crop"]))
         full = tuple(inputs.shape[2:])
-        outside = step[kind].get("outside", "background") if kind == "crop" else "background"
+        outside = (step[kind] if kind == "crop" else step).get("outside", "background")
         back = None if box is None else (lambda outputs: pad_outputs_back(outputs, box, full, activation, outside))
         return crop(inputs, box), shifted(affine, [start for start, _ in box] if box else None), back, box
     if kind == "spacing":
