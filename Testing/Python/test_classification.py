@@ -41,9 +41,11 @@ def image(shape=(10, 9, 8), seed=1):
 # --- 1. evaluation ------------------------------------------------------------------------------------------------
 
 def test_a_classifier_sweep_gives_one_row_per_strength_with_the_issue_s_columns():
-    model, volume = classifier(), image()
-    result = run_sweep(model, volume, make_probe("pgd", steps=5, random_start=False), [0.05, 0.3], reference=2)
+    model, volume, messages = classifier(), image(), []
+    result = run_sweep(model, volume, make_probe("pgd", steps=5, random_start=False), [0.05, 0.3], reference=2,
+                       progress=lambda fraction, text: messages.append(text))
     assert model.task == "classification"
+    assert "pgd epsilon 0.05: step 1/5 loss" in messages[0] and " accuracy " in messages[0]  # not a Dice
     assert list(result.columns) == COLUMNS
     assert [row["epsilon"] for row in result.rows] == [0.0, 0.05, 0.3]
     clean, strongest = result.rows[0], result.rows[-1]

@@ -21,7 +21,8 @@ def run_classification_sweep(model, volume, clean_outputs, probe, strengths, ref
     outcomes = [sweep.outcome(0.0, sweep.inputs, outputs=clean_outputs)]
     for index, strength in enumerate(strengths):
         check_cancel(is_cancelled)
-        outcomes.append(probe.outcome(sweep, strength, reporter(probe, strength, index, len(strengths), progress)))
+        report = reporter(probe, strength, index, len(strengths), progress, score="accuracy")
+        outcomes.append(probe.outcome(sweep, strength, report))
     name = model.description.name
     rows = classification_rows(name, probe.name, volume, sweep.labels, sweep.reference, outcomes, probe.strength_name)
     return ClassificationResult(name, probe.name, volume, sweep.labels, sweep.reference, outcomes, rows,

@@ -73,15 +73,16 @@ def network_task(model, outputs):
     return model.task
 
 
-def _reporter(probe, strength, index, count, progress):
-    """``report(step, steps, loss=None, dice=None)`` for the probe at the ``index``-th of ``count`` strengths."""
+def _reporter(probe, strength, index, count, progress, score="Dice"):
+    """``report(step, steps, loss=None, dice=None)`` for the probe at the ``index``-th of ``count`` strengths;
+    ``dice`` is shown as ``score`` (a classifier's: the fraction of images still given their label)."""
     def report(step, steps, loss=None, dice=None):
         if not progress:
             return
         text = "{} {} {:g}".format(probe.name, probe.strength_name, strength)
         if loss is not None:
             text += ": step {}/{} loss {:.4f}{}".format(step, steps, loss,
-                                                      "" if dice is None else " Dice {:.3f}".format(dice))
+                                                      "" if dice is None else " {} {:.3f}".format(score, dice))
         progress((index + min(step, steps) / steps) / count, text)
     return report
 
