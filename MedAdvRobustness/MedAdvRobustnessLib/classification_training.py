@@ -8,16 +8,15 @@ trained on) and is scored under an augmentation seed of its own. ``medadv train 
 runs it; the shipped ``Resources/Models/demo-classifier`` came from ``medadv train --task classification --out
 MedAdvRobustness/MedAdvRobustnessLib/Resources/Models/demo-classifier``.
 """
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import InputError
 from .networks.models import Label, ModelDescription, build_network
 from .sample import SAMPLE_DIR, SAMPLE_LABELS, SAMPLE_VOLUME
+from .training import staged_model_folder, write_model_files, write_weights
 
 LEVELS = (("below the lateral ventricles", None, 0.0), ("lateral ventricles", 0.0, 30.0),
           ("above the lateral ventricles", 30.0, None))
@@ -115,8 +114,7 @@ def accuracy(network, images, classes):
 def train(out_dir, iterations=120, seed=0, learning_rate=3e-3, batch_size=16, name="demo-classifier",
           progress=print, held_out_count=300):
     """Train, score on the held-out slices, and write ``model.json``, ``model.pt``, ``training.json``."""
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise InputError("{} is a file: give a folder for model.json, model.pt and training.json".format(out_dir))
+    staged = staged_model_folder(out_dir)
     torch.manual_seed(seed)
     slices, classes, _, indices = axial_slices()
     held_out = split(indices)
@@ -142,16 +140,14 @@ def train(out_dir, iterations=120, seed=0, learning_rate=3e-3, batch_size=16, na
                                                               time.time() - start))
     score = held_out_accuracy(network, seed, held_out_count)
     progress("held-out accuracy: {:.4f} ({} augmented held-out slices)".format(score, held_out_count))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), str(out_dir / "model.pt"))
-    description(name).to_json(out_dir / "model.json")
     log = {"architecture": ARCHITECTURE, "iterations": iterations, "batch_size": batch_size, "seed": seed,
            "learning_rate": learning_rate, "seconds": round(time.time() - start, 1),
            "held_out_accuracy": round(score, 4), "held_out_count": held_out_count,
            "held_out_slices": [int(k) for k in indices[held_out]], "loss_every_50": losses[49::50],
            "parameters": sum(p.numel() for p in network.parameters()), "torch": torch.__version__}
-    (out_dir / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    with staged as folder:
+        write_weights(folder / "model.pt", lambda: torch.save(network.state_dict(), str(folder / "model.pt")))
+        write_model_files(folder, description(name), log)
     return score
 
 

@@ -1,5 +1,6 @@
 """``medadv``: attack a segmentation network on a volume file, headless, with Slicer's MRML core."""
 import argparse
+import glob
 import math
 import os
 import shutil
@@ -106,12 +107,22 @@ def package_version():
         return str(getattr(MedAdvRobustnessLib, "__version__", "unknown"))
 
 
-class Terminated(Exception):
-    """SIGTERM, raised where the process is, so that what it staged is removed as on Ctrl-C."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that what it staged is removed as on Ctrl-C. A BaseException, as
+    KeyboardInterrupt is: the ``except Exception`` of the work (a bench cell's) lets it through rather than
+    recording it as a failure."""
 
 
 def _terminate(signum, frame):
+    _ignore_further_stops()
     raise Terminated()
+
+
+def _ignore_further_stops():
+    """Once stopping: a second SIGTERM or SIGHUP does not interrupt the clean-up of the first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class HungUp(Terminated):
@@ -119,6 +130,7 @@ class HungUp(Terminated):
 
 
 def _hang_up(signum, frame):
+    _ignore_further_stops()
     raise HungUp()
 
 
@@ -135,11 +147,11 @@ def main(argv=None):
     except InputError as error:
         return _error(str(error), 2)
     except KeyboardInterrupt:
-        return _error("interrupted (Ctrl-C); nothing was written", 130, "medadv: ")
+        return _error("interrupted (Ctrl-C); " + _what_is_kept(args), 130, "medadv: ")
     except HungUp:
-        return _error("the terminal hung up (SIGHUP); nothing was written", 129, "medadv: ")
+        return _error("the terminal hung up (SIGHUP); " + _what_is_kept(args), 129, "medadv: ")
     except Terminated:
-        return _error("terminated (SIGTERM); nothing was written", 143, "medadv: ")
+        return _error("terminated (SIGTERM); " + _what_is_kept(args), 143, "medadv: ")
     except BrokenPipeError:  # the reader of the output went away (`medadv attacks | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -151,6 +163,18 @@ def main(argv=None):
     except OSError as error:  # the system refused a file or folder (read-only, full disk, permissions)
         where = " {}".format(error.filename) if error.filename else ""
         return _error("cannot write or read{}: {}".format(where, error.strerror or error), 2)
+
+
+def _what_is_kept(args):
+    """What a stopped command leaves: nothing, or (bench) the cells it stored, which the same command reuses."""
+    if args.handler.__name__ != "_bench":
+        return "nothing was written"
+    cells = os.path.join(str(args.out), "cells")
+    stored = len(glob.glob(os.path.join(glob.escape(cells), "*.json")))
+    if stored:
+        return "the {} cell(s) finished so far are kept in {} (the same command goes on from them)".format(
+            stored, cells)
+    return "nothing was written"
 
 
 def _error(message, status, prefix="medadv: error: "):

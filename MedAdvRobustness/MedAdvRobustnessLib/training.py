@@ -6,8 +6,11 @@ blur, random 64^3 patches. ``medadv train --out DIR`` runs it; the committed dem
 ``--architecture`` picks another family (:data:`ARCHITECTURES`) trained with the same recipe: MONAI SegResNet,
 AttentionUnet, or a 2D UNet applied slice by slice (in the spirit of QuickNAT), saved as TorchScript.
 """
+import errno
 import json
+import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -74,11 +77,48 @@ def build_training_network(architecture):
 
 def save_network(network, architecture, out_dir, description):
     """State dict for a MONAI architecture (named in model.json); TorchScript for a slice-wise wrapper."""
+    path = out_dir / description.weights
     if architecture.get("slicewise"):
         description.architecture = None  # model.json loads it as TorchScript
-        torch.jit.script(network.cpu().eval()).save(str(out_dir / description.weights))
+        scripted = torch.jit.script(network.cpu().eval())
+        write_weights(path, lambda: scripted.save(str(path)))
     else:
-        torch.save(network.state_dict(), str(out_dir / description.weights))
+        write_weights(path, lambda: torch.save(network.state_dict(), str(path)))
+
+
+def staged_model_folder(out_dir):
+    """The model folder of ``medadv train``, checked before any training: refused where it is a file or a folder
+    that is not empty (a model is never written over another, or among the user's files); the files are written
+    into a hidden sibling folder and moved into place once all are on the disk
+    (:class:`~.scene.results.StagedOutput`), so a failed run leaves no half model."""
+    from .scene.results import StagedOutput
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("{} is a file: give a folder for model.json, model.pt and training.json".format(out_dir))
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError("model folder {} exists and is not empty: give a new or empty folder (a trained model is "
+                         "not written over another one or among other files)".format(out_dir))
+    return StagedOutput(out_dir)
+
+
+def write_weights(path, save):
+    """Run ``save()`` (torch's writer of ``path``) and flush the file to the disk; OSError where either fails (torch
+    reports a full disk as a RuntimeError)."""
+    from .scene.slicer_scene import sync_file
+    try:
+        save()
+    except RuntimeError as error:
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(error).split()))[:200]
+        raise OSError(errno.EIO, "PyTorch could not write the weights ({}); is the disk full?".format(reason),
+                      str(path))
+    sync_file(path)
+
+
+def write_model_files(folder, description, log):
+    """``model.json`` and ``training.json`` beside the weights, each flushed to the disk."""
+    from .scene.results import write_text_checked
+    write_text_checked(folder / "model.json", json.dumps(asdict(description), indent=2) + "\n")
+    write_text_checked(folder / "training.json", json.dumps(log, indent=2) + "\n")
 
 
 def augmentations(seed):
@@ -124,8 +164,7 @@ def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARC
             raise InputError("unknown architecture {!r}; choose one of {}".format(architecture,
                                                                                  ", ".join(ARCHITECTURES)))
         architecture = ARCHITECTURES[architecture]
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise InputError("{} is a file: give a folder for model.json, model.pt and training.json".format(out_dir))
+    staged = staged_model_folder(out_dir)
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -155,18 +194,16 @@ def train(out_dir, iterations=1500, seed=0, learning_rate=2e-3, architecture=ARC
         setattr(description, key, value)
     dice = evaluate(SegmentationModel(network.eval(), description), sample)
     progress("Dice on the sample: {}".format(dice))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     description.architecture.pop("slicewise", None)
     description.architecture.pop("inference", None)
-    save_network(network, architecture, out_dir, description)
-    description.to_json(out_dir / "model.json")
     log = {"architecture": architecture, "iterations": iterations, "seed": seed, "learning_rate": learning_rate,
            "seconds": time.time() - start, "dice_on_sample": dice, "loss_every_50": losses[49::50],
            "parameters": sum(p.numel() for p in network.parameters()), "torch": torch.__version__}
     if note:
         log["note"] = note
-    (out_dir / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    with staged as folder:
+        save_network(network, architecture, folder, description)
+        write_model_files(folder, description, log)
     return dice
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -66,10 +67,6 @@ class SlicerScene:
     def load_volume(self, path, name=None, label_map=False):
         """Read a volume file with Slicer's reader (NIfTI, NRRD, MetaImage, ...)."""
         path = Path(path)
-        if path.is_dir():
-            raise InputError("{} is a folder: give a volume file (NIfTI, NRRD, MetaImage, ...)".format(path))
-        if not path.is_file():
-            raise InputError("file not found: {}".format(path))
         check_volume_file(path)
         name = name or _stem(path)
         with captured_stderr() as messages:  # the reader's ERR lines: their gist goes into the one error line
@@ -137,8 +134,9 @@ def check_volume_file(path, complete_only=False):
     voxels than this machine's memory can hold (``complete_only``: the header and the byte count only). Other
     formats: see :func:`~.nodes.volume_from_node`."""
     path = Path(path)
+    require_regular_file(path, "volume file", "give a volume file (NIfTI, NRRD, MetaImage, ...)")
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    if name.endswith(NIFTI_SUFFIXES):
         check_nifti_file(path, complete_only)
     elif name.endswith((".nrrd", ".nhdr")):
         _check_layout(path, _nrrd_layout(path), complete_only)
@@ -146,19 +144,45 @@ def check_volume_file(path, complete_only=False):
         _check_layout(path, _metaimage_layout(path), complete_only)
 
 
-def check_nifti_file(path, complete_only=False):
-    """Refuse a NIfTI file that Slicer's reader would read as something else: several volumes (it keeps the first),
-    fewer voxel bytes than the header declares (it zero-fills them), NaN or infinite voxels (it turns them into 0),
-    or more voxels than this machine's memory can hold."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        return
-    import nibabel
+FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def require_regular_file(path, what="file", hint=None):
+    """Refuse a path that is missing, a folder, or not a regular file (a named pipe, device or socket: reading one
+    would wait or read endlessly), each in one line; ``what`` names it in the missing case."""
+    path = Path(path)
     try:
-        with _quiet_logger("nibabel.global"):  # its header repairs ("setting 0 dims to 1"): refused below instead
-            image = nibabel.load(str(path))
-    except Exception as error:
-        raise InputError("{} is not a readable NIfTI image ({})".format(path, str(error).splitlines()[0]))
-    header = _raw_nifti_header(path, type(image.header))
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError("{} not found: {}".format(what, path))
+    except OSError as error:
+        raise InputError("cannot read {}: {}".format(path, error.strerror or error))
+    hint = "; " + hint if hint else ""
+    if stat.S_ISDIR(mode):
+        raise InputError("{} is a folder{}".format(path, hint))
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in FILE_KINDS if test(mode)), "a special file")
+        raise InputError("{} is not a regular file ({}){}".format(path, kind, hint))
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")  # single files and pairs (NIfTI-1 pairs, Analyze 7.5)
+
+
+def check_nifti_file(path, complete_only=False):
+    """Refuse a NIfTI file, or a ``.hdr``/``.img`` pair (NIfTI-1 or Analyze 7.5), that Slicer's reader would read as
+    something else: several volumes (it keeps the first), fewer voxel bytes than the header declares (it
+    zero-fills them), NaN or infinite voxels (it turns them into 0), or more voxels than this machine's memory can
+    hold."""
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        return
+    image = _load_nifti(path)
+    data_file = Path(image.file_map["image"].filename)
+    header_file = Path(image.file_map["header"].filename) if "header" in image.file_map else data_file
+    where = path if data_file == path else "{} (data file {})".format(path, data_file)
+    if not data_file.is_file():
+        raise InputError("{} names the data file {}, which does not exist".format(path, data_file))
+    header = _raw_nifti_header(header_file, type(image.header))
     shape, dtype = tuple(int(n) for n in header["dim"][1:1 + len(image.shape)]), image.get_data_dtype()
     _check_sizes(path, shape, dtype)
     _check_spacing(path, header, min(len(shape), 3))
@@ -168,17 +192,28 @@ def check_nifti_file(path, complete_only=False):
     voxels = math.prod(shape[:3])
     offset = int(header.get_data_offset())
     declared = offset + voxels * dtype.itemsize
-    stored, whole = _stored_bytes(path, declared)
-    if offset >= stored and whole:
+    stored, whole = _stored_bytes(data_file, declared)
+    if 0 < offset and offset >= stored and whole:
         raise InputError("{} is damaged: its header puts the voxel data at byte {:,} (vox_offset), at or past the end "
-                         "of the file's {:,} bytes".format(path, offset, stored))
+                         "of the file's {:,} bytes".format(where, offset, stored))
     if stored < declared:
-        _refuse_truncated(path, stored, declared, shape[:3], dtype)
+        _refuse_truncated(where, stored, declared, shape[:3], dtype)
     if complete_only:
         return
     _check_memory(path, shape, voxels)
     if np.issubdtype(dtype, np.floating) or image.header.get_slope_inter()[0] not in (None, 1.0):
         _check_finite(path, np.asanyarray(image.dataobj), "Slicer's reader would read them as 0")
+
+
+def _load_nifti(path):
+    """nibabel's image of a NIfTI file or pair (its voxels not read yet); one line where it cannot read it."""
+    import nibabel
+    kind = "NIfTI image" if path.name.lower().endswith((".nii", ".nii.gz")) else "NIfTI or Analyze image"
+    try:
+        with _quiet_logger("nibabel.global"):  # its header repairs ("setting 0 dims to 1"): refused below instead
+            return nibabel.load(str(path))
+    except Exception as error:
+        raise InputError("{} is not a readable {} ({})".format(path, kind, str(error).splitlines()[0]))
 
 
 @contextmanager
@@ -215,9 +250,10 @@ def _check_spacing(path, header, axes):
     is set) or in pixdim (where the qform, or nothing, gives the grid): nibabel, ITK and Slicer's reader take it as
     1 mm, which would make every distance in mm a guess."""
     sources = []
-    if header["sform_code"] > 0:
+    forms = "sform_code" in header.keys()  # NIfTI; an Analyze 7.5 header has pixdim only
+    if forms and header["sform_code"] > 0:
         sources.append(("sform", np.linalg.norm(header.get_sform()[:3, :3], axis=0)))
-    if header["qform_code"] > 0 or header["sform_code"] <= 0:
+    if not forms or header["qform_code"] > 0 or header["sform_code"] <= 0:
         sources.append(("pixdim", np.asarray(header["pixdim"][1:4], dtype=np.float64)))
     for source, spacing in sources:
         for axis, value in enumerate(spacing[:axes]):
@@ -277,6 +313,7 @@ def _nrrd_layout(path):
         raise InputError("{} is not a readable NRRD image (its header has no {} field)".format(path, error))
     except ValueError as error:
         raise InputError("{} is not a readable NRRD image ({})".format(path, error))
+    _check_nrrd_spacing(path, fields, len(shape))
     data_file = fields.get("datafile")
     if (kind not in NRRD_TYPES or encoding not in NRRD_ENCODINGS or line_skip
             or (data_file and (data_file.upper().startswith("LIST") or " " in data_file or "%" in data_file))):
@@ -285,6 +322,50 @@ def _nrrd_layout(path):
     return {"shape": shape, "dtype": np.dtype(endian + NRRD_TYPES[kind]), "encoding": NRRD_ENCODINGS[encoding],
             "file": path.parent / data_file if data_file else path, "offset": 0 if data_file else offset,
             "skip": skip}
+
+
+SPATIAL_KINDS = ("domain", "space")  # NRRD axis kinds with a spacing (the others: components, time, ...)
+
+
+def _check_nrrd_spacing(path, fields, dimension):
+    """Refuse a NRRD header whose space directions or spacings give a spatial axis a spacing of 0 or NaN (teem then
+    fails with a message about something else, or takes NaN as 1 mm). Spatial axes: those of kind domain or space,
+    else the last three."""
+    kinds = fields.get("kinds", "").split()
+    if len(kinds) == dimension:
+        spatial = [axis for axis, kind in enumerate(kinds) if kind.lower() in SPATIAL_KINDS]
+    else:
+        spatial = list(range(max(0, dimension - 3), dimension))
+    if "spacedirections" in fields:
+        vectors = re.findall(r"\(([^)]*)\)|(none)", fields["spacedirections"])
+        lengths = [None if vector == "" else _vector_length(path, vector) for vector, _ in vectors]
+        if len(lengths) == dimension:  # with the lengths of the non-spatial axes ("none")
+            lengths = [lengths[axis] for axis in spatial]
+        _check_header_spacing(path, [value for value in lengths if value is not None], "space directions")
+    elif "spacings" in fields:
+        spacings = _numbers(path, fields["spacings"], "NRRD")
+        if len(spacings) == dimension:
+            _check_header_spacing(path, [spacings[axis] for axis in spatial], "spacings")
+
+
+def _vector_length(path, text):
+    return float(np.linalg.norm(_numbers(path, text.replace(",", " "), "NRRD")))
+
+
+def _numbers(path, text, kind):
+    try:
+        return [float(value) for value in text.split()]
+    except ValueError as error:
+        raise InputError("{} is not a readable {} image ({})".format(path, kind, error))
+
+
+def _check_header_spacing(path, spacing, field):
+    """Refuse a spacing of 0 or not finite along an axis (``field``: the header field that gives it)."""
+    for axis, value in enumerate(spacing):
+        if not math.isfinite(value) or value == 0:
+            raise InputError("{} gives spacing {} along axis {} ({}); the readers would fail or take it as 1 mm: set "
+                             "the real spacing in the file".format(path, value, "ijk"[axis] if axis < 3 else axis,
+                                                                   field))
 
 
 def _metaimage_layout(path):
@@ -309,6 +390,10 @@ def _metaimage_layout(path):
         skip = int(fields.get("headersize", 0))
     except ValueError as error:
         raise InputError("{} is not a readable MetaImage ({})".format(path, error))
+    spacing_field = "elementspacing" if "elementspacing" in fields else "elementsize"
+    if spacing_field in fields:
+        _check_header_spacing(path, _numbers(path, fields[spacing_field], "MetaImage"),
+                              {"elementspacing": "ElementSpacing", "elementsize": "ElementSize"}[spacing_field])
     data_file = fields["elementdatafile"]
     true = ("true", "1")
     if (fields["elementtype"].upper() not in METAIMAGE_TYPES or fields.get("binarydata", "true").lower() not in true

@@ -90,9 +90,9 @@ def _case_stem(path):
 
 def _file_case(volume, reference, name):
     volume = Path(volume)
-    if not volume.is_file():
+    if not volume.exists():  # a folder or a named pipe: refused by check_case_file, saying what it is
         raise InputError("study: case volume not found: {}".format(volume))
-    if reference is not None and not Path(reference).is_file():
+    if reference is not None and not Path(reference).exists():
         raise InputError("study: reference not found: {}".format(reference))
     files = [volume] + ([Path(reference)] if reference is not None else [])
     name = str(name or _case_stem(volume) or volume.stem)

@@ -17,9 +17,7 @@ STUDY_KEYS = ("networks", "cases", "probes", "seed", "threads")
 def load_study(path):
     """The study dictionary of a JSON or YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError("study file not found: {}".format(path))
-    text = path.read_text()
+    text = _study_text(path)
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -35,6 +33,19 @@ def load_study(path):
     study["cases"] = [_relative_to(item, base) for item in study.get("cases", [])]
     study["networks"] = _relative_networks(study.get("networks", []), base)
     return study
+
+
+def _study_text(path):
+    """The text of a study file (UTF-8), refused in one line where it is not a readable regular file or not text."""
+    from ..scene.slicer_scene import require_regular_file
+    require_regular_file(path, "study file")
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is fine
+    except UnicodeDecodeError as error:
+        raise InputError("cannot read study {}: it is not UTF-8 text (byte 0x{:02x} at position {}); save it as "
+                         "UTF-8".format(path, error.object[error.start], error.start))
+    except OSError as error:
+        raise InputError("cannot read study {}: {}".format(path, error.strerror or error))
 
 
 def _one_line(error):

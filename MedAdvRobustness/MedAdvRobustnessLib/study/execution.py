@@ -35,6 +35,7 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
     if int(workers) < 1:
         raise InputError("workers must be at least 1, got {}".format(workers))
     out_dir = Path(out_dir)
+    check_study_folder(out_dir, resolved["cases"])
     with cells_folder(out_dir) as cells_dir:
         tasks = study_cells(resolved, device)
         stored = {task["key"]: _read_cell(cells_dir, task) for task in tasks}
@@ -66,6 +67,42 @@ def run_study(study, out_dir, workers=1, scheduler=None, progress=None, is_cance
     return StudyRun(out_dir, ordered, computed, reused, fragility)
 
 
+STUDY_MARKS = ("cells", "study.json")  # what a study's output folder holds: its cells (from the start), its record
+
+
+def check_study_folder(out_dir, cases=()):
+    """Refuse an output folder that is a file, or that holds files but none of a study's outputs
+    (:data:`STUDY_MARKS`) nor the study's own case files: the study would write its tables, figures and report
+    among (or over) the user's own files. A new or empty folder, or the folder of an earlier run (whose cells it
+    reuses), is fine."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("output folder {} is a file: the study needs a folder (a new or empty one, or the folder "
+                         "of an earlier run of the study)".format(out_dir))
+    if not out_dir.is_dir() or any((out_dir / mark).exists() for mark in STUDY_MARKS):
+        return
+    cases = _entries_holding_cases(out_dir, cases)
+    others = sorted(path.name for path in out_dir.iterdir()
+                    if path.name not in cases and not path.name.startswith("."))  # hidden: .DS_Store, ...
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise InputError("output folder {} holds files that are not a study's outputs ({}); the study would write "
+                         "among them: give a new or empty folder, or the folder of an earlier run of the study (it "
+                         "holds cells/ and study.json)".format(out_dir, shown))
+
+
+def _entries_holding_cases(out_dir, cases):
+    """The names in ``out_dir`` that are, or hold, a case file of the study (its cases may lie in its folder)."""
+    folder, names = out_dir.resolve(), set()
+    for case in cases:
+        for path in (case.get("volume"), case.get("reference")):
+            if path:
+                try:
+                    names.add(Path(path).resolve().relative_to(folder).parts[0])
+                except ValueError:  # elsewhere
+                    pass
+    return names
+
+
 def _run_pool(tasks, workers, finished):
     """Local worker processes (spawned: no forked torch state); cells are stored as they finish."""
     import multiprocessing
@@ -75,10 +112,18 @@ def _run_pool(tasks, workers, finished):
         try:
             for future in as_completed(futures):
                 finished(future.result())
-        except BaseException:
+        except BaseException:  # a failed cell, Ctrl-C, SIGTERM: the cells still running are not waited for
             for future in futures:
                 future.cancel()
+            _stop_workers(pool)
             raise
+
+
+def _stop_workers(pool):
+    """End the pool's worker processes now (the pool's own shutdown would wait for their running cells)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
 
 
 def _run_dask(tasks, scheduler, finished):
