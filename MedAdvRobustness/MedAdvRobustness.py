@@ -41,7 +41,7 @@ SAMPLE_DATA = (
 )
 TORCH_REQUIREMENT = ">=2.1"  # what the PyTorch extension is asked for (MedAdvRobustnessLib.module.dependencies)
 NETWORK_KINDS = ["builtin", "torchscript", "bundle", "description", "nnunet"]
-BUILTIN_NETWORKS = ["demo"]
+BUILTIN_NETWORKS = ["demo", "demo-classifier"]
 COMPARE_NETWORKS = ["demo-unet", "demo-unet-short", "demo-segresnet", "demo-attentionunet", "demo-slicewise2d"]
 OUTPUT_ACTIVATIONS = ["auto", "logits", "softmax", "sigmoid"]
 DEVICES = ["cpu", "cuda"]
@@ -63,10 +63,12 @@ class MedAdvRobustness(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedAdvRobustness developers (MedAdvRobustness)"]
         self.parent.helpText = _("""
-Probes a segmentation network (the built-in demo, a TorchScript file, a MONAI bundle or a model.json with an
-architecture and a checkpoint) on the selected volume with an adversarial attack (FGSM, PGD, SegPGD, CosPGD, APGD,
-DAG) at several epsilons or an MRI corruption at several severities, and adds to a new folder of the scene the
-perturbed volumes, the perturbations, the clean and attacked segmentations, a metrics table and the Dice curve.
+Probes a segmentation network or a classifier (the built-in demos, a TorchScript file, a MONAI bundle or a
+model.json with an architecture and a checkpoint) on the selected volume, one-slice image or colour image with an
+adversarial attack (FGSM, PGD, SegPGD, CosPGD, APGD, DAG; DeepFool and JSMA for classifiers) at several epsilons or
+an MRI corruption at several severities, and adds to a new folder of the scene the perturbed volumes, the
+perturbations, the clean and attacked segmentations, a metrics table and the Dice curve (for a classifier: the
+saliency map, the predicted class per strength and the confidence curve; the status names the class).
 See the <a href="https://github.com/medadvrobustness/SlicerMedAdvRobustness">project page</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -101,6 +103,7 @@ class MedAdvRobustnessParameterNode:
     """The module's settings (MedAdvRobustnessLib.module.logic.ProbeSettings reads the same parameters).
 
     referenceNode - optional label map or segmentation; referenceSegmentIds - its segments (comma-separated).
+    trueClass - a classifier's optional true class index (text; empty: the clean prediction).
     probeParameters - JSON {probe: {parameter: value}}: each probe keeps its own settings.
     regionSegmentation, regionSegmentId - optional segment that bounds the perturbation (or the corruption).
     compareNetworks - the checked networks of "Compare networks" (comma-separated). Its volumes are node references
@@ -110,6 +113,7 @@ class MedAdvRobustnessParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     referenceNode: vtkMRMLNode
     referenceSegmentIds: str = ""
+    trueClass: str = ""
     networkKind: Annotated[str, Choice(NETWORK_KINDS)] = "builtin"
     builtinNetwork: Annotated[str, Choice(BUILTIN_NETWORKS)] = "demo"
     networkPath: str = ""
@@ -541,7 +545,10 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showProbeResults(self, nodes) -> None:
         self._lastNodes = nodes
         folder = slicer.mrmlScene.GetSubjectHierarchyNode().GetItemName(nodes["folder"])
-        self.ui.statusLabel.text = _("Done: results in folder \"{folder}\".").format(folder=folder)
+        text = _("Done: results in folder \"{folder}\".").format(folder=folder)
+        if nodes.get("status"):  # a classifier's predicted class, clean and under the strongest probe
+            text += " " + _("Predicted {status}.").format(status=nodes["status"])
+        self.ui.statusLabel.text = text
         self.logic.showComparison(nodes)
 
     def _showError(self, error) -> None:
@@ -700,27 +707,20 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
     def showComparison(nodes) -> None:
         """Clean and attacked side by side (linked, outlines; the fragility map over the clean volume, the
         perturbation over the attacked one), plot and table below; the slices centred on the largest cluster of
-        unstable voxels."""
-        from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW, COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
+        unstable voxels. A classifier's results: see :meth:`showClassification`."""
+        from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW
 
-        layoutManager = slicer.app.layoutManager()
-        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
-        if not layoutNode.IsLayoutDescription(COMPARISON_LAYOUT_ID):
-            layoutNode.AddLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
-        else:  # after a module reload the registered text may be an older one
-            layoutNode.SetLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
-        layoutManager.setLayout(COMPARISON_LAYOUT_ID)
+        if "segmentation" not in nodes:
+            MedAdvRobustnessLogic.showClassification(nodes)
+            return
+        layoutManager = MedAdvRobustnessLogic._comparisonLayout()
         strongest = max(nodes["probed"])
         clean = nodes["segmentation"][0.0]
         cleanVolume = nodes["input"]
         views = ((CLEAN_VIEW, cleanVolume, clean),
                  (ATTACKED_VIEW, nodes["probed"][strongest], nodes["segmentation"][strongest]))
         perturbation = nodes["perturbation"][strongest]
-        perturbationDisplay = perturbation.GetDisplayNode()
-        perturbationDisplay.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
-        largest = max(abs(value) for value in perturbation.GetImageData().GetScalarRange()) or 1.0
-        perturbationDisplay.SetAutoWindowLevel(False)
-        perturbationDisplay.SetWindowLevelMinMax(-largest, largest)  # zero perturbation in the middle colour
+        MedAdvRobustnessLogic._showSigned(perturbation)
         for segmentation in nodes["segmentation"].values():
             segmentation.GetDisplayNode().SetVisibility(False)
         # Linked slices need one orientation: the attacked view follows the clean one (the user may change it).
@@ -748,12 +748,67 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         if nodes.get("focus") is not None:
             for viewName in (CLEAN_VIEW, ATTACKED_VIEW):
                 layoutManager.sliceWidget(viewName).mrmlSliceNode().JumpSliceByCentering(*nodes["focus"])
+        MedAdvRobustnessLogic._showChartAndTable(layoutManager, nodes)
+
+    @staticmethod
+    def showClassification(nodes) -> None:
+        """A classifier's results: the clean image under its saliency map beside the most strongly probed image
+        under its perturbation (linked slices), the confidence-vs-strength chart and the metrics table below."""
+        from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW
+
+        layoutManager = MedAdvRobustnessLogic._comparisonLayout()
+        strongest = max(nodes["probed"])
+        perturbation = nodes["perturbation"][strongest]
+        if perturbation.GetImageData().GetNumberOfScalarComponents() == 1:
+            MedAdvRobustnessLogic._showSigned(perturbation)
+        else:  # a colour image's perturbation: a vector volume of its own, no overlay
+            perturbation = None
+        saliencyDisplay = nodes["saliency"].GetDisplayNode()
+        saliencyDisplay.SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
+        cleanSlice = layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode()
+        layoutManager.sliceWidget(ATTACKED_VIEW).mrmlSliceNode().SetOrientation(cleanSlice.GetOrientation())
+        views = ((CLEAN_VIEW, nodes["input"], nodes["saliency"], 0.5),
+                 (ATTACKED_VIEW, nodes["probed"][strongest], perturbation, 0.4))
+        for viewName, background, overlay, opacity in views:
+            sliceWidget = layoutManager.sliceWidget(viewName)
+            composite = sliceWidget.mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(background.GetID() if background else None)
+            composite.SetForegroundVolumeID(overlay.GetID() if overlay is not None else None)
+            composite.SetForegroundOpacity(opacity)
+            composite.SetLinkedControl(True)
+            sliceWidget.sliceLogic().FitSliceToAll()
+        MedAdvRobustnessLogic._showChartAndTable(layoutManager, nodes)
+
+    @staticmethod
+    def _comparisonLayout():
+        """Switch to the side-by-side layout (registered again after a module reload); the layout manager."""
+        from MedAdvRobustnessLib.scene.layouts import COMPARISON_LAYOUT, COMPARISON_LAYOUT_ID
+
+        layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(COMPARISON_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
+        else:  # after a module reload the registered text may be an older one
+            layoutNode.SetLayoutDescription(COMPARISON_LAYOUT_ID, COMPARISON_LAYOUT)
+        layoutManager.setLayout(COMPARISON_LAYOUT_ID)
+        return layoutManager
+
+    @staticmethod
+    def _showSigned(volume) -> None:
+        """A diverging colour map, zero in the middle colour."""
+        display = volume.GetDisplayNode()
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+        largest = max(abs(value) for value in volume.GetImageData().GetScalarRange()) or 1.0
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(-largest, largest)
+
+    @staticmethod
+    def _showChartAndTable(layoutManager, nodes) -> None:
         plotWidget = layoutManager.plotWidget(0)
         plotWidget.mrmlPlotViewNode().SetPlotChartNodeID(nodes["chart"].GetID())
         selection = slicer.app.applicationLogic().GetSelectionNode()
         selection.SetActiveTableID(nodes["metrics"].GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
-
 
     @staticmethod
     def showStudy(nodes) -> None:

@@ -274,8 +274,8 @@ def write_shifted_labels(path):
 
 @pytest.mark.parametrize("case, expected", [
     ("missing", "file not found"),
-    ("vector", "only scalar volumes"),
-    ("four_d", "give a single scalar volume"),
+    ("vector", "the network takes 1 input channel(s) but the volume has 3"),  # a colour image, one-channel network
+    ("four_d", "holds 2 volumes (shape (5, 6, 7, 2)); give a single volume"),
     ("reference_grid", "another grid"),
     ("epsilon_zero", "0 < epsilon < 1"),
     ("epsilon_one", "0 < epsilon < 1"),

@@ -324,10 +324,16 @@ def test_volume_from_node_refuses_nothing_and_other_nodes(slicer_scene):
         volume_from_node(slicer_scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segments"))
 
 
-def test_volume_from_node_refuses_a_vector_volume(slicer_scene):
-    node = add_node(slicer_scene.scene, np.zeros((7, 9, 11, 3), np.float32), np.eye(4), "vtkMRMLVectorVolumeNode")
-    assert node.GetImageData().GetNumberOfScalarComponents() == 3
-    with pytest.raises(InputError, match="3 components"):
+def test_volume_from_node_refuses_components_outside_a_vector_volume(slicer_scene):
+    """A vector (colour) volume's components are channels (test_rgb_volumes.py); a scalar node holding several
+    components per voxel is refused."""
+    import vtk
+    image = vtk.vtkImageData()
+    image.SetDimensions(11, 9, 7)
+    image.AllocateScalars(vtk.VTK_FLOAT, 3)
+    node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "three components")
+    node.SetAndObserveImageData(image)
+    with pytest.raises(InputError, match="3 components per voxel but is no vector volume"):
         volume_from_node(node)
 
 

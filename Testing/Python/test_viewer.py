@@ -361,6 +361,44 @@ def test_a_scene_with_an_attack_and_a_corruption(results_dir, tmp_path):
     assert (probed_display.GetWindowLevelMin(), probed_display.GetWindowLevelMax()) == (0, 100)
 
 
+def test_a_classifier_run_shows_its_class_per_strength_and_its_confidence_curve(tmp_path):
+    """The demo classifier's FGSM run on the held-out slice, as the module leaves it: found without segmentations,
+    the predicted class and probability in the view captions per strength, the confidence chart, the classifier's
+    columns in the table."""
+    from MedAdvRobustnessLib.networks.models import load_model
+    from MedAdvRobustnessLib.pipeline import run_on_nodes
+    from MedAdvRobustnessLib.probes.registry import make_probe
+    from MedAdvRobustnessLib.sample import SAMPLE_SLICE
+    from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
+
+    slicer_scene = SlicerScene.standalone()
+    volume = slicer_scene.load_volume(SAMPLE_SLICE)
+    result, _ = run_on_nodes(slicer_scene, volume, load_model("demo-classifier"), make_probe("fgsm"), [0.01, 0.05])
+    slicer_scene.write_mrb(tmp_path / "classifier.mrb")
+
+    app = build_app(tmp_path / "classifier.mrb")
+    state, run = app.server.state, app.runs[0]
+    assert (run.task, run.model, run.probe) == ("classification", "demo-classifier", "fgsm")
+    assert [item.text for item in run.strengths] == ["0.01", "0.05"] and run.clean_segmentation is None
+    assert run.saliency is not None and run.chart.GetName().endswith("fgsm confidence vs epsilon")
+    assert state.chart_src.startswith("data:image/png;base64,")
+    names = [name for name, _title, _format in metric_columns(app.metrics[0])]
+    assert names[:3] == ["epsilon", "predicted_name", "confidence"]
+
+    def caption(row):
+        return "{} (p {:.2f})".format(row["predicted_name"], row["confidence"])
+
+    clean, weaker, strongest = result.rows
+    assert state.clean_label == "clean · " + caption(clean)
+    assert state.strength_label == "fgsm ε = 0.05 · " + caption(strongest)
+    assert app.attacked_view.get_background_volume_id() == run.strengths[-1].probed.GetID()
+    state.ready()
+    state.strength_key = run.strengths[0].key
+    state.flush()
+    assert state.strength_label == "fgsm ε = 0.01 · " + caption(weaker)
+    assert app.attacked_view.get_background_volume_id() == run.strengths[0].probed.GetID()
+
+
 def test_a_probe_started_on_the_page_joins_the_runs(results_dir):
     """The page's new-probe form, as its buttons drive it: Rician noise at severity 2 on the shown volume with the
     results' own network; the run appears, is selected and shown; a repeat, bad strengths and a cancelled run add

@@ -35,6 +35,7 @@ class ProbeSettings:
     inputVolume: object = None
     referenceNode: object = None  # label map volume or segmentation
     referenceSegmentIds: str = ""  # segments of a segmentation reference (comma-separated ids; empty: all)
+    trueClass: str = ""  # a classifier's true class (an index, as medadv run --label); empty: none
     networkKind: str = "builtin"
     builtinNetwork: str = "demo"
     networkPath: str = ""
@@ -173,6 +174,7 @@ class RunInputs:
     region: Optional[np.ndarray]
     probe: object
     strengths: list
+    true_class: Optional[int]
     source: str
     activation: Optional[str]
     trust_checkpoint: bool
@@ -204,8 +206,20 @@ def read_inputs(slicer_scene, settings):
         if probe.moves_anatomy:
             raise InputError("corruption {} moves the anatomy and cannot be restricted to a region; clear the "
                              "region".format(probe.name))
-    return RunInputs(volume, reference, segments, region, probe, strengths, network_source(settings),
-                     output_activation(settings), bool(settings.trustCheckpoint), settings.device.strip() or "cpu")
+    return RunInputs(volume, reference, segments, region, probe, strengths, true_class(settings),
+                     network_source(settings), output_activation(settings), bool(settings.trustCheckpoint),
+                     settings.device.strip() or "cpu")
+
+
+def true_class(settings):
+    """The classifier's true class index from its text (None when empty); checked against the classes once the
+    network is loaded (:func:`class_reference`)."""
+    text = settings.trueClass.strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"\+?\d+", text):
+        raise InputError("true class: expected a class index (0, 1, 2...), got {!r}".format(text))
+    return int(text)
 
 
 def segment_masks(slicer_scene, segmentation_node, segment_ids, volume_node, volume):
@@ -264,11 +278,35 @@ def compute(inputs, progress=None, is_cancelled=None):
         report = describe(model, inputs.volume)
         for line in report.lines():
             logging.info("MedAdvRobustness: %s", line)
-        reference = inputs.reference
-        if inputs.reference_segments is not None:
-            reference = reference_from_segments(inputs.reference_segments, report.labels, inputs.volume.array.shape)
+        if model.task == "classification":
+            reference = class_reference(inputs, report)
+        else:
+            reference = segmentation_reference(inputs, report)
         return run_sweep(model, inputs.volume, inputs.probe, inputs.strengths, reference, progress, is_cancelled,
                          region=inputs.region)
+
+
+def class_reference(inputs, report):
+    """A classifier's reference: the true class, within its classes (or None); a reference segmentation is
+    refused."""
+    if inputs.reference is not None or inputs.reference_segments is not None:
+        raise InputError("{} is a classifier: it takes the true class (a class index), not a reference "
+                         "segmentation; clear the reference".format(report.name))
+    if inputs.true_class is not None and inputs.true_class >= len(report.labels):
+        raise InputError("true class {} is beyond the classes of {}: 0..{} ({})".format(
+            inputs.true_class, report.name, len(report.labels) - 1,
+            ", ".join("{} {}".format(label.value, label.name) for label in report.labels)))
+    return inputs.true_class
+
+
+def segmentation_reference(inputs, report):
+    """A segmentation network's reference label array (or None); a true class is refused."""
+    if inputs.true_class is not None:
+        raise InputError("the true class is for classifiers; {} is a segmentation network: give its reference "
+                         "segmentation instead and clear the true class".format(report.name))
+    if inputs.reference_segments is not None:
+        return reference_from_segments(inputs.reference_segments, report.labels, inputs.volume.array.shape[-3:])
+    return inputs.reference
 
 
 class WorkerRun:
@@ -344,7 +382,22 @@ class ProbeRun(WorkerRun):
     def add_nodes(self, result):
         nodes = add_run_nodes(self.slicer_scene, result, self.unstable_at)
         nodes["input"] = self.settings.inputVolume
+        nodes["status"] = result_status(result)
         return nodes
+
+
+def result_status(result):
+    """What the status line adds to "results in folder ...": a classifier's predicted class (name and
+    probability) clean and under the strongest probe; nothing for a segmentation network."""
+    if getattr(result, "task", "segmentation") != "classification":
+        return ""
+    clean, strongest = result.rows[0], result.rows[-1]
+    text = "clean: {} (p {:.2f})".format(clean["predicted_name"], clean["confidence"])
+    if len(result.rows) > 1:
+        text += "; {} {} {:g}: {} (p {:.2f}){}".format(
+            result.probe_name, result.strength_name, strongest[result.strength_name], strongest["predicted_name"],
+            strongest["confidence"], ", flipped" if strongest["flipped"] else "")
+    return text
 
 
 def unstable_strength(settings):

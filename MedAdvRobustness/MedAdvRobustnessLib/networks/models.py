@@ -523,8 +523,16 @@ def as_segmentation_model(network):
                   "ModelDescription(...)) to say otherwise{}".format(
                       name, "; it is in training mode (dropout, batch statistics): call .eval() first"
                       if network.training else ""), stacklevel=3)
-    return SegmentationModel(network, ModelDescription(name=name, output_activation="logits"),
+    return SegmentationModel(network, ModelDescription(name=name, output_activation="logits",
+                                                       in_channels=convolution_in_channels(network)),
                              device=_module_device(network))
+
+
+def convolution_in_channels(network):
+    """The input channels of a plain module's first convolution (a colour network's 3); 1 without one."""
+    convolution = next((module for module in network.modules()
+                        if isinstance(module, torch.nn.modules.conv._ConvNd)), None)
+    return 1 if convolution is None else int(convolution.in_channels)
 
 
 def _module_device(network):
@@ -627,7 +635,8 @@ def _torchscript(path):
 def _load_network_file(path, trust_checkpoint=False):
     network = _torchscript(path)
     if network is not None:
-        return SegmentationModel(network, ModelDescription(name=path.stem, output_activation=None),
+        # input channels not declared: a wrong count is the network's own error, named by network_input_error
+        return SegmentationModel(network, ModelDescription(name=path.stem, output_activation=None, in_channels=None),
                                  source="TorchScript {}".format(path))
     from . import auto3dseg
     try:
@@ -643,7 +652,8 @@ def _load_network_file(path, trust_checkpoint=False):
     if not isinstance(loaded, torch.nn.Module):
         raise InputError("{} holds weights (a state dict) but no network; give a model folder with {} naming the "
                          "architecture, or export the network with torch.jit.save".format(path, DESCRIPTION_FILE))
-    return SegmentationModel(loaded, ModelDescription(name=path.stem, output_activation=None),
+    return SegmentationModel(loaded, ModelDescription(name=path.stem, output_activation=None,
+                                                      in_channels=convolution_in_channels(loaded)),
                              source="pickled network {}".format(path))
 
 
@@ -777,6 +787,8 @@ def describe(model, volume):
         try:
             inputs, plan = model.prepare(volume)
             outputs = model.checked_outputs(model.infer(inputs), plan)
+        except InputError:  # already one clear line (a channel count, a one-slice axis)
+            raise
         except (RuntimeError, ValueError, TypeError, IndexError, torch.jit.Error) as error:  # the first run
             lines = str(error).strip().splitlines() or [""]
             reason = lines[-1] if isinstance(error, torch.jit.Error) else "{}: {}".format(type(error).__name__,

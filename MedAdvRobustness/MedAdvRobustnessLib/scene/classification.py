@@ -57,14 +57,16 @@ def add_confidence_curve(scene, result, title):
 
 def write_classification_files(result, out_dir):
     """``adversarial_<eps>.nii.gz`` (``corrupted_<severity>``) and ``perturbation_<eps>.nii.gz`` per strength,
-    ``saliency.nii.gz`` (of the clean image) and ``metrics.csv``."""
+    ``saliency.nii.gz`` (of the clean image) and ``metrics.csv``. A colour image's are ``.nrrd``: Slicer's NIfTI
+    reader drops the one-voxel axis of a vector NIfTI, and with it the slice's position and spacing."""
     out_dir = Path(out_dir)
     prefix = STRENGTH_WORDS[result.strength_name][1]
+    suffix = ".nrrd" if result.volume.channels > 1 else ".nii.gz"
     for outcome in result.outcomes:
         strength = epsilon_text(outcome.strength)
-        write_volume_file(outcome.probed, result.volume, out_dir / "{}_{}.nii.gz".format(prefix, strength))
+        write_volume_file(outcome.probed, result.volume, out_dir / "{}_{}{}".format(prefix, strength, suffix))
         if outcome.strength > 0:
             write_volume_file(outcome.probed - result.volume.array, result.volume,
-                              out_dir / "perturbation_{}.nii.gz".format(strength))
+                              out_dir / "perturbation_{}{}".format(strength, suffix))
     write_volume_file(np.asarray(result.saliency, dtype=np.float32), result.volume, out_dir / "saliency.nii.gz")
     write_metrics_csv(result, out_dir / "metrics.csv")

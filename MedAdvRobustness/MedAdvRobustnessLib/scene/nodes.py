@@ -11,30 +11,52 @@ GRID_TOLERANCE = 1e-4
 
 
 def volume_from_node(node):
-    """Read a scalar volume node as a :class:`Volume` (copies the voxels; the node is not modified)."""
-    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+    """Read a scalar volume node as a :class:`Volume`, or a vector volume node (a colour image as Slicer loads it)
+    as a channel-first one, a channel per component (copies the voxels; the node is not modified)."""
+    check_volume_node(node)
+    array_kji = util.arrayFromVolume(node)  # (k, j, i), or (k, j, i, components) for a vector volume
+    check_finite_voxels(node, array_kji)
+    ijk_to_ras = ijk_to_ras_of(node)
+    orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape[:3])
+    if array_kji.ndim == 4 and array_kji.shape[3] == 1:
+        array_kji = array_kji[..., 0]
+    if array_kji.ndim == 3:
+        array = orientation.to_network(array_kji)
+    else:
+        array = np.stack([orientation.to_network(array_kji[..., channel]) for channel in range(array_kji.shape[3])])
+    return Volume(node.GetName(), array.astype(np.float32), ijk_to_ras, orientation, node.GetTransformNodeID())
+
+
+NOT_IMAGES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLDiffusionTensorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode")
+
+
+def check_volume_node(node):
+    """Refuse what is not a scalar or vector (colour) volume with voxels: nothing, a label map, a tensor or
+    diffusion-weighted volume."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or any(node.IsA(kind) for kind in NOT_IMAGES) or (
+            node.IsA("vtkMRMLTensorVolumeNode") and not node.IsA("vtkMRMLVectorVolumeNode")):
         kind = node.GetClassName() if node is not None else "nothing"
-        raise InputError("the input must be a scalar volume, got {}".format(kind))
+        raise InputError("the input must be a scalar volume or a colour (vector) volume, got {}".format(kind))
     image = node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError("volume {} has no voxels".format(node.GetName()))
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputError("volume {} has {} components per voxel; only scalar volumes can be attacked".format(
-            node.GetName(), image.GetNumberOfScalarComponents()))
-    array_kji = util.arrayFromVolume(node)
+    if image.GetNumberOfScalarComponents() > 1 and not node.IsA("vtkMRMLVectorVolumeNode"):
+        raise InputError("volume {} has {} components per voxel but is no vector volume; only scalar and colour "
+                         "(vector) volumes can be attacked".format(node.GetName(),
+                                                                  image.GetNumberOfScalarComponents()))
+
+
+def check_finite_voxels(node, array_kji):
+    """Refuse NaN or infinite voxels, and voxels beyond the float32 range."""
     bad = ~np.isfinite(array_kji)
     if bad.any():
-        first = tuple(int(v) for v in np.argwhere(bad)[0][::-1])
+        first = tuple(int(v) for v in np.argwhere(bad)[0][:3][::-1])
         raise InputError("volume {} has {:,} NaN or infinite voxel(s), the first at (i, j, k) = {}; replace them "
                          "(the probes and metrics need finite voxels)".format(node.GetName(), int(bad.sum()), first))
     if np.abs(array_kji).max() > np.finfo(np.float32).max:
         raise InputError("volume {} has voxels beyond the float32 range (up to {:.3g}), which the network's float32 "
                          "arithmetic turns into infinity; rescale the volume".format(
                              node.GetName(), float(np.abs(array_kji).max())))
-    ijk_to_ras = ijk_to_ras_of(node)
-    orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape)
-    return Volume(node.GetName(), orientation.to_network(array_kji).astype(np.float32), ijk_to_ras, orientation,
-                  node.GetTransformNodeID())
 
 
 def labels_from_node(node, like, role="reference"):
@@ -80,14 +102,25 @@ def ijk_to_ras_of(node):
 
 
 def add_volume_node(scene, array_xyz, like, name, node_class="vtkMRMLScalarVolumeNode", display=True):
-    """A new volume node holding a network-convention array on the grid (and transform) of ``like``."""
+    """A new volume node holding a network-convention array on the grid (and transform) of ``like``: a vector
+    volume node, a component per channel, for a channel-first (C, X, Y, Z) array."""
+    array_xyz = np.asarray(array_xyz)
+    if array_xyz.ndim == 4 and node_class == "vtkMRMLScalarVolumeNode":
+        node_class = "vtkMRMLVectorVolumeNode"
     node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name))
-    util.updateVolumeFromArray(node, like.orientation.to_slicer(np.asarray(array_xyz)))
+    util.updateVolumeFromArray(node, slicer_array(array_xyz, like.orientation))
     node.SetIJKToRASMatrix(util.vtkMatrixFromArray(like.ijk_to_ras))
     node.SetAndObserveTransformNodeID(like.transform_node_id)
     if display:
         node.CreateDefaultDisplayNodes()
     return node
+
+
+def slicer_array(array_xyz, orientation):
+    """A network-convention (X, Y, Z) array as Slicer's (k, j, i) one; (C, X, Y, Z) as (k, j, i, C)."""
+    if array_xyz.ndim == 3:
+        return orientation.to_slicer(array_xyz)
+    return np.stack([orientation.to_slicer(channel) for channel in array_xyz], axis=-1)
 
 
 def add_color_table(scene, labels, name):

@@ -186,10 +186,11 @@ def check_nifti_file(path, complete_only=False):
     shape, dtype = tuple(int(n) for n in header["dim"][1:1 + len(image.shape)]), image.get_data_dtype()
     _check_sizes(path, shape, dtype)
     _check_spacing(path, header, min(len(shape), 3))
-    if len(shape) > 3 and any(size > 1 for size in shape[3:]):
-        raise InputError("{} has {} volumes or components per voxel (shape {}); give a single scalar volume".format(
-            path, int(np.prod(shape[3:])), shape))
-    voxels = math.prod(shape[:3])
+    if len(shape) > 3 and shape[3] > 1 or len(shape) > 5 and any(size > 1 for size in shape[5:]):
+        raise InputError("{} holds {} volumes (shape {}); give a single volume".format(
+            path, int(np.prod(shape[3:4] + shape[5:])), shape))
+    components = shape[4] if len(shape) > 4 else 1  # a vector volume (an RGB image): X, Y, Z, 1, C
+    voxels = math.prod(shape[:3]) * components
     offset = int(header.get_data_offset())
     declared = offset + voxels * dtype.itemsize
     stored, whole = _stored_bytes(data_file, declared)

@@ -76,6 +76,7 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         state.perturbation_opacity = PERTURBATION_OPACITY
         state.show_segmentations = True
         state.show_fragility = False
+        state.clean_label = "clean"
         state.shown_strength_key = ""
         state.chart_src = ""
         state.new_probe = "fgsm"
@@ -133,7 +134,7 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
             probed = display_node(item.probed)
             probed.AutoWindowLevelOff()
             probed.SetWindowLevel(clean_display.GetWindow(), clean_display.GetLevel())
-        for segmentation in [run.clean_segmentation] + [item.segmentation for item in run.strengths]:
+        for segmentation in run.segmentations():
             segmentation.CreateDefaultDisplayNodes()
             display = segmentation.GetDisplayNode()
             display.SetVisibility(False)
@@ -147,13 +148,15 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         """Show run ``index``: its volume and clean segmentation on the clean side, its largest strength, its
         window; nothing of the other runs (nor anything else of the scene, e.g. the reference label map)."""
         for run in self.runs:
-            for segmentation in [run.clean_segmentation] + [item.segmentation for item in run.strengths]:
+            for segmentation in run.segmentations():
                 segmentation.GetDisplayNode().SetVisibility(False)
         previous, self.run = self.run, self.runs[index]
         run, state = self.run, self.server.state
         self.clean_view.set_background_volume_id(run.volume.GetID())
         self.clean_view.set_foreground_volume_id(None)
-        self._show_segmentation(run.clean_segmentation, self.clean_view, self.clean_3d)
+        if run.clean_segmentation is not None:
+            self._show_segmentation(run.clean_segmentation, self.clean_view, self.clean_3d)
+        state.clean_label = "clean" + self._predicted_text(run, 0.0)
         clean_display = display_node(run.volume)
         low, high = (float(value) for value in run.volume.GetImageData().GetScalarRange())
         state.intensity_range = [low, high, (high - low) / 200.0 or 1.0]
@@ -202,17 +205,29 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
         fragility = run.fragility if state.show_fragility else None
         self.clean_view.set_foreground_volume_id(fragility.GetID() if fragility is not None else None)
         self.clean_view.set_foreground_opacity(1.0)
-        for other in run.strengths:
-            if other is not item:
-                other.segmentation.GetDisplayNode().SetVisibility(False)
-        self._show_segmentation(item.segmentation, self.attacked_view, self.attacked_3d, state.show_segmentations)
-        run.clean_segmentation.GetDisplayNode().SetVisibility2D(state.show_segmentations)
+        if not run.is_classification:
+            for other in run.strengths:
+                if other is not item:
+                    other.segmentation.GetDisplayNode().SetVisibility(False)
+            self._show_segmentation(item.segmentation, self.attacked_view, self.attacked_3d,
+                                    state.show_segmentations)
+            run.clean_segmentation.GetDisplayNode().SetVisibility2D(state.show_segmentations)
         if self._chart_key != item.key:
             state.chart_src, self._chart_key = self._chart(item), item.key
-        state.strength_label = run.caption(item)
+        state.strength_label = run.caption(item) + self._predicted_text(run, item.strength)
         for view in (self.clean_view, self.attacked_view, self.clean_3d, self.attacked_3d):
             view.schedule_render()
         state.shown_strength_key = item.key
+
+    def _predicted_text(self, run, strength):
+        """`` · <class> (p 0.93)``: a classifier's predicted class at ``strength`` (its metrics row); else empty."""
+        if not run.is_classification:
+            return ""
+        rows = self.metrics[self.runs.index(run)]
+        row = next((row for row in rows if row.get(run.strength_name) == strength), None)
+        if row is None or row.get("predicted_name") is None or row.get("confidence") is None:
+            return ""
+        return " · {} (p {:.2f})".format(row["predicted_name"], row["confidence"])
 
     def _on_window_change(self, intensity_window, **_):
         """The clean volume's window; the link copies it to every adversarial volume."""
@@ -300,10 +315,11 @@ class ResultsViewer(ViewLinks, ResultsPage, TrameApp):
             state.probe_message = "the probe failed: {}".format(error)
             return
         # Hidden until a run shows them; the job's clean segmentation is a copy the page may not use.
-        for segmentation in nodes["segmentation"].values():
+        segmentations = nodes.get("segmentation", {})  # none for a classifier
+        for segmentation in segmentations.values():
             segmentation.GetDisplayNode().SetVisibility(False)
         try:
-            new = self._add_new_runs(nodes["segmentation"].get(0.0))
+            new = self._add_new_runs(segmentations.get(0.0))
         except Exception as error:  # the nodes are in the scene, but the page could not show them
             logging.exception("medadv view: the new run cannot be shown")
             state.probe_message = "the probe ran but cannot be shown: {}".format(error)

@@ -17,13 +17,16 @@ ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 # Metrics table columns shown first, in this order, with a title and a format; any other column of the table (a
 # metric added later) follows under its own name; the HIDDEN ones and columns without any value are left out.
 METRIC_COLUMNS = (("epsilon", "ε", "{:g}"), ("severity", "severity", "{:g}"), ("label", "label", "{}"),
+                  ("predicted_name", "predicted", "{}"), ("confidence", "p", "{:.3f}"),  # a classifier's
+                  ("label_probability", "p label", "{:.3f}"), ("flipped", "flipped", "{:g}"),
                   ("dice_reference", "Dice ref", "{:.3f}"), ("dice_clean", "Dice clean", "{:.3f}"),
                   ("hd95_reference", "HD95 ref mm", "{:.1f}"), ("asd_reference", "ASD ref mm", "{:.2f}"),
                   ("hd95_clean", "HD95 clean mm", "{:.1f}"), ("asd_clean", "ASD clean mm", "{:.2f}"),
                   ("nsd_reference", "surface Dice ref", "{:.3f}"), ("nsd_clean", "surface Dice clean", "{:.3f}"),
                   ("linf", "L∞", "{:.2f}"), ("l2", "L2", "{:.1f}"), ("psnr", "PSNR dB", "{:.1f}"),
                   ("ssim", "SSIM", "{:.3f}"))
-HIDDEN_METRIC_COLUMNS = ("model", "probe", "attack", "linf_fraction", "l2_fraction")  # attack: older scenes
+HIDDEN_METRIC_COLUMNS = ("model", "probe", "attack", "linf_fraction", "l2_fraction",  # attack: older scenes
+                         "predicted")  # a classifier's class index: its name is shown
 
 
 class ResultsPage:
@@ -67,7 +70,8 @@ class ResultsPage:
 
     def _slice_view_ui(self, server, view_id, view):
         create_vertical_slice_view_gutter_ui(server, view_id, view)
-        _view_label("clean" if view.name == CLEAN_SLICE else "attacked · {{ strength_label }}", view.name)
+        _view_label("{{ clean_label }}" if view.name == CLEAN_SLICE else "attacked · {{ strength_label }}",
+                    view.name)
 
     def _three_d_view_ui(self, server, view_id, view):
         create_vertical_view_gutter_ui(server, view_id, view)
@@ -191,6 +195,8 @@ class ResultsPage:
 
     @staticmethod
     def _legend_ui(run):
+        if run.clean_segmentation is None:  # a classifier: its classes are in the table and the view captions
+            return
         with html.Div(classes="mt-2", id="medadv-legend"):
             for name, color in segment_legend(run.clean_segmentation):
                 with html.Span(style="margin-right:12px;white-space:nowrap;"):

@@ -47,7 +47,7 @@ class PageProbe(WorkerRun):
                                                              severities=strengths_text))
         volume = volume_from_node(run.volume)
         self.inputs = RunInputs(volume, scene_reference(slicer_scene.scene, volume), None, None, probe, strengths,
-                                model_source, None, False, "cpu")
+                                None, model_source, None, False, "cpu")
         super().__init__()
 
     def job(self):

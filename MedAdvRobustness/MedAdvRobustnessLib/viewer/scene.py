@@ -11,6 +11,10 @@ each epsilon ``<e>`` (or a corruption at each severity ``<s>``):
   and the chart ``<vol> <model> <probe> Dice vs epsilon`` (``Dice vs severity``);
 - ``<vol> fragility <probe>`` and the table ``<vol> <model> <probe> structures`` (:mod:`..scene.fragility`), in
   scenes written since fragility maps exist.
+
+A classifier's run (:mod:`..scene.classification`) has the same probed volumes and perturbations, no
+segmentation, ``<vol> saliency <model>``, the metrics table (a row per strength: the predicted class and its
+probability) and ``<vol> <model> <probe> confidence vs epsilon table`` with its chart ``... confidence vs epsilon``.
 """
 import math
 import re
@@ -58,6 +62,12 @@ class ResultsRun:
     model: str = ""
     fragility: object = None
     structures: object = None
+    task: str = "segmentation"  # or "classification": no segmentation, a confidence curve
+    saliency: object = None
+
+    @property
+    def is_classification(self):
+        return self.task == "classification"
 
     @property
     def title(self):
@@ -79,9 +89,15 @@ class ResultsRun:
     def by_key(self, key):
         return next((item for item in self.strengths if item.key == key), None)
 
+    def segmentations(self):
+        """The clean and probed segmentations (none for a classifier)."""
+        nodes = [self.clean_segmentation] + [item.segmentation for item in self.strengths]
+        return [node for node in nodes if node is not None]
+
 
 def find_runs(scene) -> List[ResultsRun]:
-    """The complete runs (input volume, clean segmentation and at least one probed strength) in ``scene``."""
+    """The complete runs (input volume, clean segmentation and at least one probed strength; a classifier's: its
+    confidence table instead of the segmentations) in ``scene``."""
     nodes = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
     named = [node for node in nodes if node is not None and node.GetName()]
     runs: Dict[tuple, ResultsRun] = {}
@@ -107,11 +123,17 @@ def find_runs(scene) -> List[ResultsRun]:
         run.clean_segmentation = next(
             (node for node in named if node.IsA("vtkMRMLSegmentationNode")
              and (_CLEAN_SEGMENTATION.match(node.GetName()) or [None, None])[1] == run.volume_name), None)
+        if run.clean_segmentation is None and _find_curve(named, run, "confidence") is not None:
+            run.task = "classification"
         run.strengths = sorted((item for item in run.strengths if item.probed is not None
-                                and item.segmentation is not None), key=lambda item: item.strength)
-        if run.volume is None or run.clean_segmentation is None or not run.strengths:
+                                and (item.segmentation is not None or run.is_classification)),
+                               key=lambda item: item.strength)
+        if run.volume is None or not run.strengths or not (run.clean_segmentation or run.is_classification):
             continue
         _attach_tables(run, named)
+        if run.is_classification:
+            run.saliency = next((node for node in named if node.GetName() == "{} saliency {}".format(
+                run.volume_name, run.model) and _is_role_class(node, "saliency")), None)
         run.fragility = next((node for node in named if node.GetName() == "{} fragility {}".format(
             run.volume_name, run.probe) and _is_role_class(node, "fragility")), None)
         complete.append(run)
@@ -129,12 +151,21 @@ def _find_volume(named, volume_name):
                  and not node.IsA("vtkMRMLLabelMapVolumeNode")), None)
 
 
+def _find_curve(named, run, quantity):
+    """The ``<vol> <model> <probe> <quantity> vs <strength> table`` node of ``run``, or None."""
+    prefix, suffix = run.volume_name + " ", " {} {} vs {} table".format(run.probe, quantity, run.strength_name)
+    return next((node for node in named if node.IsA("vtkMRMLTableNode") and node.GetName().startswith(prefix)
+                 and node.GetName().endswith(suffix)), None)
+
+
 def _attach_tables(run, named):
-    """``<vol> <model> <probe> metrics`` etc.; the model name is what lies between."""
+    """``<vol> <model> <probe> metrics`` etc.; the model name is what lies between. A classifier's curve (its
+    confidence, not the Dice) is the run's ``dice_table`` and ``chart``."""
+    curve = "confidence" if run.is_classification else "Dice"
     prefix, suffixes = run.volume_name + " ", {
         "metrics": " {} metrics".format(run.probe),
-        "dice_table": " {} Dice vs {} table".format(run.probe, run.strength_name),
-        "chart": " {} Dice vs {}".format(run.probe, run.strength_name),
+        "dice_table": " {} {} vs {} table".format(run.probe, curve, run.strength_name),
+        "chart": " {} {} vs {}".format(run.probe, curve, run.strength_name),
         "structures": " {} structures".format(run.probe),
     }
     for role, suffix in suffixes.items():
