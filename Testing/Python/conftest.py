@@ -114,6 +114,19 @@ def write_bundle(root, network, network_args, transforms, roi_size, postprocessi
     return root
 
 
+def monai_bundle_run(root, network, image_path, postprocessing=True):
+    """MONAI's own pipeline for a bundle, item by item as ConfigParser builds it: its preprocessing, its inferer
+    (``pred``: the first item's outputs) and, unless told not to, its postprocessing; the data dictionary."""
+    from monai.bundle import ConfigParser
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    data = parser.get_parsed_content("preprocessing")({"image": str(image_path)})
+    with torch.no_grad():
+        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None].float(), network)[0]
+    return parser.get_parsed_content("postprocessing")(data) if postprocessing else data
+
+
 def drive_as_widget(slicer_scene, settings, start, cancel_on=None):
     """Store ``settings`` in the module's parameter node, press the button (``start(slicer_scene, node)``), poll
     like the widget's timer (cancel once a message holds ``cancel_on``); the run and its (fraction, message)s."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from conftest import GEOMETRIES, stored, write_bundle as shared_write_bundle
+from conftest import GEOMETRIES, monai_bundle_run, stored, write_bundle as shared_write_bundle
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import load_model
 from MedAdvRobustnessLib.networks.steps import spacing_grid
@@ -37,16 +37,9 @@ def write_bundle(root, network, nonzero=True, margin=3, select_fn=None):
 
 
 def monai_probabilities(root, network, image_path):
-    """MONAI's own pipeline, item by item as ConfigParser builds it: preprocessing, inferer, postprocessing
-    (softmax, Invertd back to the file's grid); (C, i, j, k) in the file's voxel order."""
-    from monai.bundle import ConfigParser
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
-    parser["bundle_root"] = str(root)
-    data = parser.get_parsed_content("preprocessing")({"image": str(image_path)})
-    with torch.no_grad():
-        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None].float(), network)[0]
-    data = parser.get_parsed_content("postprocessing")(data)
+    """MONAI's own pipeline: preprocessing, inferer, postprocessing (softmax, Invertd back to the file's grid);
+    (C, i, j, k) in the file's voxel order, and the network input's size."""
+    data = monai_bundle_run(root, network, image_path)
     return np.asarray(data["pred"], dtype=np.float64), tuple(data["image"].shape[1:])
 
 

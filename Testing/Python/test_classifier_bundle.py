@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet
 
-from conftest import MEDADV, stored
+from conftest import MEDADV, monai_bundle_run, stored
 from MedAdvRobustnessLib.networks.models import load_model
 from MedAdvRobustnessLib.scene.nodes import volume_from_node
 from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
@@ -46,18 +46,6 @@ def write_classifier_bundle(root, network):
     return root
 
 
-def monai_class_probabilities(root, network, image_path):
-    from monai.bundle import ConfigParser
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
-    parser["bundle_root"] = str(root)
-    data = parser.get_parsed_content("preprocessing")({"image": str(image_path)})
-    with torch.no_grad():
-        data["pred"] = parser.get_parsed_content("inferer")(data["image"][None].float(), network)[0]
-    data = parser.get_parsed_content("postprocessing")(data)
-    return np.asarray(data["pred"], dtype=np.float64)
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, t1_crop):
     folder = tmp_path_factory.mktemp("classifier-bundle")
@@ -72,7 +60,7 @@ def bundle(tmp_path_factory, t1_crop):
 
 def test_a_bundle_classifier_gives_monai_s_class_probabilities(bundle):
     root, network, path = bundle
-    expected = monai_class_probabilities(root, network, path)
+    expected = np.asarray(monai_bundle_run(root, network, path)["pred"], dtype=np.float64)
     model = load_model(root)
     volume = volume_from_node(SlicerScene.standalone().load_volume(str(path)))
     with torch.no_grad(), model.on_grid(volume):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from conftest import write_bundle as shared_write_bundle
+from conftest import monai_bundle_run, write_bundle as shared_write_bundle
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.probes.attacks import FGSM
 from MedAdvRobustnessLib.errors import InputError
@@ -58,17 +58,6 @@ def write_bundle(root, network):
     return shared_write_bundle(root, network, UNET_ARGS, [{"_target_": "NormalizeIntensityd", "nonzero": True}],
                                (48, 48, 48), [{"_target_": "Activationsd", "softmax": True},
                                               {"_target_": "AsDiscreted", "argmax": True}], LABEL_NAMES)
-
-
-def monai_bundle_outputs(root, network, image_path):
-    """What MONAI itself computes with the bundle: its preprocessing and inferer, built by ConfigParser."""
-    from monai.bundle import ConfigParser
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
-    parser["bundle_root"] = str(root)
-    data = parser.get_parsed_content("preprocessing")({"image": str(image_path)})
-    with torch.no_grad():
-        return parser.get_parsed_content("inferer")(data["image"][None].float(), network)
 
 
 # ------------------------------------------------------------------------------------------------------ sources
@@ -120,7 +109,7 @@ def test_state_dict_that_does_not_fit_the_architecture_is_refused(tmp_path):
 def test_monai_bundle_folder_and_zip_give_monai_s_own_outputs_and_label_names(tmp_path, sample):
     network = tiny_unet()
     root = write_bundle(tmp_path / "tiny_brain", network)
-    expected = monai_bundle_outputs(root, network, SAMPLE_VOLUME)
+    expected = monai_bundle_run(root, network, SAMPLE_VOLUME, postprocessing=False)["pred"][None]
     archive = shutil.make_archive(str(tmp_path / "tiny_brain"), "zip", str(tmp_path), "tiny_brain")
     for source in (root, archive):
         model = load_model(source)
