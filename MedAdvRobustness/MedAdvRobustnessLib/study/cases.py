@@ -1,6 +1,7 @@
 """Cases of a study: volume files with optional references, folders of them, and held-out variants of the
 embedded sample (deformed, rotated and given a bias field), each hashed with its files."""
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -31,22 +32,24 @@ HELDOUT_SEED = 1000
 HELDOUT_MAX = 100  # held-out variants a study may ask for (each is seeded apart; the sample is one brain)
 
 
+SLICES_PREFIX = "heldout-slices:"  # held-out axial slices of the demo classifier, each with its class
+
+
 def resolve_cases(item):
-    """Cases of one study entry: ``heldout:N``, ``sample``, a folder, a volume file, or ``{name, volume,
-    reference}``."""
+    """Cases of one study entry: ``heldout:N``, ``heldout-slices:N``, ``sample``, a folder, a volume file,
+    ``{name, volume, reference}`` or, for classifiers, ``{name, volume, class}``."""
     if isinstance(item, dict):
         if not item.get("volume"):
             raise InputError("study: a case needs a volume, got {!r}".format(item))
+        if "class" in item:
+            return [_class_case(item)]
         return [_file_case(item["volume"], item.get("reference"), item.get("name"))]
     item = str(item)
+    if item.startswith(SLICES_PREFIX):
+        return heldout_slice_cases(_count(item, SLICES_PREFIX, len(_heldout_slice_rows()),
+                                          "held-out axial slices of the demo classifier"))
     if item.startswith(HELDOUT_PREFIX):
-        try:
-            count = int(item[len(HELDOUT_PREFIX):])
-        except ValueError:
-            count = 0
-        if not 1 <= count <= HELDOUT_MAX:
-            raise InputError("study: {!r}: give heldout:N with N from 1 to {} held-out variants of the "
-                             "sample".format(item, HELDOUT_MAX))
+        count = _count(item, HELDOUT_PREFIX, HELDOUT_MAX, "held-out variants of the sample")
         return [heldout_case(index) for index in range(1, count + 1)]
     if item == "sample":
         return [_file_case(SAMPLE_VOLUME, SAMPLE_LABELS, "sample")]
@@ -54,6 +57,79 @@ def resolve_cases(item):
     if path.is_dir():
         return folder_cases(path)
     return [_file_case(path, None, None)]
+
+
+def _count(item, prefix, most, what):
+    """N of ``prefix`` + N, from 1 to ``most``; InputError otherwise."""
+    try:
+        count = int(item[len(prefix):])
+    except ValueError:
+        count = 0
+    if not 1 <= count <= most:
+        raise InputError("study: {!r}: give {}N with N from 1 to {} {}".format(item, prefix, most, what))
+    return count
+
+
+def is_class_case(case):
+    """Whether a resolved case is a classifier's (an image and its class) rather than a segmenter's."""
+    return "class" in case
+
+
+def check_one_task(cases):
+    """Refuse a study mixing classifier cases (an image and its class) with segmentation cases, in one line."""
+    kinds = {is_class_case(case) for case in cases}
+    if len(kinds) > 1:
+        named = [case["name"] for case in cases if is_class_case(case)][:3]
+        others = [case["name"] for case in cases if not is_class_case(case)][:3]
+        raise InputError("study: cases {} are images with a class (for classifiers) and cases {} are volumes for "
+                         "segmenters; a study compares networks of one kind: run them as two studies".format(
+                             ", ".join(named), ", ".join(others)))
+
+
+def _class_case(item):
+    """``{name, volume, class}``: an image file and its true class (a whole number from 0)."""
+    label = item["class"]
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise InputError("study: the class of case {} must be a class index (0, 1, ...), got {!r}".format(
+            item.get("name") or item["volume"], label))
+    if item.get("reference") is not None:
+        raise InputError("study: case {} gives a class and a reference; a classifier's case has a class only".format(
+            item.get("name") or item["volume"]))
+    return dict(_file_case(item["volume"], None, item.get("name")), **{"class": label})
+
+
+@functools.lru_cache(maxsize=1)
+def axial_slices():
+    """The demo classifier's axial slices (:func:`~..classification_training.axial_slices`), read once; not to be
+    modified."""
+    from ..classification_training import axial_slices as read_slices
+    return read_slices()
+
+
+def _heldout_slice_rows():
+    """The positions, among the demo classifier's axial slices, of those held out from its training."""
+    from ..classification_training import split
+    return np.flatnonzero(split(axial_slices()[3]))
+
+
+def heldout_slice_cases(count):
+    """``count`` of the demo classifier's held-out axial slices (unaugmented, spread evenly over them from the
+    lowest), each with its anatomical level as class; see :func:`heldout_slice_volume`."""
+    rows = _heldout_slice_rows()
+    classes, indices = axial_slices()[1], axial_slices()[3]
+    chosen = rows[np.round(np.linspace(0, len(rows) - 1, count)).astype(int)] if count > 1 else rows[:1]
+    return [{"name": "slice-z{}".format(int(indices[row])), "slice": int(indices[row]), "class": int(classes[row]),
+             "hash": hash_files([SAMPLE_VOLUME, SAMPLE_LABELS], extra=json.dumps(["axial slice", int(indices[row])]))}
+            for row in chosen]
+
+
+def heldout_slice_volume(case):
+    """The Volume of a held-out slice case: axial slice ``case["slice"]`` of the sample averaged to 4 mm in plane
+    (40x48x1, its MNI affine), as the demo classifier was trained and scored on."""
+    from ..networks.volume import Volume
+    slices, _, affines, indices = axial_slices()
+    row = int(np.flatnonzero(indices == case["slice"])[0])
+    return Volume.from_array(slices[row][:, :, None], affines[row], name=case["name"])
 
 
 def heldout_case(index):

@@ -3,6 +3,7 @@ the sweep in any process (a local worker, a Dask worker or this one)."""
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -11,13 +12,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import InputError
-from ..evaluation.sweep import run_sweep
+from ..evaluation.records import ClassificationResult
+from ..evaluation.sweep import network_task, run_sweep
 from ..networks.models import TRUST_HINT, load_model, network_input_error
 from ..probes.attacks import AttackCancelled
-from .cases import heldout_volume, load_case
+from .cases import check_one_task, heldout_slice_volume, heldout_volume, is_class_case, load_case
 from .definition import study_probe
 from .fragility import cell_arrays
 from .outputs import versions
@@ -25,7 +28,9 @@ from .outputs import versions
 
 def study_cells(resolved, device="cpu"):
     """Every cell of a resolved study as a plain (picklable, JSON-able) task dictionary, in a fixed order; the
-    networks run on ``device``."""
+    networks run on ``device``. A study mixing classifier cases (images with a class) and segmentation cases is
+    refused."""
+    check_one_task(resolved["cases"])
     cells = []
     for network in resolved["networks"]:
         for case in resolved["cases"]:
@@ -95,16 +100,64 @@ def compute_cell(task, is_cancelled=None):
             model = _cached_model(task["network"], task.get("device", "cpu"))
             volume, reference = _cached_case(task["case"])
             with model.on_grid(volume):
+                _check_network_kind(model, volume, task)
                 result = run_sweep(model, volume, study_probe(task["probe"]), [task["strength"]], reference,
                                    is_cancelled=is_cancelled)
+            _check_result_kind(result, task)
     except AttackCancelled:
         raise
     except Exception as error:
         raise _cell_error(task, error) from error
-    rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
+    if isinstance(result, ClassificationResult):
+        rows, arrays = [_class_row(task, row, result.strength_name) for row in result.rows], class_arrays(result)
+    else:
+        rows = [_table_row(task, row, result.strength_name, result.against) for row in result.rows]
+        arrays = cell_arrays(result)
     return {"key": task["key"], "task": task, "rows": rows, "seconds": round(time.time() - start, 3),
             "host": socket.gethostname(), "pid": os.getpid(), "versions": versions(),
-            "arrays": cell_arrays(result)}  # stored beside the record by the study, not in it
+            "arrays": arrays}  # stored beside the record by the study, not in it
+
+
+def _check_network_kind(model, volume, task):
+    """Refuse a segmentation network given a classifier's case (an image and its class): its one forward pass on
+    the image says what it is."""
+    if not is_class_case(task["case"]):
+        return
+    with torch.no_grad():
+        kind = network_task(model, model(volume.as_tensor()))
+    if kind != "classification":
+        raise InputError("network {} is a segmentation network but the case is an image with a class (for "
+                         "classifiers); compare segmenters on volumes in a study of their own".format(
+                             task["network"]["name"]))
+
+
+def _check_result_kind(result, task):
+    """Refuse a classifier's result on a segmentation case (a volume without a class)."""
+    if isinstance(result, ClassificationResult) and not is_class_case(task["case"]):
+        raise InputError("network {} is a classifier: give its cases as images with their class "
+                         "(heldout-slices:N, or {{\"volume\": ..., \"class\": K}})".format(task["network"]["name"]))
+
+
+def class_arrays(result):
+    """What a classifier's cell stores beside its record (as :func:`~.fragility.cell_arrays` for a segmenter): whether
+    the attacked prediction differs from the clean one, the clean class and the entropy of the clean
+    probabilities (nats)."""
+    probabilities = result.clean.probabilities.astype("float64")
+    entropy = -sum(float(p) * math.log(p) for p in probabilities if p > 0)
+    changed = result.outcomes[1].prediction != result.clean.prediction
+    return {"changed": np.packbits(np.array([bool(changed)])), "clean": np.array([result.clean.prediction],
+                                                                                 dtype=np.int16),
+            "entropy": np.array([entropy], dtype=np.float32)}
+
+
+def _class_row(task, row, strength_name):
+    """A classifier's row of the results table: the true class as ``label``, whether the prediction is
+    ``correct``, and the sweep's columns."""
+    out = {"network": task["network"]["name"], "case": task["case"]["name"], "probe": task["probe"]["name"],
+           "kind": task["probe"]["kind"], "strength": row[strength_name], "label": row["label"],
+           "task": "classification", "correct": row["predicted"] == row["label"]}
+    out.update({key: value for key, value in row.items() if key not in ("model", "attack", strength_name, "label")})
+    return out
 
 
 @contextmanager
@@ -187,5 +240,15 @@ def _cached_case(case):
     if key not in cases:
         if len(cases) > 8:
             cases.clear()
-        cases[key] = heldout_volume(case["heldout"]) if case.get("heldout") else load_case(case)
+        cases[key] = _load_case(case)
     return cases[key]
+
+
+def _load_case(case):
+    """(volume, reference) of a case: the reference is a label map, or a classifier case's class."""
+    if "slice" in case:
+        return heldout_slice_volume(case), case["class"]
+    if case.get("heldout"):
+        return heldout_volume(case["heldout"])
+    volume, reference = load_case(case)
+    return (volume, case["class"]) if is_class_case(case) else (volume, reference)

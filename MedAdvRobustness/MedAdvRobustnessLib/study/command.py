@@ -6,7 +6,7 @@ from ..errors import InputError
 from .cases import HELDOUT_PREFIX, write_heldout_cases
 from .definition import load_study, resolve_study, study_from_lists
 from .execution import run_study
-from .scores import summary_rows, table_rows
+from .scores import classification_summary_rows, summary_rows, table_rows
 
 
 def _bench(args):
@@ -24,7 +24,8 @@ def _bench(args):
                                  args.severities, params, 0 if args.seed is None else args.seed)
     if args.write_cases:
         resolve_study(study)  # bad input refused before anything is written
-        count = sum(int(c[len(HELDOUT_PREFIX):]) for c in study["cases"] if str(c).startswith(HELDOUT_PREFIX))
+        count = sum(int(c[len(HELDOUT_PREFIX):]) for c in study["cases"]
+                    if isinstance(c, str) and c.startswith(HELDOUT_PREFIX))
         write_heldout_cases(args.write_cases, count)
 
     def report(done, total, record):
@@ -36,12 +37,23 @@ def _bench(args):
                     device=args.device)
     print("{} cell(s) computed, {} found stored; {}".format(len(run.computed), len(run.reused),
                                                            Path(args.out) / "report.html"))
-    for row in summary_rows(table_rows(run.records)):
+    rows = table_rows(run.records)
+    for row in classification_summary_rows(rows):
+        if row["probe"] == "overall":
+            print(classifier_line(row))
+    for row in summary_rows(rows):
         if row["probe"] == "overall":
             print("{:<24} clean Dice {}  robustness {}  ROOD degradation {}".format(
                 row["network"], _fmt(row["clean_dice"]), _fmt(row["robustness_score"]), _fmt(row["rood_degradation"])))
             print(fragility_line(run.fragility.get((row["network"], "overall"), {})))
     return 0
+
+
+def classifier_line(overall):
+    """A classifier's line of the printed summary: clean accuracy, robustness score, median minimal perturbation."""
+    return "{:<24} clean accuracy {}  robustness {}  median minimal perturbation L2 {} L-inf {}".format(
+        overall["network"], _fmt(overall["clean_accuracy"]), _fmt(overall["robustness_score"]),
+        _fmt(overall.get("median_minimal_l2_fraction")), _fmt(overall.get("median_minimal_linf_fraction")))
 
 
 def fragility_line(overall):

@@ -8,7 +8,7 @@ from ..networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, ModelDescription
 from ..probes.attacks import ATTACKS
 from ..probes.corruptions import CORRUPTIONS
 from ..probes.registry import make_probe
-from .cases import HELDOUT_PREFIX, hash_files, resolve_cases
+from .cases import HELDOUT_PREFIX, SLICES_PREFIX, hash_files, resolve_cases
 
 
 STUDY_KEYS = ("networks", "cases", "probes", "seed", "threads")
@@ -59,7 +59,7 @@ def _one_line(error):
 
 def _relative_to(item, base):
     """Relative file paths of a study are relative to the study file."""
-    if isinstance(item, str) and not item.startswith(HELDOUT_PREFIX) and item != "sample":
+    if isinstance(item, str) and not item.startswith((HELDOUT_PREFIX, SLICES_PREFIX)) and item != "sample":
         return str(base / item) if not Path(item).is_absolute() else item
     if isinstance(item, dict):
         return {key: (str(base / value) if key in ("volume", "reference") and value and not Path(value).is_absolute()

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ..networks.models import PALETTE
-from .cases import HELDOUT_RECIPE, HELDOUT_SEED
-from .scores import TABLE_KEYS, curves, mean_or_none, summary_rows, table_rows, unique
+from .cases import HELDOUT_RECIPE, HELDOUT_SEED, is_class_case
+from .scores import (CLASSIFICATION_COLUMNS, TABLE_KEYS, classification_summary_rows, curves, mean_or_none,
+                     summary_rows, table_rows, unique)
 
 
 SUMMARY_COLUMNS = ("network", "probe", "kind", "dice_against", "cases", "cases_without_reference", "clean_dice",
@@ -44,12 +45,18 @@ def versions():
 
 def write_outputs(out_dir, resolved, records):
     """``results.csv``, ``summary.csv``, ``study.json`` (provenance), ``figures/``, ``report.html`` and the
-    fragility (``fragility.csv``, ``instability.csv``, ``fragility/``, ``instability/``, see :mod:`.fragility`).
-    Returns the fragility per (network, probe) and instability per network."""
+    fragility (``fragility.csv``, ``instability.csv``, ``fragility/``, ``instability/``, see :mod:`.fragility`);
+    for classifiers ``classification.csv`` (:func:`~.scores.classification_summary_rows`) in place of the Dice
+    summary and the fragility. Returns the fragility per (network, probe) and instability per network."""
     from .fragility import (FRAGILITY_COLUMNS, INSTABILITY_COLUMNS, network_fragility, study_fragility)
     out_dir = Path(out_dir)
     rows = table_rows(records)
-    fragile, unstable = study_fragility(out_dir, resolved, records)
+    volume_cases = [case for case in resolved["cases"] if not is_class_case(case)]
+    fragile, unstable = study_fragility(out_dir, dict(resolved, cases=volume_cases), records) if volume_cases \
+        else ([], [])
+    classified = classification_summary_rows(rows)
+    if classified:
+        _write_csv(out_dir / "classification.csv", classified, CLASSIFICATION_COLUMNS)
     by_network = network_fragility(fragile, unstable)
     summary = [dict(row, **by_network.get((row["network"], row["probe"]), {})) for row in summary_rows(rows)]
     _write_csv(out_dir / "results.csv", rows, _columns(rows))
@@ -64,7 +71,7 @@ def write_outputs(out_dir, resolved, records):
     write_json_atomic(out_dir / "study.json", provenance)
     figures = write_figures(out_dir / "figures", rows, summary)
     shown = [path for path in figures if path.name != "overview.png"]  # the same panels, side by side
-    write_html(out_dir / "report.html", resolved, summary, shown, provenance)
+    write_html(out_dir / "report.html", resolved, summary, shown, provenance, classified)
     return by_network
 
 
@@ -169,8 +176,9 @@ STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
          "padding:3px 8px;font-size:13px}figure{display:inline-block;margin:1em}img{max-width:560px}")
 
 
-def write_html(path, resolved, summary, figures, provenance):
-    """A single offline HTML file: the summary table, the figures embedded, the study and its provenance."""
+def write_html(path, resolved, summary, figures, provenance, classified=()):
+    """A single offline HTML file: the summary table, the figures embedded, the classifiers' table (if any), the
+    study and its provenance."""
     import html
     images = "".join('<figure><img alt="{0}" src="data:image/png;base64,{1}"><figcaption>{0}</figcaption></figure>'
                      .format(html.escape(p.name), base64.b64encode(p.read_bytes()).decode()) for p in figures)
@@ -183,7 +191,7 @@ def write_html(path, resolved, summary, figures, provenance):
             "the reference label map; cases without one (cases_without_reference) are left out of the averages, "
             "unless no case has one: then Dice is against the clean prediction (dice_against), and the clean Dice "
             "(1) is left out of the scatter.</p>"
-            "{}{}<h2>Does fragility find the errors?</h2><p>Per network and probe, the mean over the cases with "
+            "{}{}{}<h2>Does fragility find the errors?</h2><p>Per network and probe, the mean over the cases with "
             "a reference (fragility_cases) of how well three per-voxel scores rank the voxels where the clean "
             "prediction is wrong: AUROC, and the error fraction among the top 1 % and 5 % of each score. Fragility: "
             "1 / the smallest strength that changes the voxel's label (never: 0); entropy of the clean outputs; "
@@ -191,8 +199,21 @@ def write_html(path, resolved, summary, figures, provenance):
             "foreground of the fraction of probes under which a voxel changes at or below the probe's middle "
             "strength. Per case: fragility.csv, instability.csv.</p>{}"
             "<h2>Study and provenance</h2><pre>{}</pre></body></html>").format(
-        STYLE, table, images, fragility, html.escape(json.dumps(provenance, indent=1, default=str)))
+        STYLE, table, images, _classifier_section(classified), fragility, html.escape(json.dumps(provenance, indent=1, default=str)))
     write_atomic(path, text)
+
+
+def _classifier_section(classified):
+    """The classifiers' table of the report (empty without classifiers)."""
+    if not classified:
+        return ""
+    return ("<h2>Classifiers: accuracy and robustness</h2><p>Accuracy: the share of cases given their true class, "
+            "clean and at each strength. Robustness score: as for Dice, the area under the accuracy-vs-epsilon curve "
+            "relative to the clean accuracy, normalised to [0, 1]. Minimal perturbation (DeepFool, JSMA): the median "
+            "over the cases, at the probe's largest epsilon, of the smallest perturbation that changed the class "
+            "(L2 and L-inf, fractions of the intensity range); a case with no change within the budget counts as "
+            "larger than all (minimal_found of minimal_cases changed).</p>{}").format(
+        _html_table(classified, CLASSIFICATION_COLUMNS))
 
 
 def _html_table(rows, columns):

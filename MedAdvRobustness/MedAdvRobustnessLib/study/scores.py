@@ -143,3 +143,90 @@ def unique(items):
         if item not in seen:
             seen.append(item)
     return seen
+
+
+# ------------------------------------------------------------------------------------------ classifiers
+CLASSIFICATION_COLUMNS = ("network", "probe", "kind", "cases", "clean_accuracy", "strengths", "accuracy",
+                          "robustness_score", "minimal_cases", "minimal_found", "median_minimal_l2_fraction",
+                          "median_minimal_linf_fraction")
+
+
+def is_class_row(row):
+    """Whether a results row is a classifier's (see :func:`~.cells._class_row`)."""
+    return row.get("task") == "classification"
+
+
+def classification_summary_rows(rows):
+    """Per classifier and probe: the accuracy (share of cases given their true class) clean and at each strength,
+    the robustness score of that accuracy curve (:func:`robustness_score` on accuracy in place of Dice) and, for
+    the minimal-perturbation attacks (DeepFool, JSMA), the median minimal perturbation over the cases at the
+    probe's largest strength (:func:`median_minimal`); then one ``overall`` row per network."""
+    grouped = {}
+    for row in rows:
+        if is_class_row(row):
+            key = (row["network"], row["probe"], row["kind"])
+            grouped.setdefault(key, {}).setdefault(row["case"], {})[float(row["strength"])] = row
+    out = [_class_probe_summary(key, by_case) for key, by_case in grouped.items()]
+    for network in unique(row["network"] for row in out):
+        out.append(_class_overall(network, [row for row in out if row["network"] == network], grouped))
+    return out
+
+
+def _class_probe_summary(key, by_case):
+    network, probe, kind = key
+    strengths = sorted({s for values in by_case.values() for s in values})
+    complete = [values for values in by_case.values() if set(values) == set(strengths)]
+    accuracy = [mean_or_none([float(bool(values[s]["correct"])) for values in complete]) for s in strengths]
+    score = robustness_score(strengths, accuracy) if len(strengths) > 1 and complete else None
+    row = {"network": network, "probe": probe, "kind": kind, "cases": len(complete),
+           "clean_accuracy": accuracy[0] if accuracy else None,
+           "strengths": " ".join("{:g}".format(s) for s in strengths),
+           "accuracy": " ".join("{:.4f}".format(a) for a in accuracy), "robustness_score": score}
+    row.update(median_minimal([values[strengths[-1]] for values in complete]))
+    return row
+
+
+def reports_minimal(rows):
+    """Whether a probe's rows come from a minimal-perturbation attack: one of them at least gives the minimal
+    perturbation (a case whose attack found no flip gives none)."""
+    return any("minimal_l2_fraction" in row for row in rows)
+
+
+def median_minimal(rows):
+    """The median over ``rows`` (one per case, of a minimal-perturbation attack) of ``minimal_l2_fraction`` and
+    ``minimal_linf_fraction``, a case whose attack found no flip within its budget counted as infinitely large (the
+    median is None where half the cases or more found none); ``minimal_cases`` and ``minimal_found`` count the
+    cases and those with a flip. Nothing where the attack reports no minimal perturbation."""
+    if not reports_minimal(rows):
+        return {}
+    sizes = {norm: [row.get("minimal_{}_fraction".format(norm)) for row in rows] for norm in ("l2", "linf")}
+    out = {"minimal_cases": len(rows), "minimal_found": sum(size is not None for size in sizes["l2"])}
+    for norm, values in sizes.items():
+        median = _median([math.inf if value is None else value for value in values])
+        out["median_minimal_{}_fraction".format(norm)] = median if math.isfinite(median) else None
+    return out
+
+
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2.0
+
+
+def _class_overall(network, mine, grouped):
+    """The ``overall`` row of a classifier: mean clean accuracy, mean robustness score over its attacks, and the
+    median minimal perturbation over all its minimal-perturbation cells (each probe at its largest strength)."""
+    attacks = [row for row in mine if row["kind"] == "attack"]
+    minimal = []
+    for (name, probe, _), by_case in grouped.items():
+        if name == network:
+            largest = max(s for values in by_case.values() for s in values)
+            attacked = [values[largest] for values in by_case.values() if largest in values]
+            minimal += attacked if reports_minimal(attacked) else []
+    row = {"network": network, "probe": "overall", "kind": "", "cases": max(row["cases"] for row in mine),
+           "clean_accuracy": mean_or_none([row["clean_accuracy"] for row in mine]), "strengths": "", "accuracy": "",
+           "robustness_score": mean_or_none([row["robustness_score"] for row in attacks])}
+    row.update(median_minimal(minimal))
+    return row
