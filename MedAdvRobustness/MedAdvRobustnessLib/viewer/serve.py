@@ -6,6 +6,7 @@ loopback interface unless told otherwise and runs until interrupted (Ctrl+C).
 """
 import asyncio
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -90,6 +91,9 @@ def check_port_free(host, port):
             host, port, error.strerror or error))
 
 
+_APP_NUMBERS = itertools.count(1)
+
+
 def build_app(results, encoder="png", server=None, model=None):
     """The trame app for a results folder or ``.mrb`` (not started); ``model``: the network of new probes."""
     path = scene_file(results)
@@ -97,9 +101,9 @@ def build_app(results, encoder="png", server=None, model=None):
         from .app import ResultsViewer
     except ImportError as error:
         raise InputError("{} ({})".format(MISSING_VIEWER, error))
-    if server is None:
+    if server is None:  # a server of its own (trame keeps one per name: two apps would share their state)
         from trame.app import get_server
-        server = get_server("medadv-view", client_type="vue3")
+        server = get_server("medadv-view-{}".format(next(_APP_NUMBERS)), client_type="vue3")
     return ResultsViewer(path, server=server, rca_encoder=encoder, model_source=model)
 
 
@@ -111,9 +115,11 @@ def ignore_closed_connections(loop, context):
 
 
 def drop_closed_connection_logs(record):
-    """Logging filter: wslink logs an error it is handling as three records without the exception attached; while
-    that error is a closed connection (a browser tab closed mid-send), they are dropped."""
-    return not isinstance(sys.exc_info()[1], ConnectionResetError)
+    """Logging filter: wslink logs an error it is handling as three records without the exception attached, and
+    aiohttp its request handler's error with it; where that error is a closed connection (a browser tab closed
+    mid-send), they are dropped."""
+    attached = record.exc_info[1] if record.exc_info else None
+    return not isinstance(attached or sys.exc_info()[1], ConnectionResetError)
 
 
 def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=None):
@@ -128,7 +134,8 @@ def serve(results, host=DEFAULT_HOST, port=DEFAULT_PORT, encoder="png", model=No
         # Headless: render offscreen through EGL (Mesa llvmpipe without a GPU) instead of trying X first.
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     app = build_app(results, encoder=encoder, model=model)
-    logging.getLogger("wslink.protocol").addFilter(drop_closed_connection_logs)
+    for logger in ("wslink.protocol", "aiohttp.server"):
+        logging.getLogger(logger).addFilter(drop_closed_connection_logs)
     server = app.server
     # The medadv command line is ours: trame must not parse sys.argv (--port/--host are given explicitly).
     os.environ["TRAME_ARGS"] = ""
