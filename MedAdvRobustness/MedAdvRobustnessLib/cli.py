@@ -1,6 +1,7 @@
 """``medadv``: attack a segmentation network on a volume file, headless, with Slicer's MRML core."""
 import argparse
 import glob
+import importlib
 import math
 import os
 import shutil
@@ -118,8 +119,14 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _interrupt(signum, frame):
+    _ignore_further_stops()
+    raise KeyboardInterrupt()
+
+
 def _ignore_further_stops():
-    """Once stopping: a second SIGTERM or SIGHUP does not interrupt the clean-up of the first."""
+    """Once stopping: a second Ctrl-C, SIGTERM or SIGHUP does not interrupt the clean-up of the first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -135,14 +142,16 @@ def _hang_up(signum, frame):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command_line = list(sys.argv) if argv is None else [parser.prog] + [str(item) for item in argv]
-    _quiet_vtk()
+    signal.signal(signal.SIGINT, _interrupt)  # from the start: a Ctrl-C while VTK and torch import is one line too
     signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGHUP"):  # the terminal closed (a dropped ssh session): clean up as on SIGTERM
         signal.signal(signal.SIGHUP, _hang_up)
+    args = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.command_line = list(sys.argv) if argv is None else [parser.prog] + [str(item) for item in argv]
+        _import_uninterrupted()
         return args.handler(args)
     except InputError as error:
         return _error(str(error), 2)
@@ -167,7 +176,7 @@ def main(argv=None):
 
 def _what_is_kept(args):
     """What a stopped command leaves: nothing, or (bench) the cells it stored, which the same command reuses."""
-    if args.handler.__name__ != "_bench":
+    if args is None or args.handler.__name__ != "_bench":
         return "nothing was written"
     cells = os.path.join(str(args.out), "cells")
     stored = len(glob.glob(os.path.join(glob.escape(cells), "*.json")))
@@ -664,6 +673,20 @@ def eta_text(seconds):
     minutes, rest = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return "ETA {:d}:{:02d}:{:02d}".format(hours, minutes, rest) if hours else "ETA {:d}:{:02d}".format(minutes, rest)
+
+
+def _import_uninterrupted():
+    """Import VTK (made quiet) and torch with a Ctrl-C held back until both are in: an import interrupted half way
+    can crash the interpreter as it exits (a segmentation fault instead of one line)."""
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        _quiet_vtk()
+        importlib.import_module("torch")  # every command that computes needs it; --help and --version stop before
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        _interrupt(signal.SIGINT, None)
 
 
 def _quiet_vtk():

@@ -218,3 +218,58 @@ def test_sigterm_during_a_bench_is_one_line_and_leaves_no_partial_cell(tmp_path)
     assert lines[-1] == "medadv: terminated (SIGTERM); the {} cell(s) finished so far are kept in {} (the same " \
         "command goes on from them)".format(len(records), out / "cells"), errors
     assert not (out / "report.html").exists() and not (out / "study.json").exists()
+
+
+def nifti_with_nan_origin(folder):
+    """A NIfTI whose sform's x offset (srow_x[3], byte 292) is NaN, the qform unset."""
+    image = nib.Nifti1Image(small_volume(), np.eye(4))
+    image.header.set_qform(None, code=0)
+    path = folder / "nan-origin.nii"
+    nib.save(image, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[292:296] = np.float32(np.nan).tobytes()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+GEOMETRIES = {  # a damaged position: one line, not numpy's "SVD did not converge"
+    "NaN sform offset (.nii)": (nifti_with_nan_origin, "has a NaN or infinite position or direction"),
+    "origin 1e308 (.nrrd)": (lambda f: nrrd_header_file(f, "far.nrrd", [
+        LPS, "space directions: (1,0,0) (0,1,0) (0,0,1)", "space origin: (1e308,1e308,1e308)"]),
+        "has a position or voxel size of 1e+308 mm in its geometry, beyond any scanner"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GEOMETRIES))
+def test_a_nan_or_absurd_position_is_one_line(tmp_path, capsys, case):
+    make, expected = GEOMETRIES[case]
+    refused_run(capsys, tmp_path, make(tmp_path), expected)
+
+
+def test_labels_that_are_no_list_in_model_json_are_one_line(tmp_path, capsys):
+    import json
+    import shutil
+    from MedAdvRobustnessLib.networks.models import MODELS_DIR
+    model = tmp_path / "model"
+    shutil.copytree(str(MODELS_DIR / "demo-unet"), str(model))
+    description = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps(dict(description, labels=42)))
+    volume = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(small_volume(), np.eye(4)), str(volume))
+    line = one_error_line(capsys, ["run", "--volume", volume, "--model", model, "--attack", "fgsm", "--epsilon",
+                                   "0.01", "--out", tmp_path / "results"])
+    assert "labels must be a list of names" in line and "got 42" in line, line
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5])
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, delay):
+    """SIGINT while VTK and torch are still importing (before any work): exit 130, one line, no traceback."""
+    out = tmp_path / "results"
+    process = subprocess.Popen([str(MEDADV), "demo", "--attack", "fgsm", "--epsilon", "0.01", "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert process.returncode == 130 and lines == ["medadv: interrupted (Ctrl-C); nothing was written"], stderr
+    assert not out.exists() and not [path for path in tmp_path.iterdir() if ".partial-" in path.name]

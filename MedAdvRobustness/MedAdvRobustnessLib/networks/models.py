@@ -153,7 +153,13 @@ def check_intensity_types(steps):
 def parse_labels(labels, where="labels"):
     """Labels from ``[{"value", "name", "color"?}]``, ``["background", "liver", ...]`` or ``{"1": "liver"}``."""
     if isinstance(labels, dict):
-        labels = [{"value": int(value), "name": name} for value, name in labels.items()]
+        try:
+            labels = [{"value": int(value), "name": name} for value, name in labels.items()]
+        except ValueError:
+            raise InputError("{}: label values must be whole numbers, got {!r}".format(where, sorted(labels)))
+    if labels is not None and not isinstance(labels, (list, tuple)):
+        raise InputError("{}: labels must be a list of names, a list of {{value, name}} or a {{value: name}} "
+                         "mapping, got {!r}".format(where, labels))
     parsed = []
     for index, item in enumerate(labels or []):
         if isinstance(item, str):

@@ -17,6 +17,7 @@ def volume_from_node(node):
     array_kji = util.arrayFromVolume(node)  # (k, j, i), or (k, j, i, components) for a vector volume
     check_finite_voxels(node, array_kji)
     ijk_to_ras = ijk_to_ras_of(node)
+    check_geometry(node.GetName(), ijk_to_ras)
     orientation = GridOrientation.from_ijk_to_ras(ijk_to_ras, array_kji.shape[:3])
     if array_kji.ndim == 4 and array_kji.shape[3] == 1:
         array_kji = array_kji[..., 0]
@@ -44,6 +45,22 @@ def check_volume_node(node):
         raise InputError("volume {} has {} components per voxel but is no vector volume; only scalar and colour "
                          "(vector) volumes can be attacked".format(node.GetName(),
                                                                   image.GetNumberOfScalarComponents()))
+
+
+FARTHEST_MM = 1e9  # a position or voxel size beyond this (1000 km) is a damaged header, not a scanner's
+
+
+def check_geometry(name, ijk_to_ras):
+    """Refuse an IJK-to-RAS matrix with NaN or infinite entries, or a position or voxel size beyond
+    :data:`FARTHEST_MM` (a damaged header: its geometry, and every distance in mm, would be meaningless)."""
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)[:3]
+    if not np.all(np.isfinite(matrix)):
+        raise InputError("volume {} has a NaN or infinite position or direction in its geometry (IJK-to-RAS); the "
+                         "file's header is damaged: set its origin, spacing and directions".format(name))
+    if np.abs(matrix).max() > FARTHEST_MM:
+        raise InputError("volume {} has a position or voxel size of {:.3g} mm in its geometry, beyond any scanner; "
+                         "the file's header is damaged: set its origin and spacing".format(
+                             name, float(np.abs(matrix).max())))
 
 
 def check_finite_voxels(node, array_kji):
