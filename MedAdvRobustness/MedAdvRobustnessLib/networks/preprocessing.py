@@ -77,7 +77,10 @@ def percentiles(flat, q):
     """The fractions ``q`` (in [0, 1]) of ``flat`` along its last axis, each as a (..., 1) tensor: linear
     interpolation between the order statistics at ``q * (n - 1)``, as ``torch.quantile`` (which refuses more
     than 2^24 elements) and ``numpy.percentile``. By selection, not sorting, and differentiable: the gradient goes
-    to the voxels interpolated, with the same weights."""
+    to the voxels interpolated, with the same weights, except where an order statistic is tied (other voxels hold
+    its value): moving one of those voxels alone leaves it where it is (the others still hold it), so its gradient
+    is 0 (torch.quantile gives it all to one of them: a gradient the function does not have, on which an L2 or
+    minimal-perturbation attack spends its budget)."""
     n = flat.shape[-1]
     rows = flat.reshape(-1, n)
     wanted = []
@@ -89,12 +92,18 @@ def percentiles(flat, q):
         wanted.append((below, position - below))
     ranks = sorted({rank for below, weight in wanted for rank in ((below, below + 1) if weight > 0 else (below,))})
     picked = rows.gather(1, order_indices(rows.detach(), ranks))  # one gather: one scatter in the backward pass
+    picked = torch.where(_tied(rows.detach(), picked.detach()), picked.detach(), picked)
     column = {rank: picked[:, i] for i, rank in enumerate(ranks)}
     values = []
     for below, weight in wanted:
         value = column[below] if weight == 0 else torch.lerp(column[below], column[below + 1], weight)
         values.append(value.reshape(flat.shape[:-1] + (1,)))
     return values
+
+
+def _tied(rows, values):
+    """(R, V) mask: whether more than one voxel of each row of ``rows`` (R, N) holds each of its ``values`` (R, V)."""
+    return torch.stack([(rows == values[:, i:i + 1]).sum(dim=1) > 1 for i in range(values.shape[1])], dim=1)
 
 
 def order_statistic(rows, k):

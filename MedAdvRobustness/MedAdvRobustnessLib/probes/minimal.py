@@ -86,27 +86,53 @@ class DeepFool(Attack):
         return scores, gradients
 
     def _step(self, context, point, scores, gradients, considered):
-        """One DeepFool step per volume towards the nearest linearised boundary, clipped to the bounds."""
+        """One DeepFool step per volume: towards each considered class, the smallest perturbation (in the attack's
+        norm) that reaches ``1 + overshoot`` times the linearised boundary within the intensity bounds (see
+        :func:`bounded_linear_step`); the nearest class's is taken. Where no bound is met it is DeepFool's own
+        step; plain clipping would shorten the step instead and stall short of the boundary."""
         batch, own = torch.arange(len(point), device=point.device), context.labels
-        f_prime = scores - scores[batch, own][:, None]  # (B, K)
-        w_prime = gradients - gradients[batch, own][:, None]  # (B, K, N)
-        lengths = torch.linalg.vector_norm(w_prime, ord=1 if self.distance == "linf" else 2, dim=2)
-        distances = f_prime.abs() / lengths.clamp_min(_TINY)
-        distances = torch.where(considered, distances, torch.full_like(distances, float("inf")))
-        distances[batch, own] = float("inf")
-        nearest = distances.argmin(dim=1)
-        w, f, length = w_prime[batch, nearest], f_prime[batch, nearest].abs(), lengths[batch, nearest]
-        if self.distance == "linf":
-            delta = (f / length.clamp_min(_TINY))[:, None] * w.sign()
-        else:
-            delta = (f / length.clamp_min(_TINY) ** 2)[:, None] * w
-        moved = point + (1.0 + self.overshoot) * delta.view_as(point).to(point.dtype)
+        gaps = (scores - scores[batch, own][:, None]).abs() * (1.0 + self.overshoot)  # (B, K)
+        directions = gradients - gradients[batch, own][:, None]  # (B, K, N)
+        flat = point.flatten(start_dim=1)[:, None, :].to(directions.dtype)
+        deltas, reached = bounded_linear_step(directions, gaps, flat, context.bounds, self.distance)
+        sizes = torch.linalg.vector_norm(deltas, ord=float("inf") if self.distance == "linf" else 2, dim=2)
+        candidates = considered.clone()
+        candidates[batch, own] = False
+        reachable = candidates & reached
+        choice = torch.where(reachable, sizes, torch.full_like(sizes, float("inf")))
+        shortfall = torch.where(candidates, gaps - (deltas * directions).sum(dim=2), torch.full_like(sizes, float("inf")))
+        nearest = torch.where(reachable.any(dim=1), choice.argmin(dim=1), shortfall.argmin(dim=1))
+        moved = point + deltas[batch, nearest].view_as(point).to(point.dtype)
         return moved.clamp(*context.bounds).detach()
 
     @staticmethod
     def _sizes(delta):
         flat = delta.double().flatten()
         return {"l2": float(torch.linalg.vector_norm(flat)), "linf": float(flat.abs().max())}
+
+
+def bounded_linear_step(directions, gaps, point, bounds, distance):
+    """The smallest perturbation d (L2 or L-infinity) with ``directions . d >= gaps`` and ``point + d`` within
+    ``bounds``, per leading index: each voxel moves along the sign of its direction component by ``min(s * rate,
+    room)`` (``rate`` its component's size for L2, 1 for L-infinity; ``room`` its distance to the bound it moves
+    towards), the scalar ``s`` found exactly among the voxels' saturation points. Returns (d, reached): where the
+    bounds do not allow ``gaps``, d moves every voxel to its bound and reached is False."""
+    low, high = bounds
+    sizes = directions.abs()
+    room = torch.where(directions > 0, high - point, point - low).clamp_min(0.0)
+    rates = sizes if distance == "l2" else (sizes > 0).to(sizes.dtype)
+    reached = (sizes * room).sum(dim=-1) >= gaps
+    saturation = room / rates.clamp_min(_TINY)  # where each voxel reaches its bound (voxels of rate 0 give nothing)
+    saturation, order = saturation.sort(dim=-1)
+    gain_before = torch.nn.functional.pad((sizes * room).gather(-1, order).cumsum(dim=-1), (1, 0))
+    slope_after = (sizes * rates).sum(dim=-1, keepdim=True) - torch.nn.functional.pad(
+        (sizes * rates).gather(-1, order).cumsum(dim=-1), (1, 0))
+    gain_at = gain_before[..., 1:] + saturation * slope_after[..., 1:]  # the gain where voxel j saturates
+    passed = (gain_at < gaps[..., None]).sum(dim=-1, keepdim=True)  # voxels saturated before the gap is reached
+    scale = (gaps[..., None] - gain_before.gather(-1, passed)) / slope_after.gather(-1, passed).clamp_min(_TINY)
+    scale = torch.where(reached[..., None], scale.clamp_min(0.0), torch.full_like(scale, float("inf")))
+    moves = torch.where(rates > 0, torch.minimum(scale * rates, room), torch.zeros_like(room))
+    return directions.sign() * moves, reached
 
 
 @dataclass
