@@ -731,8 +731,7 @@ class DAG(Attack):
 
     ``gamma`` is relative to epsilon (the paper's 0.5 was in 0-255 pixel units), so the attack does not depend
     on the intensity scale. ``scale_quantile`` < 1 divides r by that quantile of |r| and clips to [-1, 1]
-    instead: with percentile intensity normalisation (the demo network) the gradient at the voxels that set the
-    percentiles is ~10^4 times any other, and r / |r|inf then moves almost nothing else.
+    instead, so that the few largest entries of r do not set the step of all the others.
     """
     tasks: ClassVar[tuple] = ("segmentation",)
     name: ClassVar[str] = "dag"
