@@ -12,7 +12,7 @@ import slicer
 
 from ..errors import InputError
 from ..processes import is_alive
-from .slicer_scene import captured_stderr, check_volume_file, sync_file
+from .slicer_scene import captured_stderr, check_volume_file, full_disk_error, named_write_error, sync_file
 from .nodes import add_color_table, add_label_map_node, add_line_chart, add_segmentation_node, add_table_node, \
     add_volume_node
 MEAN_COLOR = (0.1, 0.1, 0.1)
@@ -90,11 +90,15 @@ def write_metrics_csv(result, path):
 
 
 def write_text_checked(path, text):
-    """Write a text file and flush it to the disk: a full disk or a failing device raises OSError here."""
-    with open(str(path), "w", newline="") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
+    """Write a text file and flush it to the disk: a full disk or a failing device raises OSError here, naming the
+    file."""
+    try:
+        with open(str(path), "w", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as error:
+        raise named_write_error(error, path)
 
 
 def write_volume_file(array_xyz, like, path, label_map=False):
@@ -115,7 +119,7 @@ def write_node(node, path):
     with captured_stderr():
         written = storage.WriteData(node)
     if not written:
-        raise OSError(errno.EIO, "Slicer's writer failed", str(path))
+        raise full_disk_error(path) or OSError(errno.EIO, "Slicer's writer failed", str(path))
 
 
 def check_written_volume(path):
@@ -124,7 +128,7 @@ def check_written_volume(path):
     try:
         check_volume_file(path, complete_only=True)
     except InputError:
-        raise OSError(errno.EIO, "written incompletely (is the disk full?)", str(path))
+        raise full_disk_error(path) or OSError(errno.EIO, "written incompletely (is the disk full?)", str(path))
 
 
 def check_png(path):
@@ -133,7 +137,7 @@ def check_png(path):
     with open(str(path), "rb") as stream:
         stream.seek(max(0, os.path.getsize(str(path)) - 12))
         if b"IEND" not in stream.read():
-            raise OSError(errno.EIO, "written incompletely (is the disk full?)", str(path))
+            raise full_disk_error(path) or OSError(errno.EIO, "written incompletely (is the disk full?)", str(path))
 
 
 def write_result_files(result, out_dir):

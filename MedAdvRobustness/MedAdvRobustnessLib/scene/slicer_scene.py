@@ -91,12 +91,13 @@ class SlicerScene:
         with captured_stderr():
             written = self.scene.WriteToMRB(str(Path(path).absolute()))
         if not written:
-            raise OSError(errno.EIO, "cannot write the scene bundle (is the disk full?)", str(path))
+            raise full_disk_error(path) or OSError(errno.EIO, "cannot write the scene bundle", str(path))
         try:
             with zipfile.ZipFile(str(path)) as bundle:
                 bundle.namelist()
         except (OSError, zipfile.BadZipFile):
-            raise OSError(errno.EIO, "the scene bundle was written incompletely (is the disk full?)", str(path))
+            raise full_disk_error(path) or OSError(errno.EIO, "the scene bundle was written incompletely (is the disk "
+                                                              "full?)", str(path))
         sync_file(path)
 
     @classmethod
@@ -176,6 +177,9 @@ def check_nifti_file(path, complete_only=False):
     hold."""
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         return
+    stored_header = _stored_nifti_header(path)
+    if stored_header is not None:
+        _check_stored_header(path, stored_header)
     image = _load_nifti(path)
     data_file = Path(image.file_map["image"].filename)
     header_file = Path(image.file_map["header"].filename) if "header" in image.file_map else data_file
@@ -198,7 +202,7 @@ def check_nifti_file(path, complete_only=False):
         raise InputError("{} is damaged: its header puts the voxel data at byte {:,} (vox_offset), at or past the end "
                          "of the file's {:,} bytes".format(where, offset, stored))
     if stored < declared:
-        _refuse_truncated(where, stored, declared, shape[:3], dtype)
+        _refuse_truncated(where, stored, declared, shape[:3], dtype, cut_short=not whole)
     if complete_only:
         return
     _check_memory(path, shape, voxels)
@@ -214,7 +218,112 @@ def _load_nifti(path):
         with _quiet_logger("nibabel.global"):  # its header repairs ("setting 0 dims to 1"): refused below instead
             return nibabel.load(str(path))
     except Exception as error:
+        decompressed = _gzip_cut_short(path)
+        if decompressed:
+            raise InputError("{} is truncated: its gzip data end early, after {:,} decompressed bytes".format(
+                path, decompressed))
         raise InputError("{} is not a readable {} ({})".format(path, kind, str(error).splitlines()[0]))
+
+
+def _gzip_cut_short(path):
+    """The bytes a ``.gz`` file decompresses to where its gzip data end early (0: not so, or nothing at all)."""
+    if not path.name.lower().endswith(".gz"):
+        return 0
+    try:
+        count, whole = _gzip_size(path)
+    except (OSError, zlib.error):
+        return 0
+    return 0 if whole else count
+
+
+def _stored_nifti_header(path):
+    """The NIfTI-1, NIfTI-2 or Analyze 7.5 header of a file or pair as stored, in the byte order its sizeof_hdr
+    gives (nibabel guesses it from dim[0], and so misreads a damaged dim[0]); None where there is none to read
+    (nibabel's load then says why)."""
+    import nibabel
+    header_file = _nifti_header_file(path)
+    if header_file is None:
+        return None
+    try:
+        with _open_maybe_gzip(header_file) as stream:
+            block = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order, endian in (("little", "<"), ("big", ">")):
+        size = int.from_bytes(block[:4], order, signed=True)
+        if size in (348, 540) and len(block) >= size:
+            nifti = block[344:346] in (b"n+", b"ni") if size == 348 else block[4:6] in (b"n+", b"ni")
+            kind = nibabel.Nifti2Header if size == 540 else nibabel.Nifti1Header if nifti else nibabel.AnalyzeHeader
+            return kind(block[:size], endianness=endian, check=False)
+    return None
+
+
+def _nifti_header_file(path):
+    """The file holding the header: the file itself, or the ``.hdr`` of a ``.img`` (None where it is missing)."""
+    if not path.name.lower().endswith(".img"):
+        return path
+    header = path.with_name(path.name[:-4] + (".HDR" if path.name.endswith(".IMG") else ".hdr"))
+    return header if header.is_file() else None
+
+
+def _open_maybe_gzip(path):
+    return gzip.open(str(path), "rb") if path.name.lower().endswith(".gz") else open(str(path), "rb")
+
+
+QFORM_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+SFORM_FIELDS = ("srow_x", "srow_y", "srow_z")
+
+
+def _check_stored_header(path, header):
+    """Refuse header fields that nibabel and Slicer's reader misread or read differently: a dim[0] outside 1 to 7,
+    complex voxels, a scaling they read differently, and a NaN or infinite qform or sform (where its code is
+    set)."""
+    kind = "Analyze 7.5" if type(header).__name__ == "AnalyzeHeader" else "NIfTI"
+    dimensions = int(header["dim"][0])
+    if not 1 <= dimensions <= 7:
+        raise InputError("{} is damaged: its header's dim[0] is {}; {} allows 1 to 7".format(path, dimensions, kind))
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:  # an unknown datatype code: nibabel's load says so
+        return
+    if dtype.kind == "c":
+        raise InputError("{} holds complex voxels ({}); give a real-valued volume (its magnitude or real "
+                         "part)".format(path, dtype.name))
+    _check_scaling(path, header)
+    if kind == "NIfTI":
+        _check_forms(path, header)
+
+
+def _check_scaling(path, header):
+    """Refuse a voxel scaling that nibabel and Slicer's reader (ITK) read differently: a scl_slope of 0 or not
+    finite (no scaling, for both) with a scl_inter other than 0 (ITK adds it, nibabel does not), and a scl_inter
+    that is not finite under a real scl_slope (nibabel refuses it, ITK takes it as 0)."""
+    if "scl_slope" not in header.keys():
+        return
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    no_scaling = slope == 0 or not math.isfinite(slope)
+    if no_scaling and math.isfinite(inter) and inter != 0:
+        raise InputError("{} has scl_slope {:g} with scl_inter {:g} in its header; nibabel reads the voxels unscaled, "
+                         "Slicer's reader adds scl_inter: set the real scl_slope (1: add scl_inter) or scl_inter "
+                         "0".format(path, slope, inter))
+    if not no_scaling and not math.isfinite(inter):
+        raise InputError("{} has scl_inter {:g} in its header (scl_slope {:g}); nibabel refuses it, Slicer's reader "
+                         "would take it as 0: set the real scl_inter".format(path, inter, slope))
+
+
+def _check_forms(path, header):
+    """Refuse a qform (qform_code > 0) or sform (sform_code > 0) with a NaN or infinite value: Slicer's reader
+    would read another geometry (the identity, for a qform) or fail."""
+    for code, fields in (("qform_code", QFORM_FIELDS), ("sform_code", SFORM_FIELDS)):
+        if int(header[code]) <= 0:
+            continue
+        for field in fields:
+            values = np.atleast_1d(np.asarray(header[field], dtype=np.float64))
+            if not np.all(np.isfinite(values)):
+                raise InputError("{} has a NaN or infinite position or direction in its header ({} = {}, {} {}); "
+                                 "Slicer's reader would read another geometry or fail: set the file's {}".format(
+                                     path, field, " ".join("{:g}".format(v) for v in values), code,
+                                     int(header[code]), code[:5]))
 
 
 @contextmanager
@@ -263,9 +372,13 @@ def _check_spacing(path, header, axes):
                                  "1 mm: set the real spacing in the file".format(path, value, "ijk"[axis], source))
 
 
-def _refuse_truncated(path, stored, declared, shape, dtype):
+def _refuse_truncated(path, stored, declared, shape, dtype, cut_short=False):
+    """``cut_short``: its compressed data end before the end of their stream (``stored``: what they decompress
+    to)."""
     raise InputError("{} is truncated or damaged: it holds {:,} of the {:,} bytes its header declares for {} "
-                     "voxels of {}".format(path, stored, declared, "x".join(str(n) for n in shape), dtype))
+                     "voxels of {}{}".format(path, stored, declared, "x".join(str(n) for n in shape), dtype,
+                                             " (its gzip data end early, before the end of the stream)"
+                                             if cut_short else ""))
 
 
 # NRRD and MetaImage: the header fields that say where the voxels are and how many bytes they take.
@@ -281,6 +394,7 @@ METAIMAGE_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_
                    "MET_UINT": "u4", "MET_LONG_LONG": "i8", "MET_ULONG_LONG": "u8", "MET_FLOAT": "f4",
                    "MET_DOUBLE": "f8"}
 HEADER_LINES = 10000
+METAIMAGE_GEOMETRY = ("Offset", "Position", "Origin", "TransformMatrix", "Rotation", "Orientation")  # MetaIO's names
 
 
 def _header_lines(stream):
@@ -315,6 +429,9 @@ def _nrrd_layout(path):
     except ValueError as error:
         raise InputError("{} is not a readable NRRD image ({})".format(path, error))
     _check_nrrd_spacing(path, fields, len(shape))
+    if "spaceorigin" in fields:
+        _check_header_geometry(path, _numbers(path, re.sub(r"[(),]", " ", fields["spaceorigin"]), "NRRD"),
+                               "space origin", fields["spaceorigin"])
     data_file = fields.get("datafile")
     if (kind not in NRRD_TYPES or encoding not in NRRD_ENCODINGS or line_skip
             or (data_file and (data_file.upper().startswith("LIST") or " " in data_file or "%" in data_file))):
@@ -369,6 +486,15 @@ def _check_header_spacing(path, spacing, field):
                                                                    field))
 
 
+def _check_header_geometry(path, values, field, text):
+    """Refuse a NaN or infinite value in the header ``field`` of a position or directions (``text``: as stored):
+    the readers would read another geometry (MetaIO takes a NaN origin as 0) or fail."""
+    if not all(math.isfinite(value) for value in values):
+        raise InputError("{} has a NaN or infinite position or direction in its header ({}: {}); the readers would "
+                         "read another geometry or fail: set the file's origin and directions".format(
+                             path, field, text))
+
+
 def _metaimage_layout(path):
     """Where and how a MetaImage (.mha/.mhd) file's voxels are stored, from its header; None where this check does
     not apply (ASCII data, a list of files, an unknown element type)."""
@@ -395,6 +521,10 @@ def _metaimage_layout(path):
     if spacing_field in fields:
         _check_header_spacing(path, _numbers(path, fields[spacing_field], "MetaImage"),
                               {"elementspacing": "ElementSpacing", "elementsize": "ElementSize"}[spacing_field])
+    for field in METAIMAGE_GEOMETRY:
+        if field.lower() in fields:
+            _check_header_geometry(path, _numbers(path, fields[field.lower()], "MetaImage"), field,
+                                   fields[field.lower()])
     data_file = fields["elementdatafile"]
     true = ("true", "1")
     if (fields["elementtype"].upper() not in METAIMAGE_TYPES or fields.get("binarydata", "true").lower() not in true
@@ -492,20 +622,27 @@ def _stored_bytes(path, wanted):
     that is all of it (False: a gzip stream that ends early)."""
     if not path.name.lower().endswith(".gz"):
         return path.stat().st_size, True
-    count = 0
     try:
-        with gzip.open(str(path), "rb") as stream:
-            while True:  # to the end: gzip checks the data's CRC and length there
-                chunk = stream.read(1 << 24)
-                if not chunk:
-                    break
-                count += len(chunk)
-    except EOFError:
-        return min(count, wanted), False  # the compressed stream ends early: what came before it is all there is
+        count, whole = _gzip_size(path)
     except (OSError, zlib.error) as error:  # corrupt data, or a CRC or length that does not match
         raise InputError("{} is damaged: its gzip data fails gzip's own check ({}); Slicer's reader would read "
                          "another image".format(path, error))
-    return min(count, wanted), True
+    return min(count, wanted), whole
+
+
+def _gzip_size(path):
+    """The bytes a gzip file decompresses to, read to its end (gzip checks each member's CRC and length there), and
+    whether its data are whole (False: they end early; the count is what decompressed before)."""
+    count = 0
+    with gzip.open(str(path), "rb") as stream:
+        try:
+            while True:
+                chunk = stream.read1(1 << 24)  # one decompression step: what it gave is counted before a cut
+                if not chunk:
+                    return count, True
+                count += len(chunk)
+        except EOFError:
+            return count, False
 
 
 def _check_finite(path, array, why="the probes and metrics need finite voxels"):
@@ -563,9 +700,38 @@ def reader_reason(text):
 
 
 def sync_file(path):
-    """Flush a written file to the disk, so that a full disk or a failing device shows here, not later."""
-    descriptor = os.open(str(path), os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows syncs writable ones
+    """Flush a written file to the disk, so that a full disk or a failing device shows here, not later (an OSError
+    naming the file)."""
     try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        descriptor = os.open(str(path), os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows syncs writable ones
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise named_write_error(error, path)
+
+
+FULL_DISK_BYTES = 1 << 20  # free space below this, after a writer failed: the disk is full
+
+
+def named_write_error(error, path):
+    """The OSError ``error`` of writing ``path`` as one naming the file; a full disk (ENOSPC, EDQUOT) said so."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return OSError(errno.ENOSPC, "the disk is full (No space left on device, ENOSPC)", str(path))
+    if error.filename:
+        return error
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
+def full_disk_error(path):
+    """An ENOSPC OSError naming ``path`` where the disk holding it has (almost) no space left, else None: why a
+    writer that reports no reason (VTK's, ITK's) failed."""
+    try:
+        free = shutil.disk_usage(str(Path(path).absolute().parent)).free
+    except OSError:
+        return None
+    if free >= FULL_DISK_BYTES:
+        return None
+    return OSError(errno.ENOSPC, "the disk is full ({:,} bytes free; No space left on device, ENOSPC)".format(free),
+                   str(path))
