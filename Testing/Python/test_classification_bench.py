@@ -21,13 +21,16 @@ PROBES = [{"attack": "fgsm", "epsilons": [0.01, 0.05]}, {"attack": "deepfool", "
 SLICES = 4
 
 
+def bench_study():
+    return {"networks": ["demo-classifier"], "probes": PROBES,
+            "cases": ["heldout-slices:{}".format(SLICES),
+                      {"name": "sample-slice", "volume": str(SAMPLE_SLICE), "class": SAMPLE_SLICE_CLASS}]}
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    study = {"networks": ["demo-classifier"], "probes": PROBES,
-             "cases": ["heldout-slices:{}".format(SLICES),
-                       {"name": "sample-slice", "volume": str(SAMPLE_SLICE), "class": SAMPLE_SLICE_CLASS}]}
     out = tmp_path_factory.mktemp("classification-bench") / "out"
-    run_study(study, out)
+    run_study(bench_study(), out)
     with open(str(out / "classification.csv")) as stream:
         rows = {row["probe"]: row for row in csv.DictReader(stream)}
     return out, rows
@@ -129,3 +132,62 @@ def test_a_segmenter_on_classifier_cases_is_refused(tmp_path):
     study = {"networks": ["demo"], "cases": ["heldout-slices:1"], "probes": [{"attack": "fgsm", "epsilons": [0.01]}]}
     with pytest.raises(InputError, match="network demo is a segmentation network but the case is an image"):
         run_study(study, tmp_path / "out")
+
+
+def test_a_classifier_study_writes_its_own_files_and_an_accuracy_figure(bench, direct):
+    """classification.csv and the accuracy-vs-epsilon figure in place of the Dice summary, the fragility files
+    and the Dice figures; the report says so and lists what was written. The figure plots the accuracy of a
+    direct sweep."""
+    from PIL import Image
+    from MedAdvRobustnessLib.study.scores import accuracy_curves, table_rows
+    out, _ = bench
+    assert sorted(path.name for path in out.iterdir()) == ["cells", "classification.csv", "figures", "report.html",
+                                                           "results.csv", "study.json"]
+    assert [path.name for path in (out / "figures").iterdir()] == ["accuracy_vs_epsilon.png"]
+    assert Image.open(str(out / "figures" / "accuracy_vs_epsilon.png")).size[0] > 300
+    report = (out / "report.html").read_text()
+    listed = report.split("<h2>Files</h2>", 1)[1].split("</ul>", 1)[0]
+    assert listed == "<ul>{}".format("".join("<li>{}</li>".format(name) for name in (
+        "results.csv", "classification.csv", "study.json", "cells/", "figures/accuracy_vs_epsilon.png")))
+    assert 'alt="accuracy_vs_epsilon.png"' in report and "clean Dice" not in report and "fragility" not in report
+    again = run_study(bench_study(), out)  # the stored cells, read back
+    assert again.computed == []
+    plotted = accuracy_curves(table_rows(again.records))
+    for probe in PROBES:
+        strengths, accuracy = plotted[("demo-classifier", probe["attack"], "attack")]
+        assert strengths == [0.0] + probe["epsilons"]
+        assert accuracy == pytest.approx(_accuracy(direct[probe["attack"]]), abs=1e-9)
+
+
+def test_a_bench_of_a_torchscript_colour_classifier_on_colour_images(slicer_scene, tmp_path):
+    """Two colour (RGB) .nrrd images with their class and a three-channel TorchScript classifier: the bench's
+    accuracy and predictions are those of a direct sweep of the same files, the attack changes every channel."""
+    from test_rgb_volumes import PNG_MATRIX, add_colour_node, colour_pixels, three_channel_classifier
+    model_path = tmp_path / "rgb-classifier.pt"
+    torch.jit.save(torch.jit.script(three_channel_classifier(seed=2)), str(model_path))
+    cases = []
+    for index in range(2):
+        image = tmp_path / "colour{}.nrrd".format(index)
+        slicer_scene.save_node(add_colour_node(slicer_scene.scene, colour_pixels(seed=10 + index), PNG_MATRIX), image)
+        cases.append({"name": "colour{}".format(index), "volume": str(image), "class": index})
+    probes = [{"attack": "fgsm", "epsilons": [0.05, 0.2]}]
+    run = run_study({"networks": [{"name": "rgb", "source": str(model_path)}], "cases": cases, "probes": probes},
+                    tmp_path / "out")
+    assert len(run.computed) == 4
+    model = load_model(str(model_path))
+    sweeps = []
+    for case in cases:
+        volume = load_case({"name": case["name"], "volume": case["volume"]})[0]
+        assert volume.channels == 3
+        sweeps.append(run_sweep(model, volume, make_probe("fgsm", seed=0), probes[0]["epsilons"], case["class"]).rows)
+    with open(str(tmp_path / "out" / "classification.csv")) as stream:
+        row = next(row for row in csv.DictReader(stream) if row["probe"] == "fgsm")
+    assert int(row["cases"]) == 2
+    assert row["accuracy"] == " ".join("{:.4f}".format(a) for a in _accuracy(sweeps))
+    with open(str(tmp_path / "out" / "results.csv")) as stream:
+        results = list(csv.DictReader(stream))
+    for case, rows in zip(cases, sweeps):
+        mine = [r for r in results if r["case"] == case["name"]]
+        assert [int(r["predicted"]) for r in mine] == [r["predicted"] for r in rows]
+        assert float(mine[-1]["linf_fraction"]) == pytest.approx(0.2, rel=1e-4)
+    assert (tmp_path / "out" / "figures" / "accuracy_vs_epsilon.png").is_file()

@@ -206,3 +206,36 @@ def test_networks_and_cases_that_read_alike_stay_apart(tmp_path):
     import nibabel as nib
     firsts = [float(np.asarray(nib.load(case["volume"]).dataobj).max()) for case in written]
     assert firsts == sorted(set(firsts)) and len(set(firsts)) == 3  # each file holds its own volume
+
+
+def test_a_classifier_study_shows_its_accuracy_table_and_chart(tmp_path):
+    """The demo classifier's study (held-out slices, FGSM at two epsilons, DeepFool L-inf at one) in a real scene:
+    the table holds classification.csv's rows, the chart one accuracy line per probe with the accuracy of each
+    strength, all in the new folder; no instability maps (no segmentation)."""
+    from MedAdvRobustnessLib.study.execution import run_study
+    study = {"networks": ["demo-classifier"], "cases": ["heldout-slices:3"],
+             "probes": [{"attack": "fgsm", "epsilons": [0.01, 0.05]}, {"attack": "deepfool-linf", "epsilons": [0.1]}]}
+    study_run = run_study(study, tmp_path / "study")
+    slicer_scene = SlicerScene.standalone()
+    nodes = module_compare.add_compare_nodes(slicer_scene, study_run, "fgsm")
+    with open(str(tmp_path / "study" / "classification.csv")) as stream:
+        written = list(csv.DictReader(stream))
+    shown = table_rows(nodes["summary"])
+    assert [(row["network"], row["probe"]) for row in shown] == [(row["network"], row["probe"]) for row in written]
+    for mine, theirs in zip(shown, written):
+        assert mine["accuracy"] == theirs["accuracy"] and mine["strengths"] == theirs["strengths"]
+        assert mine["clean_accuracy"] == pytest.approx(float(theirs["clean_accuracy"]))
+    chart = nodes["chart"]
+    assert chart.GetName() == "bench accuracy vs epsilon" and chart.GetNumberOfPlotSeriesNodes() == 2
+    for index, row in enumerate(written[:2]):
+        series = chart.GetNthPlotSeriesNode(index)
+        table = series.GetTableNode().GetTable()
+        xs = [table.GetColumnByName(series.GetXColumnName()).GetValue(i) for i in range(table.GetNumberOfRows())]
+        ys = [table.GetColumnByName(series.GetYColumnName()).GetValue(i) for i in range(table.GetNumberOfRows())]
+        assert series.GetName() == "demo-classifier " + row["probe"]
+        assert xs == pytest.approx([float(s) for s in row["strengths"].split()])
+        assert ys == pytest.approx([float(a) for a in row["accuracy"].split()], abs=1e-4)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
+    in_folder = module_logic.folder_nodes(hierarchy, nodes["folder"])
+    assert nodes["summary"] in in_folder and chart in in_folder and nodes["instability"] == {}
+    assert nodes["computed"] == 9 and not (tmp_path / "study" / "instability").exists()

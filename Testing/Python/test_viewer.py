@@ -620,3 +620,93 @@ def test_probe_from_the_page_in_headless_chromium(viewer_url, browser):
     assert "rician_noise severity 4" in browser.evaluate(
         "document.querySelector('[data-view=\"Attacked\"]').textContent")
     assert "done" in browser.evaluate("document.getElementById('medadv-probe-message').textContent")
+
+
+@pytest.fixture(scope="module")
+def classifier_results(tmp_path_factory):
+    """``medadv demo --task classification``: the demo classifier's FGSM run on the sample slice, its class given."""
+    out = tmp_path_factory.mktemp("viewer-classifier") / "classifier"
+    completed = medadv("demo", "--task", "classification", "--attack", "fgsm", "--epsilon", "0.05", "--out", out)
+    assert completed.returncode == 0, completed.stderr
+    return out
+
+
+def test_a_classifier_probe_started_on_the_page_joins_the_runs(classifier_results):
+    """The page's new-probe form on a classifier's results: DeepFool at epsilon 0.1 with the results' own
+    classifier on the shown slice; the run appears, is selected, its caption gives the predicted class of a direct
+    sweep and its table keeps the results' true class."""
+    from MedAdvRobustnessLib.evaluation.sweep import run_sweep
+    from MedAdvRobustnessLib.networks.models import load_model
+    from MedAdvRobustnessLib.probes.registry import make_probe
+    from MedAdvRobustnessLib.scene.nodes import volume_from_node
+    app = build_app(classifier_results)
+    state = app.server.state
+    state.ready()
+    assert app.model_source == "demo-classifier"
+    true_class = app.metrics[0][0]["label"]
+    state.new_probe = "deepfool"
+    state.flush()
+    state.new_strengths = "0.1"
+    app.start_probe()
+    app.probe_job.wait(timeout=300)
+    app.finish_probe()
+    state.flush()
+    assert state.probe_message.startswith("done: "), state.probe_message
+    new = app.runs[-1]
+    assert sorted(run.probe for run in app.runs) == ["deepfool", "fgsm"] and app.run is new
+    assert (new.task, new.model, new.clean_segmentation) == ("classification", "demo-classifier", None)
+    rows = app.metrics[-1]
+    assert [row["label"] for row in rows] == [true_class, true_class]
+    model, volume = load_model("demo-classifier"), volume_from_node(new.volume)
+    with model.on_grid(volume):  # as the page's worker runs it
+        direct = run_sweep(model, volume, make_probe("deepfool"), [0.1], int(true_class)).rows
+    assert [row["predicted"] for row in rows] == [row["predicted"] for row in direct]
+    assert state.strength_label == "deepfool ε = 0.1 · {} (p {:.2f})".format(rows[1]["predicted_name"],
+                                                                           rows[1]["confidence"])
+    assert app.attacked_view.get_background_volume_id() == new.strengths[0].probed.GetID()
+
+
+@pytest.fixture
+def classifier_viewer_url(classifier_results, tmp_path):
+    """``medadv view`` of the classifier's results on a free loopback port; its process group ended afterwards."""
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
+    with open(str(stdout_path), "w") as stdout, open(str(stderr_path), "w") as stderr:
+        server = subprocess.Popen(command + ["view", str(classifier_results), "--host", "127.0.0.1", "--port", "0"],
+                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+                                  preexec_fn=end_with_parent)
+    try:
+        yield _wait_for_address(server, stdout_path, stderr_path)
+        assert server.poll() is None, "the server died during the test: " + stderr_path.read_text()[-3000:]
+    finally:
+        end_process_group(server, timeout=SHUTDOWN_TIMEOUT)
+        assert group_alive(server.pid) == [], "processes of the viewer server left behind"
+
+
+def test_a_classifier_probe_from_the_page_in_headless_chromium(classifier_viewer_url, browser):
+    """In the browser: pick DeepFool, give its epsilon, press run; the new run is offered and the attacked view
+    shows its image with its predicted class in the caption."""
+    browser.navigate(classifier_viewer_url)
+    browser.wait_for("!!(window.trame && window.trame.state && window.trame.state.get('shown_strength_key'))",
+                     timeout=RENDER_TIMEOUT, what="the app's state")
+    before = browser.wait_for("(() => { const v = %s; return v.Attacked && v; })()" % (VIEWS_JS % "false"),
+                              timeout=RENDER_TIMEOUT, what="the attacked view's image")["Attacked"]
+    browser.evaluate("window.trame.state.set('new_strengths', 'none yet')")
+    browser.evaluate("window.trame.state.set('new_probe', 'deepfool')")  # the server resets the strengths
+    browser.wait_for("window.trame.state.get('new_strengths') === '0.01 0.02'", timeout=RENDER_TIMEOUT,
+                     what="the attack's default epsilons")
+    browser.evaluate("window.trame.state.set('new_strengths', '0.1')")
+    browser.wait_for("window.trame.state.get('new_strengths') === '0.1'", timeout=RENDER_TIMEOUT, what="epsilons")
+    click(browser, "medadv-run-probe")
+    browser.wait_for("window.trame.state.get('shown_strength_key') === '0_1' && "
+                     "(window.trame.state.get('run_items') || []).length === 2", timeout=300, what="the new run")
+    caption = "document.querySelector('[data-view=\"Attacked\"]').textContent"
+    shown = browser.wait_for("(() => {{ const text = {}; return text.includes('deepfool') && text; }})()".format(
+        caption), timeout=RENDER_TIMEOUT, what="the new run's caption")
+    assert re.search(r"deepfool ε = 0\.1 · .+ \(p [01]\.\d\d\)", shown), shown
+    after = browser.wait_for("(() => {{ const v = {}; return v.Attacked && v.Attacked.digest !== {} && v; }})()"
+                             .format(VIEWS_JS % "false", before["digest"]), timeout=RENDER_TIMEOUT,
+                             what="the new run's attacked image")
+    assert after["Attacked"]["bright"] > 0.05, after["Attacked"]  # the slice, not an empty view
+    keep(browser, views_state(browser, with_images=True), "07-new-probe-classifier-deepfool-0.1")
+    assert "done" in browser.evaluate("document.getElementById('medadv-probe-message').textContent")

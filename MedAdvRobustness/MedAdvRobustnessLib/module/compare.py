@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import slicer
 
-from ..study.cases import REFERENCE_MARKERS
+from ..study.cases import REFERENCE_MARKERS, is_class_case
 from ..errors import InputError
 from ..probes.registry import is_corruption
 from .logic import (WorkerRun, add_nodes_in_folder, numbered, probe_from_settings, read_settings,
@@ -185,7 +185,8 @@ def compute_comparison(inputs, progress=None, is_cancelled=None):
 
 def add_compare_nodes(slicer_scene, study_run, probe_name):
     """The summary table, the chart of mean Dice per network against the strength and the instability maps, in a
-    new folder."""
+    new folder; for classifiers the table of ``classification.csv`` and the accuracy chart (no instability: a
+    classifier has no segmentation)."""
     from ..study.outputs import add_study_nodes
     scene = slicer_scene.scene
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -194,9 +195,15 @@ def add_compare_nodes(slicer_scene, study_run, probe_name):
         summary, charts = add_study_nodes(scene, study_run.records)
         return {"summary": summary, "chart": charts[0], "study": str(study_run.out_dir),
                 "report": str(Path(study_run.out_dir) / "report.html"), "computed": len(study_run.computed),
-                "reused": len(study_run.reused), "instability": add_instability_nodes(slicer_scene, study_run)}
+                "reused": len(study_run.reused),
+                "instability": {} if is_classifier_study(study_run) else add_instability_nodes(slicer_scene, study_run)}
 
     return add_nodes_in_folder(scene, unique_folder_name(hierarchy, "compare networks {}".format(probe_name)), add)
+
+
+def is_classifier_study(study_run):
+    """Whether the study's cases are images with a class (a study of classifiers)."""
+    return any(is_class_case(record["task"]["case"]) for record in study_run.records)
 
 
 def add_instability_nodes(slicer_scene, study_run):

@@ -70,3 +70,40 @@ def write_classification_files(result, out_dir):
                               out_dir / "perturbation_{}{}".format(strength, suffix))
     write_volume_file(np.asarray(result.saliency, dtype=np.float32), result.volume, out_dir / "saliency.nii.gz")
     write_metrics_csv(result, out_dir / "metrics.csv")
+
+
+def add_study_accuracy_nodes(scene, classified, accuracy_curves, columns):
+    """A classifier study in the scene: the table of its ``classification.csv`` rows (``columns``) and, per kind
+    of strength, a chart of the accuracy against it with one line per network and probe (each line its own
+    table: the probes' strengths differ). Returns (table, charts)."""
+    from ..networks.models import PALETTE
+    table = add_table_node(scene, classified, columns, "bench classification")
+    charts = []
+    for kind, word in (("attack", "epsilon"), ("corruption", "severity")):
+        lines = [(key, curve) for key, curve in accuracy_curves.items() if key[2] == kind]
+        if not lines:
+            continue
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(
+            "bench accuracy vs {}".format(word)))
+        for index, ((network, probe, _), (strengths, accuracy)) in enumerate(lines):
+            name = "{} {}".format(network, probe)
+            rows = [{word: s, "accuracy": a} for s, a in zip(strengths, accuracy)]
+            line = add_table_node(scene, rows, [word, "accuracy"], "bench accuracy {} table".format(name))
+            _add_series(scene, chart, line, word, name, PALETTE[1 + index % (len(PALETTE) - 1)])
+        chart.SetTitle("bench accuracy vs {}".format(word))
+        chart.SetXAxisTitle(word)
+        chart.SetYAxisTitle("accuracy (share of cases given their class)")
+        charts.append(chart)
+    return table, charts
+
+
+def _add_series(scene, chart, table, x_column, name, color):
+    """One line series of ``table``'s accuracy against ``x_column`` on ``chart``."""
+    plot = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(name))
+    plot.SetAndObserveTableNodeID(table.GetID())
+    plot.SetXColumnName(x_column)
+    plot.SetYColumnName("accuracy")
+    plot.SetPlotType(plot.PlotTypeScatter)
+    plot.SetMarkerStyle(plot.MarkerStyleCircle)
+    plot.SetColor(*color)
+    chart.AddAndObservePlotSeriesNodeID(plot.GetID())

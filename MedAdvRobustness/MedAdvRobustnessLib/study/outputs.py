@@ -1,5 +1,5 @@
-"""A study's outputs: results.csv, summary.csv, the figures, report.html, and the summary as MRML table and
-chart nodes."""
+"""A study's outputs: results.csv, summary.csv (classifiers: classification.csv), the figures, report.html, and the
+summary as MRML table and chart nodes."""
 import base64
 import csv
 import io
@@ -17,8 +17,8 @@ import torch
 
 from ..networks.models import PALETTE
 from .cases import HELDOUT_RECIPE, HELDOUT_SEED, is_class_case
-from .scores import (CLASSIFICATION_COLUMNS, TABLE_KEYS, classification_summary_rows, curves, mean_or_none,
-                     summary_rows, table_rows, unique)
+from .scores import (CLASSIFICATION_COLUMNS, TABLE_KEYS, accuracy_curves, classification_summary_rows, curves,
+                     mean_or_none, summary_rows, table_rows, unique)
 
 
 SUMMARY_COLUMNS = ("network", "probe", "kind", "dice_against", "cases", "cases_without_reference", "clean_dice",
@@ -44,35 +44,52 @@ def versions():
 
 
 def write_outputs(out_dir, resolved, records):
-    """``results.csv``, ``summary.csv``, ``study.json`` (provenance), ``figures/``, ``report.html`` and the
-    fragility (``fragility.csv``, ``instability.csv``, ``fragility/``, ``instability/``, see :mod:`.fragility`);
-    for classifiers ``classification.csv`` (:func:`~.scores.classification_summary_rows`) in place of the Dice
-    summary and the fragility. Returns the fragility per (network, probe) and instability per network."""
-    from .fragility import (FRAGILITY_COLUMNS, INSTABILITY_COLUMNS, network_fragility, study_fragility)
+    """``results.csv``, ``study.json`` (provenance), ``figures/`` and ``report.html``; for segmentation networks
+    ``summary.csv`` and the fragility (``fragility.csv``, ``instability.csv``, ``fragility/``, ``instability/``,
+    see :mod:`.fragility`), for classifiers ``classification.csv`` (:func:`~.scores.classification_summary_rows`)
+    in their place. Returns the fragility per (network, probe) and instability per network (none for
+    classifiers)."""
     out_dir = Path(out_dir)
     rows = table_rows(records)
-    volume_cases = [case for case in resolved["cases"] if not is_class_case(case)]
-    fragile, unstable = study_fragility(out_dir, dict(resolved, cases=volume_cases), records) if volume_cases \
-        else ([], [])
-    classified = classification_summary_rows(rows)
-    if classified:
-        _write_csv(out_dir / "classification.csv", classified, CLASSIFICATION_COLUMNS)
-    by_network = network_fragility(fragile, unstable)
-    summary = [dict(row, **by_network.get((row["network"], row["probe"]), {})) for row in summary_rows(rows)]
     _write_csv(out_dir / "results.csv", rows, _columns(rows))
-    _write_csv(out_dir / "summary.csv", summary, SUMMARY_COLUMNS + SUMMARY_FRAGILITY_COLUMNS)
-    _write_csv(out_dir / "fragility.csv", fragile, FRAGILITY_COLUMNS)
-    _write_csv(out_dir / "instability.csv", unstable, INSTABILITY_COLUMNS)
     heldout = {"recipe": [list(step) for step in HELDOUT_RECIPE],
                "seeds": "{} + 10 x case index + step (0, 1, 2)".format(HELDOUT_SEED)}
     provenance = {"study": resolved, "versions": versions(), "cells": len(records), "heldout_cases": heldout,
                   "cell_versions": unique(json.dumps(r["versions"], sort_keys=True) for r in records),
                   "seconds_computing": round(sum(r["seconds"] for r in records), 1)}
     write_json_atomic(out_dir / "study.json", provenance)
+    if all(is_class_case(case) for case in resolved["cases"]):
+        _write_classifier_outputs(out_dir, resolved, rows, provenance)
+        return {}
+    return _write_segmentation_outputs(out_dir, resolved, records, rows, provenance)
+
+
+def _write_segmentation_outputs(out_dir, resolved, records, rows, provenance):
+    """``summary.csv``, the fragility files, the Dice figures and the report of a study of segmentation
+    networks."""
+    from .fragility import FRAGILITY_COLUMNS, INSTABILITY_COLUMNS, network_fragility, study_fragility
+    fragile, unstable = study_fragility(out_dir, resolved, records)
+    by_network = network_fragility(fragile, unstable)
+    summary = [dict(row, **by_network.get((row["network"], row["probe"]), {})) for row in summary_rows(rows)]
+    _write_csv(out_dir / "summary.csv", summary, SUMMARY_COLUMNS + SUMMARY_FRAGILITY_COLUMNS)
+    _write_csv(out_dir / "fragility.csv", fragile, FRAGILITY_COLUMNS)
+    _write_csv(out_dir / "instability.csv", unstable, INSTABILITY_COLUMNS)
     figures = write_figures(out_dir / "figures", rows, summary)
     shown = [path for path in figures if path.name != "overview.png"]  # the same panels, side by side
-    write_html(out_dir / "report.html", resolved, summary, shown, provenance, classified)
+    files = ["results.csv", "summary.csv", "fragility.csv", "fragility/", "instability.csv", "instability/",
+             "study.json", "cells/"] + ["figures/" + path.name for path in figures]
+    write_html(out_dir / "report.html", resolved, summary, shown, provenance, files=files)
     return by_network
+
+
+def _write_classifier_outputs(out_dir, resolved, rows, provenance):
+    """``classification.csv``, the accuracy figures and the report of a study of classifiers (no Dice summary,
+    no fragility: a classifier has no segmentation)."""
+    classified = classification_summary_rows(rows)
+    _write_csv(out_dir / "classification.csv", classified, CLASSIFICATION_COLUMNS)
+    figures = write_accuracy_figures(out_dir / "figures", rows)
+    files = ["results.csv", "classification.csv", "study.json", "cells/"] + ["figures/" + p.name for p in figures]
+    write_html(out_dir / "report.html", resolved, [], figures, provenance, classified, files)
 
 
 def _columns(rows):
@@ -135,6 +152,38 @@ def write_figures(folder, rows, summary):
     return paths
 
 
+STRENGTH_AXES = {"attack": ("epsilon", "epsilon (fraction of intensity range)"),
+                 "corruption": ("severity", "severity (0: clean)")}
+
+
+def write_accuracy_figures(folder, rows):
+    """A classifier study's figures: ``accuracy_vs_epsilon.png`` (attacks) and ``accuracy_vs_severity.png``
+    (corruptions, if any), one line per network and probe: the share of cases given their class against the
+    strength. Returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    grouped, paths = accuracy_curves(rows), []
+    for kind, (word, label) in STRENGTH_AXES.items():
+        lines = {key: curve for key, curve in grouped.items() if key[2] == kind}
+        if not lines:
+            continue
+        figure, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+        for (network, probe, _), (strengths, accuracy) in lines.items():
+            ax.plot(strengths, accuracy, marker="o", label="{} · {}".format(network, probe))
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (share of cases given their class)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("accuracy vs {}: one line per network and probe".format(word), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(_save(figure, folder / "accuracy_vs_{}.png".format(word)))
+        plt.close(figure)
+    return paths
+
+
 def _plot_probe(ax, grouped, probe):
     kind = None
     for (network, name, kind_of), by_case in grouped.items():
@@ -176,44 +225,55 @@ STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
          "padding:3px 8px;font-size:13px}figure{display:inline-block;margin:1em}img{max-width:560px}")
 
 
-def write_html(path, resolved, summary, figures, provenance, classified=()):
-    """A single offline HTML file: the summary table, the figures embedded, the classifiers' table (if any), the
-    study and its provenance."""
+def write_html(path, resolved, summary, figures, provenance, classified=(), files=()):
+    """A single offline HTML file: the summary table and the fragility table (segmentation networks) or the
+    classifiers' table, the figures embedded, the study's files, the study and its provenance."""
     import html
     images = "".join('<figure><img alt="{0}" src="data:image/png;base64,{1}"><figcaption>{0}</figcaption></figure>'
                      .format(html.escape(p.name), base64.b64encode(p.read_bytes()).decode()) for p in figures)
+    body = _classifier_section(classified, images) if classified else _segmentation_section(summary, images)
+    text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medadv bench</title><style>{}</style></head>"
+            "<body>{}{}<h2>Study and provenance</h2><pre>{}</pre></body></html>").format(
+        STYLE, body, _files_section(files), html.escape(json.dumps(provenance, indent=1, default=str)))
+    write_atomic(path, text)
+
+
+def _segmentation_section(summary, images):
+    """The report of segmentation networks: the Dice summary, the figures and the fragility table."""
     table = _html_table(summary, SUMMARY_COLUMNS)
     fragility = _html_table(summary, ("network", "probe") + SUMMARY_FRAGILITY_COLUMNS)
-    text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medadv bench</title><style>{}"
-            "</style></head><body><h1>Networks compared: clean Dice and robustness</h1>"
+    return ("<h1>Networks compared: clean Dice and robustness</h1>"
             "<p>Robustness score: area under the Dice-vs-epsilon curve relative to the clean Dice, normalised to "
             "[0, 1]. ROOD degradation: clean Dice minus the severity-weighted mean Dice (alpha 2/3). Dice is against "
             "the reference label map; cases without one (cases_without_reference) are left out of the averages, "
             "unless no case has one: then Dice is against the clean prediction (dice_against), and the clean Dice "
             "(1) is left out of the scatter.</p>"
-            "{}{}{}<h2>Does fragility find the errors?</h2><p>Per network and probe, the mean over the cases with "
+            "{}{}<h2>Does fragility find the errors?</h2><p>Per network and probe, the mean over the cases with "
             "a reference (fragility_cases) of how well three per-voxel scores rank the voxels where the clean "
             "prediction is wrong: AUROC, and the error fraction among the top 1 % and 5 % of each score. Fragility: "
             "1 / the smallest strength that changes the voxel's label (never: 0); entropy of the clean outputs; "
             "closeness to a label boundary. instability_mean (overall rows): the mean over the cases' clean "
             "foreground of the fraction of probes under which a voxel changes at or below the probe's middle "
-            "strength. Per case: fragility.csv, instability.csv.</p>{}"
-            "<h2>Study and provenance</h2><pre>{}</pre></body></html>").format(
-        STYLE, table, images, _classifier_section(classified), fragility, html.escape(json.dumps(provenance, indent=1, default=str)))
-    write_atomic(path, text)
+            "strength. Per case: fragility.csv, instability.csv.</p>{}").format(table, images, fragility)
 
 
-def _classifier_section(classified):
-    """The classifiers' table of the report (empty without classifiers)."""
-    if not classified:
+def _classifier_section(classified, images):
+    """The report of classifiers: their table and the accuracy figures."""
+    return ("<h1>Classifiers: accuracy and robustness</h1><p>Accuracy: the share of cases given their true "
+            "class, clean and at each strength. Robustness score: as for Dice, the area under the accuracy-vs-epsilon "
+            "curve relative to the clean accuracy, normalised to [0, 1]. Minimal perturbation (DeepFool, JSMA): the "
+            "median over the cases, at the probe's largest epsilon, of the smallest perturbation that changed the "
+            "class (L2 and L-inf, fractions of the intensity range); a case with no change within the budget counts "
+            "as larger than all (minimal_found of minimal_cases changed).</p>{}{}").format(
+        _html_table(classified, CLASSIFICATION_COLUMNS), images)
+
+
+def _files_section(files):
+    """The list of the files the study wrote (empty without any)."""
+    import html
+    if not files:
         return ""
-    return ("<h2>Classifiers: accuracy and robustness</h2><p>Accuracy: the share of cases given their true class, "
-            "clean and at each strength. Robustness score: as for Dice, the area under the accuracy-vs-epsilon curve "
-            "relative to the clean accuracy, normalised to [0, 1]. Minimal perturbation (DeepFool, JSMA): the median "
-            "over the cases, at the probe's largest epsilon, of the smallest perturbation that changed the class "
-            "(L2 and L-inf, fractions of the intensity range); a case with no change within the budget counts as "
-            "larger than all (minimal_found of minimal_cases changed).</p>{}").format(
-        _html_table(classified, CLASSIFICATION_COLUMNS))
+    return "<h2>Files</h2><ul>{}</ul>".format("".join("<li>{}</li>".format(html.escape(name)) for name in files))
 
 
 def _html_table(rows, columns):
@@ -226,9 +286,15 @@ def _html_table(rows, columns):
 
 def add_study_nodes(scene, records):
     """The study in an MRML scene (the Slicer module's view of it): the summary table, and per probe a table of
-    the mean Dice of every network against the strength with its chart. Returns (summary table, charts)."""
+    the mean Dice of every network against the strength with its chart; for classifiers the table of
+    ``classification.csv`` and the accuracy chart (:func:`~..scene.classification.add_study_accuracy_nodes`).
+    Returns (summary table, charts)."""
     from ..scene.nodes import add_line_chart, add_table_node
     rows = table_rows(records)
+    classified = classification_summary_rows(rows)
+    if classified:  # a study of classifiers: its classification.csv and accuracy curves
+        from ..scene.classification import add_study_accuracy_nodes
+        return add_study_accuracy_nodes(scene, classified, accuracy_curves(rows), CLASSIFICATION_COLUMNS)
     summary = add_table_node(scene, summary_rows(rows), SUMMARY_COLUMNS, "bench summary")
     grouped = curves(rows)
     charts = []

@@ -161,22 +161,40 @@ def classification_summary_rows(rows):
     the robustness score of that accuracy curve (:func:`robustness_score` on accuracy in place of Dice) and, for
     the minimal-perturbation attacks (DeepFool, JSMA), the median minimal perturbation over the cases at the
     probe's largest strength (:func:`median_minimal`); then one ``overall`` row per network."""
-    grouped = {}
-    for row in rows:
-        if is_class_row(row):
-            key = (row["network"], row["probe"], row["kind"])
-            grouped.setdefault(key, {}).setdefault(row["case"], {})[float(row["strength"])] = row
+    grouped = _class_groups(rows)
     out = [_class_probe_summary(key, by_case) for key, by_case in grouped.items()]
     for network in unique(row["network"] for row in out):
         out.append(_class_overall(network, [row for row in out if row["network"] == network], grouped))
     return out
 
 
-def _class_probe_summary(key, by_case):
-    network, probe, kind = key
+def _class_groups(rows):
+    """The classifier rows per (network, probe, kind), case and strength."""
+    grouped = {}
+    for row in rows:
+        if is_class_row(row):
+            key = (row["network"], row["probe"], row["kind"])
+            grouped.setdefault(key, {}).setdefault(row["case"], {})[float(row["strength"])] = row
+    return grouped
+
+
+def _accuracy_curve(by_case):
+    """The strengths, the accuracy at each over the cases that have every strength, and those cases' rows."""
     strengths = sorted({s for values in by_case.values() for s in values})
     complete = [values for values in by_case.values() if set(values) == set(strengths)]
     accuracy = [mean_or_none([float(bool(values[s]["correct"])) for values in complete]) for s in strengths]
+    return strengths, accuracy, complete
+
+
+def accuracy_curves(rows):
+    """Per classifier (network, probe, kind): its strengths and the accuracy at each (as in
+    :func:`classification_summary_rows`)."""
+    return {key: _accuracy_curve(by_case)[:2] for key, by_case in _class_groups(rows).items()}
+
+
+def _class_probe_summary(key, by_case):
+    network, probe, kind = key
+    strengths, accuracy, complete = _accuracy_curve(by_case)
     score = robustness_score(strengths, accuracy) if len(strengths) > 1 and complete else None
     row = {"network": network, "probe": probe, "kind": kind, "cases": len(complete),
            "clean_accuracy": accuracy[0] if accuracy else None,

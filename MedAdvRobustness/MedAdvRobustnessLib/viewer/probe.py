@@ -34,9 +34,19 @@ def scene_reference(scene, volume):
         return None
 
 
+def true_class_of(run):
+    """A classifier run's true class (the ``label`` of its metrics table, as ``medadv run --label`` gave it), or
+    None (none given, or a segmentation run)."""
+    from .scene import table_rows
+    if not run.is_classification or run.metrics is None:
+        return None
+    labels = {row.get("label") for row in table_rows(run.metrics)}
+    return int(labels.pop()) if len(labels) == 1 and None not in labels else None
+
+
 class PageProbe(WorkerRun):
     """``probe_name`` at ``strengths_text`` on the clean volume of ``run`` (its reference label map if the scene
-    holds exactly one), with the network ``model_source``."""
+    holds exactly one; a classifier run's true class), with the network ``model_source``."""
 
     def __init__(self, slicer_scene, model_source, run, runs, probe_name, strengths_text):
         if any(other.volume is run.volume and other.probe == probe_name for other in runs):
@@ -47,7 +57,7 @@ class PageProbe(WorkerRun):
                                                              severities=strengths_text))
         volume = volume_from_node(run.volume)
         self.inputs = RunInputs(volume, scene_reference(slicer_scene.scene, volume), None, None, probe, strengths,
-                                None, model_source, None, False, "cpu")
+                                true_class_of(run), model_source, None, False, "cpu")
         super().__init__()
 
     def job(self):
