@@ -246,8 +246,16 @@ the versions. It appears only when everything succeeded.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line: ``medadv: error: MESSAGE (see medadv COMMAND --help)``, status 2
+    (raised as an :class:`InputError`, which :func:`main` prints); its subcommands' parsers are of this class."""
+
+    def error(self, message):
+        raise InputError("{} (see {} --help)".format(" ".join(message.split()), self.prog))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="medadv", formatter_class=HelpFormatter,
         description=__doc__.replace("``", "") + "\n\n'medadv COMMAND --help' describes each command.",
         epilog=_examples("medadv demo --out demo-results              # PGD on the embedded sample and network",
@@ -381,7 +389,7 @@ def _add_bench_command(commands):
                        help="severities 1 to 5 of the --corruptions; needed with --corruptions")
     bench.add_argument("--steps", type=int, help="steps of the iterative attacks")
     bench.add_argument("--seed", type=int, help="seed of the probes' random draws (default 0)")
-    bench.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    bench.add_argument("--workers", type=positive_int, default=1, help="local worker processes (default 1)")
     bench.add_argument("--scheduler", help="Dask distributed scheduler address (tcp://host:8786) to run the cells on "
                                            "(needs pip install \"medadvrobustness[dask]\")")
     bench.add_argument("--write-cases", metavar="DIR", help="also write the held-out cases as NIfTI pairs to DIR")

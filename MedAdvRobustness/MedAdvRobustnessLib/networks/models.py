@@ -5,6 +5,7 @@ grid, channel first) on the volume's own grid, and returns the network's outputs
 normalisation, cropping, resampling to the network's spacing, sliding windows and the way back all happen inside,
 differentiably, so attacks get gradients in the volume's own intensities and grid.
 """
+import itertools
 import json
 import re
 import warnings
@@ -18,9 +19,9 @@ import torch
 
 from ..errors import InputError
 from .outputs import Regions, check_activation, label_count, predict_labels
-from .steps import apply_step, check_steps, default_steps, file_exact_affine, step_text
-from .windowed import (GRADIENT_MODES, WindowKeeper, default_memory_budget, is_nnunet_window, sliding_window_outputs,
-                       window_plan, window_settings, window_vjp)
+from .steps import apply_step, check_steps, default_steps, file_exact_affine, step_shape, step_text
+from .windowed import (GRADIENT_MODES, WindowKeeper, available_memory, default_memory_budget, is_nnunet_window,
+                       sliding_window_outputs, window_plan, window_settings, window_vjp)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 BUILTIN_MODELS = {"demo": "demo-unet", "demo-unet": "demo-unet", "demo-unet-short": "demo-unet-short",
@@ -32,11 +33,16 @@ PALETTE = [(0.0, 0.0, 0.0), (0.30, 0.55, 0.95), (0.85, 0.45, 0.35), (0.95, 0.90,
 TRUST_HINT = ("load it only if you trust where it comes from, with --trust-checkpoint (trust_checkpoint=True "
               "in Python)")
 CHECKPOINT_KEYS = ("state_dict", "model")
+NETWORK_BYTES_PER_VOXEL = 64  # float32 copies per voxel of the network's grid in a run (input, outputs, gradients)
 TASKS = ("segmentation", "classification")
 
 
 class UnsafeCheckpoint(InputError):
     """A checkpoint that only arbitrary unpickling could load, refused without ``trust_checkpoint``."""
+
+
+class PlainPickle(InputError):
+    """A Python pickle that is no PyTorch file (neither torch.save's zip nor its legacy format): never unpickled."""
 
 
 @dataclass
@@ -121,7 +127,7 @@ class ModelDescription:
                 raise InputError("{}: {}".format(where, error))
         description = cls(**data)
         try:
-            check_intensity_types(description.steps())
+            check_field_values(description, check_intensity_types(description.steps()))
         except InputError as error:
             raise InputError("{}: {}".format(where, error))
         return description
@@ -148,6 +154,64 @@ def check_intensity_types(steps):
                 raise InputError("unknown intensity type {!r}; known types: {} (as {{\"type\": NAME, ...}})".format(
                     kind, ", ".join(INTENSITY_TYPES)))
     return steps
+
+
+def check_field_values(description, steps):
+    """Refuse values of a model.json no run can use: ``pad_divisible`` below 1, a percentile normalisation whose
+    percentiles are not 0 <= lower < upper <= 100, a zscore with a fixed ``std`` that is not positive, a window
+    whose ``roi_size`` is not positive or whose ``overlap`` lies outside [0, 1)."""
+    if description.pad_divisible is not None:
+        _check_divisor(description.pad_divisible)
+    for step in steps:
+        if "pad_divisible" in step:
+            _check_divisor(step["pad_divisible"])
+        specs = step.get("intensity", [])
+        for spec in specs if isinstance(specs, (list, tuple)) else [specs]:
+            if isinstance(spec, dict):
+                _check_intensity_values(spec)
+    if description.window:  # null or {}: the whole volume at once
+        check_window(description.window)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_divisor(value):
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise InputError("pad_divisible must be a whole number of voxels of at least 1 (or one per axis), got "
+                         "{!r}".format(value))
+
+
+def _check_intensity_values(spec):
+    kind = spec.get("type", "none")
+    if kind == "percentile":
+        lower, upper = spec.get("lower", 0.0), spec.get("upper", 100.0)
+        if not (_is_number(lower) and _is_number(upper) and 0 <= lower < upper <= 100):
+            raise InputError("intensity percentile: lower and upper must be percentiles with 0 <= lower < upper "
+                             "<= 100, got lower {!r}, upper {!r}".format(lower, upper))
+    if kind == "zscore" and spec.get("std") is not None:
+        std = spec["std"]
+        if not all(_is_number(v) and v > 0 for v in (std if isinstance(std, (list, tuple)) else [std])):
+            raise InputError("intensity zscore: a fixed std must be positive (it divides the volume), got "
+                             "{!r}".format(std))
+
+
+def check_window(window):
+    """Refuse a sliding window without ``roi_size`` in whole voxels of at least 1, or with ``overlap`` outside
+    [0, 1)."""
+    if not isinstance(window, dict):
+        raise InputError("window must be its settings (roi_size, overlap, ...) or null, got {!r}".format(window))
+    roi = window.get("roi_size")
+    if not (isinstance(roi, (list, tuple)) and roi
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in roi)):
+        raise InputError("window roi_size must be whole numbers of voxels of at least 1, one per axis, got "
+                         "{!r}".format(roi))
+    overlap = window.get("overlap")
+    if overlap is not None and not all(_is_number(v) and 0 <= v < 1 for v in (
+            overlap if isinstance(overlap, (list, tuple)) else [overlap])):
+        raise InputError("window overlap must lie in [0, 1) (a share of the window), got {!r}".format(overlap))
 
 
 def parse_labels(labels, where="labels"):
@@ -561,9 +625,13 @@ def build_network(architecture):
 
 
 def load_checkpoint(path, trust_checkpoint=False):
-    """``torch.load`` with ``weights_only=True``; what needs arbitrary unpickling only with ``trust_checkpoint``."""
+    """``torch.load`` with ``weights_only=True``; what needs arbitrary unpickling only with ``trust_checkpoint``; a
+    plain Python pickle (:func:`refuse_plain_pickle`) never."""
+    refuse_plain_pickle(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:
         text = str(error)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -581,6 +649,26 @@ def load_checkpoint(path, trust_checkpoint=False):
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as error:
         raise InputError("cannot read {} even with --trust-checkpoint: {}".format(path, str(error).splitlines()[0]))
+
+
+def refuse_plain_pickle(path):
+    """:class:`PlainPickle` where ``path`` is a Python pickle but neither torch.save's zip archive nor its legacy
+    format (a pickle of torch's magic number first): torch cannot load it, and even a trusted load would unpickle it
+    (run its code) first. Only the opcodes of the first pickle are read, nothing is unpickled."""
+    import pickletools
+    import zipfile
+    with open(str(path), "rb") as stream:
+        if stream.read(1) != b"\x80" or zipfile.is_zipfile(str(path)):  # \x80: a pickle's PROTO opcode (protocol 2+)
+            return
+        stream.seek(0)
+        try:
+            first = [arg for _opcode, arg, _position in itertools.islice(pickletools.genops(stream), 3)]
+        except Exception:  # not a pickle after all (damaged, another format): torch.load says so
+            return
+    if torch.serialization.MAGIC_NUMBER not in first:
+        raise PlainPickle("{} is a plain Python pickle, not a PyTorch checkpoint or TorchScript file; it was not "
+                          "unpickled (that would run code stored in it): save the network's weights with "
+                          "torch.save(network.state_dict(), ...) or export it with torch.jit.save".format(path))
 
 
 def unwrap_checkpoint(checkpoint):
@@ -650,7 +738,7 @@ def _load_network_file(path, trust_checkpoint=False):
         if auto3dseg.is_auto3dseg(checkpoint):
             return auto3dseg.load_auto3dseg(checkpoint, str(path), trust_checkpoint)
         loaded = unwrap_checkpoint(checkpoint)
-    except (UnsafeCheckpoint, auto3dseg.Auto3DSegError):
+    except (UnsafeCheckpoint, PlainPickle, auto3dseg.Auto3DSegError):
         raise
     except InputError as error:
         raise InputError("{} is neither TorchScript nor a PyTorch checkpoint ({}); export it with torch.jit.save, "
@@ -779,6 +867,44 @@ def network_input_error(model, error):
                           found.group(2)))
 
 
+def network_grid_shape(model, shape, affine):
+    """The voxel counts of a volume of ``shape`` on the grid ``affine`` once the model's preprocessing has resampled,
+    cropped and padded it (a foreground crop taken to keep every voxel); a model with its own preprocessing
+    (nnU-Net, Auto3DSeg): the volume's extent at the network's ``spacing``, where the description gives one."""
+    shape = tuple(int(n) for n in shape)
+    if type(model).prepare is not SegmentationModel.prepare:
+        target = model.description.spacing
+        if affine is None or not target:
+            return shape
+        have = grid_spacing(affine)
+        return tuple(max(1, int(round(n * h / t))) for n, h, t in zip(shape, have, target))
+    for step in model.description.steps():
+        shape, affine = step_shape(step, shape, affine)
+    return shape
+
+
+def check_network_memory(model, shape, affine):
+    """Refuse (one line naming both sizes) a volume whose network grid (:func:`network_grid_shape`) needs more
+    memory than the model's device has free: a coarse volume resampled to a fine network spacing."""
+    try:
+        network_shape = network_grid_shape(model, shape, affine)
+    except (ValueError, TypeError, RuntimeError, np.linalg.LinAlgError):  # a grid prepare() itself names or refuses
+        return
+    per_voxel = NETWORK_BYTES_PER_VOXEL * max(1, model.description.in_channels or 1)
+    need = float(np.prod(network_shape, dtype=np.float64)) * per_voxel
+    if need <= float(np.prod(shape, dtype=np.float64)) * per_voxel:
+        return  # no larger than the volume's own grid, which reading the file checked
+    available = available_memory(model.device)
+    if need > available:
+        raise InputError("model {}: the volume's {} voxels become {} at the network's grid{}, which need about "
+                         "{:.1f} GiB of memory for a run, and {} has {:.1f} GiB free".format(
+                             model.description.name, "x".join(str(int(n)) for n in shape),
+                             "x".join(str(int(n)) for n in network_shape),
+                             " ({} mm)".format("x".join("{:g}".format(v) for v in model.description.spacing))
+                             if model.description.spacing else "", need / 2 ** 30, model.device,
+                             available / 2 ** 30))
+
+
 @torch.no_grad()
 def describe(model, volume):
     """Run ``model`` once on ``volume`` (a (1, C, X, Y, Z) tensor or a :class:`~.volume.Volume`) and report what
@@ -790,6 +916,7 @@ def describe(model, volume):
         volume = volume.as_tensor()
     spacing = grid_spacing(grid)
     with model.on_grid(grid):
+        check_network_memory(model, volume.shape[2:], model.input_affine)
         try:
             inputs, plan = model.prepare(volume)
             outputs = model.checked_outputs(model.infer(inputs), plan)

@@ -38,7 +38,8 @@ from ..errors import InputError
 from .outputs import Regions
 from .preprocessing import straight_through
 from .windowed import window_plan
-from .models import Label, ModelDescription, PALETTE, SegmentationModel, TRUST_HINT, UnsafeCheckpoint, grid_spacing
+from .models import (Label, ModelDescription, PALETTE, SegmentationModel, TRUST_HINT, UnsafeCheckpoint, grid_spacing,
+                     refuse_plain_pickle)
 
 CHECKPOINT = "checkpoint_final.pth"
 ANISOTROPY_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
@@ -343,7 +344,9 @@ def checkpoint_allow_list():
 
 
 def load_nnunet_checkpoint(path, trust_checkpoint=False):
-    """A checkpoint dict: weights only plus the numpy allow-list; anything else only with ``trust_checkpoint``."""
+    """A checkpoint dict: weights only plus the numpy allow-list; anything else only with ``trust_checkpoint``; a
+    plain Python pickle never (:func:`~.models.refuse_plain_pickle`)."""
+    refuse_plain_pickle(path)
     try:
         with torch.serialization.safe_globals(checkpoint_allow_list()):
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -235,6 +235,28 @@ def apply_step(step, inputs, affine, activation):
     return F.pad(inputs, padding, value=value), shifted(affine, [-amount for amount in before]), back, None
 
 
+def step_shape(step, shape, affine):
+    """The voxel counts and grid matrix :func:`apply_step` gives an input of ``shape`` on the grid ``affine``,
+    without computing it: a foreground crop (which depends on the voxels) is taken to keep every voxel."""
+    kind, shape = step_kind(step), tuple(int(n) for n in shape)
+    if kind == "center_crop":
+        box = center_box(shape, step["center_crop"])
+        return (shape, affine) if box is None else (tuple(stop - start for start, stop in box),
+                                                    shifted(affine, [start for start, _ in box]))
+    if kind == "spacing" and affine is not None:
+        grid = spacing_grid(affine, shape, target_spacing(affine, step), bool(step.get("scale_extent", False)))
+        return (shape, affine) if grid is None else (tuple(len(where) for where in grid[1]), grid[0])
+    if kind == "resize":
+        size = resize_shape(shape, step["resize"], step.get("size_mode", "all"))
+        return size, resized_affine(affine, shape, size, bool(step.get("align_corners")))
+    if kind in ("pad_size", "pad_divisible"):
+        padding = (size_padding(shape, step["pad_size"], step.get("method", "symmetric")) if kind == "pad_size"
+                   else divisible_padding(shape, step["pad_divisible"]))
+        if padding is not None:
+            return tuple(n + padding[-2 - 2 * axis] + padding[-1 - 2 * axis] for axis, n in enumerate(shape)), affine
+    return shape, affine
+
+
 def size_padding(shape, sizes, method="symmetric"):
     """F.pad amounts (last axis first) that pad ``shape`` to ``sizes`` as MONAI's ``SpatialPad`` (symmetric: the
     odd voxel after; end: all after), or None."""

@@ -540,7 +540,7 @@ class PGD(Attack):
     steps: int = parameter(10, int, "iterations (gradient evaluations) per restart", minimum=1)
     norm: str = parameter("linf", str, "threat model", choices=NORMS)
     step_size: Optional[float] = parameter(None, float, "step as a fraction of epsilon (default 2.5/steps)",
-                                           minimum=0.0)
+                                           above=0.0)
     random_start: bool = parameter(True, bool, "start at a random point of the epsilon ball (seeded)")
     restarts: int = parameter(1, int, "random restarts; per volume the worst case is kept", minimum=1)
     restart_criterion: str = parameter("dice", str, "worst case of the restarts: lowest mean Dice against the "
@@ -631,8 +631,8 @@ class APGD(Attack):
     norm: str = parameter("linf", str, "threat model", choices=NORMS)
     random_start: bool = parameter(True, bool, "start at a random point of the epsilon ball (seeded)")
     restarts: int = parameter(1, int, "random restarts; per volume the highest loss is kept", minimum=1)
-    step_size: float = parameter(2.0, float, "initial step as a fraction of epsilon (the paper's 2)", minimum=0.0)
-    momentum: float = parameter(0.75, float, "weight alpha of the new step (1 - alpha: momentum)", minimum=0.0)
+    step_size: float = parameter(2.0, float, "initial step as a fraction of epsilon (the paper's 2)", above=0.0)
+    momentum: float = parameter(0.75, float, "weight alpha of the new step (1 - alpha: momentum)", above=0.0)
     rho: float = parameter(0.75, float, "halve the step when fewer than rho of the steps since the last "
                         "checkpoint raised the loss", minimum=0.0)
 
@@ -741,7 +741,7 @@ class DAG(Attack):
 
     target_mode: Optional[str] = parameter("permute", str, "target map built from the labels", choices=TARGET_MODES)
     steps: int = parameter(20, int, "maximum iterations", minimum=1)
-    gamma: float = parameter(0.5, float, "L-infinity size of each step as a fraction of epsilon", minimum=0.0)
+    gamma: float = parameter(0.5, float, "L-infinity size of each step as a fraction of epsilon", above=0.0)
     scale_quantile: float = parameter(1.0, float, "r is divided by this quantile of |r| and clipped to [-1, 1] "
                                       "(1: the paper's r/|r|inf)", minimum=0.0)
 

@@ -7,10 +7,11 @@ from typing import Optional
 from ..errors import InputError
 
 
-def parameter(default, kind, help, choices=None, minimum=None, optional=False):
-    """A dataclass field that is a probe parameter (``optional``: None is allowed, as it is for a None default)."""
+def parameter(default, kind, help, choices=None, minimum=None, optional=False, above=None):
+    """A dataclass field that is a probe parameter (``optional``: None is allowed, as it is for a None default;
+    ``minimum``: the least value allowed; ``above``: a bound the value must exceed, as a step size 0)."""
     return field(default=default, metadata=dict(kind=kind, help=help, choices=choices, minimum=minimum,
-                                                optional=optional or default is None))
+                                                optional=optional or default is None, above=above))
 
 
 def seed_parameter(help="seed of the probe's random draws"):
@@ -39,7 +40,8 @@ def describe_parameter(item):
 
 
 def check_parameters(probe):
-    """Refuse a value outside its choices, below its minimum, or not finite (InputError naming the parameter)."""
+    """Refuse a value outside its choices, below its minimum, not above its ``above`` bound, or not finite
+    (InputError naming the parameter)."""
     for item in parameter_fields(type(probe)):
         meta, value = item.metadata, getattr(probe, item.name)
         if value is None and meta.get("optional"):
@@ -54,6 +56,9 @@ def check_parameters(probe):
         if meta.get("minimum") is not None and value < meta["minimum"]:
             raise InputError("{} {} must be at least {:g}, got {:g}".format(probe.name, item.name, meta["minimum"],
                                                                            value))
+        if meta.get("above") is not None and not value > meta["above"]:
+            raise InputError("{} {} must be greater than {:g}, got {:g}".format(probe.name, item.name, meta["above"],
+                                                                               value))
 
 
 def convert(probe_name, item, value):

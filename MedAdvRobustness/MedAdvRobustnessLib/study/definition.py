@@ -88,6 +88,9 @@ def resolve_study(study):
     if unknown:
         raise InputError("study: unknown key(s) {}; known keys: {}".format(", ".join(unknown), ", ".join(STUDY_KEYS)))
     seed = _whole_number(study, "seed", 0)
+    threads = _whole_number(study, "threads", 1)
+    if threads < 1:
+        raise InputError("study: threads must be at least 1 (torch threads per cell), got {}".format(threads))
     networks = [_network(item) for item in _non_empty(study, "networks")]
     cases = [case for item in _non_empty(study, "cases") for case in resolve_cases(item)]
     probes = [_probe(item, seed) for item in _non_empty(study, "probes")]
@@ -96,8 +99,7 @@ def resolve_study(study):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise InputError("study: {} name(s) {} given twice; name them apart".format(kind, ", ".join(repeated)))
-    return {"networks": networks, "cases": cases, "probes": probes, "seed": seed,
-            "threads": _whole_number(study, "threads", 1)}
+    return {"networks": networks, "cases": cases, "probes": probes, "seed": seed, "threads": threads}
 
 
 def _whole_number(study, key, default):
