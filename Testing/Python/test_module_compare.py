@@ -239,3 +239,34 @@ def test_a_classifier_study_shows_its_accuracy_table_and_chart(tmp_path):
     in_folder = module_logic.folder_nodes(hierarchy, nodes["folder"])
     assert nodes["summary"] in in_folder and chart in in_folder and nodes["instability"] == {}
     assert nodes["computed"] == 9 and not (tmp_path / "study" / "instability").exists()
+
+
+def test_comparing_classifiers_from_the_scene_scores_the_true_class(tmp_path):
+    """"Compare networks" with the demo classifier on two slices loaded in a scene, true class under Inputs: the
+    accuracy table and chart of the bench, the accuracy of a direct sweep of the same images; without a true
+    class one line and nothing added."""
+    from MedAdvRobustnessLib import load_model, make_probe, run_sweep
+    from MedAdvRobustnessLib.sample import SAMPLE_SLICE, SAMPLE_SLICE_CLASS
+    from MedAdvRobustnessLib.study.cases import heldout_slice_cases, heldout_slice_volume
+    slicer_scene = SlicerScene.standalone()
+    module_logic.parameter_node(slicer_scene.scene)
+    case = [c for c in heldout_slice_cases(16) if c["class"] == SAMPLE_SLICE_CLASS][-1]
+    other = heldout_slice_volume(case)
+    nodes = [slicer_scene.load_volume(SAMPLE_SLICE), add_volume_node(slicer_scene.scene, other.array, other, "other")]
+    settings = settings_for(nodes, tmp_path / "none", compareNetworks="demo-classifier", epsilons="0.01 0.05")
+    before = node_ids(slicer_scene.scene)
+    run, _ = compare_as_widget(slicer_scene, settings)
+    with pytest.raises(InputError, match="give the true class"):
+        run.finish()
+    assert node_ids(slicer_scene.scene) == before
+    run, _ = compare_as_widget(slicer_scene, settings_for(nodes, tmp_path / "study", compareNetworks="demo-classifier",
+                                                          epsilons="0.01 0.05", trueClass=str(SAMPLE_SLICE_CLASS)))
+    added = run.finish()
+    (row,) = [row for row in table_rows(added["summary"]) if row["probe"] == "fgsm"]
+    model = load_model("demo-classifier")
+    sweeps = [run_sweep(model, module_logic.volume_from_node(node), make_probe("fgsm"), [0.01, 0.05],
+                        SAMPLE_SLICE_CLASS).rows for node in nodes]
+    accuracy = [np.mean([rows[i]["predicted"] == SAMPLE_SLICE_CLASS for rows in sweeps]) for i in range(3)]
+    assert [float(a) for a in row["accuracy"].split()] == pytest.approx(accuracy, abs=1e-4)  # strengths 0, 0.01, 0.05
+    assert float(row["clean_accuracy"]) == pytest.approx(accuracy[0]) and 0 < accuracy[0] and accuracy[-1] < 1
+    assert added["chart"].GetName() == "bench accuracy vs epsilon" and added["instability"] == {}

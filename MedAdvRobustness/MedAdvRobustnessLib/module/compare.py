@@ -21,7 +21,7 @@ import slicer
 from ..study.cases import REFERENCE_MARKERS, is_class_case
 from ..errors import InputError
 from ..probes.registry import is_corruption
-from .logic import (WorkerRun, add_nodes_in_folder, numbered, probe_from_settings, read_settings,
+from .logic import (WorkerRun, add_nodes_in_folder, numbered, probe_from_settings, read_settings, true_class,
                     reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
 from ..scene.nodes import labels_from_node, volume_from_node
 
@@ -41,6 +41,7 @@ class CompareInputs:
     networks: list  # {"name", "source"}: a built-in name or a model path
     probe: dict  # a bench probe: {"attack": NAME, "epsilons": [...], "params": {...}} or a corruption
     folder: str
+    true_class: Optional[int] = None  # classifiers: the class of every checked image (Inputs: true class)
 
 
 def network_list(text):
@@ -104,7 +105,7 @@ def read_compare_inputs(slicer_scene, settings):
     networks = study_networks(network_list(settings.compareNetworks))
     probe = bench_probe(settings)
     cases = [read_case(slicer_scene, settings, node) for node in volume_nodes]
-    return CompareInputs(cases, networks, probe, settings.compareFolder.strip())
+    return CompareInputs(cases, networks, probe, settings.compareFolder.strip(), true_class(settings))
 
 
 def study_networks(sources):
@@ -134,10 +135,22 @@ def network_labels(source, volume):
         return describe(model, volume).labels
 
 
+def network_task(source, volume):
+    """"classification" or "segmentation": the task a network declares, or shows on ``volume``."""
+    from ..networks.models import describe, load_model
+    model = load_model(source)
+    with model.on_grid(volume):
+        describe(model, volume)
+        return model.task
+
+
 def write_cases(inputs, folder):
-    """Each case as ``<name>.nii.gz`` (+ ``<name>_seg.nii.gz``) on its own grid; returns the study's cases."""
+    """Each case as ``<name>.nii.gz`` (+ ``<name>_seg.nii.gz``) on its own grid; returns the study's cases. For
+    classifiers (the first network's task) each image is a case with the true class of the settings."""
     from ..scene.results import write_volume_file
     folder.mkdir(parents=True, exist_ok=True)
+    if network_task(inputs.networks[0]["source"], inputs.cases[0].volume) == "classification":
+        return write_class_cases(inputs, folder)
     labels, cases = None, []
     for index, (case, name) in enumerate(zip(inputs.cases, case_names(inputs.cases)), 1):
         stem = "{:03d}-{}".format(index, re.sub(r"[^A-Za-z0-9._-]+", "_", name))  # unique however names read
@@ -155,6 +168,20 @@ def write_cases(inputs, folder):
             write_volume_file(reference, case.volume, reference_path, label_map=True)
         cases.append({"name": name, "volume": str(volume_path),
                       "reference": str(reference_path) if reference_path else None})
+    return cases
+
+
+def write_class_cases(inputs, folder):
+    """Each image as ``<name>.nrrd`` (a colour image stays one) with the settings' true class."""
+    from ..scene.results import write_volume_file
+    if inputs.true_class is None:
+        raise InputError("these networks are classifiers: give the true class of the checked images (true class, "
+                         "under Inputs); the comparison scores accuracy against it")
+    cases = []
+    for index, (case, name) in enumerate(zip(inputs.cases, case_names(inputs.cases)), 1):
+        path = folder / "{:03d}-{}.nrrd".format(index, re.sub(r"[^A-Za-z0-9._-]+", "_", name))
+        write_volume_file(case.volume.array, case.volume, path)
+        cases.append({"name": name, "volume": str(path), "class": inputs.true_class})
     return cases
 
 
