@@ -609,13 +609,14 @@ def classification_summary(result, seconds):
     lines = ["{} on {} ({} {}, classification), {:.0f} s".format(
         result.model_name, result.volume.name, result.probe_name, "attack" if key == "epsilon" else "corruption",
         seconds)]
-    lines.append("{:>10}  {:<24} {:>10}  {:>10}  {:>7}  {:>6}  {:>8}".format(
-        key, "predicted", "confidence", "p(label)", "flipped", "SSIM", "PSNR dB"))
+    width = max([len("predicted")] + [len(str(row["predicted_name"])) for row in result.rows])
+    lines.append("{:>10}  {:<{width}} {:>10}  {:>10}  {:>7}  {:>6}  {:>8}".format(
+        key, "predicted", "confidence", "p(label)", "flipped", "SSIM", "PSNR dB", width=width))
     for row in result.rows:
-        lines.append("{:>10g}  {:<24} {:>10.3f}  {:>10}  {:>7}  {:>6.3f}  {:>8}".format(
-            row[key], str(row["predicted_name"])[:24], row["confidence"],
+        lines.append("{:>10g}  {:<{width}} {:>10.3f}  {:>10}  {:>7}  {:>6.3f}  {:>8}".format(
+            row[key], str(row["predicted_name"]), row["confidence"],
             "" if row.get("label_probability") is None else "{:.3f}".format(row["label_probability"]),
-            "yes" if row["flipped"] else "no", row["ssim"], _number(row["psnr"])))
+            "yes" if row["flipped"] else "no", row["ssim"], _number(row["psnr"]), width=width))
     minimal = [row for row in result.rows if row.get("minimal_linf_fraction") is not None]
     if minimal:
         lines.append("smallest perturbation that flips (fraction of the range): L-inf {:.4g}, L2 {:.4g}".format(

@@ -189,7 +189,8 @@ def nifti_voxel_to_ras(path):
 def region_mask(region_map, region_labels=None):
     """Boolean mask of the voxels of ``region_map`` holding one of ``region_labels`` (default: any non-zero)."""
     if region_map is None:
-        raise InputError("--region-labels without --region picks labels of the reference: give --reference")
+        raise InputError("--region-labels without --region picks labels of the reference segmentation: give "
+                         "--reference (a segmentation network), or --region with a label map (any network)")
     mask = region_map != 0 if not region_labels else np.isin(region_map, list(region_labels))
     if not mask.any():
         raise InputError("the region is empty: no voxel holds label {}".format(

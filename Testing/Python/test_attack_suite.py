@@ -333,10 +333,12 @@ def test_pgd_restarts_keep_the_worst_case():
 
 def test_apgd_schedule_and_best_point():
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    model, volume = tiny_model(seed=2), random_volume(seed=2)
+    # a case where APGD's best point is not its last (the percentile model of seed 2 has none since a tied
+    # percentile passes no gradient: its loss rises to a plateau)
+    model, volume = tiny_model(seed=1, intensity="none"), random_volume(seed=1)
     labels = model.predict(volume)
     attack = make_probe("apgd-ce", steps=12)
-    adversarial, record = attack(model, volume, labels, 40.0, bounds_of(volume))
+    adversarial, record = attack(model, volume, labels, 10.0, bounds_of(volume))
     assert record.details["checkpoints"] == apgd_checkpoints(12) == [3, 5, 7, 9, 10, 11]
     assert any(halved for _, (halved,) in record.details["halvings"][0])
     # here the best point is not the last one, and APGD returns its best evaluated point

@@ -151,12 +151,13 @@ def test_region_targets_are_refused_for_a_classifier(mode):
 
 def test_a_segmentation_reference_is_refused_for_a_classifier():
     volume = image()
-    with pytest.raises(InputError, match=r"the reference of a classifier is one class index \(0..3\), not an image"):
+    with pytest.raises(InputError, match=r"the true class \(--label\) of a classifier is one class index \(0..3\), "
+                                         r"not an image"):
         run_sweep(classifier(), volume, make_probe("fgsm"), [0.1], reference=np.zeros(volume.array.shape, np.int64))
 
 
 def test_a_true_class_beyond_the_classes_is_refused():
-    with pytest.raises(InputError, match=r"the reference is class 4 but the network has classes 0..3"):
+    with pytest.raises(InputError, match=r"the true class \(--label\) is class 4 but the network has classes 0..3"):
         run_sweep(classifier(), image(), make_probe("fgsm"), [0.1], reference=4)
 
 

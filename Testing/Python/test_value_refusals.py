@@ -54,6 +54,17 @@ def test_argparse_errors_are_one_line_with_status_2(capsys, argv, start, end):
     ({"window": {"roi_size": [32, 32, 32], "overlap": 1.0}},
      "window overlap must lie in [0, 1) (a share of the window), got 1.0"),
     ({"window": {"roi_size": [32, 32, 32], "overlap": -0.25}}, "got -0.25"),
+    ({"window": {"roi_size": [32, 32, 32], "sw_batch_size": 0}},
+     "window sw_batch_size must be a whole number of at least 1, got 0"),
+    ({"intensity": {"type": "range", "a_min": 5, "a_max": 5, "b_min": 0, "b_max": 1}},
+     "intensity range: a_min and a_max must be two different numbers (the window they span divides the volume), "
+     "got 5 and 5"),
+    ({"intensity": {"type": "minmax", "min": 3, "max": 3}}, "intensity minmax: min and max must be two different"),
+    ({"in_channels": 0}, "in_channels must be a whole number of at least 1, got 0"),
+    ({"in_channels": "one"}, "in_channels must be a whole number of at least 1, got 'one'"),
+    ({"crop": {"threshold": 0, "margin": -5}}, "crop margin must be whole voxels of at least 0 (or one per axis), "
+                                               "got -5"),
+    ({"labels": [{"value": 1, "name": "a"}, {"value": 1, "name": "b"}]}, "label value 1 is given twice"),
 ])
 def test_model_json_values_are_refused_naming_field_and_value(tmp_path, fields, expected):
     path = tmp_path / "model.json"

@@ -37,7 +37,7 @@ class ClassificationSweep:
         self.model, self.volume, self.is_cancelled = model, volume, is_cancelled
         self.inputs = volume.as_tensor()
         self.labels = model.labels(clean_outputs)
-        self.reference = check_class(reference, len(self.labels), "the reference")
+        self.reference = check_class(reference, len(self.labels), "the true class (--label)")
         self.clean_prediction = predict_labels(clean_outputs, model.activation)[0].numpy()
         self.region = None if region is None else torch.from_numpy(np.asarray(region) != 0)[None]
         self.target = None if target is None else torch.tensor([check_class(target, len(self.labels), "the target")])
@@ -108,9 +108,10 @@ def _ssim(original, probed, span):
 def minimal_fractions(record, intensity_span):
     """``minimal_l2_fraction`` and ``minimal_linf_fraction`` from an attack's ``details["minimal_perturbation"]``
     (intensity units, None where no flip was found); nothing where the attack reports none."""
-    minimal = getattr(record, "details", None) and record.details.get("minimal_perturbation")
-    if not minimal:
+    details = getattr(record, "details", None) or {}
+    if "minimal_perturbation" not in details:
         return {}
+    minimal = details["minimal_perturbation"] or {}
     return {"minimal_{}_fraction".format(norm): None if minimal.get(norm) is None
             else float(minimal[norm]) / intensity_span for norm in ("l2", "linf")}
 

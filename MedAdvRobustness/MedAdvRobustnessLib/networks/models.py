@@ -135,12 +135,16 @@ class ModelDescription:
     def to_json(self, path):
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    def labels_for(self, count):
-        """The first ``count`` labels, named ``label N`` with palette colours where the description has none."""
+    def labels_for(self, count, task="segmentation"):
+        """The first ``count`` labels, with palette colours where the description has none: named ``background``,
+        ``label N`` (a classifier's: ``class N``)."""
         known = {label.value: label for label in self.labels}
-        return [known.get(value, Label(value, "background" if value == 0 else "label {}".format(value),
-                                       PALETTE[value % len(PALETTE)]))
-                for value in range(count)]
+
+        def name(value):
+            if task == "classification":
+                return "class {}".format(value)
+            return "background" if value == 0 else "label {}".format(value)
+        return [known.get(value, Label(value, name(value), PALETTE[value % len(PALETTE)])) for value in range(count)]
 
 
 def check_intensity_types(steps):
@@ -160,6 +164,9 @@ def check_field_values(description, steps):
     """Refuse values of a model.json no run can use: ``pad_divisible`` below 1, a percentile normalisation whose
     percentiles are not 0 <= lower < upper <= 100, a zscore with a fixed ``std`` that is not positive, a window
     whose ``roi_size`` is not positive or whose ``overlap`` lies outside [0, 1)."""
+    channels = description.in_channels
+    if channels is not None and not (isinstance(channels, int) and not isinstance(channels, bool) and channels >= 1):
+        raise InputError("in_channels must be a whole number of at least 1, got {!r}".format(channels))
     if description.pad_divisible is not None:
         _check_divisor(description.pad_divisible)
     for step in steps:
@@ -191,6 +198,12 @@ def _check_intensity_values(spec):
         if not (_is_number(lower) and _is_number(upper) and 0 <= lower < upper <= 100):
             raise InputError("intensity percentile: lower and upper must be percentiles with 0 <= lower < upper "
                              "<= 100, got lower {!r}, upper {!r}".format(lower, upper))
+    for kind_of, low, high in (("range", "a_min", "a_max"), ("minmax", "min", "max")):
+        if kind == kind_of and spec.get(low) is not None and spec.get(high) is not None:
+            if not (_is_number(spec[low]) and _is_number(spec[high]) and spec[low] != spec[high]):
+                raise InputError("intensity {}: {} and {} must be two different numbers (the window they span "
+                                 "divides the volume), got {!r} and {!r}".format(kind, low, high, spec[low],
+                                                                                 spec[high]))
     if kind == "zscore" and spec.get("std") is not None:
         std = spec["std"]
         if not all(_is_number(v) and v > 0 for v in (std if isinstance(std, (list, tuple)) else [std])):
@@ -212,6 +225,9 @@ def check_window(window):
     if overlap is not None and not all(_is_number(v) and 0 <= v < 1 for v in (
             overlap if isinstance(overlap, (list, tuple)) else [overlap])):
         raise InputError("window overlap must lie in [0, 1) (a share of the window), got {!r}".format(overlap))
+    batch = window.get("sw_batch_size", 1)
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise InputError("window sw_batch_size must be a whole number of at least 1, got {!r}".format(batch))
 
 
 def parse_labels(labels, where="labels"):
@@ -234,6 +250,10 @@ def parse_labels(labels, where="labels"):
             parsed.append(Label(value, str(item["name"]), color))
         except (KeyError, TypeError, ValueError):
             raise InputError("{}: a label needs a value and a name, got {!r}".format(where, item))
+    values = [label.value for label in parsed]
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise InputError("{}: label value {} is given twice".format(where, ", ".join(map(str, repeated))))
     return parsed
 
 
@@ -494,7 +514,8 @@ class SegmentationModel(torch.nn.Module):
 
     def labels(self, outputs):
         """Labels (names, colours) for outputs of this network."""
-        return self.description.labels_for(label_count(outputs, self.activation))
+        return self.description.labels_for(label_count(outputs, self.activation),
+                                           "classification" if outputs.dim() == 2 else "segmentation")
 
 
 def one_voxel_axis(inputs, name):

@@ -128,6 +128,10 @@ def check_crop(spec):
     if channels is not None and not (isinstance(channels, (list, tuple)) and channels and all(
             isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)):
         raise InputError("crop channels must be a list of channel indices, got {!r}".format(channels))
+    margin = spec.get("margin", 0)
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
+               for m in (margin if isinstance(margin, (list, tuple)) else [margin])):
+        raise InputError("crop margin must be whole voxels of at least 0 (or one per axis), got {!r}".format(margin))
 
 
 def _sizes_ok(value):

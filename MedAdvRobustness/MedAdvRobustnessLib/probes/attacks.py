@@ -274,6 +274,7 @@ class Attack(Probe):
     strength_name: ClassVar[str] = "epsilon"
     strength_label: ClassVar[str] = "epsilon (fraction of intensity range)"
 
+    target_label_alone: ClassVar[bool] = False  # whether target_label without a target mode means something
     seed: int = seed_parameter("seed of random starts and of the permute target")
     target_mode: Optional[str] = parameter(None, str, "targeted attack: target map built from the labels",
                                            choices=TARGET_MODES)
@@ -293,6 +294,11 @@ class Attack(Probe):
             raise InputError("{}: target mode {} needs source_label".format(self.name, self.target_mode))
         if self.target_mode in ("swap", "turn") and self.target_label is None:
             raise InputError("{}: target mode {} needs target_label".format(self.name, self.target_mode))
+        unused = [name for name in ("source_label", "target_label") if getattr(self, name) is not None
+                  and not (name == "target_label" and self.target_label_alone)]
+        if self.target_mode is None and unused:
+            raise InputError("{}: {} applies to a targeted attack; give a target mode too (--target-mode {})".format(
+                self.name, " and ".join(unused), ", ".join(TARGET_MODES)))
 
     @classmethod
     def parameters(cls):

@@ -3,8 +3,10 @@
 DeepFool (Moosavi-Dezfooli et al. 2016) linearises the class scores around the current point and steps, with an
 ``overshoot``, across the nearest linearised decision boundary, until the class flips or ``steps`` iterations are
 done. As every attack it takes epsilon as the largest L-infinity perturbation allowed: the search stops once it
-is passed and the result is projected into it. The perturbation found at the flip (before that cut) is recorded in
-``record.details["minimal_perturbation"]`` (L2 and L-infinity, intensity units; None where nothing flipped).
+is passed and the result is projected into it. What it changes is the network's decision (its clean prediction),
+as the paper defines the minimal perturbation, whatever the true class. The perturbation at the flip is recorded
+in ``record.details["minimal_perturbation"]`` (L2 and L-infinity, intensity units; None where nothing flipped
+within epsilon). The saliency map attack records there the perturbation with which it reached its target.
 """
 import math
 from dataclasses import dataclass
@@ -41,23 +43,28 @@ class DeepFool(Attack):
 
     def run(self, context):
         require_classifier(context)
-        volume, labels = context.volume, context.labels
+        if context.targeted:
+            raise InputError("{} is untargeted (it changes the network's decision to the nearest other class); "
+                             "drop --target-mode, or use jsma for a target class".format(self.name))
+        volume = context.volume
         with torch.no_grad():
-            considered = self._considered(class_scores(context.model(volume), context.activation), labels)
+            clean = class_scores(context.model(volume), context.activation)
+        decision = clean.argmax(dim=1)  # what DeepFool changes: the network's decision, as in the paper
+        considered = self._considered(clean, decision)
         classes = torch.nonzero(considered.any(dim=0)).flatten().tolist()
         context.plan((self.steps + 1) * len(classes))
         point, active = volume.clone(), torch.ones(len(volume), dtype=torch.bool, device=volume.device)
         minimal = [None] * len(volume)
         for iteration in range(self.steps + 1):
             scores, gradients = self._scores_and_gradients(context, point, classes)
-            flipped = scores.argmax(dim=1) != labels
-            for b in torch.nonzero(active & flipped).flatten().tolist():
-                minimal[b] = self._sizes(point[b] - volume[b])
+            flipped = scores.argmax(dim=1) != decision
             over = _norms(point - volume, "linf").flatten() > context.epsilon
+            for b in torch.nonzero(active & flipped & ~over).flatten().tolist():
+                minimal[b] = self._sizes(point[b] - volume[b])
             active = active & ~flipped & ~over
             if iteration == self.steps or not bool(active.any()):
                 break
-            moved = self._step(context, point, scores, gradients, considered)
+            moved = self._step(context, point, scores, gradients, considered, decision)
             point = torch.where(active.view((-1,) + (1,) * (point.dim() - 1)), moved, point)
         context.record.details["minimal_perturbation"] = minimal[0] if len(minimal) == 1 else minimal
         context.record.details["iterations"] = iteration
@@ -85,12 +92,12 @@ class DeepFool(Attack):
             gradients[:, k] = gradient.flatten(start_dim=1)
         return scores, gradients
 
-    def _step(self, context, point, scores, gradients, considered):
+    def _step(self, context, point, scores, gradients, considered, decision):
         """One DeepFool step per volume: towards each considered class, the smallest perturbation (in the attack's
         norm) that reaches ``1 + overshoot`` times the linearised boundary within the intensity bounds (see
         :func:`bounded_linear_step`); the nearest class's is taken. Where no bound is met it is DeepFool's own
         step; plain clipping would shorten the step instead and stall short of the boundary."""
-        batch, own = torch.arange(len(point), device=point.device), context.labels
+        batch, own = torch.arange(len(point), device=point.device), decision
         gaps = (scores - scores[batch, own][:, None]).abs() * (1.0 + self.overshoot)  # (B, K)
         directions = gradients - gradients[batch, own][:, None]  # (B, K, N)
         flat = point.flatten(start_dim=1)[:, None, :].to(directions.dtype)
@@ -154,6 +161,7 @@ class JSMA(Attack):
     summary: ClassVar[str] = ("saliency map attack (JSMA, Papernot et al. 2016): raises the voxel pairs with the "
                               "largest target-class gradient until the target class is predicted; classifiers only")
     tasks: ClassVar[tuple] = ("classification",)
+    target_label_alone: ClassVar[bool] = True  # the target class
 
     theta: float = parameter(0.1, float, "change per chosen voxel, fraction of the intensity range (at most "
                              "epsilon)", minimum=0.0)
@@ -190,6 +198,9 @@ class JSMA(Attack):
             flat[rows, picked] = torch.minimum(flat[rows, picked] + change, ceiling[rows, picked])
             touched[rows, picked] = True
         context.record.details["changed_share"] = (touched.sum(dim=1).double() / original.shape[1]).tolist()
+        reached = (outputs.argmax(dim=1) == target).tolist()
+        minimal = [DeepFool._sizes(flat[b] - original[b]) if hit else None for b, hit in enumerate(reached)]
+        context.record.details["minimal_perturbation"] = minimal[0] if len(minimal) == 1 else minimal
         return project_linf(flat.view_as(context.volume), context.volume, context.epsilon, context.bounds)
 
     def _target(self, context, outputs, known):
