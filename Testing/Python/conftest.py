@@ -1,6 +1,7 @@
 """Shared fixtures: real MRML scenes from slicer-core and the embedded sample; the test process's exit."""
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -177,3 +178,13 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT["status"])
+
+
+def can_mount():
+    """Whether this machine lets an unprivileged user namespace mount a tmpfs (``unshare -rm``)."""
+    try:
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MEDADV
+from conftest import MEDADV, can_mount
 from MedAdvRobustnessLib.sample import SAMPLE_VOLUME
 from MedAdvRobustnessLib.scene.results import OWNER_FILE, StagedOutput
 
@@ -408,16 +408,6 @@ def test_a_grid_mismatch_of_the_same_shape_says_what_differs_and_names_the_regio
                           ["--out", str(out)])
     assert line.startswith("medadv: error: region labels is on another grid"), line
     assert_nothing_left(tmp_path, out)
-
-
-def can_mount():
-    """Whether this machine lets an unprivileged user namespace mount a tmpfs (``unshare -rm``)."""
-    try:
-        done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-                              capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
 
 
 NEEDS_MOUNT = pytest.mark.skipif(not can_mount(), reason="this machine lets no user namespace mount a tmpfs "

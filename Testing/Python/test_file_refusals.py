@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import can_mount
 from MedAdvRobustnessLib import cli
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.scene.results import StagedOutput, write_text_checked
@@ -214,16 +215,6 @@ node.SetAndObserveImageData(image)
 attempt(lambda path: (write_node(node, path), check_written_volume(path)), sys.argv[1] + "/volume.nrrd")
 attempt(lambda path: write_text_checked(path, "x" * 200000), sys.argv[1] + "/notes.txt")
 """
-
-
-def can_mount():
-    """Whether this machine lets an unprivileged user namespace mount a tmpfs (``unshare -rm``)."""
-    try:
-        done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-                              capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
 
 
 @pytest.mark.skipif(not can_mount(), reason="this machine lets no user namespace mount a tmpfs")

@@ -98,12 +98,7 @@ def viewer_url(results_dir, tmp_path_factory):
     """``medadv view`` on a free loopback port. Afterwards it gets Ctrl+C (SIGINT), as a user stops it, and must
     exit by itself with status 0 within a deadline; its whole process group is then ended and checked gone."""
     logs = tmp_path_factory.mktemp("viewer-logs")
-    stdout_path, stderr_path = logs / "stdout.txt", logs / "stderr.txt"
-    command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
-    with open(str(stdout_path), "w") as stdout, open(str(stderr_path), "w") as stderr:
-        server = subprocess.Popen(command + ["view", str(results_dir), "--host", "127.0.0.1", "--port", "0"],
-                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
-                                  preexec_fn=end_with_parent)
+    server, stdout_path, stderr_path = start_viewer(results_dir, logs)
     try:
         url = _wait_for_address(server, stdout_path, stderr_path)
         yield url
@@ -119,6 +114,33 @@ def viewer_url(results_dir, tmp_path_factory):
         end_process_group(server, timeout=SHUTDOWN_TIMEOUT)
         assert time.monotonic() - started < 3 * SHUTDOWN_TIMEOUT
         assert group_alive(server.pid) == [], "processes of the viewer server left behind"
+
+
+def run_probe_on_page(browser, probe, defaults, strengths, shown_key):
+    """Pick ``probe`` in the page's form, wait for its default strengths, give ``strengths``, press run, and wait
+    until the new (second) run is shown at ``shown_key``."""
+    browser.evaluate("window.trame.state.set('new_probe', '{}')".format(probe))
+    browser.wait_for("window.trame.state.get('new_strengths') === '{}'".format(defaults), timeout=RENDER_TIMEOUT,
+                     what="the probe's default strengths")
+    browser.evaluate("window.trame.state.set('new_strengths', '{}')".format(strengths))
+    browser.wait_for("window.trame.state.get('new_strengths') === '{}'".format(strengths), timeout=RENDER_TIMEOUT,
+                     what="the strengths")
+    click(browser, "medadv-run-probe")
+    browser.wait_for("window.trame.state.get('shown_strength_key') === '{}' && "
+                     "(window.trame.state.get('run_items') || []).length === 2".format(shown_key), timeout=300,
+                     what="the new run")
+
+
+def start_viewer(results, logs):
+    """``medadv view RESULTS`` on a free loopback port in a process group of its own, its output in ``logs``:
+    (the process, its stdout path, its stderr path)."""
+    stdout_path, stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+    command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
+    with open(str(stdout_path), "w") as stdout, open(str(stderr_path), "w") as stderr:
+        server = subprocess.Popen(command + ["view", str(results), "--host", "127.0.0.1", "--port", "0"],
+                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
+                                  preexec_fn=end_with_parent)
+    return server, stdout_path, stderr_path
 
 
 def _wait_for_address(server, stdout_path, stderr_path):
@@ -605,14 +627,7 @@ def test_probe_from_the_page_in_headless_chromium(viewer_url, browser):
     browser.wait_for("!!(window.trame && window.trame.state && window.trame.state.get('shown_strength_key'))",
                      timeout=RENDER_TIMEOUT, what="the app's state")
     before = wait_for_views(browser, slices_not_blank, "rendered views")
-    browser.evaluate("window.trame.state.set('new_probe', 'rician_noise')")
-    browser.wait_for("window.trame.state.get('new_strengths') === '1 3 5'", timeout=RENDER_TIMEOUT,
-                     what="the corruption's default severities")
-    browser.evaluate("window.trame.state.set('new_strengths', '4')")
-    browser.wait_for("window.trame.state.get('new_strengths') === '4'", timeout=RENDER_TIMEOUT, what="severities")
-    click(browser, "medadv-run-probe")
-    browser.wait_for("window.trame.state.get('shown_strength_key') === '4' && "
-                     "(window.trame.state.get('run_items') || []).length === 2", timeout=300, what="the new run")
+    run_probe_on_page(browser, "rician_noise", "1 3 5", "4", "4")
     after = wait_for_views(browser, lambda v: v["Attacked"]["digest"] != before["Attacked"]["digest"]
                            and slices_not_blank(v), "the new run's views")
     keep(browser, after, "06-new-probe-rician-noise-4")
@@ -669,12 +684,7 @@ def test_a_classifier_probe_started_on_the_page_joins_the_runs(classifier_result
 @pytest.fixture
 def classifier_viewer_url(classifier_results, tmp_path):
     """``medadv view`` of the classifier's results on a free loopback port; its process group ended afterwards."""
-    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    command = [str(MEDADV)] if MEDADV.is_file() else [sys.executable, "-m", "MedAdvRobustnessLib.cli"]
-    with open(str(stdout_path), "w") as stdout, open(str(stderr_path), "w") as stderr:
-        server = subprocess.Popen(command + ["view", str(classifier_results), "--host", "127.0.0.1", "--port", "0"],
-                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True,
-                                  preexec_fn=end_with_parent)
+    server, stdout_path, stderr_path = start_viewer(classifier_results, tmp_path)
     try:
         yield _wait_for_address(server, stdout_path, stderr_path)
         assert server.poll() is None, "the server died during the test: " + stderr_path.read_text()[-3000:]
@@ -692,14 +702,7 @@ def test_a_classifier_probe_from_the_page_in_headless_chromium(classifier_viewer
     before = browser.wait_for("(() => { const v = %s; return v.Attacked && v; })()" % (VIEWS_JS % "false"),
                               timeout=RENDER_TIMEOUT, what="the attacked view's image")["Attacked"]
     browser.evaluate("window.trame.state.set('new_strengths', 'none yet')")
-    browser.evaluate("window.trame.state.set('new_probe', 'deepfool')")  # the server resets the strengths
-    browser.wait_for("window.trame.state.get('new_strengths') === '0.01 0.02'", timeout=RENDER_TIMEOUT,
-                     what="the attack's default epsilons")
-    browser.evaluate("window.trame.state.set('new_strengths', '0.1')")
-    browser.wait_for("window.trame.state.get('new_strengths') === '0.1'", timeout=RENDER_TIMEOUT, what="epsilons")
-    click(browser, "medadv-run-probe")
-    browser.wait_for("window.trame.state.get('shown_strength_key') === '0_1' && "
-                     "(window.trame.state.get('run_items') || []).length === 2", timeout=300, what="the new run")
+    run_probe_on_page(browser, "deepfool", "0.01 0.02", "0.1", "0_1")  # the server resets the strengths
     caption = "document.querySelector('[data-view=\"Attacked\"]').textContent"
     shown = browser.wait_for("(() => {{ const text = {}; return text.includes('deepfool') && text; }})()".format(
         caption), timeout=RENDER_TIMEOUT, what="the new run's caption")
