@@ -241,3 +241,11 @@ def test_bytes_appended_after_a_whole_nii_gz_are_named_as_such(tmp_path):
     with pytest.raises(InputError, match=r"after its gzip data it holds bytes that are not gzip data") as raised:
         check_volume_file(path)
     assert "\n" not in str(raised.value) and "b'" not in str(raised.value)
+
+
+def test_a_nifti2_file_is_named_as_such(tmp_path):
+    """Slicer's reader cannot read NIfTI-2 ("Could not create IO object"): one line saying what the file is."""
+    path = tmp_path / "two.nii"
+    nib.save(nib.Nifti2Image(np.ones((4, 5, 6), np.float32), np.eye(4)), str(path))
+    with pytest.raises(InputError, match=r"two.nii is a NIfTI-2 file, which Slicer's volume reader cannot read"):
+        check_volume_file(path)

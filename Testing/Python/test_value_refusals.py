@@ -159,3 +159,14 @@ def test_a_network_grid_too_large_for_memory_is_refused_before_running():
     message = str(refused.value)
     assert message.startswith("model tiny: the volume's 10x10x10 voxels become 90001x90001x90001 at the network's "
                               "grid (0.001x0.001x0.001 mm), which need about ") and "\n" not in message
+
+
+@pytest.mark.parametrize("probe, expected", [
+    ({"attack": "cw", "strengths": [0.01]}, "study: unknown attack 'cw'; known attacks: apgd-ce, "),
+    ({"corruption": ["noise"], "severities": [1]}, "study: unknown corruption ['noise']; known corruptions: "),
+])
+def test_a_study_probe_of_unknown_name_is_named_first(probe, expected):
+    from MedAdvRobustnessLib.study.definition import resolve_study
+    with pytest.raises(InputError) as raised:
+        resolve_study({"networks": ["demo-unet"], "cases": ["sample"], "probes": [probe]})
+    assert str(raised.value).startswith(expected), str(raised.value)

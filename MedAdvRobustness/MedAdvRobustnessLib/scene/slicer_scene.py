@@ -181,6 +181,9 @@ def check_nifti_file(path, complete_only=False):
     if stored_header is not None:
         _check_stored_header(path, stored_header)
     image = _load_nifti(path)
+    if type(image).__name__ == "Nifti2Image":
+        raise InputError("{} is a NIfTI-2 file, which Slicer's volume reader cannot read; save it as NIfTI-1 "
+                         "(nibabel: nib.Nifti1Image(image.dataobj, image.affine, image.header))".format(path))
     data_file = Path(image.file_map["image"].filename)
     header_file = Path(image.file_map["header"].filename) if "header" in image.file_map else data_file
     where = path if data_file == path else "{} (data file {})".format(path, data_file)

@@ -176,6 +176,10 @@ def _probe(item, seed):
         raise InputError("study: a probe is {{\"attack\": NAME, \"epsilons\": [...]}} or {{\"corruption\": NAME, "
                          "\"severities\": [...]}}, got {!r}".format(item))
     kind = "attack" if "attack" in item else "corruption"
+    known = ATTACKS if kind == "attack" else CORRUPTIONS
+    if not isinstance(item[kind], str) or item[kind] not in known:
+        raise InputError("study: unknown {} {!r}; known {}s: {}".format(kind, item[kind], kind,
+                                                                       ", ".join(sorted(known))))
     if not isinstance(item.get("params") or {}, dict):
         raise InputError("study: the params of probe {} must be a mapping of parameter names to values, got "
                          "{!r}".format(item[kind], item["params"]))
