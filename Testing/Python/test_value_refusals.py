@@ -170,3 +170,17 @@ def test_a_study_probe_of_unknown_name_is_named_first(probe, expected):
     with pytest.raises(InputError) as raised:
         resolve_study({"networks": ["demo-unet"], "cases": ["sample"], "probes": [probe]})
     assert str(raised.value).startswith(expected), str(raised.value)
+
+
+@pytest.mark.parametrize("architecture, expected", [
+    ({"name": "UNett"}, "architecture: unknown MONAI architecture 'UNett'"),
+    ({"name": "UNet", "args": {"spatial_dims": 3}}, "architecture: cannot build UNet with {'spatial_dims': 3}"),
+])
+def test_an_architecture_that_cannot_be_built_names_model_json(tmp_path, architecture, expected):
+    from MedAdvRobustnessLib import load_model
+    (tmp_path / "model.pt").write_bytes(b"")
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"name": "net", "architecture": architecture, "weights": "model.pt"}))
+    with pytest.raises(InputError) as refused:
+        load_model(str(tmp_path))
+    assert str(refused.value).startswith("{}: {}".format(path, expected)), str(refused.value)

@@ -732,7 +732,11 @@ def _load_described(description_path, trust_checkpoint=False):
     if not weights.is_file():
         raise InputError("weights not found: {} (named by {})".format(weights, description_path))
     if description.architecture:
-        network = network_with_weights(build_network(description.architecture), weights, trust_checkpoint)
+        try:
+            built = build_network(description.architecture)
+        except InputError as error:
+            raise InputError("{}: architecture: {}".format(description_path, error))
+        network = network_with_weights(built, weights, trust_checkpoint)
     else:
         network = _torchscript(weights)
         if network is None:
