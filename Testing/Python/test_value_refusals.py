@@ -65,6 +65,7 @@ def test_argparse_errors_are_one_line_with_status_2(capsys, argv, start, end):
     ({"crop": {"threshold": 0, "margin": -5}}, "crop margin must be whole voxels of at least 0 (or one per axis), "
                                                "got -5"),
     ({"labels": [{"value": 1, "name": "a"}, {"value": 1, "name": "b"}]}, "label value 1 is given twice"),
+    ({"spacing": "NaN"}, "spacing must be three positive numbers (mm along x, y, z), got 'NaN'"),
 ])
 def test_model_json_values_are_refused_naming_field_and_value(tmp_path, fields, expected):
     path = tmp_path / "model.json"

@@ -508,7 +508,8 @@ def default_steps(description):
     if description.crop:
         steps.append({"crop": description.crop})
     if description.spacing:
-        steps.append({"spacing": list(description.spacing), "mode": "bilinear"})
+        spacing = description.spacing
+        steps.append({"spacing": list(spacing) if isinstance(spacing, (list, tuple)) else spacing, "mode": "bilinear"})
     if description.pad_divisible:
         steps.append({"pad_divisible": description.pad_divisible})
     return steps
