@@ -1,6 +1,7 @@
 """Values no run can use are refused with one line (issue 14): argparse errors, model.json fields, study threads,
 attack step sizes, a plain Python pickle given as a model, a network grid too large for memory."""
 import json
+import re
 import pickle
 import warnings
 
@@ -185,3 +186,14 @@ def test_an_architecture_that_cannot_be_built_names_model_json(tmp_path, archite
     with pytest.raises(InputError) as refused:
         load_model(str(tmp_path))
     assert str(refused.value).startswith("{}: {}".format(path, expected)), str(refused.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty; it describes the network as a JSON object"),
+    (b'{"name": "r\xe9seau"}', "it is not UTF-8 text (byte 0xe9 at position 11); save it as UTF-8"),
+])
+def test_an_empty_or_non_utf8_model_json_is_one_clear_line(tmp_path, content, expected):
+    path = tmp_path / "model.json"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(expected)):
+        ModelDescription.from_json(path)

@@ -99,8 +99,18 @@ class ModelDescription:
     @classmethod
     def from_json(cls, path):
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
+            text = Path(path).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise InputError("cannot read {}: it is not UTF-8 text (byte 0x{:02x} at position {}); save it as "
+                             "UTF-8".format(path, error.object[error.start], error.start))
+        except OSError as error:
+            raise InputError("cannot read {}: {}".format(path, error.strerror or error))
+        if not text.strip():
+            raise InputError("{} is empty; it describes the network as a JSON object (see README, model.json)".format(
+                path))
+        try:
+            data = json.loads(text)
+        except ValueError as error:
             raise InputError("cannot read {}: {}".format(path, error))
         return cls.from_dict(data, str(path))
 
