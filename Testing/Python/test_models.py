@@ -102,8 +102,10 @@ def test_architecture_and_state_dict_give_the_networks_predictions(tmp_path, sam
 
 def test_state_dict_that_does_not_fit_the_architecture_is_refused(tmp_path):
     folder = write_model_folder(tmp_path / "folder", UNet(**dict(UNET_ARGS, out_channels=5)))
-    with pytest.raises(InputError, match="do not fit the network"):
+    with pytest.raises(InputError, match="do not fit the network") as refused:
         load_model(folder)
+    message = str(refused.value)  # what differs, in a few words, not torch's list of every tensor
+    assert "of another shape (e.g. " in message and "in the file" in message and len(message) < 400, message
 
 
 def test_monai_bundle_folder_and_zip_give_monai_s_own_outputs_and_label_names(tmp_path, sample):

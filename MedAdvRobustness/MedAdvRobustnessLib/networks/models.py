@@ -730,9 +730,30 @@ def network_with_weights(network, weights_path, trust_checkpoint=False):
     try:
         network.load_state_dict(loaded)
     except RuntimeError as error:
-        raise InputError("the weights in {} do not fit the network: {}".format(
-            weights_path, " ".join(str(error).split())[:400]))
+        raise InputError("the weights in {} do not fit the network of {}: {}".format(
+            weights_path, DESCRIPTION_FILE, state_dict_differences(network.state_dict(), loaded) or
+            " ".join(str(error).split())[:300]))
     return network
+
+
+def state_dict_differences(expected, loaded):
+    """What differs between two state dicts, in a few words: missing, unexpected and reshaped tensors (one example
+    of each)."""
+    if not isinstance(loaded, dict):
+        return ""
+    missing = [key for key in expected if key not in loaded]
+    unexpected = [key for key in loaded if key not in expected]
+    reshaped = [key for key in expected if key in loaded and hasattr(loaded[key], "shape")
+                and tuple(loaded[key].shape) != tuple(expected[key].shape)]
+    parts = []
+    for keys, what in ((missing, "missing"), (unexpected, "not in the network")):
+        if keys:
+            parts.append("{} tensor(s) {} (e.g. {})".format(len(keys), what, keys[0]))
+    if reshaped:
+        key = reshaped[0]
+        parts.append("{} of another shape (e.g. {}: {} in the file, {} in the network)".format(
+            len(reshaped), key, tuple(loaded[key].shape), tuple(expected[key].shape)))
+    return "; ".join(parts)
 
 
 def _load_described(description_path, trust_checkpoint=False):
