@@ -128,12 +128,17 @@ def _ignore_further_stops():
     """Once stopping: a second Ctrl-C, SIGTERM or SIGHUP does not interrupt the clean-up of the first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for name in ("SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class HungUp(Terminated):
     """SIGHUP: the terminal went away."""
+
+
+class Quit(Terminated):
+    """SIGQUIT: Ctrl-\\ in the terminal."""
 
 
 def _hang_up(signum, frame):
@@ -141,11 +146,18 @@ def _hang_up(signum, frame):
     raise HungUp()
 
 
+def _quit(signum, frame):
+    _ignore_further_stops()
+    raise Quit()
+
+
 def main(argv=None):
     signal.signal(signal.SIGINT, _interrupt)  # from the start: a Ctrl-C while VTK and torch import is one line too
     signal.signal(signal.SIGTERM, _terminate)
     if hasattr(signal, "SIGHUP"):  # the terminal closed (a dropped ssh session): clean up as on SIGTERM
         signal.signal(signal.SIGHUP, _hang_up)
+    if hasattr(signal, "SIGQUIT"):  # Ctrl-\: stop and clean up as on Ctrl-C
+        signal.signal(signal.SIGQUIT, _quit)
     args = None
     try:
         parser = build_parser()
@@ -159,6 +171,8 @@ def main(argv=None):
         return _error("interrupted (Ctrl-C); " + _what_is_kept(args), 130, "medadv: ")
     except HungUp:
         return _error("the terminal hung up (SIGHUP); " + _what_is_kept(args), 129, "medadv: ")
+    except Quit:
+        return _error("quit (SIGQUIT, Ctrl-\\); " + _what_is_kept(args), 131, "medadv: ")
     except Terminated:
         return _error("terminated (SIGTERM); " + _what_is_kept(args), 143, "medadv: ")
     except BrokenPipeError:  # the reader of the output went away (`medadv attacks | head`): stop quietly

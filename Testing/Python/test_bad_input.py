@@ -227,7 +227,8 @@ def wait_for_staging(tmp_path, process, timeout=120):
 
 @pytest.mark.parametrize("signal_number, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                          (signal.SIGTERM, 143, "terminated"),
-                                                         (signal.SIGHUP, 129, "the terminal hung up")])
+                                                         (signal.SIGHUP, 129, "the terminal hung up"),
+                                                         (signal.SIGQUIT, 131, "quit (SIGQUIT")])
 def test_ctrl_c_and_sigterm_end_in_one_line_and_leave_nothing(tmp_path, signal_number, status, word):
     out = tmp_path / "results"
     process = start_demo(tmp_path, out)
