@@ -10,13 +10,16 @@ Each runs in its own subprocess, so its peak memory (``ru_maxrss``) is its own. 
 FGSM-style gradient step each: nnU-Net's whole pipeline forward, the gradient tile by tile, the step, the
 projection), then the floor: one forward + backward of the network on every tile, one tile at a time, without
 the preprocessing or the aggregation (plain autograd through all tiles at once does not fit in memory on the CT).
-Prints seconds per iteration, the ratio to the floor, and the peak memory of the iterations.
+Iterations and floors alternate (medians; the ratio is the median of each round's). Prints seconds per iteration,
+the ratio to the floor, the peak memory and the load average at the end.
 
-    python benchmarks/nnunet_attack.py [--cases brain ct] [--mirroring] [--iterations 2]
+    python benchmarks/nnunet_attack.py [--cases brain ct] [--mirroring] [--iterations 3]
 """
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +34,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--mirroring", action="store_true", help="test-time mirroring (8 passes per tile)")
-    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -66,18 +69,20 @@ def child(case, mirroring, iterations):
 
     with model.on_grid(volume):
         with torch.no_grad():
-            _, plan = model.prepare(x)
-        model.gradient_mode = "windowed"  # the attack first: ru_maxrss only grows
-        times, probed = [], x.clone()
-        for _ in range(iterations):
+            network_input, plan = model.prepare(x)
+        model.gradient_mode = "windowed"
+        times, floors, probed = [], [], x.clone()
+        for _ in range(iterations):  # alternating, so that a change of the machine's load hits both alike
             start = time.perf_counter()
             _, gradient, _ = model.loss_and_gradient(probed, loss)
             probed = torch.max(torch.min(probed + epsilon * gradient.sign(), x + epsilon), x - epsilon)
             times.append(time.perf_counter() - start)
+            floors.append(tile_floor(model, network_input))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-        floor = tile_floor(model, model.prepare(x)[0].detach())
     print(json.dumps({"case": case, "voxels": int(x.numel()), "network_size": list(plan["network_size"]),
-                      "floor_s": floor, "iteration_s": min(times), "peak_gib": peak}))
+                      "floor_s": statistics.median(floors), "iteration_s": statistics.median(times),
+                      "ratio": statistics.median(t / f for t, f in zip(times, floors)), "peak_gib": peak,
+                      "load": os.getloadavg()[0]}))
 
 
 def tile_floor(model, inputs):
@@ -100,8 +105,8 @@ def main(argv=None):
     if args.child:
         return child(args.child, args.mirroring, args.iterations)
     print("nnU-Net model {} (fold 0, mirroring {})".format(MODEL.parent.name, "on" if args.mirroring else "off"))
-    print("{:<7} {:>12} {:>16} {:>10} {:>12} {:>8} {:>10}".format(
-        "case", "voxels", "network grid", "floor s", "iteration s", "ratio", "peak GiB"))
+    print("{:<7} {:>12} {:>16} {:>10} {:>12} {:>8} {:>10} {:>6}".format(
+        "case", "voxels", "network grid", "floor s", "iteration s", "ratio", "peak GiB", "load"))
     for case in args.cases:
         command = [sys.executable, __file__, "--child", case, "--iterations", str(args.iterations)]
         command += ["--mirroring"] if args.mirroring else []
@@ -110,9 +115,9 @@ def main(argv=None):
             print("{}: exit status {} {}".format(case, done.returncode, done.stderr[-2000:]), file=sys.stderr)
             return 1
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        print("{:<7} {:>12,} {:>16} {:>10.1f} {:>12.1f} {:>8.2f} {:>10.2f}".format(
+        print("{:<7} {:>12,} {:>16} {:>10.1f} {:>12.1f} {:>8.2f} {:>10.2f} {:>6.1f}".format(
             row["case"], row["voxels"], "x".join(str(n) for n in row["network_size"]), row["floor_s"],
-            row["iteration_s"], row["iteration_s"] / row["floor_s"], row["peak_gib"]))
+            row["iteration_s"], row["ratio"], row["peak_gib"], row["load"]), flush=True)
     return 0
 
 
