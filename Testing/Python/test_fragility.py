@@ -37,6 +37,13 @@ def demo_sweep():
     return model, result, reference
 
 
+def test_the_sweep_makes_no_network_pass_beyond_the_attack_and_the_predictions(demo_sweep):
+    """The whole sweep, map and rankings included, runs the network once on the clean volume and, per strength,
+    once for FGSM's gradient and once for the prediction of the attacked volume: nothing for the fragility."""
+    model, _, _ = demo_sweep
+    assert model.network.calls == 1 + 2 * len(EPSILONS)
+
+
 def test_the_map_is_the_first_strength_at_which_each_voxel_changes(demo_sweep):
     model, result, _ = demo_sweep
     calls = model.network.calls
