@@ -225,8 +225,6 @@ def _load_nifti(path):
         if decompressed:
             raise InputError("{} is truncated: its gzip data end early, after {:,} decompressed bytes".format(
                 path, decompressed))
-        if path.name.lower().endswith(".gz"):
-            _stored_bytes(path, 0)  # damaged gzip data: that is the reason (nibabel cannot tell its file type)
         raise InputError("{} is not a readable {} ({})".format(path, kind, str(error).splitlines()[0]))
 
 
@@ -629,12 +627,6 @@ def _stored_bytes(path, wanted):
         return path.stat().st_size, True
     try:
         count, whole = _gzip_size(path)
-    except gzip.BadGzipFile as error:
-        if str(error).startswith("Not a gzipped file"):  # after a whole member: bytes that start no other member
-            raise InputError("{} is damaged: after its gzip data it holds bytes that are not gzip data (appended to "
-                             "or overwritten); save the volume again".format(path))
-        raise InputError("{} is damaged: its gzip data fails gzip's own check ({}); Slicer's reader would read "
-                         "another image".format(path, error))
     except (OSError, zlib.error) as error:  # corrupt data, or a CRC or length that does not match
         raise InputError("{} is damaged: its gzip data fails gzip's own check ({}); Slicer's reader would read "
                          "another image".format(path, error))
