@@ -21,6 +21,12 @@ from .parameters import parameter
 _TINY = 1e-12
 
 
+def perturbation_sizes(delta):
+    """L2 and L-infinity size of one perturbation (intensity units)."""
+    flat = delta.double().flatten()
+    return {"l2": float(torch.linalg.vector_norm(flat)), "linf": float(flat.abs().max())}
+
+
 def require_classifier(context):
     """InputError unless the attacked network is a classifier (one class per volume)."""
     if context.labels.dim() != 1:
@@ -60,7 +66,7 @@ class DeepFool(Attack):
             flipped = scores.argmax(dim=1) != decision
             over = _norms(point - volume, "linf").flatten() > context.epsilon
             for b in torch.nonzero(active & flipped & ~over).flatten().tolist():
-                minimal[b] = self._sizes(point[b] - volume[b])
+                minimal[b] = perturbation_sizes(point[b] - volume[b])
             active = active & ~flipped & ~over
             if iteration == self.steps or not bool(active.any()):
                 break
@@ -112,10 +118,6 @@ class DeepFool(Attack):
         moved = point + deltas[batch, nearest].view_as(point).to(point.dtype)
         return moved.clamp(*context.bounds).detach()
 
-    @staticmethod
-    def _sizes(delta):
-        flat = delta.double().flatten()
-        return {"l2": float(torch.linalg.vector_norm(flat)), "linf": float(flat.abs().max())}
 
 
 def bounded_linear_step(directions, gaps, point, bounds, distance):
@@ -199,7 +201,7 @@ class JSMA(Attack):
             touched[rows, picked] = True
         context.record.details["changed_share"] = (touched.sum(dim=1).double() / original.shape[1]).tolist()
         reached = (outputs.argmax(dim=1) == target).tolist()
-        minimal = [DeepFool._sizes(flat[b] - original[b]) if hit else None for b, hit in enumerate(reached)]
+        minimal = [perturbation_sizes(flat[b] - original[b]) if hit else None for b, hit in enumerate(reached)]
         context.record.details["minimal_perturbation"] = minimal[0] if len(minimal) == 1 else minimal
         return project_linf(flat.view_as(context.volume), context.volume, context.epsilon, context.bounds)
 
