@@ -4,11 +4,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from slicer import util
 
 from MedAdvRobustnessLib import Volume, load_model, make_probe, run_sweep
-from MedAdvRobustnessLib.evaluation.fragility import (auroc, critical_strength, fragility_map, fragility_summary,
-                                                      instability_map, largest_cluster_centre, middle_strength,
-                                                      structure_rows, top_error_fraction, unstable_labels)
+from MedAdvRobustnessLib.evaluation.fragility import (auroc, boundary_distance, critical_strength, fragility_map,
+                                                      fragility_summary, instability_map, largest_cluster_centre,
+                                                      middle_strength, ranking_summary, structure_rows,
+                                                      top_error_fraction, unstable_labels)
 from MedAdvRobustnessLib.sample import SAMPLE_LABELS, SAMPLE_VOLUME
 
 EPSILONS = [0.005, 0.01, 0.02]
@@ -113,6 +115,27 @@ def test_auroc_and_top_fractions_equal_their_definitions():
     assert auroc(score, np.zeros(6, bool)) is None
 
 
+def test_ranking_on_a_tiny_case_equals_a_hand_computation():
+    """Eight voxels along the third axis (2 mm apart): which voxels are scored, 1 / strength, the boundary sign."""
+    clean = np.array([0, 1, 1, 1, 2, 2, 0, 0]).reshape(1, 1, 8)
+    reference = np.array([1, 1, 1, 2, 2, 2, 0, 0]).reshape(1, 1, 8)  # errors at 0 and 3; 6 and 7 not scored
+    fragility = np.array([0.02, 0, 0.04, 0.01, 0, 0.02, 0.01, 0], np.float32).reshape(1, 1, 8)
+    entropy = np.array([0.3, 0.1, 0.2, 0.9, 0.2, 0.1, 0.9, 0.9], np.float32).reshape(1, 1, 8)
+    summary = ranking_summary(clean, entropy, (5.0, 7.0, 2.0), fragility, reference)
+    assert (summary["voxels"], summary["errors"]) == (6, 2) and summary["error_fraction"] == pytest.approx(1 / 3)
+    scores = summary["scores"]
+    # fragility 1/s on the scored voxels: errors 50, 100; the rest 0, 25, 0, 50 (one tie): (3.5 + 4) / 8 pairs
+    assert scores["fragility"]["auroc"] == pytest.approx(7.5 / 8)
+    assert scores["fragility"]["error_fraction_top_1%"] == 1.0  # the top voxel (100) is an error
+    assert scores["entropy"]["auroc"] == 1.0
+    # boundary voxels (a 6-neighbour of another label): 0, 1, 3, 4, 5; voxel 2 lies 2 mm from one; the closer,
+    # the higher: errors 0, 0 against 0, -2, 0, 0: (2.5 + 2.5) / 8; the top voxel is one of five tied at 0,
+    # two of them errors
+    assert scores["boundary"]["auroc"] == pytest.approx(5 / 8)
+    assert scores["boundary"]["error_fraction_top_1%"] == pytest.approx(2 / 5)
+    assert boundary_distance(clean, (5.0, 7.0, 2.0)).ravel().tolist() == [0, 0, 2, 0, 0, 0, 0, 2]
+
+
 def test_fragility_is_scored_against_the_errors_with_entropy_and_boundary_baselines(demo_sweep):
     model, result, reference = demo_sweep
     calls = model.network.calls
@@ -168,3 +191,23 @@ def test_fragility_files_and_nodes(demo_sweep, tmp_path):
     corners = [result.volume.affine @ np.array([0, 0, 0, 1.0]),
                result.volume.affine @ np.append(np.array(result.volume.array.shape) - 1.0, 1.0)]
     assert all(min(a, b) <= f <= max(a, b) for f, a, b in zip(nodes["focus"], corners[0], corners[1]))
+
+    # saved as a .mrb and read back: the same map, colours, threshold, table and unstable segments
+    scene.write_mrb(tmp_path / "fragility.mrb")
+    loaded = SlicerScene.read_mrb(tmp_path / "fragility.mrb").scene
+    node = loaded.GetFirstNodeByName("sample fragility fgsm")
+    assert np.array_equal(util.arrayFromVolume(node), util.arrayFromVolume(volume_node))
+    shown = node.GetDisplayNode()
+    assert shown.GetApplyThreshold() and shown.GetLowerThreshold() == display.GetLowerThreshold()
+    assert not shown.GetInterpolate() and shown.GetWindowLevelMax() == display.GetWindowLevelMax()
+    table = shown.GetColorNode()
+    assert table.GetName() == colors.GetName() and table.GetNumberOfColors() == colors.GetNumberOfColors()
+    for index in range(colors.GetNumberOfColors()):
+        before, after = [0.0] * 4, [0.0] * 4
+        colors.GetColor(index, before)
+        table.GetColor(index, after)
+        assert table.GetColorName(index) == colors.GetColorName(index)
+        np.testing.assert_allclose(after, before, atol=1e-6)
+    assert loaded.GetFirstNodeByName(nodes["structures"].GetName()).GetNumberOfRows() == 3
+    reloaded = loaded.GetFirstNodeByName("sample unstable at <= 0.01 fgsm").GetSegmentation()
+    assert reloaded.GetNumberOfSegments() == segmentation.GetNumberOfSegments()
