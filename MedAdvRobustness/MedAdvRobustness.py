@@ -69,6 +69,8 @@ adversarial attack (FGSM, PGD, SegPGD, CosPGD, APGD, DAG; DeepFool and JSMA for 
 an MRI corruption at several severities, and adds to a new folder of the scene the perturbed volumes, the
 perturbations, the clean and attacked segmentations, a metrics table and the Dice curve (for a classifier: the
 saliency map, the predicted class per strength and the confidence curve; the status names the class).
+Compare networks runs the selected probe and further ones, once per seed, on several networks and volumes: a
+summary table, a Dice chart per probe and an instability map per network and volume combining the probes.
 See the <a href="https://github.com/medadvrobustness/SlicerMedAdvRobustness">project page</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -108,6 +110,8 @@ class MedAdvRobustnessParameterNode:
     regionSegmentation, regionSegmentId - optional segment that bounds the perturbation (or the corruption).
     compareNetworks - the checked networks of "Compare networks" (comma-separated). Its volumes are node references
     under the role ``compareVolumes``, kept by the widget (the wrapper has no list-of-nodes widget binding).
+    compareProbes - further probes compared besides the selected one (comma-separated); compareSeeds - the seeds
+    each compared probe runs with ("0 1 2"; empty: its own seed).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -129,6 +133,8 @@ class MedAdvRobustnessParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "cpu"
     compareNetworks: str = "demo-unet-short, demo-segresnet, demo-slicewise2d"
     compareFolder: str = ""
+    compareProbes: str = ""
+    compareSeeds: str = ""
 
 
 #
@@ -746,8 +752,9 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
             unstableDisplay.SetVisibility2DFill(False)
             unstableDisplay.SetViewNodeIDs([layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode().GetID()])
         if nodes.get("focus") is not None:
-            for viewName in (CLEAN_VIEW, ATTACKED_VIEW):
-                layoutManager.sliceWidget(viewName).mrmlSliceNode().JumpSliceByCentering(*nodes["focus"])
+            from MedAdvRobustnessLib.scene.layouts import jump_slices_to
+
+            jump_slices_to(slicer.mrmlScene, nodes["focus"], (CLEAN_VIEW, ATTACKED_VIEW))
         MedAdvRobustnessLogic._showChartAndTable(layoutManager, nodes)
 
     @staticmethod

@@ -145,6 +145,13 @@ def test_cancelled_comparison_adds_nothing(scene_with_two_volumes, tmp_path):
     ({"compareNetworks": " , "}, "at least one network"),
     ({"compareNetworks": "demo-unet-short, demo-unet-short"}, "listed twice"),
     ({"epsilons": "0.02 x"}, "epsilons must be numbers"),
+    ({"compareProbes": "pgd, no-such"}, "compare probes: unknown probe no-such; known probes: apgd-ce, "),
+    ({"compareProbes": "pgd,\n pgd"}, "compare probes: pgd is listed twice"),
+    ({"compareProbes": "fgsm"}, "compare probes: fgsm is the selected probe"),
+    ({"compareSeeds": "0 x"}, "compare seeds: expected whole numbers"),
+    ({"compareSeeds": "-1"}, "compare seeds: expected whole numbers"),
+    ({"compareSeeds": "1, 1"}, "compare seeds: seed 1 is listed twice"),
+    ({"compareProbes": "smoothing", "severities": "9"}, "severit"),
 ])
 def test_bad_comparison_settings_are_refused_before_anything_runs(scene_with_two_volumes, tmp_path, changes,
                                                                    message):
@@ -154,6 +161,79 @@ def test_bad_comparison_settings_are_refused_before_anything_runs(scene_with_two
     with pytest.raises(InputError, match=message):
         module_compare.CompareRun(slicer_scene, settings)
     assert node_ids(slicer_scene.scene) == before
+
+
+def test_further_probes_and_seeds_make_the_study_probes():
+    """Each probe with its own stored parameters (an attack at the epsilons, a corruption at the severities), once
+    per seed, the seed overriding a stored one."""
+    settings = module_logic.ProbeSettings(probe="fgsm", compareProbes="pgd,\nsmoothing", compareSeeds="0 1",
+                                          probeParameters='{"pgd": {"steps": "2"}, "smoothing": {"seed": "9"}}',
+                                          epsilons="0.01 0.02", severities="2 4")
+    probes = module_compare.bench_probes(settings)
+    assert [(probe["name"], probe.get("attack") or probe["corruption"]) for probe in probes] == [
+        ("fgsm seed 0", "fgsm"), ("fgsm seed 1", "fgsm"), ("pgd seed 0", "pgd"), ("pgd seed 1", "pgd"),
+        ("smoothing seed 0", "smoothing"), ("smoothing seed 1", "smoothing")]
+    assert [probe["params"] for probe in probes] == [{"seed": 0}, {"seed": 1}, {"steps": "2", "seed": 0},
+                                                     {"steps": "2", "seed": 1}, {"seed": 0}, {"seed": 1}]
+    assert [probe.get("epsilons") or probe.get("severities") for probe in probes] == [[0.01, 0.02]] * 4 + [[2, 4]] * 2
+    settings.compareSeeds = ""  # no seeds: each probe once, as it is
+    assert module_compare.bench_probes(settings) == [
+        {"attack": "fgsm", "epsilons": [0.01, 0.02], "params": {}},
+        {"attack": "pgd", "epsilons": [0.01, 0.02], "params": {"steps": "2"}},
+        {"corruption": "smoothing", "severities": [2, 4], "params": {"seed": "9"}}]
+    assert module_compare.probe_label(probes) == "fgsm, pgd, smoothing"
+
+
+def sample_crop(slicer_scene):
+    """A 40x48x40 crop of the sample (the middle of the brain) as a volume node."""
+    import nibabel as nib
+    from MedAdvRobustnessLib.networks.volume import Volume
+    image = nib.load(str(SAMPLE_VOLUME))
+    start = np.array([20, 24, 20])
+    affine = image.affine.copy()
+    affine[:3, 3] += image.affine[:3, :3] @ start
+    array = np.asarray(image.dataobj, dtype=np.float32)[20:60, 24:72, 20:60]
+    volume = Volume.from_array(array, affine, name="crop")
+    return add_volume_node(slicer_scene.scene, volume.array, volume, "crop")
+
+
+def test_comparison_combines_further_probes_and_seeds_into_the_instability_map(tmp_path):
+    """FGSM and a 1-step PGD, seeds 0 and 1, at two epsilons on a crop of the sample: four study probes; the
+    instability node is, per voxel, the fraction of the four fragility maps the study wrote that changed at or
+    below the middle epsilon."""
+    import json
+    import nibabel as nib
+    slicer_scene = SlicerScene.standalone()
+    crop = sample_crop(slicer_scene)
+    settings = settings_for([crop], tmp_path, compareNetworks="demo-unet-short", compareProbes="pgd",
+                            compareSeeds="0 1", probeParameters='{"pgd": {"steps": "1"}}', epsilons="0.01 0.02")
+    run, _ = compare_as_widget(slicer_scene, settings)
+    nodes = run.finish()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer_scene.scene)
+    assert hierarchy.GetItemName(nodes["folder"]).startswith("compare networks fgsm, pgd")
+    with open(str(tmp_path / "study.json")) as stream:
+        probes = json.load(stream)["study"]["probes"]
+    assert [(p["name"], p["probe"], p["params"]) for p in probes] == [
+        ("fgsm seed 0", "fgsm", {"seed": 0}), ("fgsm seed 1", "fgsm", {"seed": 1}),
+        ("pgd seed 0", "pgd", {"steps": "1", "seed": 0}), ("pgd seed 1", "pgd", {"steps": "1", "seed": 1})]
+    assert nodes["computed"] == 8  # 4 probes x 2 epsilons
+    assert [chart.GetName() for chart in nodes["charts"]] == ["bench {} Dice".format(p["name"]) for p in probes]
+    summary = table_rows(nodes["summary"])
+    assert [row["probe"] for row in summary] == [p["name"] for p in probes] + ["overall"]
+    middle = 0.01  # of the epsilons 0.01 0.02
+    changed, later = [], 0
+    for probe in probes:
+        path = tmp_path / "fragility" / "demo-unet-short__crop__{}.nii.gz".format(probe["name"].replace(" ", "_"))
+        fragility = np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0)  # IJK -> Slicer's KJI
+        changed.append((fragility > 0) & (fragility <= middle * (1 + 1e-6)))
+        later += np.count_nonzero(fragility > middle * (1 + 1e-6))
+    expected = np.mean(changed, axis=0)
+    (key, node), = nodes["instability"].items()
+    assert key == ("demo-unet-short", "crop")
+    shown = util.arrayFromVolume(node)
+    np.testing.assert_allclose(shown, expected, atol=1e-6)
+    assert later > 0  # voxels changed only at 0.02 exist, and count as stable
+    assert 0 < np.count_nonzero((shown > 0) & (shown < 1))  # the probes disagree somewhere: a combination
 
 
 def test_unknown_network_fails_with_its_name_and_adds_nothing(scene_with_two_volumes, tmp_path):
@@ -199,7 +279,7 @@ def test_networks_and_cases_that_read_alike_stay_apart(tmp_path):
     volume, labels = heldout_volume(1)
     cases = [module_compare.CompareCase(dataclasses.replace(volume, name=name, array=volume.array + offset),
                                         labels, None) for offset, name in ((0, "a b"), (1, "a_b"), (2, "a b"))]
-    inputs = module_compare.CompareInputs(cases, networks, {}, "")
+    inputs = module_compare.CompareInputs(cases, networks, [], "")
     written = module_compare.write_cases(inputs, tmp_path)
     assert [case["name"] for case in written] == ["a b", "a_b", "a b (2)"]
     assert len({case["volume"] for case in written} | {case["reference"] for case in written}) == 6

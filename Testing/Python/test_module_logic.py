@@ -116,6 +116,50 @@ def test_run_results_are_within_budget_and_carry_the_network_labels(scene_with_s
     assert nodes["focus"] is not None
 
 
+def test_slices_jump_to_the_largest_unstable_cluster(scene_with_sample, first_run):
+    """The comparison views (slice nodes with Slicer's layout names) are centred on the run's focus, which is the
+    RAS centre of mass of the largest 26-connected cluster of the unstable segmentation's voxels."""
+    from scipy import ndimage
+    from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW, jump_slices_to
+    slicer_scene, volume, _ = scene_with_sample
+    scene = slicer_scene.scene
+    nodes = first_run[0]
+    views = {}
+    for name in ("Red", CLEAN_VIEW, ATTACKED_VIEW):  # as the layout manager makes them
+        node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        node.UnRegister(None)
+        node.SetLayoutName(name)
+        node.SetSingletonTag(name)
+        node.SetOrientationToAxial()
+        views[name] = scene.AddNode(node)
+    label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "unstable voxels")
+    try:
+        assert slicer_scene.segmentations_logic.ExportAllSegmentsToLabelmapNode(nodes["unstable"], label_map)
+        unstable = util.arrayFromVolume(label_map) != 0  # (k, j, i)
+        components, count = ndimage.label(unstable, structure=np.ones((3, 3, 3), dtype=bool))
+        largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+        k, j, i = ndimage.center_of_mass(components == largest)
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        label_map.GetIJKToRASMatrix(ijk_to_ras)
+        centre = util.arrayFromVTKMatrix(ijk_to_ras) @ np.array([i, j, k, 1.0])
+    finally:
+        scene.RemoveNode(label_map)
+    assert count > 1  # several clusters: the largest one is chosen
+    np.testing.assert_allclose(nodes["focus"], centre[:3], atol=1e-3)
+    red_before = util.arrayFromVTKMatrix(views["Red"].GetSliceToRAS()).copy()
+    assert np.linalg.norm(red_before[:3, 3] - centre[:3]) > 1  # the views start elsewhere
+    moved = jump_slices_to(scene, nodes["focus"], (CLEAN_VIEW, ATTACKED_VIEW, "NoSuchView"))
+    try:
+        assert moved == [views[CLEAN_VIEW], views[ATTACKED_VIEW]]
+        for name in (CLEAN_VIEW, ATTACKED_VIEW):
+            np.testing.assert_allclose(util.arrayFromVTKMatrix(views[name].GetSliceToRAS())[:3, 3], centre[:3],
+                                       atol=1e-3)
+        np.testing.assert_array_equal(util.arrayFromVTKMatrix(views["Red"].GetSliceToRAS()), red_before)
+    finally:
+        for node in views.values():
+            scene.RemoveNode(node)
+
+
 def test_run_reports_progress_per_iteration(first_run):
     _, messages, _, _ = first_run
     texts = [message for _, message in messages]
@@ -203,7 +247,8 @@ def test_settings_survive_a_saved_scene(tmp_path, slicer_scene, sample_nodes):
         networkKind="torchscript", networkPath="/models/net.ts", outputActivation="softmax", trustCheckpoint=True,
         probe="dag", probeParameters='{"dag": {"gamma": "0.25"}}', epsilons="0.01:0.04:4", severities="2 4",
         regionSegmentation=tissue, regionSegmentId=segment_id(tissue, "white matter"), device="cuda",
-        compareVolumes=[volume], compareNetworks="demo-unet, /models/mine", compareFolder="/studies/one")
+        compareVolumes=[volume], compareNetworks="demo-unet, /models/mine", compareFolder="/studies/one",
+        compareProbes="pgd, smoothing", compareSeeds="0 1 2")
     module_logic.write_settings(module_logic.parameter_node(slicer_scene.scene), settings)
     slicer_scene.write_mrb(tmp_path / "scene.mrb")
 

@@ -1,9 +1,10 @@
-"""The module's "compare networks" section: the selected probe, several networks, the volumes checked in the scene.
+"""The module's "compare networks" section: the selected probe (and further ones, each once per seed), several
+networks, the volumes checked in the scene.
 
 It is ``medadv bench`` driven from the scene: the checked volumes (with their references) are written as bench
 cases into the study folder, the study runs cell by cell in a worker process (progress, cancel), and its summary
 table and Dice curves land in the scene as table and chart nodes, with each network's instability map on each
-volume, all in one new folder. The study folder keeps the cells, ``results.csv``, ``summary.csv``, the fragility
+volume (combining every probe), all in one new folder. The study folder keeps the cells, ``results.csv``, ``summary.csv``, the fragility
 (``fragility.csv``, ``fragility/``, ``instability/``), the figures and ``report.html``: run again with the same
 folder and only the missing cells are computed.
 """
@@ -20,7 +21,7 @@ import slicer
 
 from ..study.cases import REFERENCE_MARKERS, is_class_case
 from ..errors import InputError
-from ..probes.registry import is_corruption
+from ..probes.registry import is_corruption, probe_names, probe_parameters
 from .logic import (WorkerRun, add_nodes_in_folder, numbered, probe_from_settings, read_settings, true_class,
                     reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
 from ..scene.nodes import labels_from_node, volume_from_node
@@ -39,7 +40,7 @@ class CompareCase:
 class CompareInputs:
     cases: list
     networks: list  # {"name", "source"}: a built-in name or a model path
-    probe: dict  # a bench probe: {"attack": NAME, "epsilons": [...], "params": {...}} or a corruption
+    probes: list  # bench probes: {"attack": NAME, "epsilons": [...], "params": {...}, "name"?} or corruptions
     folder: str
     true_class: Optional[int] = None  # classifiers: the class of every checked image (Inputs: true class)
 
@@ -55,13 +56,73 @@ def network_list(text):
     return networks
 
 
-def bench_probe(settings):
-    """The selected probe, its parameters and strengths as a bench study probe (checked like a single run)."""
-    _, strengths = probe_from_settings(settings)
-    params = stored_probe_parameters(settings)
-    if is_corruption(settings.probe):
-        return {"corruption": settings.probe, "severities": strengths, "params": params}
-    return {"attack": settings.probe, "epsilons": strengths, "params": params}
+def bench_probe(settings, name=None):
+    """The probe ``name`` (default: the selected one), its stored parameters and the epsilons or severities of the
+    settings as a bench study probe (checked like a single run)."""
+    name = name or settings.probe
+    _, strengths = probe_from_settings(settings, name)
+    params = stored_probe_parameters(settings, name)
+    if is_corruption(name):
+        return {"corruption": name, "severities": strengths, "params": params}
+    return {"attack": name, "epsilons": strengths, "params": params}
+
+
+def bench_probes(settings):
+    """The study probes of the comparison: the selected probe, then those of ``compareProbes``, each once per seed
+    of ``compareSeeds``."""
+    seeds = seed_list(settings.compareSeeds)
+    names = [settings.probe] + compare_probe_names(settings.compareProbes, settings.probe)
+    return [seeded for name in names for seeded in seeded_probes(bench_probe(settings, name), seeds)]
+
+
+def compare_probe_names(text, selected):
+    """The further probes to compare (comma or new line separated): known, each once, not the selected one."""
+    names = [item.strip() for item in re.split(r"[,\n]+", str(text)) if item.strip()]
+    known = probe_names()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InputError("compare probes: unknown probe {}; known probes: {}".format(", ".join(unknown),
+                                                                                    ", ".join(known)))
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError("compare probes: {} is listed twice".format(", ".join(repeated)))
+    if selected in names:
+        raise InputError("compare probes: {} is the selected probe, which runs anyway; list only further probes"
+                         .format(selected))
+    return names
+
+
+def seed_list(text):
+    """The seeds of the comparison (whole numbers separated by spaces or commas; empty: none)."""
+    items = [item for item in re.split(r"[\s,;]+", str(text).strip()) if item]
+    if not all(re.fullmatch(r"\+?\d+", item) for item in items):
+        raise InputError("compare seeds: expected whole numbers separated by spaces or commas (0 1 2), got {!r}"
+                         .format(str(text)))
+    seeds = [int(item) for item in items]
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise InputError("compare seeds: seed {} is listed twice".format(", ".join(str(s) for s in repeated)))
+    return seeds
+
+
+def seeded_probes(probe, seeds):
+    """The study probe once per seed, named ``<probe> seed <N>`` with the parameter seed N; once as it is without
+    seeds or when the probe has no seed parameter."""
+    name = probe.get("attack") or probe["corruption"]
+    if not seeds or "seed" not in {parameter.name for parameter in probe_parameters(name)}:
+        return [probe]
+    return [dict(probe, name="{} seed {}".format(name, seed), params=dict(probe["params"], seed=seed))
+            for seed in seeds]
+
+
+def probe_label(probes):
+    """The probes' names without their seeds (``fgsm, smoothing``), as the result folder is named."""
+    names = []
+    for probe in probes:
+        name = probe.get("attack") or probe["corruption"]
+        if name not in names:
+            names.append(name)
+    return ", ".join(names)
 
 
 def reference_node_of(scene, settings, volume_node):
@@ -103,9 +164,9 @@ def read_compare_inputs(slicer_scene, settings):
     if not volume_nodes:
         raise InputError("check at least one volume to compare the networks on")
     networks = study_networks(network_list(settings.compareNetworks))
-    probe = bench_probe(settings)
+    probes = bench_probes(settings)
     cases = [read_case(slicer_scene, settings, node) for node in volume_nodes]
-    return CompareInputs(cases, networks, probe, settings.compareFolder.strip(), true_class(settings))
+    return CompareInputs(cases, networks, probes, settings.compareFolder.strip(), true_class(settings))
 
 
 def study_networks(sources):
@@ -195,7 +256,7 @@ def compute_comparison(inputs, progress=None, is_cancelled=None):
     progress(0.0, "writing the cases to {}".format(folder))
     try:
         study = {"networks": inputs.networks, "cases": write_cases(inputs, folder / "cases"),
-                 "probes": [inputs.probe], "threads": torch.get_num_threads()}
+                 "probes": inputs.probes, "threads": torch.get_num_threads()}
 
         def cell_done(done, total, record):
             task = record["task"]
@@ -211,8 +272,9 @@ def compute_comparison(inputs, progress=None, is_cancelled=None):
 
 
 def add_compare_nodes(slicer_scene, study_run, probe_name):
-    """The summary table, the chart of mean Dice per network against the strength and the instability maps, in a
-    new folder; for classifiers the table of ``classification.csv`` and the accuracy chart (no instability: a
+    """The summary table, per probe the chart of mean Dice per network against the strength (``charts``;
+    ``chart``: the first probe's) and the instability maps, in a new folder ``compare networks <probe_name>``; for
+    classifiers the table of ``classification.csv`` and the accuracy chart (no instability: a
     classifier has no segmentation)."""
     from ..study.outputs import add_study_nodes
     scene = slicer_scene.scene
@@ -220,7 +282,7 @@ def add_compare_nodes(slicer_scene, study_run, probe_name):
 
     def add():
         summary, charts = add_study_nodes(scene, study_run.records)
-        return {"summary": summary, "chart": charts[0], "study": str(study_run.out_dir),
+        return {"summary": summary, "chart": charts[0], "charts": charts, "study": str(study_run.out_dir),
                 "report": str(Path(study_run.out_dir) / "report.html"), "computed": len(study_run.computed),
                 "reused": len(study_run.reused),
                 "instability": {} if is_classifier_study(study_run) else add_instability_nodes(slicer_scene, study_run)}
@@ -256,7 +318,8 @@ def add_instability_nodes(slicer_scene, study_run):
 
 
 class CompareRun(WorkerRun):
-    """The comparison: the selected probe on every listed network and checked volume."""
+    """The comparison: the selected probe (and the further ones, per seed) on every listed network and checked
+    volume."""
 
     def __init__(self, slicer_scene, settings):
         self.slicer_scene = slicer_scene
@@ -268,7 +331,7 @@ class CompareRun(WorkerRun):
         return functools.partial(compute_comparison, self.inputs)
 
     def add_nodes(self, result):
-        return add_compare_nodes(self.slicer_scene, result, self.settings.probe)
+        return add_compare_nodes(self.slicer_scene, result, probe_label(self.inputs.probes))
 
 
 def start_comparison(slicer_scene, node):

@@ -52,6 +52,8 @@ class ProbeSettings:
     compareVolumes: list = field(default_factory=list)  # the volumes of "compare networks"
     compareNetworks: str = "demo-unet-short, demo-segresnet, demo-slicewise2d"  # built-in names or model paths
     compareFolder: str = ""  # study folder (kept: run again to resume); empty: a new temporary folder
+    compareProbes: str = ""  # further probes compared besides the selected one (comma or new line separated)
+    compareSeeds: str = ""  # seeds each compared probe runs with ("0 1 2"); empty: the probe's own seed
 
 
 NODE_PARAMETERS = ("inputVolume", "referenceNode", "regionSegmentation")
@@ -128,20 +130,23 @@ def parse_strengths(text, what="epsilons"):
     return values
 
 
-def stored_probe_parameters(settings):
-    """The parameter values stored for the selected probe (text, as the form holds them)."""
+def stored_probe_parameters(settings, name=None):
+    """The parameter values stored for the probe ``name`` (default: the selected one; text, as the form holds
+    them)."""
     try:
         stored = json.loads(settings.probeParameters or "{}")
     except ValueError:
         raise InputError("the probe parameters are not valid JSON: {}".format(settings.probeParameters))
-    values = stored.get(settings.probe, {}) if isinstance(stored, dict) else {}
+    values = stored.get(name or settings.probe, {}) if isinstance(stored, dict) else {}
     return {key: value for key, value in values.items() if str(value).strip() != ""}
 
 
-def probe_from_settings(settings):
-    """The attack or corruption probe and its strengths (epsilons or severities)."""
-    probe = make_probe(settings.probe, **stored_probe_parameters(settings))
-    text, what = ((settings.severities, "severities") if is_corruption(settings.probe) else
+def probe_from_settings(settings, name=None):
+    """The attack or corruption probe ``name`` (default: the selected one) with its stored parameters, and its
+    strengths (the epsilons or the severities)."""
+    name = name or settings.probe
+    probe = make_probe(name, **stored_probe_parameters(settings, name))
+    text, what = ((settings.severities, "severities") if is_corruption(name) else
                   (settings.epsilons, "epsilons"))
     return probe, probe.check_strengths(parse_strengths(text, what))
 

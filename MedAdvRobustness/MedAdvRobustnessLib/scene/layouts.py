@@ -1,4 +1,4 @@
-"""Slicer view layouts of the module (plain MRML layout XML; no torch)."""
+"""Slicer view layouts of the module (plain MRML layout XML; no torch), and moving their slice views."""
 
 COMPARISON_LAYOUT_ID = 58231
 CLEAN_VIEW, ATTACKED_VIEW = "MedAdvClean", "MedAdvAttacked"
@@ -26,3 +26,18 @@ COMPARISON_LAYOUT = """
  </layout></item>
 </layout>
 """.format(clean=CLEAN_VIEW, attacked=ATTACKED_VIEW)
+
+
+def jump_slices_to(scene, ras, view_names):
+    """Centre the slice views named ``view_names`` (their layout names) of ``scene`` on the RAS point ``ras``
+    (``vtkMRMLSliceNode.JumpSliceByCentering``). Returns the slice nodes moved, in the order of ``view_names``;
+    a view the scene does not have is skipped."""
+    slices = scene.GetNodesByClass("vtkMRMLSliceNode")
+    by_name = {}
+    for index in range(slices.GetNumberOfItems()):
+        node = slices.GetItemAsObject(index)
+        by_name.setdefault(node.GetLayoutName(), node)
+    moved = [by_name[name] for name in view_names if name in by_name]
+    for node in moved:
+        node.JumpSliceByCentering(*(float(value) for value in ras))
+    return moved
