@@ -1,7 +1,8 @@
 """Where a segmentation is fragile, from the predictions a sweep already made (no network evaluation here).
 
 - :func:`fragility_map`: per voxel, the smallest swept strength (epsilon or severity) at which its predicted label
-  differs from the clean prediction; 0 where it never does.
+  differs from the clean prediction; 0 where it never does. Every map is on the subject's own grid (the clean
+  volume's): for a probe that moves the anatomy, :func:`changed_voxels` brings each strength's changes back to it.
 - :func:`structure_rows`: per label of the clean prediction, its size, the fraction of its voxels changed at each
   strength, and its critical strength (Dice against the clean prediction below 0.9, interpolated).
 - :func:`unstable_labels`: per clean label, the voxels whose label changes at or below a strength.
@@ -20,14 +21,19 @@ TOP_FRACTIONS = (0.01, 0.05)
 
 
 def fragility_map(result):
-    """float32 map on the volume's grid: the smallest strength whose prediction differs from the clean one (a
-    probe that moves the anatomy: from the clean prediction moved with it), 0 where none does."""
-    clean = result.clean.prediction
-    fragility = np.zeros(clean.shape, dtype=np.float32)
-    for outcome in sorted(result.outcomes[1:], key=lambda item: item.strength, reverse=True):
-        before = outcome.clean_prediction if outcome.clean_prediction is not None else clean
-        fragility[outcome.prediction != before] = outcome.strength  # the smallest strength is written last
-    return fragility
+    """float32 map on the volume's grid: the smallest strength whose prediction differs from the clean one
+    (:func:`changed_voxels`), 0 where none does."""
+    outcomes = result.outcomes[1:]
+    return first_change_map([outcome.strength for outcome in outcomes],
+                            [changed_voxels(result, outcome) for outcome in outcomes])
+
+
+def changed_voxels(result, outcome):
+    """Boolean on the clean volume's grid: the voxels whose label ``outcome`` changed. A probe that moves the anatomy
+    compares with the clean prediction moved with it and brings that mask back to the subject (``outcome.changed``)."""
+    if outcome.changed is not None:
+        return outcome.changed
+    return outcome.prediction != result.clean.prediction
 
 
 def first_change_map(strengths, changed):
@@ -47,7 +53,8 @@ def middle_strength(result):
 
 def structure_rows(result):
     """One row per foreground label of the clean prediction: ``label``, ``value``, ``voxels``, ``changed_<s>`` (the
-    fraction of its voxels whose label differs at strength s), ``dice_<s>`` and ``critical_<strength name>``."""
+    fraction of its voxels whose label differs at strength s, :func:`changed_voxels`), ``dice_<s>`` (against the
+    clean prediction; moved with the anatomy where the probe moves it) and ``critical_<strength name>``."""
     clean = result.clean.prediction
     names = {label.value: label.name for label in result.labels}
     rows = []
@@ -56,10 +63,9 @@ def structure_rows(result):
         row = {"label": names.get(value, "label {}".format(value)), "value": value, "voxels": int(mine.sum())}
         curve = [(0.0, 1.0)]
         for outcome in result.outcomes[1:]:
+            changed = float(changed_voxels(result, outcome)[mine].mean())
             before = outcome.clean_prediction if outcome.clean_prediction is not None else clean
-            own = before == value
-            changed = float((outcome.prediction[own] != value).mean()) if own.any() else 0.0
-            dice = _dice(outcome.prediction == value, own)
+            dice = _dice(outcome.prediction == value, before == value)
             row["changed_{:g}".format(outcome.strength)] = changed
             row["dice_{:g}".format(outcome.strength)] = dice
             curve.append((outcome.strength, dice))

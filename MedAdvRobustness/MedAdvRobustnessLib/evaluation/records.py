@@ -23,7 +23,9 @@ class Outcome:
     """The volume the network saw at one strength (0: the clean volume), ``probed``, and what it predicted.
 
     ``reference`` and ``clean_prediction`` are set where the probe moved the anatomy (spatial corruptions): the
-    reference and the clean prediction moved the same way, to compare with.
+    reference and the clean prediction moved the same way, to compare with; ``changed`` then holds the voxels whose
+    label differs from the moved clean prediction, brought back to the subject's own grid (the clean volume's; see
+    :func:`~..probes.corruptions.to_subject_frame`).
     """
     strength: float
     probed: np.ndarray
@@ -32,6 +34,7 @@ class Outcome:
     reference: Optional[np.ndarray] = None
     clean_prediction: Optional[np.ndarray] = None
     probabilities: Optional[np.ndarray] = None  # a classifier's: the probability of each class
+    changed: Optional[np.ndarray] = None
 
 
 @dataclass

@@ -14,7 +14,8 @@ Spatial corruptions (affine, elastic deformation, and the motion artefact) move 
 labels stay where they are. This probes the network's robustness to a corrupted acquisition of the same anatomy, so
 a Dice drop counts the anatomy the network no longer finds where it is. :func:`corrupt_with_labels` instead moves
 the labels with the image (nearest interpolation; affine and elastic only: motion's k-space centre holds the unmoved
-anatomy), for augmentation or to separate geometry from appearance.
+anatomy), for augmentation or to separate geometry from appearance. :func:`to_subject_frame` brings a mask on the
+deformed image's grid back to the subject's own grid (the clean volume's, where its labels lie).
 
 Severity table (Boone et al., 2023: the values of their roodmri package, except where marked "*")::
 
@@ -64,6 +65,8 @@ SEVERITIES = (1, 2, 3, 4, 5)
 ROOD_ALPHA = 2.0 / 3.0
 ELASTIC_SMOOTHNESS_MM = 20.0
 ELASTIC_GRID_STEPS = 4
+ELASTIC_INVERSE_STEPS = 50  # at most, fixed-point iterations inverting the elastic field
+ELASTIC_INVERSE_TOLERANCE = 1e-3  # voxels: the iteration stops once no point moves further
 SPIKE_MIN_OFFSET = 4
 MAX_MOVEMENTS = 10
 MAX_SPIKES = 5
@@ -94,6 +97,24 @@ def corrupt(name, volume, severity, seed=0, spacing=(1.0, 1.0, 1.0)):
     """
     corrupted, _ = _corrupt_image(*_prepare(name, volume, severity, seed, spacing))
     return _as_volume(corrupted, volume)
+
+
+def to_subject_frame(name, moved, severity, seed=0, spacing=(1.0, 1.0, 1.0)):
+    """An (X, Y, Z) mask or label map on the grid of ``corrupt(name, ..., severity, seed, spacing)`` brought back to
+    the subject's own grid (the clean volume's): each subject voxel takes the deformed voxel that shows it.
+
+    Nearest voxel of the exact inverse (affine: the inverse voxel matrix; elastic: ``o = p - displacement(o)``
+    solved by fixed-point iteration); a subject voxel that no deformed voxel shows (moved out of the field of
+    view) gets 0 (False). A family that does not move the anatomy returns a copy.
+    """
+    moved = np.asarray(moved)
+    if moved.ndim != 3 or not (moved.dtype == bool or np.issubdtype(moved.dtype, np.integer)):
+        raise InputError("the map to bring back must be a boolean or integer (X, Y, Z) array, got {} {}".format(
+            moved.dtype, moved.shape))
+    corruption, parameters, rng, spacing = _checked(name, severity, seed, spacing)
+    if not corruption.spatial:
+        return moved.copy()
+    return _pull_back(moved, corruption.deformation(moved.shape, parameters, rng, spacing).shown_at())
 
 
 def corrupt_with_labels(name, volume, labels, severity, seed=0, spacing=(1.0, 1.0, 1.0)):
@@ -158,6 +179,8 @@ class CorruptionProbe(Probe):
         if self.moves_anatomy:
             outcome.clean_prediction = moved[0].numpy()
             outcome.reference = moved[1].numpy() if sweep.reference is not None else None
+            outcome.changed = to_subject_frame(self.name, outcome.prediction != outcome.clean_prediction, severity,
+                                               self.seed, sweep.spacing)
         report(1, 1)
         return outcome
 
@@ -221,13 +244,32 @@ def _corrupt_image(corruption, parameters, image, rng, spacing):
     return deform(image, "bilinear"), deform
 
 
-# Spatial families: each returns ``deform(image (C, X, Y, Z) float32, mode) -> image``.
+# Spatial families: each returns a _Deformation.
+
+@dataclass(frozen=True)
+class _Deformation:
+    """``deform(image (C, X, Y, Z) float32, mode)``: the deformed image; ``shown_at()``: (3, X, Y, Z) float64, the
+    (fractional) voxel of the deformed image that shows each voxel of the subject."""
+    move: Callable
+    shown_at: Callable
+
+    def __call__(self, image, mode):
+        return self.move(image, mode)
+
 
 def _affine_deformation(shape, parameters, rng, spacing):
     rotation = rng.uniform(-1.0, 1.0, 3) * parameters["max_rotation_deg"]
     translation = rng.uniform(-1.0, 1.0, 3) * parameters["max_translation_mm"]
     matrix = _rigid_voxel_matrix(rotation, translation, spacing)
-    return lambda image, mode: _resample(image, matrix, mode)
+    return _Deformation(lambda image, mode: _resample(image, matrix, mode),
+                        lambda: _affine_shown_at(shape, np.linalg.inv(matrix)))
+
+
+def _affine_shown_at(shape, inverse):
+    """Voxel ``o`` of the deformed image shows the subject at ``matrix (o - c) + c`` (c: the grid centre), so subject
+    voxel ``p`` is shown at ``inverse (p - c) + c``."""
+    centred = create_grid(shape, homogeneous=True, backend="numpy", dtype=np.float64).reshape(4, -1)
+    return (inverse @ centred)[:3].reshape((3,) + tuple(shape)) + _centre(shape)
 
 
 def _elastic_deformation(shape, parameters, rng, spacing):
@@ -242,8 +284,36 @@ def _elastic_deformation(shape, parameters, rng, spacing):
     field = _plain(Resize(shape, mode="trilinear", align_corners=True)(field))
     field = field / field.norm(dim=0).max() * parameters["max_displacement_mm"]
     grid = torch.as_tensor(create_grid(shape, homogeneous=False, backend="torch", dtype=torch.float32))
-    grid = grid + field / torch.tensor(spacing, dtype=torch.float32).reshape(3, 1, 1, 1)
-    return lambda image, mode: _resample_grid(image, grid, mode)
+    field = field / torch.tensor(spacing, dtype=torch.float32).reshape(3, 1, 1, 1)  # voxels
+    sampled = grid + field
+    return _Deformation(lambda image, mode: _resample_grid(image, sampled, mode),
+                        lambda: _elastic_shown_at(grid, field))
+
+
+def _elastic_shown_at(grid, field):
+    """Voxel ``o`` of the deformed image shows the subject at ``o + field(o)``: subject voxel ``p`` is shown at the
+    ``o`` with ``o = p - field(o)``, iterated from ``o = p`` (a contraction where the field's gradient is below 1)."""
+    shown = grid.clone()
+    sample = Resample(mode="bilinear", padding_mode="border", dtype=torch.float32)
+    for _ in range(ELASTIC_INVERSE_STEPS):
+        previous, shown = shown, grid - _plain(sample(field, shown))
+        if float((shown - previous).abs().max()) < ELASTIC_INVERSE_TOLERANCE:
+            break
+    return shown.numpy().astype(np.float64) + _centre(tuple(grid.shape[1:]))
+
+
+def _centre(shape):
+    """(3, 1, 1, 1): the centre of a grid in voxel indices (MONAI's centred coordinates are index - centre)."""
+    return ((np.asarray(shape, dtype=np.float64) - 1.0) / 2.0).reshape(3, 1, 1, 1)
+
+
+def _pull_back(moved, shown_at):
+    """``moved[round(shown_at)]`` per subject voxel, 0 where that voxel is off the grid."""
+    index = np.rint(shown_at)
+    inside = np.all((index >= 0) & (index <= np.reshape(moved.shape, (3, 1, 1, 1)) - 1), axis=0)
+    result = np.zeros(moved.shape, dtype=moved.dtype)
+    result[inside] = moved[tuple(index[:, inside].astype(np.int64))]
+    return result
 
 
 def _rigid_voxel_matrix(rotation_deg, translation_mm, spacing):
@@ -435,20 +505,25 @@ def _check_severity(severity):
 
 
 def _prepare(name, volume, severity, seed, spacing):
-    corruption = _corruption(name)
-    parameters = corruption.levels[_check_severity(severity) - 1]
     if not isinstance(volume, torch.Tensor) or volume.dim() != 5 or volume.shape[0] != 1:
         raise InputError("expected a (1, C, X, Y, Z) tensor, got {}".format(
             tuple(volume.shape) if isinstance(volume, torch.Tensor) else type(volume).__name__))
     if not volume.is_floating_point():
         raise InputError("expected a floating-point volume, got {}".format(volume.dtype))
+    corruption, parameters, rng, spacing = _checked(name, severity, seed, spacing)
+    return corruption, parameters, volume.detach()[0].to(torch.float32), rng, spacing
+
+
+def _checked(name, severity, seed, spacing):
+    """The family, its parameters at ``severity``, the random generator of ``seed`` and the spacing, checked."""
+    corruption = _corruption(name)
+    parameters = corruption.levels[_check_severity(severity) - 1]
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError("seed must be a non-negative integer, got {!r}".format(seed))
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or not all(s > 0 for s in spacing):
         raise InputError("spacing must be three positive sizes in mm, got {}".format(spacing))
-    image = volume.detach()[0].to(torch.float32)
-    return corruption, parameters, image, np.random.default_rng(int(seed)), spacing
+    return corruption, parameters, np.random.default_rng(int(seed)), spacing
 
 
 def _as_volume(result, like):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.fragility import first_change_map, instability_map, ranking_summary, TOP_FRACTIONS
+from ..evaluation.fragility import changed_voxels, first_change_map, instability_map, ranking_summary, TOP_FRACTIONS
 from ..probes.corruptions import spacing_from_affine
 
 SCORES = ("fragility", "entropy", "boundary")
@@ -26,11 +26,11 @@ INSTABILITY_COLUMNS = ("network", "case", "probes", "middle_strengths", "foregro
 
 # ------------------------------------------------------------------------------------------ in the cells
 def cell_arrays(result):
-    """What a one-strength sweep leaves for the fragility: the voxels whose label changed (bit-packed), the clean
-    prediction and the entropy of the clean outputs."""
-    outcome = result.outcomes[1]
-    before = outcome.clean_prediction if outcome.clean_prediction is not None else result.clean.prediction
-    return {"changed": np.packbits(outcome.prediction != before), "clean": result.clean.prediction.astype(np.int16),
+    """What a one-strength sweep leaves for the fragility: the voxels whose label changed (bit-packed, on the clean
+    volume's grid: :func:`~..evaluation.fragility.changed_voxels`), the clean prediction and the entropy of the clean
+    outputs."""
+    return {"changed": np.packbits(changed_voxels(result, result.outcomes[1])),
+            "clean": result.clean.prediction.astype(np.int16),
             "entropy": result.clean_entropy.astype(np.float32)}
 
 
