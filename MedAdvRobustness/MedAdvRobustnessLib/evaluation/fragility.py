@@ -57,13 +57,14 @@ def structure_rows(result):
     clean prediction; moved with the anatomy where the probe moves it) and ``critical_<strength name>``."""
     clean = result.clean.prediction
     names = {label.value: label.name for label in result.labels}
+    changed_masks = [changed_voxels(result, outcome) for outcome in result.outcomes[1:]]
     rows = []
     for value in (int(v) for v in np.unique(clean) if v != 0):
         mine = clean == value
         row = {"label": names.get(value, "label {}".format(value)), "value": value, "voxels": int(mine.sum())}
         curve = [(0.0, 1.0)]
-        for outcome in result.outcomes[1:]:
-            changed = float(changed_voxels(result, outcome)[mine].mean())
+        for outcome, changed_mask in zip(result.outcomes[1:], changed_masks):
+            changed = float(changed_mask[mine].mean())
             before = outcome.clean_prediction if outcome.clean_prediction is not None else clean
             dice = _dice(outcome.prediction == value, before == value)
             row["changed_{:g}".format(outcome.strength)] = changed
