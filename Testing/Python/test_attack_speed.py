@@ -81,13 +81,14 @@ def test_float32_projection_equals_the_float64_one(with_region):
             assert torch.equal(torch.minimum(torch.maximum(candidate, lower), upper), expected)
 
 
-def test_confusion_dice_equals_monai():
+@pytest.mark.parametrize("count", [5, 20])  # pair indices in uint8 (up to 16 labels), else int32
+def test_confusion_dice_equals_monai(count):
     generator = torch.Generator().manual_seed(4)
-    outputs = torch.randn((2, 5) + SHAPE, generator=generator)
-    labels = torch.randint(0, 4, (2,) + SHAPE, generator=generator)  # label 4 absent from the labels
+    outputs = torch.randn((2, count) + SHAPE, generator=generator)
+    labels = torch.randint(0, count - 1, (2,) + SHAPE, generator=generator)  # the last label absent from them
     labels[1][labels[1] == 2] = 0
     prediction = outputs.max(dim=1).indices
-    expected = [mean_dice(dice_per_label(prediction[b], labels[b], 5)) for b in range(2)]
+    expected = [mean_dice(dice_per_label(prediction[b], labels[b], count)) for b in range(2)]
     assert foreground_dice(outputs, "logits", labels) == expected
 
 

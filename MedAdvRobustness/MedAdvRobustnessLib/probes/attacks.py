@@ -197,7 +197,9 @@ def _mean_dice(prediction, labels, count):
     """Mean foreground Dice of two label maps, in float32 as MONAI's ``compute_dice`` on one-hot maps."""
     if count < 2:
         return float("nan")
-    pairs = torch.bincount((prediction.flatten() * count + labels.flatten()).cpu(), minlength=count * count)
+    small = torch.uint8 if count * count <= 256 else torch.int32  # the pair index in the narrowest integer
+    pairs = torch.bincount((prediction.flatten().to(small) * count + labels.flatten().to(small)).cpu(),
+                           minlength=count * count)
     pairs = pairs.view(count, count)  # [predicted, reference]
     overlap = 2.0 * pairs.diagonal()[1:].float()
     totals = (pairs.sum(dim=1) + pairs.sum(dim=0))[1:].float()
