@@ -128,11 +128,13 @@ def corrupt_with_labels(name, volume, labels, severity, seed=0, spacing=(1.0, 1.
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape[-3:]) != tuple(volume.shape[-3:]):
         raise InputError("labels must be a tensor on the volume's grid {}".format(tuple(volume.shape[-3:])))
     corrupted, deform = _corrupt_image(*prepared)
-    if deform is None:
-        return _as_volume(corrupted, volume), labels.clone()
+    return _as_volume(corrupted, volume), labels.clone() if deform is None else _move_labels(deform, labels)
+
+
+def _move_labels(deform, labels):
+    """``labels`` (last three axes X, Y, Z) moved by the deformation (nearest), with their shape and dtype."""
     label_grid = labels.detach().reshape((1,) + tuple(labels.shape[-3:])).to(torch.float32)
-    moved_labels = deform(label_grid, "nearest").round().to(labels.dtype).reshape(labels.shape)
-    return _as_volume(corrupted, volume), moved_labels
+    return deform(label_grid, "nearest").round().to(labels.dtype).reshape(labels.shape)
 
 
 @dataclass(frozen=True)
@@ -163,24 +165,23 @@ class CorruptionProbe(Probe):
         return values
 
     def apply(self, inputs, severity, spacing, label_maps):
-        """The corrupted volume at ``severity``, and each (X, Y, Z) label map moved with it where it moves."""
-        corrupted = corrupt(self.name, inputs, severity, self.seed, spacing)
-        if not self.moves_anatomy:
-            return corrupted, list(label_maps)
-        return corrupted, [corrupt_with_labels(self.name, inputs, labels, severity, self.seed, spacing)[1]
-                           for labels in label_maps]
+        """The corrupted volume at ``severity``, each (X, Y, Z) label map moved with it where it moves (one draw of
+        the deformation for all), and that deformation (None for a family that does not move the anatomy)."""
+        corrupted, deform = _corrupt_image(*_prepare(self.name, inputs, severity, self.seed, spacing))
+        moved = list(label_maps) if deform is None else [_move_labels(deform, labels) for labels in label_maps]
+        return _as_volume(corrupted, inputs), moved, deform
 
     def outcome(self, sweep, severity, report):
         moved_maps = [sweep.clean_prediction] + ([] if sweep.reference is None else [sweep.reference])
-        corrupted, moved = self.apply(sweep.inputs, severity, sweep.spacing, [torch.from_numpy(m) for m in moved_maps])
+        corrupted, moved, deform = self.apply(sweep.inputs, severity, sweep.spacing,
+                                              [torch.from_numpy(m) for m in moved_maps])
         if sweep.region is not None:
             corrupted = torch.where(sweep.region[None], corrupted, sweep.inputs)
         outcome = sweep.outcome(float(severity), corrupted)
-        if self.moves_anatomy:
+        if deform is not None:
             outcome.clean_prediction = moved[0].numpy()
             outcome.reference = moved[1].numpy() if sweep.reference is not None else None
-            outcome.changed = to_subject_frame(self.name, outcome.prediction != outcome.clean_prediction, severity,
-                                               self.seed, sweep.spacing)
+            outcome.changed = _pull_back(outcome.prediction != outcome.clean_prediction, deform.shown_at())
         report(1, 1)
         return outcome
 
