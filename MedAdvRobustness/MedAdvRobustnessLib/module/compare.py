@@ -47,13 +47,19 @@ class CompareInputs:
 
 def network_list(text):
     """Built-in names or model paths, separated by commas or new lines (as the widget stores them)."""
-    networks = [item.strip() for item in re.split(r"[,\n]+", str(text)) if item.strip()]
+    networks = _listed(text, "network {} is listed twice")
     if not networks:
         raise InputError("choose at least one network to compare")
-    repeated = sorted({item for item in networks if networks.count(item) > 1})
-    if repeated:
-        raise InputError("network {} is listed twice".format(", ".join(repeated)))
     return networks
+
+
+def _listed(text, repeated_message):
+    """The items of ``text`` separated by commas or new lines, each once (else ``repeated_message``)."""
+    items = [item.strip() for item in re.split(r"[,\n]+", str(text)) if item.strip()]
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise InputError(repeated_message.format(", ".join(repeated)))
+    return items
 
 
 def bench_probe(settings, name=None):
@@ -77,15 +83,12 @@ def bench_probes(settings):
 
 def compare_probe_names(text, selected):
     """The further probes to compare (comma or new line separated): known, each once, not the selected one."""
-    names = [item.strip() for item in re.split(r"[,\n]+", str(text)) if item.strip()]
+    names = _listed(text, "compare probes: {} is listed twice")
     known = probe_names()
     unknown = [name for name in names if name not in known]
     if unknown:
         raise InputError("compare probes: unknown probe {}; known probes: {}".format(", ".join(unknown),
                                                                                     ", ".join(known)))
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise InputError("compare probes: {} is listed twice".format(", ".join(repeated)))
     if selected in names:
         raise InputError("compare probes: {} is the selected probe, which runs anyway; list only further probes"
                          .format(selected))
