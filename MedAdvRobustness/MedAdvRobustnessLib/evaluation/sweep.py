@@ -2,14 +2,15 @@
 
 Attacks take epsilons (fractions of the intensity range), corruptions severities 1..5; both go through
 :func:`run_sweep`, which asks the probe for one :class:`~.records.Outcome` per strength (strength 0: the clean
-volume) and measures each against the reference and the clean prediction.
+volume; FGSM and PGD may run all strengths as one batch, see ``batch_strengths``) and measures each against the
+reference and the clean prediction.
 """
 import numpy as np
 import torch
 
 from ..errors import InputError
-from ..networks.models import as_segmentation_model
-from ..networks.outputs import predict_labels, prediction_entropy
+from ..networks.models import SegmentationModel, as_segmentation_model
+from ..networks.outputs import predict_labels, prediction_entropy, voxel_loss
 from ..probes.attacks import check_cancel
 from ..probes.corruptions import spacing_from_affine
 from .classification import run_classification_sweep
@@ -19,7 +20,7 @@ from .records import Outcome, RobustnessResult
 
 
 def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is_cancelled=None, region=None,
-              target=None, surface_tolerance=SURFACE_TOLERANCE_MM):
+              target=None, surface_tolerance=SURFACE_TOLERANCE_MM, batch_strengths=None):
     """Apply ``probe`` to ``volume`` at each strength; labels for attacks are ``reference`` if given, else the clean
     prediction.
 
@@ -29,6 +30,10 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     the anatomy is refused). ``target`` (integer labels) makes an attack targeted.
     ``progress(fraction, message)`` reports the work done; ``is_cancelled()`` stops between iterations.
     ``surface_tolerance`` (mm): the tolerance of the surface Dice columns (``nsd_*``).
+    ``batch_strengths``: whether a probe that can (FGSM, PGD, SegPGD, CosPGD without restarts) runs all strengths
+    as one batch of copies of the volume (same results as one by one, within float tolerance): True forces it,
+    False runs one by one, None (default) decides (:meth:`Sweep.batches`: on for a CUDA whole-volume network
+    whose batch fits in free GPU memory).
     A classifier (``model.task``) gets a :class:`~.records.ClassificationResult`
     (:func:`~.classification.run_classification_sweep`): its ``reference`` is the true class, or None.
     """
@@ -50,14 +55,15 @@ def run_sweep(model, volume, probe, strengths, reference=None, progress=None, is
     if task == "classification":
         return run_classification_sweep(model, volume, clean_outputs, probe, strengths, reference, region, target,
                                         progress, is_cancelled, _reporter)
-    sweep = Sweep(model, volume, clean_outputs, reference, region, target, is_cancelled)
+    sweep = Sweep(model, volume, clean_outputs, reference, region, target, is_cancelled, batch_strengths)
     if reference is not None and int(reference.max()) >= len(sweep.labels):
         raise InputError("the reference holds label {} but the network predicts labels 0..{}".format(
             int(reference.max()), len(sweep.labels) - 1))
-    outcomes = [Outcome(0.0, volume.array, sweep.clean_prediction)]
-    for index, strength in enumerate(strengths):
-        check_cancel(is_cancelled)
-        outcomes.append(probe.outcome(sweep, strength, _reporter(probe, strength, index, len(strengths), progress)))
+    def report_for(indices):  # the progress of the strengths at these consecutive indices
+        chosen = [strengths[index] for index in indices]
+        return _reporter(probe, chosen[0] if len(chosen) == 1 else chosen, indices[0], len(strengths), progress)
+
+    outcomes = [Outcome(0.0, volume.array, sweep.clean_prediction)] + probe.outcomes(sweep, strengths, report_for)
     model_name = model.description.name
     rows = metric_rows(model_name, probe.name, volume, sweep.labels, reference, outcomes, probe.strength_name,
                        surface_tolerance)
@@ -74,27 +80,38 @@ def network_task(model, outputs):
 
 
 def _reporter(probe, strength, index, count, progress, score="Dice"):
-    """``report(step, steps, loss=None, dice=None)`` for the probe at the ``index``-th of ``count`` strengths;
-    ``dice`` is shown as ``score`` (a classifier's: the fraction of images still given their label)."""
+    """``report(step, steps, loss=None, dice=None)`` for the probe at the ``index``-th of ``count`` strengths, or
+    at the consecutive strengths from there that run at once (``strength`` a list; then ``loss`` and ``dice`` are
+    lists, one value per strength); ``dice`` is shown as ``score`` (a classifier's: the fraction of images still
+    given their label)."""
+    together = strength if isinstance(strength, list) else [strength]
+
     def report(step, steps, loss=None, dice=None):
         if not progress:
             return
-        text = "{} {} {:g}".format(probe.name, probe.strength_name, strength)
+        text = "{} {} {}".format(probe.name, probe.strength_name, ", ".join("{:g}".format(s) for s in together))
+        text += " at once" if len(together) > 1 else ""
         if loss is not None:
-            text += ": step {}/{} loss {:.4f}{}".format(step, steps, loss,
-                                                      "" if dice is None else " {} {:.3f}".format(score, dice))
-        progress((index + min(step, steps) / steps) / count, text)
+            text += ": step {}/{} loss {}{}".format(step, steps, _joined("{:.4f}", loss), "" if dice is None else
+                                                  " {} {}".format(score, _joined("{:.3f}", dice)))
+        progress((index + len(together) * min(step, steps) / steps) / count, text)
     return report
+
+
+def _joined(form, values):
+    """One value formatted, or a list of them joined by slashes."""
+    return "/".join(form.format(v) for v in values) if isinstance(values, list) else form.format(values)
 
 
 class Sweep:
     """What every strength of one sweep shares, as a probe's :meth:`~..probes.base.Probe.outcome` uses it: the
     model, the clean volume (``inputs``, (1, C, X, Y, Z)) and its clean prediction (from ``clean_outputs``), the
     reference, the region and target (tensors or None), the loss labels (the reference, else the clean
-    prediction), the intensity bounds."""
+    prediction), the intensity bounds, and whether strengths may run as one batch (see :meth:`batches`)."""
 
-    def __init__(self, model, volume, clean_outputs, reference, region, target, is_cancelled):
+    def __init__(self, model, volume, clean_outputs, reference, region, target, is_cancelled, batch_strengths=None):
         self.model, self.volume, self.reference, self.is_cancelled = model, volume, reference, is_cancelled
+        self.batch_strengths = batch_strengths
         self.inputs = volume.as_tensor()
         self.labels = model.labels(clean_outputs)
         self.clean_prediction = predict_labels(clean_outputs, model.activation)[0].numpy()
@@ -109,6 +126,52 @@ class Sweep:
     def outcome(self, strength, probed, record=None):
         """The :class:`~.records.Outcome` of the probed (1, C, X, Y, Z) volume: it and the network's prediction."""
         return Outcome(strength, probed[0, 0].numpy(), self.model.predict(probed)[0].numpy(), record)
+
+    def check_cancel(self):
+        check_cancel(self.is_cancelled)
+
+    def batches(self, count):
+        """Whether ``count`` strengths run as one batch of ``count`` copies of the volume: ``batch_strengths``
+        True (InputError where the network's pipeline is not per volume), False, or None: only for a CUDA
+        whole-volume network whose batch fits in free GPU memory (:func:`batch_fits`; on the CPU a batch of 3
+        costs 1.1 to 1.3 x three single passes, see the README)."""
+        unfit = batch_obstacle(self.model)
+        if self.batch_strengths is not None:
+            if self.batch_strengths and unfit:
+                raise InputError("strengths cannot run as one batch: {}; run them one by one".format(unfit))
+            return bool(self.batch_strengths)
+        if unfit or self.model.device.type != "cuda" or self.model.description.window:
+            return False
+        return batch_fits(self.model, self.inputs, self.loss_labels, count)
+
+
+def batch_obstacle(model):
+    """Why a batch of copies of a volume would not give each copy what it gets alone (None if it would): a
+    preprocessing that sees the whole batch (a foreground crop takes one box for all; a model's own pipeline)."""
+    if type(model).prepare is not SegmentationModel.prepare:
+        return "{} has its own preprocessing, not known to treat each volume of a batch alone".format(
+            model.description.name)
+    if any("crop" in step for step in model.description.steps()):
+        return "the foreground crop of {} takes one box for a whole batch".format(model.description.name)
+    return None
+
+
+BATCH_MEMORY_SHARE = 0.8  # of the free GPU memory; the rest for the allocator's fragmentation and workspaces
+
+
+def batch_fits(model, inputs, labels, count):
+    """Whether ``count`` copies of ``inputs`` fit in free GPU memory: ``count`` times the peak (above what is
+    held) of one measured gradient of the cross-entropy (the graph grows with the batch; one extra forward and
+    backward pass per sweep) within :data:`BATCH_MEMORY_SHARE` of the memory free before it."""
+    device = model.device
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model.loss_and_gradient(inputs, lambda outputs: voxel_loss(outputs, labels, model.activation).mean())
+    torch.cuda.synchronize(device)
+    one = torch.cuda.max_memory_allocated(device) - held
+    return count * one <= BATCH_MEMORY_SHARE * free
 
 
 def metric_rows(model_name, probe_name, volume, labels, reference, outcomes, strength_name="epsilon",

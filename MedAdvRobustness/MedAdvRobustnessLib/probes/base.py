@@ -14,7 +14,8 @@ class Probe:
     - ``moves_anatomy``: whether it moves the anatomy (then the sweep compares with the moved reference and clean
       prediction, and it cannot be restricted to a region);
     - :meth:`check_strengths`: the strengths it takes, checked and sorted;
-    - :meth:`outcome`: what it makes of the volume at one strength.
+    - :meth:`outcome`: what it makes of the volume at one strength; :meth:`outcomes`: at every strength of a
+      sweep (one :meth:`outcome` after another, unless the probe can do them together).
     """
     name = ""
     summary = ""
@@ -40,3 +41,13 @@ class Probe:
         """The :class:`~..evaluation.records.Outcome` at ``strength`` on the volume of ``sweep`` (a
         :class:`~..evaluation.sweep.Sweep`); ``report(step, steps, loss=None, dice=None)`` tells the progress."""
         raise NotImplementedError
+
+    def outcomes(self, sweep, strengths, report_for):
+        """One :class:`~..evaluation.records.Outcome` per strength, in order: :meth:`outcome` at each in turn
+        (``sweep.check_cancel()`` before each); ``report_for(indices)`` is the progress report of the strengths at
+        those indices (here one at a time)."""
+        outcomes = []
+        for index, strength in enumerate(strengths):
+            sweep.check_cancel()
+            outcomes.append(self.outcome(sweep, strength, report_for([index])))
+        return outcomes
