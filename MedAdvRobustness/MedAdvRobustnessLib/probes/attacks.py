@@ -10,7 +10,10 @@ by name with :func:`~.registry.make_probe`, and called the same way::
   the attack moves away from (the reference, else the clean prediction).
 - ``epsilon`` the budget in intensity units: L-infinity (max |delta|) or, for ``norm="l2"``, the L2 norm of the
   perturbation (:meth:`Attack.intensity_budget` converts a fraction of the intensity range). ``bounds`` the
-  (low, high) intensities the result is clipped to. Both hold exactly, checked in float64.
+  (low, high) intensities the result is clipped to. Both hold exactly, checked in float64. FGSM and PGD (and its
+  kin, without restarts) also take a list, one epsilon per volume: each volume is then attacked as it would be
+  alone (its own random start) and ``record`` is a list, one :class:`AttackRecord` per volume (a sweep runs its
+  strengths so, as one batch of copies of the volume, see :meth:`Attack.outcomes`).
 - ``region`` optional boolean mask (1 or B, X, Y, Z): the perturbation is zero outside it. With the common
   parameter ``region_loss=True`` the loss (and DAG's active set) is also restricted to it.
 - ``target`` optional integer label map like ``labels``: the attack becomes targeted (it lowers its loss towards
@@ -277,6 +280,7 @@ class Attack(Probe):
     strength_label: ClassVar[str] = "epsilon (fraction of intensity range)"
 
     target_label_alone: ClassVar[bool] = False  # whether target_label without a target mode means something
+    per_volume_epsilon: ClassVar[bool] = False  # whether it takes one epsilon per volume (see batches_strengths)
     seed: int = seed_parameter("seed of random starts and of the permute target")
     target_mode: Optional[str] = parameter(None, str, "targeted attack: target map built from the labels",
                                            choices=TARGET_MODES)
@@ -312,6 +316,10 @@ class Attack(Probe):
     def check_strengths(self, epsilons):
         return check_epsilons(epsilons)
 
+    def batches_strengths(self):
+        """Whether a sweep may run all its epsilons as one batch (one epsilon per volume)."""
+        return self.per_volume_epsilon
+
     def intensity_budget(self, fraction, intensity_range, volume, region=None):
         """Epsilon in intensity units for a budget given as a fraction of the intensity range.
 
@@ -325,11 +333,11 @@ class Attack(Probe):
 
     def __call__(self, model, volume, labels, epsilon, bounds, region=None, target=None, progress=None,
                  is_cancelled=None):
-        context = _Context(self, as_segmentation_model(model), volume, labels, float(epsilon), bounds, region, target,
+        context = _Context(self, as_segmentation_model(model), volume, labels, epsilon, bounds, region, target,
                            progress, is_cancelled)
         adversarial = self.run(context)
         context.record.seconds = time.time() - context.start
-        return adversarial.detach(), context.record
+        return adversarial.detach(), context.records() if torch.is_tensor(context.epsilon) else context.record
 
     def run(self, context):
         """The adversarial volume of one call (``context``: inputs, projections, gradient evaluations)."""
@@ -342,6 +350,25 @@ class Attack(Probe):
         probed, record = self(sweep.model, sweep.inputs, sweep.loss_labels, budget, sweep.bounds, progress=report,
                               is_cancelled=sweep.is_cancelled, **extra)
         return sweep.outcome(epsilon, probed, record)
+
+    def outcomes(self, sweep, strengths, report_for):
+        """Every epsilon at once where :meth:`batches_strengths` and ``sweep.batches`` say so: one batch of copies
+        of the volume, one epsilon each (each record's details say ``strengths_at_once``); else one by one."""
+        count = len(strengths)
+        if count < 2 or not self.batches_strengths() or not sweep.batches(count):
+            return super().outcomes(sweep, strengths, report_for)
+        sweep.check_cancel()
+        budgets = [self.intensity_budget(e, sweep.intensity_span, sweep.inputs, sweep.region) for e in strengths]
+        copies = lambda tensor: tensor.expand((count,) + tuple(tensor.shape[1:])).contiguous()  # noqa: E731
+        extra = {"region": sweep.region} if sweep.region is not None else {}
+        if sweep.target is not None:
+            extra["target"] = copies(sweep.target)
+        probed, records = self(sweep.model, copies(sweep.inputs), copies(sweep.loss_labels), budgets, sweep.bounds,
+                               progress=report_for(list(range(count))), is_cancelled=sweep.is_cancelled, **extra)
+        for record in records:
+            record.details["strengths_at_once"] = count
+        return [sweep.outcome(epsilon, probed[b:b + 1], record)
+                for b, (epsilon, record) in enumerate(zip(strengths, records))]
 
     def _loss(self, context, outputs, step, steps):
         """Per-volume loss (B,): mean cross-entropy towards the loss labels (the target when targeted)."""
@@ -372,8 +399,9 @@ class _Context:
             region = region.to(torch.bool).to(volume.device)
             if not bool(region.any()):
                 raise InputError("the region is empty")
-        if not epsilon > 0:
-            raise InputError("epsilon must be positive, got {}".format(epsilon))
+        epsilon = _epsilon(attack, epsilon, volume)
+        if not bool((torch.as_tensor(epsilon) > 0).all()):
+            raise InputError("epsilon must be positive, got {}".format(_listed(epsilon)))
         self.attack, self.model, self.volume = attack, model, volume.detach()
         self.labels = labels.long().to(volume.device)
         self.epsilon, self.bounds = epsilon, (float(bounds[0]), float(bounds[1]))
@@ -386,7 +414,8 @@ class _Context:
         self.activation = model.activation
         self.progress, self.is_cancelled = progress, is_cancelled
         self.start = time.time()
-        self.record = AttackRecord(attack.name, epsilon, 0)
+        self.record = AttackRecord(attack.name, _listed(epsilon), 0)
+        self.per_volume = []  # per evaluation: the losses and Dice of each volume
         self.total_steps, self.step = 1, 0
         self._target = None
         self._limits = None  # L-infinity: the per-voxel interval of the projection, built on first use
@@ -454,9 +483,20 @@ class _Context:
         self.step += 1
         self.record.losses.append(float(values.mean()))
         self.record.dice.append(sum(dice) / len(dice))
-        if self.progress:
+        self.per_volume.append((values.tolist(), dice))
+        if self.progress and torch.is_tensor(self.epsilon):  # one epsilon per volume: their values, in a list
+            self.progress(self.step, self.total_steps, *self.per_volume[-1])
+        elif self.progress:
             self.progress(self.step, self.total_steps, self.record.losses[-1], self.record.dice[-1])
         return values, gradient, outputs
+
+    def records(self):
+        """One :class:`AttackRecord` per volume (its epsilon, losses and Dice; the call's steps, seconds and
+        details)."""
+        record = self.record
+        return [AttackRecord(record.attack, epsilon, record.steps, [losses[b] for losses, _ in self.per_volume],
+                             record.seconds, [dice[b] for _, dice in self.per_volume], dict(record.details))
+                for b, epsilon in enumerate(record.epsilon)]
 
     # geometry
     def masked(self, tensor):
@@ -483,16 +523,29 @@ class _Context:
         return self.project(point + size * direction, norm)
 
     def random_start(self, seed, norm):
-        generator = torch.Generator().manual_seed(seed)
-        if norm == "linf":
-            noise = torch.rand(self.volume.shape, generator=generator, dtype=self.volume.dtype) * 2.0 - 1.0
-            noise = self.epsilon * noise
+        """A random point of the epsilon ball (seeded); with one epsilon per volume, each volume's noise is
+        the noise it draws alone."""
+        if torch.is_tensor(self.epsilon):
+            noise = torch.cat([self._noise(seed, norm, b) for b in range(self.volume.shape[0])])
         else:
-            noise = self.masked(torch.randn(self.volume.shape, generator=generator, dtype=torch.float64)
-                                .to(self.volume.device))
-            radius = torch.rand((self.volume.shape[0],), generator=generator, dtype=torch.float64)
-            noise = noise / _norms(noise, "l2").clamp_min(_TINY) * self.epsilon * radius.view(-1, 1, 1, 1, 1)
-        return self.project(self.volume + self.masked(noise.to(self.volume)), norm)
+            noise = self._noise(seed, norm)
+        return self.project(self.volume + self.masked(noise), norm)
+
+    def _noise(self, seed, norm, index=None):
+        """The random start's noise (in the volume's dtype) of every volume, or of volume ``index`` alone."""
+        generator = torch.Generator().manual_seed(seed)
+        volume, epsilon = self.volume, self.epsilon
+        region = self.voxel_region
+        if index is not None:
+            volume, epsilon = volume[index:index + 1], epsilon[index:index + 1]
+            region = None if region is None or len(region) == 1 else region[index:index + 1]
+        if norm == "linf":
+            noise = (torch.rand(volume.shape, generator=generator, dtype=volume.dtype) * 2.0 - 1.0).to(volume)
+            return _in_dtype(epsilon, noise) * noise
+        noise = torch.randn(volume.shape, generator=generator, dtype=torch.float64).to(volume.device)
+        noise = noise if region is None else noise * region
+        radius = torch.rand((volume.shape[0],), generator=generator, dtype=torch.float64).to(volume.device)
+        return (noise / _norms(noise, "l2").clamp_min(_TINY) * epsilon * radius.view(-1, 1, 1, 1, 1)).to(volume)
 
     def score(self, point, criterion):
         """Per-volume badness of ``point`` for restarts (higher is worse for the network), one forward pass."""
@@ -503,6 +556,31 @@ class _Context:
             reference = self.target(outputs) if self.targeted else self.labels
             dice = torch.tensor(foreground_dice(outputs, self.activation, reference))
             return dice if self.targeted else -dice
+
+
+def _epsilon(attack, epsilon, volume):
+    """A number as a float; a list (one per volume, where the attack takes that) as a (B, 1, ..., 1) float64
+    tensor, so that each volume's arithmetic is that of its number (float64, rounded to the volume's dtype
+    where a Python number would be)."""
+    if not isinstance(epsilon, (list, tuple)):
+        return float(epsilon)
+    if not attack.batches_strengths():
+        raise InputError("{} takes one epsilon per call, got {}".format(attack.name, len(epsilon)))
+    if len(epsilon) != volume.shape[0]:
+        raise InputError("{} epsilons for {} volumes: give one per volume".format(len(epsilon), volume.shape[0]))
+    values = torch.tensor([float(e) for e in epsilon], dtype=torch.float64, device=volume.device)
+    return values.view((-1,) + (1,) * (volume.dim() - 1))
+
+
+def _listed(epsilon):
+    """A float as is, a per-volume tensor as a list of floats."""
+    return epsilon.flatten().tolist() if torch.is_tensor(epsilon) else epsilon
+
+
+def _in_dtype(value, like):
+    """A number as is; a per-volume float64 tensor rounded to ``like``'s dtype, as torch rounds a Python number
+    that multiplies a tensor (so that the arithmetic is the same)."""
+    return value.to(like.dtype) if torch.is_tensor(value) else value
 
 
 def _mean(per_voxel, mask=None):
@@ -533,6 +611,8 @@ class FGSM(Attack):
     summary: ClassVar[str] = ("Fast Gradient Sign Method (Goodfellow et al. 2015): one L-infinity step of epsilon "
                               "along the sign of the cross-entropy gradient")
 
+    per_volume_epsilon: ClassVar[bool] = True
+
     def run(self, context):
         context.plan(1)
         _, gradient, _ = context.evaluate(context.volume, lambda out: self._loss(context, out, 1, 1))
@@ -560,6 +640,9 @@ class PGD(Attack):
         if self.restarts > 1 and not self.random_start:
             raise InputError("{}: restarts need random_start (without it every restart is the same)".format(
                 self.name))
+
+    def batches_strengths(self):
+        return self.restarts == 1  # restarts run one epsilon at a time
 
     def run(self, context):
         context.plan(self.steps * self.restarts)
