@@ -14,7 +14,7 @@ Two cases, each measured in its own subprocess (so that its peak memory is its o
 
 Peak memory: above what the process held after its setup (CPU: the resident set, its high-water mark reset
 through /proc/self/clear_refs before each measured method; CUDA: ``torch.cuda.max_memory_allocated``).
-Also prints, for the demo, whether a batch of 3 strengths (B = 3) costs less than 3 single ones.
+Also prints, for the demo, a PGD sweep of 3 strengths one by one and as one batch (B = 3, ``batch_strengths``).
 
     python benchmarks/attack_speed.py [--device cuda] [--cases demo windowed] [--rounds 3] [--steps 5]
 """
@@ -150,16 +150,29 @@ def demo_case(args):
         "torchattacks": lambda: theirs(unit, labels),
     }
     result = measure(args, methods, steps)
-    triple = volume.expand(3, -1, -1, -1, -1).contiguous()
-    triple_labels = labels.expand(3, -1, -1, -1).contiguous()
-    single, batched = [], []
-    for _ in range(args.rounds):  # alternating, under the same load
-        single.append(timed(args.device, lambda: [pipeline_forward_backward(model, volume, labels)
-                                                  for _ in range(3)]))
-        batched.append(timed(args.device, lambda: pipeline_forward_backward(model, triple, triple_labels)))
-    result["batch3"] = {"three single s": statistics.median(single), "one batch of 3 s": statistics.median(batched)}
+    result["strengths"] = strengths_at_once(args, model, image)
     result["shape"] = list(volume.shape[2:])
     return result
+
+
+def strengths_at_once(args, model, image):
+    """A PGD sweep's three epsilons (2 iterations each) one by one and as one batch of 3 copies (alternating
+    rounds, medians): the probing of ``run_sweep`` (its clean prediction and metrics left out, alike for both)."""
+    import numpy as np
+    import torch
+    from MedAdvRobustnessLib.evaluation.sweep import Sweep
+    from MedAdvRobustnessLib.networks.volume import Volume
+    from MedAdvRobustnessLib.probes.attacks import PGD
+    volume = Volume.from_array(image.get_fdata(dtype=np.float32), image.affine)
+    with torch.no_grad():
+        clean_outputs = model(volume.as_tensor())
+    epsilons, seconds = [0.01, 0.02, 0.04], {False: [], True: []}
+    for _ in range(args.rounds):
+        for batched in (False, True):
+            sweep = Sweep(model, volume, clean_outputs, None, None, None, None, batched)
+            seconds[batched].append(timed(args.device, lambda: PGD(steps=2).outcomes(sweep, epsilons,
+                                                                                       lambda indices: None)))
+    return {"one by one s": statistics.median(seconds[False]), "at once s": statistics.median(seconds[True])}
 
 
 def windowed_case(args):
@@ -237,9 +250,10 @@ def print_demo(result):
     for name in ("floor", "ours", "torchattacks"):
         print("{:<14} {:>9.3f} {:>9.3f} {:>12.3f} {:>14.0f}".format(name, s[name], s[name] / s["floor"],
                                                                    s[name] / s["torchattacks"], memory[name]))
-    batch = result["batch3"]
-    print("3 strengths: one batch of 3 {:.2f} s, three single {:.2f} s (ratio {:.2f})".format(
-        batch["one batch of 3 s"], batch["three single s"], batch["one batch of 3 s"] / batch["three single s"]))
+    at_once = result["strengths"]
+    alone, together = at_once["one by one s"], at_once["at once s"]
+    print("PGD sweep of 3 epsilons (2 iterations each): one by one {:.2f} s, as one batch of 3 {:.2f} s (ratio "
+          "{:.2f})".format(alone, together, together / alone))
 
 
 WINDOWED_HEADER = "{:<13} {:>10} {:>7} {:>9} {:>8} {:>7} {:>10} {:>11} {:>11}".format(

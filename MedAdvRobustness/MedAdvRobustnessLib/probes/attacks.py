@@ -280,7 +280,6 @@ class Attack(Probe):
     strength_label: ClassVar[str] = "epsilon (fraction of intensity range)"
 
     target_label_alone: ClassVar[bool] = False  # whether target_label without a target mode means something
-    per_volume_epsilon: ClassVar[bool] = False  # whether it takes one epsilon per volume (see batches_strengths)
     seed: int = seed_parameter("seed of random starts and of the permute target")
     target_mode: Optional[str] = parameter(None, str, "targeted attack: target map built from the labels",
                                            choices=TARGET_MODES)
@@ -317,8 +316,8 @@ class Attack(Probe):
         return check_epsilons(epsilons)
 
     def batches_strengths(self):
-        """Whether a sweep may run all its epsilons as one batch (one epsilon per volume)."""
-        return self.per_volume_epsilon
+        """Whether it takes one epsilon per volume, so that a sweep may run all its epsilons as one batch."""
+        return False
 
     def intensity_budget(self, fraction, intensity_range, volume, region=None):
         """Epsilon in intensity units for a budget given as a fraction of the intensity range.
@@ -611,7 +610,8 @@ class FGSM(Attack):
     summary: ClassVar[str] = ("Fast Gradient Sign Method (Goodfellow et al. 2015): one L-infinity step of epsilon "
                               "along the sign of the cross-entropy gradient")
 
-    per_volume_epsilon: ClassVar[bool] = True
+    def batches_strengths(self):
+        return True
 
     def run(self, context):
         context.plan(1)
