@@ -165,23 +165,29 @@ def test_bad_comparison_settings_are_refused_before_anything_runs(scene_with_two
 
 def test_further_probes_and_seeds_make_the_study_probes():
     """Each probe with its own stored parameters (an attack at the epsilons, a corruption at the severities), once
-    per seed, the seed overriding a stored one."""
-    settings = module_logic.ProbeSettings(probe="fgsm", compareProbes="pgd,\nsmoothing", compareSeeds="0 1",
-                                          probeParameters='{"pgd": {"steps": "2"}, "smoothing": {"seed": "9"}}',
-                                          epsilons="0.01 0.02", severities="2 4")
+    per seed, the seed overriding a stored one; once as it is where its seed changes nothing (FGSM, smoothing)."""
+    settings = module_logic.ProbeSettings(probe="fgsm", compareProbes="pgd,\nrician_noise, smoothing",
+                                          compareSeeds="0 1", probeParameters='{"pgd": {"steps": "2"}, '
+                                          '"rician_noise": {"seed": "9"}}', epsilons="0.01 0.02", severities="2 4")
     probes = module_compare.bench_probes(settings)
-    assert [(probe["name"], probe.get("attack") or probe["corruption"]) for probe in probes] == [
-        ("fgsm seed 0", "fgsm"), ("fgsm seed 1", "fgsm"), ("pgd seed 0", "pgd"), ("pgd seed 1", "pgd"),
-        ("smoothing seed 0", "smoothing"), ("smoothing seed 1", "smoothing")]
-    assert [probe["params"] for probe in probes] == [{"seed": 0}, {"seed": 1}, {"steps": "2", "seed": 0},
-                                                     {"steps": "2", "seed": 1}, {"seed": 0}, {"seed": 1}]
-    assert [probe.get("epsilons") or probe.get("severities") for probe in probes] == [[0.01, 0.02]] * 4 + [[2, 4]] * 2
+    assert [(probe.get("name"), probe.get("attack") or probe["corruption"]) for probe in probes] == [
+        (None, "fgsm"), ("pgd seed 0", "pgd"), ("pgd seed 1", "pgd"),
+        ("rician_noise seed 0", "rician_noise"), ("rician_noise seed 1", "rician_noise"), (None, "smoothing")]
+    assert [probe["params"] for probe in probes] == [{}, {"steps": "2", "seed": 0}, {"steps": "2", "seed": 1},
+                                                     {"seed": 0}, {"seed": 1}, {}]
+    assert [probe.get("epsilons") or probe.get("severities") for probe in probes] == [[0.01, 0.02]] * 3 + [[2, 4]] * 3
+    settings.compareProbes = "pgd"
+    settings.probeParameters = '{"fgsm": {"target_mode": "permute"}, "pgd": {"random_start": "false"}}'
+    assert [probe.get("name") for probe in module_compare.bench_probes(settings)] == [
+        "fgsm seed 0", "fgsm seed 1", None]  # a permuted target draws from the seed; PGD without random start not
+    settings.compareProbes, settings.probeParameters = "pgd,\nsmoothing", '{"pgd": {"steps": "2"}, ' \
+        '"smoothing": {"seed": "9"}}'
     settings.compareSeeds = ""  # no seeds: each probe once, as it is
     assert module_compare.bench_probes(settings) == [
         {"attack": "fgsm", "epsilons": [0.01, 0.02], "params": {}},
         {"attack": "pgd", "epsilons": [0.01, 0.02], "params": {"steps": "2"}},
         {"corruption": "smoothing", "severities": [2, 4], "params": {"seed": "9"}}]
-    assert module_compare.probe_label(probes) == "fgsm, pgd, smoothing"
+    assert module_compare.probe_label(probes) == "fgsm, pgd, rician_noise, smoothing"
 
 
 def sample_crop(slicer_scene):
@@ -198,9 +204,9 @@ def sample_crop(slicer_scene):
 
 
 def test_comparison_combines_further_probes_and_seeds_into_the_instability_map(tmp_path):
-    """FGSM and a 1-step PGD, seeds 0 and 1, at two epsilons on a crop of the sample: four study probes; the
-    instability node is, per voxel, the fraction of the four fragility maps the study wrote that changed at or
-    below the middle epsilon."""
+    """FGSM and a 1-step PGD, seeds 0 and 1, at two epsilons on a crop of the sample: FGSM once (its seed changes
+    nothing), PGD once per seed; the instability node is, per voxel, the fraction of the three fragility maps the
+    study wrote that changed at or below the middle epsilon."""
     import json
     import nibabel as nib
     slicer_scene = SlicerScene.standalone()
@@ -214,9 +220,9 @@ def test_comparison_combines_further_probes_and_seeds_into_the_instability_map(t
     with open(str(tmp_path / "study.json")) as stream:
         probes = json.load(stream)["study"]["probes"]
     assert [(p["name"], p["probe"], p["params"]) for p in probes] == [
-        ("fgsm seed 0", "fgsm", {"seed": 0}), ("fgsm seed 1", "fgsm", {"seed": 1}),
-        ("pgd seed 0", "pgd", {"steps": "1", "seed": 0}), ("pgd seed 1", "pgd", {"steps": "1", "seed": 1})]
-    assert nodes["computed"] == 8  # 4 probes x 2 epsilons
+        ("fgsm", "fgsm", {"seed": 0}), ("pgd seed 0", "pgd", {"steps": "1", "seed": 0}),
+        ("pgd seed 1", "pgd", {"steps": "1", "seed": 1})]
+    assert nodes["computed"] == 6  # 3 probes x 2 epsilons
     assert [chart.GetName() for chart in nodes["charts"]] == ["bench {} Dice".format(p["name"]) for p in probes]
     summary = table_rows(nodes["summary"])
     assert [row["probe"] for row in summary] == [p["name"] for p in probes] + ["overall"]

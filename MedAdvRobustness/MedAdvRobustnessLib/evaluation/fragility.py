@@ -48,7 +48,13 @@ def first_change_map(strengths, changed):
 def middle_strength(result):
     """The strength in the middle of the sweep (the lower middle of an even count)."""
     strengths = [outcome.strength for outcome in result.outcomes[1:]]
-    return strengths[(len(strengths) - 1) // 2]
+    return float(strengths[(len(strengths) - 1) // 2])
+
+
+def changed_at_or_below(fragility, strength):
+    """Boolean map of the voxels whose label changes at or below ``strength``, compared as the float32 the map
+    holds (a float64 0.1 is above the map's float32 0.1)."""
+    return (fragility > 0) & (fragility <= np.float32(strength))
 
 
 def structure_rows(result):
@@ -86,8 +92,7 @@ def critical_strength(curve, threshold=CRITICAL_DICE):
 
 def unstable_labels(result, fragility, strength):
     """Label map: each voxel's clean label where its label changes at or below ``strength``, else 0."""
-    unstable = (fragility > 0) & (fragility <= strength)
-    return np.where(unstable, result.clean.prediction, 0).astype(result.clean.prediction.dtype)
+    return np.where(changed_at_or_below(fragility, strength), result.clean.prediction, 0).astype(result.clean.prediction.dtype)
 
 
 def largest_cluster_centre(mask):
@@ -107,7 +112,7 @@ def instability_map(fragility_maps, strengths):
     which it changes at or below that strength."""
     counts = None
     for fragility, strength in zip(fragility_maps, strengths):
-        unstable = ((fragility > 0) & (fragility <= strength)).astype(np.float32)
+        unstable = changed_at_or_below(fragility, strength).astype(np.float32)
         counts = unstable if counts is None else counts + unstable
     return counts / len(fragility_maps)
 

@@ -21,7 +21,7 @@ import slicer
 
 from ..study.cases import REFERENCE_MARKERS, is_class_case
 from ..errors import InputError
-from ..probes.registry import is_corruption, probe_names, probe_parameters
+from ..probes.registry import is_corruption, make_probe, probe_names
 from .logic import (WorkerRun, add_nodes_in_folder, numbered, probe_from_settings, read_settings, true_class,
                     reference_from_segments, segment_masks, stored_probe_parameters, unique_folder_name)
 from ..scene.nodes import labels_from_node, volume_from_node
@@ -110,9 +110,10 @@ def seed_list(text):
 
 def seeded_probes(probe, seeds):
     """The study probe once per seed, named ``<probe> seed <N>`` with the parameter seed N; once as it is without
-    seeds or when the probe has no seed parameter."""
+    seeds or when its seed changes nothing (FGSM, PGD without random start: more seeds would only count the same
+    probe more often in the instability map)."""
     name = probe.get("attack") or probe["corruption"]
-    if not seeds or "seed" not in {parameter.name for parameter in probe_parameters(name)}:
+    if not seeds or not make_probe(name, **probe["params"]).draws_from_seed():
         return [probe]
     return [dict(probe, name="{} seed {}".format(name, seed), params=dict(probe["params"], seed=seed))
             for seed in seeds]

@@ -319,6 +319,9 @@ class Attack(Probe):
         """Whether it takes one epsilon per volume, so that a sweep may run all its epsilons as one batch."""
         return False
 
+    def draws_from_seed(self):
+        return bool(getattr(self, "random_start", False)) or self.target_mode == "permute"
+
     def intensity_budget(self, fraction, intensity_range, volume, region=None):
         """Epsilon in intensity units for a budget given as a fraction of the intensity range.
 

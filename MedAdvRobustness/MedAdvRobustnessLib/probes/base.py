@@ -37,6 +37,10 @@ class Probe:
         """The strengths checked and sorted (InputError on a bad one)."""
         raise NotImplementedError
 
+    def draws_from_seed(self):
+        """Whether its seed changes what it does (a random start, a random target, a random corruption)."""
+        return False
+
     def outcome(self, sweep, strength, report):
         """The :class:`~..evaluation.records.Outcome` at ``strength`` on the volume of ``sweep`` (a
         :class:`~..evaluation.sweep.Sweep`); ``report(step, steps, loss=None, dice=None)`` tells the progress."""

@@ -157,6 +157,9 @@ class CorruptionProbe(Probe):
     def moves_anatomy(self):
         return _corruption(self.name).spatial
 
+    def draws_from_seed(self):
+        return _corruption(self.name).random
+
     def check_strengths(self, severities):
         """Sorted distinct severities, each one of 1..5."""
         values = sorted({_check_severity(int(s) if float(s) == int(s) else s) for s in severities})
