@@ -714,47 +714,15 @@ class MedAdvRobustnessLogic(ScriptedLoadableModuleLogic):
         """Clean and attacked side by side (linked, outlines; the fragility map over the clean volume, the
         perturbation over the attacked one), plot and table below; the slices centred on the largest cluster of
         unstable voxels. A classifier's results: see :meth:`showClassification`."""
-        from MedAdvRobustnessLib.scene.layouts import ATTACKED_VIEW, CLEAN_VIEW
+        from MedAdvRobustnessLib.scene.layouts import show_comparison
 
         if "segmentation" not in nodes:
             MedAdvRobustnessLogic.showClassification(nodes)
             return
         layoutManager = MedAdvRobustnessLogic._comparisonLayout()
-        strongest = max(nodes["probed"])
-        clean = nodes["segmentation"][0.0]
-        cleanVolume = nodes["input"]
-        views = ((CLEAN_VIEW, cleanVolume, clean),
-                 (ATTACKED_VIEW, nodes["probed"][strongest], nodes["segmentation"][strongest]))
-        perturbation = nodes["perturbation"][strongest]
-        MedAdvRobustnessLogic._showSigned(perturbation)
-        for segmentation in nodes["segmentation"].values():
-            segmentation.GetDisplayNode().SetVisibility(False)
-        # Linked slices need one orientation: the attacked view follows the clean one (the user may change it).
-        cleanSlice = layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode()
-        layoutManager.sliceWidget(ATTACKED_VIEW).mrmlSliceNode().SetOrientation(cleanSlice.GetOrientation())
-        fragility = nodes.get("fragility")
-        for viewName, background, segmentation in views:
-            sliceWidget = layoutManager.sliceWidget(viewName)
-            composite = sliceWidget.mrmlSliceCompositeNode()
-            composite.SetBackgroundVolumeID(background.GetID() if background else None)
-            overlay = fragility if viewName == CLEAN_VIEW and fragility is not None else perturbation
-            composite.SetForegroundVolumeID(overlay.GetID())
-            composite.SetForegroundOpacity(0.7 if overlay is fragility else 0.4)
-            composite.SetLinkedControl(True)
-            display = segmentation.GetDisplayNode()
-            display.SetVisibility(True)
-            display.SetVisibility2DFill(False)
-            display.SetVisibility2DOutline(True)
-            display.AddViewNodeID(sliceWidget.mrmlSliceNode().GetID())
-            sliceWidget.sliceLogic().FitSliceToAll()
-        if nodes.get("unstable") is not None:  # to review in the Segment Editor: outlines in the clean view
-            unstableDisplay = nodes["unstable"].GetDisplayNode()
-            unstableDisplay.SetVisibility2DFill(False)
-            unstableDisplay.SetViewNodeIDs([layoutManager.sliceWidget(CLEAN_VIEW).mrmlSliceNode().GetID()])
-        if nodes.get("focus") is not None:
-            from MedAdvRobustnessLib.scene.layouts import jump_slices_to
-
-            jump_slices_to(slicer.mrmlScene, nodes["focus"], (CLEAN_VIEW, ATTACKED_VIEW))
+        MedAdvRobustnessLogic._showSigned(nodes["perturbation"][max(nodes["probed"])])
+        show_comparison(slicer.mrmlScene, nodes,
+                        fit_view=lambda viewName: layoutManager.sliceWidget(viewName).sliceLogic().FitSliceToAll())
         MedAdvRobustnessLogic._showChartAndTable(layoutManager, nodes)
 
     @staticmethod
