@@ -100,6 +100,8 @@ def test_instability_counts_the_sweeps_in_which_a_voxel_changes_by_their_middle_
     a = np.array([0.0, 0.01, 0.02, 0.04], np.float32)
     b = np.array([2.0, 0.0, 3.0, 1.0], np.float32)
     assert np.allclose(instability_map([a, b], [0.02, 3.0]), [0.5, 0.5, 1.0, 0.5])
+    # a strength given as float64 is compared as the float32 the map holds (float64 0.01 > float32 0.01)
+    assert np.allclose(instability_map([a], [np.float64(0.01)]), [0.0, 1.0, 0.0, 0.0])
 
 
 def test_auroc_and_top_fractions_equal_their_definitions():
@@ -158,6 +160,7 @@ def test_fragility_files_and_nodes(demo_sweep, tmp_path):
     coloured fragility volume (0 thresholded out), the structures table and the unstable segmentation."""
     import csv
     import json
+    from MedAdvRobustnessLib.module.logic import segment_masks
     from MedAdvRobustnessLib.scene.fragility import add_fragility_nodes, write_fragility_files
     from MedAdvRobustnessLib.scene.slicer_scene import SlicerScene
     _, result, _ = demo_sweep
@@ -194,7 +197,8 @@ def test_fragility_files_and_nodes(demo_sweep, tmp_path):
 
     # saved as a .mrb and read back: the same map, colours, threshold, table and unstable segments
     scene.write_mrb(tmp_path / "fragility.mrb")
-    loaded = SlicerScene.read_mrb(tmp_path / "fragility.mrb").scene
+    loaded_scene = SlicerScene.read_mrb(tmp_path / "fragility.mrb")
+    loaded = loaded_scene.scene
     node = loaded.GetFirstNodeByName("sample fragility fgsm")
     assert np.array_equal(util.arrayFromVolume(node), util.arrayFromVolume(volume_node))
     shown = node.GetDisplayNode()
@@ -211,3 +215,9 @@ def test_fragility_files_and_nodes(demo_sweep, tmp_path):
     assert loaded.GetFirstNodeByName(nodes["structures"].GetName()).GetNumberOfRows() == 3
     reloaded = loaded.GetFirstNodeByName("sample unstable at <= 0.01 fgsm").GetSegmentation()
     assert reloaded.GetNumberOfSegments() == segmentation.GetNumberOfSegments()
+    expected = unstable_labels(result, fragility, 0.01)  # the same names and voxels after the reload
+    masks = segment_masks(loaded_scene, loaded.GetFirstNodeByName("sample unstable at <= 0.01 fgsm"), None, node,
+                          result.volume)
+    assert [name for name, _ in masks] == [label.name for label in result.labels[1:]]
+    for (name, mask), label in zip(masks, result.labels[1:]):
+        assert mask.any() and np.array_equal(mask, expected == label.value), name
