@@ -3,7 +3,8 @@
 Two cases, each measured in its own subprocess (so that its peak memory is its own):
 
 - ``demo``: the demo network on the embedded 2 mm sample (one 96^3 window). Floor: one forward + one backward
-  of the attacked pipeline (``model(x)`` with autograd, intensity percentiles included, cross-entropy); ours:
+  of the attacked pipeline (``model(x)`` with autograd, intensity percentiles included, cross-entropy; "floor,
+  conv": the same with the stride-1 convolutions' input gradients taken as forward convolutions, as ours); ours:
   ``PGD`` L-infinity; theirs: ``torchattacks.PGD`` on the same model seen through [0, 1] inputs. Rounds
   alternate floor, ours and theirs, so all three see the same machine load; medians of the rounds.
 - ``windowed``: the demo UNet on the 1 mm MNI152 T1 (197x233x189, from the nilearn wheel) in 96^3 windows
@@ -104,13 +105,18 @@ class UnitRange:
         return Wrapped().eval()
 
 
-def pipeline_forward_backward(model, volume, labels):
-    """The floor of a whole-volume network: one forward + one backward of the attacked pipeline."""
+def pipeline_forward_backward(model, volume, labels, convolutions=False):
+    """The floor of a whole-volume network: one forward + one backward of the attacked pipeline by PyTorch's
+    autograd (``convolutions``: with the stride-1 convolutions' input gradients as forward convolutions)."""
+    import contextlib
     import torch
+    from MedAdvRobustnessLib.networks.convolutions import input_gradient_convolutions
     from MedAdvRobustnessLib.networks.outputs import voxel_loss
     point = volume.detach().clone().requires_grad_(True)
-    loss = voxel_loss(model(point), labels, model.activation).mean()
-    gradient, = torch.autograd.grad(loss, point)
+    swap = input_gradient_convolutions(model.network, model.device) if convolutions else contextlib.nullcontext()
+    with swap:
+        loss = voxel_loss(model(point), labels, model.activation).mean()
+        gradient, = torch.autograd.grad(loss, point)
     return gradient
 
 
@@ -146,6 +152,7 @@ def demo_case(args):
     unit = (volume - low) / (high - low)
     methods = {
         "floor": lambda: [pipeline_forward_backward(model, volume, labels) for _ in range(steps)],
+        "floor, conv": lambda: [pipeline_forward_backward(model, volume, labels, True) for _ in range(steps)],
         "ours": lambda: ours(model, volume, labels, fraction * (high - low), (low, high)),
         "torchattacks": lambda: theirs(unit, labels),
     }
@@ -247,7 +254,7 @@ def print_demo(result):
         "x".join(map(str, result["shape"]))))
     print("{:<14} {:>9} {:>9} {:>12} {:>14}".format("method", "s / iter", "/ floor", "/ torchattacks",
                                                     "peak MB above"))
-    for name in ("floor", "ours", "torchattacks"):
+    for name in ("floor", "floor, conv", "ours", "torchattacks"):
         print("{:<14} {:>9.3f} {:>9.3f} {:>12.3f} {:>14.0f}".format(name, s[name], s[name] / s["floor"],
                                                                    s[name] / s["torchattacks"], memory[name]))
     at_once = result["strengths"]

@@ -1,13 +1,15 @@
 """The faster attack paths give what the slower ones gave: windowed gradients with kept windows (all, some, none)
 equal to recomputing every window and to autograd; the float32 L-infinity projection equal to the float64 one; the
 confusion-count Dice equal to MONAI's; the tail selection of percentiles equal to a stable sort; a batch of
-strengths equal to one strength at a time."""
+strengths equal to one strength at a time; the input gradients of stride-1 convolutions, taken as forward
+convolutions, equal to PyTorch's backward."""
 import numpy as np
 import pytest
 import torch
 
 from conftest import SHAPE, random_volume, tiny_model
 from MedAdvRobustnessLib.evaluation.metrics import dice_per_label, mean_dice
+from MedAdvRobustnessLib.networks.convolutions import input_gradient_convolutions, swappable
 from MedAdvRobustnessLib.networks.models import ModelDescription, SegmentationModel
 from MedAdvRobustnessLib.networks.outputs import voxel_loss
 from MedAdvRobustnessLib.networks.preprocessing import order_indices
@@ -120,3 +122,63 @@ def test_pgd_record_is_unchanged_by_the_single_loss():
     with torch.no_grad():
         expected = [float(voxel_loss(model(p), labels, "logits").mean()) for p in points]
     assert record.losses == pytest.approx(expected, rel=1e-6) and len(record.dice) == 3
+
+
+def convolution_layers():
+    """Every kind of stride-1 convolution the swap takes (odd, even and 1 kernels, zero to kernel - 1 padding, 2D
+    and 3D, with and without bias) and the kinds it leaves to PyTorch."""
+    taken = [torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Conv3d(3, 2, (1, 2, 5), padding=(0, 1, 4), bias=False),
+             torch.nn.Conv3d(2, 2, 1), torch.nn.Conv2d(2, 3, (3, 4), padding=(2, 0))]
+    left = [torch.nn.Conv3d(2, 2, 3, stride=2, padding=1), torch.nn.Conv3d(2, 2, 3, dilation=2, padding=2),
+            torch.nn.Conv3d(2, 2, 3, groups=2, padding=1), torch.nn.Conv3d(2, 2, 3, padding=1, padding_mode="reflect"),
+            torch.nn.Conv3d(2, 2, 3, padding="same"), torch.nn.ConvTranspose3d(2, 2, 3, padding=1)]
+    return taken, left
+
+
+def test_stride_one_input_gradients_equal_pytorch_backward():
+    torch.manual_seed(7)
+    taken, left = convolution_layers()
+    assert all(swappable(layer) for layer in taken) and not any(swappable(layer) for layer in left)
+    for layer in taken + left:
+        layer.double()
+        shape = (2, layer.in_channels) + ((7, 6) if isinstance(layer, torch.nn.Conv2d) else (7, 6, 9))
+        inputs = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        expected_outputs = layer(inputs)
+        cotangent = torch.randn_like(expected_outputs)
+        expected, = torch.autograd.grad(expected_outputs, inputs, cotangent)
+        with input_gradient_convolutions(layer, torch.device("cpu")):
+            assert ("forward" in vars(layer)) == any(layer is swapped for swapped in taken)
+            outputs = layer(inputs)
+            gradient, = torch.autograd.grad(outputs, inputs, cotangent)
+        assert "forward" not in vars(layer)  # PyTorch's own forward again after the block
+        assert torch.equal(outputs, expected_outputs)  # the same forward call
+        torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_swapped_convolutions_are_restored_after_an_error_and_left_alone_on_cuda():
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.Conv3d(2, 2, 3, padding=1))
+    with pytest.raises(RuntimeError):
+        with input_gradient_convolutions(network, torch.device("cpu")):
+            assert all("forward" in vars(layer) for layer in network)
+            raise RuntimeError("stopped")
+    assert not any("forward" in vars(layer) for layer in network)
+    with input_gradient_convolutions(network, torch.device("cuda")):  # a fast backward there: nothing changes
+        assert not any("forward" in vars(layer) for layer in network)
+
+
+def test_attack_gradient_equals_plain_autograd_on_the_demo_network():
+    """The demo UNet (stride-1, strided and transposed convolutions): the gradient of ``loss_and_gradient`` equals
+    autograd through the plain network, and the outputs are bit for bit the same."""
+    from MedAdvRobustnessLib.networks.models import load_model
+    model = load_model("demo")
+    generator = torch.Generator().manual_seed(8)
+    volume = torch.rand((1, 1, 40, 48, 40), generator=generator) * 500.0
+    with torch.no_grad():
+        labels = model.predict(volume)
+    loss = lambda outputs: voxel_loss(outputs, labels, model.activation).mean()  # noqa: E731
+    point = volume.clone().requires_grad_(True)
+    expected_outputs = model(point)
+    expected, = torch.autograd.grad(loss(expected_outputs), point)
+    _, gradient, outputs = model.loss_and_gradient(volume, loss)
+    assert torch.equal(outputs, expected_outputs.detach())
+    torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .convolutions import input_gradient_convolutions
 from .outputs import Regions, check_activation, label_count, predict_labels
 from .steps import apply_step, check_steps, default_steps, file_exact_affine, step_shape, step_text
 from .windowed import (GRADIENT_MODES, WindowKeeper, available_memory, default_memory_budget, is_nnunet_window,
@@ -465,8 +466,13 @@ class SegmentationModel(torch.nn.Module):
         then through the resampling and normalisation to the raw intensities: exact for any loss of the outputs.
         Where one window covers the input, plain autograd does the same with one forward pass fewer. Within
         ``memory_budget`` the windows' graphs are kept from the forward pass instead of being recomputed
-        (:class:`WindowKeeper`; ``gradient_report`` says how many were).
+        (:class:`WindowKeeper`; ``gradient_report`` says how many were). On CPU the stride-1 convolutions pass
+        their input gradients as forward convolutions (:func:`input_gradient_convolutions`).
         """
+        with input_gradient_convolutions(self.network, self.device):
+            return self._loss_and_gradient(volume, loss_fn)
+
+    def _loss_and_gradient(self, volume, loss_fn):
         volume = volume.detach().requires_grad_(True)
         inputs, plan = self.prepare(volume)
         self.gradient_report = None
