@@ -155,7 +155,7 @@ def test_stride_one_input_gradients_equal_pytorch_backward():
         torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_swapped_convolutions_are_restored_after_an_error_and_left_alone_on_cuda():
+def test_swapped_convolutions_are_restored_after_an_error_and_left_alone_on_cuda_and_with_amp():
     network = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.Conv3d(2, 2, 3, padding=1))
     with pytest.raises(RuntimeError):
         with input_gradient_convolutions(network, torch.device("cpu")):
@@ -163,6 +163,8 @@ def test_swapped_convolutions_are_restored_after_an_error_and_left_alone_on_cuda
             raise RuntimeError("stopped")
     assert not any("forward" in vars(layer) for layer in network)
     with input_gradient_convolutions(network, torch.device("cuda")):  # a fast backward there: nothing changes
+        assert not any("forward" in vars(layer) for layer in network)
+    with input_gradient_convolutions(network, torch.device("cpu"), amp=True):  # autocast's dtypes: PyTorch's own
         assert not any("forward" in vars(layer) for layer in network)
 
 

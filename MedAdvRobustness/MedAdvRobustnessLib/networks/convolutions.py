@@ -44,7 +44,7 @@ def swappable(module):
 
 
 def _forward(module, inputs):
-    if not inputs.requires_grad or torch.is_autocast_enabled("cpu"):  # no gradient, or autocast's dtypes: PyTorch's
+    if not inputs.requires_grad:
         return type(module).forward(module, inputs)
     bias = None if module.bias is None else module.bias.detach()
     return _InputGradientConvolution.apply(inputs, module.weight.detach(), bias, module.padding,
@@ -52,10 +52,12 @@ def _forward(module, inputs):
 
 
 @contextmanager
-def input_gradient_convolutions(network, device):
-    """Within this block (on CPU), the stride-1 convolutions of ``network`` pass input gradients only, each as a
-    forward convolution; elsewhere (CUDA, whose backward is fast) nothing changes."""
-    layers = [module for module in network.modules() if swappable(module)] if device.type == "cpu" else []
+def input_gradient_convolutions(network, device, amp=False):
+    """Within this block (on CPU, without autocast), the stride-1 convolutions of ``network`` pass input gradients
+    only, each as a forward convolution; elsewhere (CUDA, whose backward is fast; autocast's dtypes) nothing
+    changes."""
+    swap = device.type == "cpu" and not amp
+    layers = [module for module in network.modules() if swappable(module)] if swap else []
     for layer in layers:
         layer.forward = _forward.__get__(layer)
     try:

@@ -469,7 +469,7 @@ class SegmentationModel(torch.nn.Module):
         (:class:`WindowKeeper`; ``gradient_report`` says how many were). On CPU the stride-1 convolutions pass
         their input gradients as forward convolutions (:func:`input_gradient_convolutions`).
         """
-        with input_gradient_convolutions(self.network, self.device):
+        with input_gradient_convolutions(self.network, self.device, self.amp):
             return self._loss_and_gradient(volume, loss_fn)
 
     def _loss_and_gradient(self, volume, loss_fn):
