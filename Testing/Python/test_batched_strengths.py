@@ -113,3 +113,29 @@ def test_an_attack_called_with_a_list_of_epsilons_checks_it():
     with pytest.raises(InputError, match="^epsilon must be positive, got \\[1.0, 0.0\\]"):
         make_probe("fgsm")(model, volume.expand(2, -1, -1, -1, -1), labels.expand(2, -1, -1, -1), [1.0, 0.0],
                            (-50.0, 350.0))
+
+
+def test_the_default_decision_names_what_keeps_a_sweep_one_by_one():
+    """The demo declares a 96^3 window: on the 2 mm sample one window covers it (only the device stops a batch
+    here), on a 100x97x90 volume several do; a foreground crop stops it first."""
+    import nibabel as nib
+    import torch
+    from MedAdvRobustnessLib.evaluation.sweep import Sweep
+    model = load_model("demo")
+    image = nib.as_closest_canonical(nib.load(str(SAMPLE_VOLUME)))
+    sample = Volume.from_array(image.get_fdata(dtype=np.float32), image.affine)
+    large = Volume.from_array(np.ones((100, 97, 90), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    reasons = []
+    for volume in (sample, large):
+        outputs = torch.zeros((1, 4) + volume.array.shape[-3:])
+        sweep = Sweep(model, volume, outputs, None, None, None, None)
+        reasons.append(sweep.default_obstacle())
+        assert sweep.batches(3) is False
+    assert reasons == ["on cpu a batch of strengths costs more than one by one",
+                       "demo-unet runs in several windows over this volume"]
+    base = tiny_model(intensity="none")
+    cropping = SegmentationModel(base.network, ModelDescription(name="cropping", output_activation="logits",
+                                                                intensity={"type": "none"}, crop={"threshold": 0.0}))
+    volume = small_volume()
+    sweep = Sweep(cropping, volume, torch.zeros((1, 4) + volume.array.shape[-3:]), None, None, None, None)
+    assert sweep.default_obstacle() == "the foreground crop of cropping takes one box for a whole batch"

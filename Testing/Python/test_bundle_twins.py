@@ -391,6 +391,38 @@ def test_skip_untwinned_loads_a_bundle_without_the_transforms_that_have_no_twin(
         load_bundle(root, skip_untwinned=True)
 
 
+POSTPROCESSING_HEAD = [{"_target_": "Activationsd", "softmax": True},
+                       {"_target_": "Invertd", "transform": "@preprocessing", "orig_keys": "image",
+                        "nearest_interp": False, "to_tensor": True}]
+
+
+@pytest.mark.parametrize("tail, refused", [
+    ([{"_target_": "AsDiscreted", "argmax": True}, {"_target_": "SaveImaged", "output_dir": "out"}], None),
+    ([{"_target_": "AsDiscreted", "argmax": True}, {"_target_": "KeepLargestConnectedComponentd",
+                                                    "applied_labels": [1, 2]}], "KeepLargestConnectedComponent"),
+    ([{"_target_": "AsDiscreted", "threshold": 0.3}], r"AsDiscrete\(.*threshold=0.3"),
+    ([{"_target_": "FillHolesd"}], "FillHoles"),
+])
+def test_postprocessing_that_changes_the_labels_is_refused_by_name(tmp_path, tail, refused):
+    """Post-processing beyond the activation, Invertd and a plain AsDiscrete would give labels other than the
+    bundle's: refused by name; ``skip_untwinned`` loads the bundle without it, and the report says so."""
+    torch.manual_seed(0)
+    transforms = [{"_target_": "Orientationd", "axcodes": "RAS"}, {"_target_": "NormalizeIntensityd"}]
+    root = write_bundle(tmp_path / "bundle", UNet(**UNET).eval(), UNET, transforms, (16, 16, 16),
+                        POSTPROCESSING_HEAD + tail, LABELS)
+    if refused is None:
+        assert load_model(root).load_notes == []
+        return
+    with pytest.raises(InputError, match="its postprocessing runs {}.*which changes the labels and is not "
+                                         "reproduced".format(refused)):
+        load_bundle(root)
+    model = load_model(root, skip_untwinned=True)
+    note = [line for line in model.load_notes if line.startswith("postprocessing transform")]
+    assert len(note) == 1 and "the labels may differ from the bundle's" in note[0]
+    assert "without its postprocessing transform" in model.description.notes
+    assert "note: " + note[0] in describe(model, torch.rand((1, 1, 20, 18, 17))).lines()
+
+
 # ------------------------------------------------------------------------- CropForeground, NormalizeIntensity
 @pytest.mark.parametrize("settings", [
     {"k_divisible": 4},  # grown past the grid's edge along x and z

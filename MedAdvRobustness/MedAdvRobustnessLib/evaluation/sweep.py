@@ -132,17 +132,27 @@ class Sweep:
 
     def batches(self, count):
         """Whether ``count`` strengths run as one batch of ``count`` copies of the volume: ``batch_strengths``
-        True (InputError where the network's pipeline is not per volume), False, or None: only for a CUDA
-        whole-volume network whose batch fits in free GPU memory (:func:`batch_fits`; on the CPU a batch of 3
-        costs 1.1 to 1.3 x three single passes, see the README)."""
-        unfit = batch_obstacle(self.model)
+        True (InputError where the network's pipeline is not per volume), False, or None: only where
+        :meth:`default_obstacle` finds nothing and the batch fits in free GPU memory (:func:`batch_fits`)."""
         if self.batch_strengths is not None:
+            unfit = batch_obstacle(self.model)
             if self.batch_strengths and unfit:
                 raise InputError("strengths cannot run as one batch: {}; run them one by one".format(unfit))
             return bool(self.batch_strengths)
-        if unfit or self.model.device.type != "cuda" or self.model.description.window:
-            return False
-        return batch_fits(self.model, self.inputs, self.loss_labels, count)
+        return self.default_obstacle() is None and batch_fits(self.model, self.inputs, self.loss_labels, count)
+
+    def default_obstacle(self):
+        """Why strengths run one by one by default (None: as one batch, where it fits): a pipeline that is not
+        per volume, more than one window over the volume (each copy's windows would be run one by one anyway),
+        or a device other than CUDA (on the CPU a batch of 3 costs 1.1 to 1.4 x three single passes: README)."""
+        unfit = batch_obstacle(self.model)
+        if unfit:
+            return unfit
+        if not self.model.covers_in_one_window(self.inputs):
+            return "{} runs in several windows over this volume".format(self.model.description.name)
+        if self.model.device.type != "cuda":
+            return "on {} a batch of strengths costs more than one by one".format(self.model.device.type)
+        return None
 
 
 def batch_obstacle(model):

@@ -161,6 +161,15 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
     description.spacing = next((step["spacing"] for step in steps if "spacing" in step), None)
     description.window = _window(reader, config, notes)
     activation, description.activation_after_inference = _activation(reader)
+    dropped = _untwinned_postprocessing(reader)
+    if dropped and not skip_untwinned:
+        raise InputError("bundle {}: its postprocessing runs {}, which changes the labels and is not reproduced "
+                         "(reproduced are Activations, Invert, AsDiscrete by argmax or at threshold 0.5, and loading, "
+                         "type and saving transforms); skip_untwinned=True (--skip-untwinned) predicts without "
+                         "it".format(where, ", ".join(dropped)))
+    if dropped:
+        notes.append("postprocessing transform{} {} skipped (not reproduced; skip_untwinned): the labels may differ "
+                     "from the bundle's".format("s" if len(dropped) > 1 else "", ", ".join(dropped)))
     description.output_activation = activation
     description.labels = _labels(outputs_format, activation, where)
     description.task = _task(outputs_format.get(reader.output_key))
@@ -169,6 +178,9 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
     if skipped:
         description.notes += "; without its preprocessing transform{} {} (no twin, skipped)".format(
             "s" if len(skipped) > 1 else "", ", ".join(skipped))
+    if dropped:
+        description.notes += "; without its postprocessing transform{} {} (not reproduced, skipped)".format(
+            "s" if len(dropped) > 1 else "", ", ".join(dropped))
     description.steps()  # every step can run (InputError naming it otherwise)
     model = SegmentationModel(network, description, source="MONAI bundle {}".format(where))
     model.load_notes = notes
@@ -588,6 +600,22 @@ def _activation(reader):
                 inverted = any(later == "Invert" for later, _ in found[index + 1:])
                 return ("softmax", "softmax") if inverted else ("logits", None)
     return None, None
+
+
+def _untwinned_postprocessing(reader):
+    """The postprocessing transforms (on the output key) that change the labels in a way not reproduced: all but
+    loading, type and saving transforms, Activations, Invert and AsDiscrete by argmax or at threshold 0.5 (the
+    labels the outputs give here)."""
+    dropped = []
+    for name, args in reader.transforms("postprocessing", reader.output_key, {"AsDiscrete"}):
+        if name in NEUTRAL or name in ("Activations", "Invert"):
+            continue
+        if name == "AsDiscrete" and args is not None and not args.get("rounding") \
+                and args.get("threshold") in (None, 0.5):
+            continue
+        dropped.append(name if args is None else "{}({})".format(name, ", ".join(
+            "{}={}".format(key, value) for key, value in sorted(args.items()) if key not in SIGNATURE_ARGS)))
+    return dropped
 
 
 def _data_format(metadata):

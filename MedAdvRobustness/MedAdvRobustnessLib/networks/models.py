@@ -467,7 +467,8 @@ class SegmentationModel(torch.nn.Module):
         Where one window covers the input, plain autograd does the same with one forward pass fewer. Within
         ``memory_budget`` the windows' graphs are kept from the forward pass instead of being recomputed
         (:class:`WindowKeeper`; ``gradient_report`` says how many were). On CPU the stride-1 convolutions pass
-        their input gradients as forward convolutions (:func:`input_gradient_convolutions`).
+        their input gradients as forward convolutions (:func:`input_gradient_convolutions`): during this call
+        they give no gradient to their weights, in any thread.
         """
         with input_gradient_convolutions(self.network, self.device, self.amp):
             return self._loss_and_gradient(volume, loss_fn)
@@ -508,11 +509,19 @@ class SegmentationModel(torch.nn.Module):
         budget = self.memory_budget if self.memory_budget is not None else default_memory_budget(inputs.device)
         roi = window_settings(self.description.window)["roi_size"]
         voxels = inputs.shape[0] * int(np.prod([max(i, r) for i, r in zip(inputs.shape[2:], roi)]))
-        key = (tuple(inputs.shape), inputs.dtype, repr(self.description.window), self.amp)
+        key = (tuple(inputs.shape), inputs.dtype, str(inputs.device), repr(self.description.window), self.amp)
         keeper = WindowKeeper(self.run_network, budget, voxels, measured=self._window_graphs.get(key),
                               shared=list(self.network.parameters()) + list(self.network.buffers()))
         keeper.key = key
         return keeper
+
+    def covers_in_one_window(self, volume):
+        """Whether one window covers the network input of ``volume`` (a whole-volume network: always)."""
+        if not self.description.window:
+            return True
+        with torch.no_grad():
+            inputs, _ = self.prepare(volume[:1])
+        return self._one_window(inputs)
 
     def _one_window(self, inputs):
         if inputs.shape[0] != 1:

@@ -303,6 +303,14 @@ class WindowKeeper:
         return {"mode": mode, "batches": batches, "kept": kept, "recomputed": batches - kept,
                 "budget": self.budget, "window_bytes": self.window_bytes, "reserve": self.reserve}
 
+    @staticmethod
+    def line(report):
+        """One line for the user: which mode the windowed gradient ran in, and within what budget."""
+        if "kept" not in report:  # a model that aggregates its own tiles (nnU-Net): each one recomputed
+            return "windowed gradient: {} (every tile recomputed)".format(report["mode"])
+        return "windowed gradient: {} ({} of {} window batches kept, {} recomputed; budget {:.2f} GiB)".format(
+            report["mode"], report["kept"], report["batches"], report["recomputed"], report["budget"] / 2 ** 30)
+
     def _measured(self, leaf):
         stored = {}
 
