@@ -75,13 +75,18 @@ def medadv_prediction(model, volume):
 
 
 UNEVEN_ZEROS = ((7, 2), (0, 9), (4, 5))
-CASES = {  # geometry, folds, mirroring, plans edited (transposed axes and CT normalisation), zero margins
-    "permuted, fold 0, no mirroring": ("permuted and flipped, 2 mm", ["0"], False, False, None),
-    "oblique anisotropic, folds 0 1, mirroring": ("oblique, 1.2x1.2x4.2 mm (coarse axis apart)", ["0", "1"], True,
-                                                  False, None),
-    "anisotropic, zero margins, transposed CT plans, fold 1": ("permuted, 2.6x1.6x2.2 mm", ["1"], False, True,
-                                                               UNEVEN_ZEROS),
+OBLIQUE = "oblique, 1.2x1.2x4.2 mm (coarse axis apart)"
+CASES = {  # geometry, folds, mirroring, plans edit (see edited_plans), zero margins, crop
+    "permuted, fold 0, no mirroring": ("permuted and flipped, 2 mm", ["0"], False, None, None, CROP),
+    "oblique anisotropic, folds 0 1, mirroring": (OBLIQUE, ["0", "1"], True, None, None, CROP),
+    "anisotropic, zero margins, transposed CT plans, fold 1": ("permuted, 2.6x1.6x2.2 mm", ["1"], False,
+                                                               "transposed CT", UNEVEN_ZEROS, CROP),
+    "oblique, z-score without the mask, folds 0 1, no mirroring": (OBLIQUE, ["0", "1"], False, "z-score unmasked",
+                                                                   UNEVEN_ZEROS, SMALL_CROP),
+    "oblique, rescaled to 0-1, folds 0 1, no mirroring": (OBLIQUE, ["0", "1"], False, "rescale to 0-1",
+                                                          UNEVEN_ZEROS, SMALL_CROP),
 }
+PLANS_EDITS = {"z-score unmasked": ("ZScoreNormalization", False), "rescale to 0-1": ("RescaleTo01Normalization", False)}
 
 
 def transposed_ct_plans(folder, target):
@@ -97,11 +102,25 @@ def transposed_ct_plans(folder, target):
     return target
 
 
+def edited_plans(folder, target, edit):
+    """The model with plans edited: ``transposed CT`` (:func:`transposed_ct_plans`) or another normalisation scheme
+    (:data:`PLANS_EDITS`: the scheme and whether it uses the non-zero mask)."""
+    if edit == "transposed CT":
+        return transposed_ct_plans(folder, target)
+    shutil.copytree(folder, target)
+    plans = json.loads((target / "plans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    scheme, mask = PLANS_EDITS[edit]
+    config["normalization_schemes"], config["use_mask_for_norm"] = [scheme], [mask]
+    (target / "plans.json").write_text(json.dumps(plans))
+    return target
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_medadv_predicts_what_nnunet_predicts(tmp_path, case):
-    geometry, folds, mirroring, edited, margins = CASES[case]
-    folder = transposed_ct_plans(MODEL, tmp_path / "model") if edited else MODEL
-    path = store(geometry, tmp_path / "case_0000.nii.gz", margins=margins)
+    geometry, folds, mirroring, edit, margins, crop = CASES[case]
+    folder = edited_plans(MODEL, tmp_path / "model", edit) if edit else MODEL
+    path = store(geometry, tmp_path / "case_0000.nii.gz", crop, margins)
     assert np.linalg.det(nib.load(str(path)).affine[:3, :3]) > 0  # right-handed: Slicer keeps the file's order
     labels, expected = nnunet_prediction(folder, path, folds, mirroring)
     model = load_model(folder, folds=folds, mirroring=mirroring)
