@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import InputError
 from .networks.models import BUILTIN_MODELS, DESCRIPTION_FILE, MODELS_DIR, describe, load_model
+from .networks.windowed import WindowKeeper
 from .scene.nodes import labels_from_node, node_ids, remove_nodes_added_since, volume_from_node
 from .report import write_classification_report, write_report
 from .scene.results import RUN_FILE, StagedOutput, add_result_nodes, check_png, write_result_files, write_run_file
@@ -23,7 +24,7 @@ def run_on_nodes(slicer_scene, volume_node, model, probe, strengths, reference_n
     nodes; on failure or cancel no new node is left."""
     volume = volume_from_node(volume_node)
     reference = labels_from_node(reference_node, volume) if reference_node is not None else None
-    model.file_ijk_to_ras = nifti_voxel_to_ras(node_file(volume_node))  # as medadv run does with the same file
+    use_file_matrix(model, nifti_voxel_to_ras(node_file(volume_node)))  # as medadv run does with the same file
     with model.on_grid(volume):  # the volume's spacing: the model resamples to its own and back
         for line in describe(model, volume).lines():  # detects an undeclared output activation, reports it
             if progress:
@@ -79,6 +80,8 @@ def run_on_files(volume_path, model_source, probe, strengths, out_dir, reference
                 raise InputError("--label gives a classifier's true class; {} is a segmentation network: give its "
                                  "reference segmentation with --reference".format(model.description.name))
             result = run_sweep(model, volume, probe, strengths, reference, progress, region=region)
+        if model.gradient_report and progress:
+            progress(1.0, WindowKeeper.line(model.gradient_report))
         add_nodes_or_nothing(slicer_scene, result, unstable_at)
         if model.task == "classification":
             write_classification_files(result, staging)
@@ -122,7 +125,9 @@ def run_record(probe, strengths, files, model, model_source, model_report, comma
                        "output_activation": output_activation, "activation": str(model.activation),
                        "device": str(model.device), "amp": bool(model.amp), "trust_checkpoint": bool(trust_checkpoint),
                        "folds": getattr(model, "fold_names", None),  # the nnU-Net folds ensembled
-                       "mirroring": bool(mirroring), "skip_untwinned": bool(skip_untwinned)},
+                       "mirroring": bool(mirroring), "skip_untwinned": bool(skip_untwinned),
+                       "memory_budget": model.memory_budget,  # bytes as set; None: half the available memory
+                       "windowed_gradient": model.gradient_report},  # the last gradient's mode, None if unwindowed
                       **files["model"]),
         "model_report": list(model_report),
         "versions": versions(),
@@ -184,6 +189,14 @@ def nifti_voxel_to_ras(path):
         return None
     import nibabel
     return np.asarray(nibabel.load(str(path)).affine, dtype=np.float64)
+
+
+def use_file_matrix(model, matrix):
+    """Give ``model`` the volume file's matrix (:func:`nifti_voxel_to_ras`; None: none) in the module and bench,
+    except an nnU-Net model: there it predicts the volume as Slicer loaded it, as SlicerNNUNet does (it writes the
+    loaded node to a file and predicts that)."""
+    from .networks.nnunet import NNUNetModel
+    model.file_ijk_to_ras = None if isinstance(model, NNUNetModel) else matrix
 
 
 def region_mask(region_map, region_labels=None):

@@ -88,6 +88,12 @@ def stored(t1_crop, geometry, path):
     return path
 
 
+# a model-zoo bundle's post-processing: softmax, then Invertd back to the file's grid (linear)
+SOFTMAX_INVERTD = [{"_target_": "Activationsd", "softmax": True},
+                   {"_target_": "Invertd", "transform": "@preprocessing", "orig_keys": "image", "nearest_interp": False,
+                    "to_tensor": True}]
+
+
 def write_bundle(root, network, network_args, transforms, roi_size, postprocessing, labels):
     """A MONAI bundle as the model zoo lays them out (inference config, metadata with label names, weights): a UNet
     of ``network_args``, loading and RAS orientation followed by ``transforms`` (on ``image``), a Gaussian sliding

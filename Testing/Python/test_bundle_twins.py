@@ -14,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.networks.nets import UNet
 
-from conftest import GEOMETRIES, rotation, stored, write_bundle
+from conftest import GEOMETRIES, SOFTMAX_INVERTD, rotation, stored, write_bundle
 from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.bundles import _twin, load_bundle, transform_name
 from MedAdvRobustnessLib.networks.models import ModelDescription, describe, load_model
@@ -391,11 +391,6 @@ def test_skip_untwinned_loads_a_bundle_without_the_transforms_that_have_no_twin(
         load_bundle(root, skip_untwinned=True)
 
 
-POSTPROCESSING_HEAD = [{"_target_": "Activationsd", "softmax": True},
-                       {"_target_": "Invertd", "transform": "@preprocessing", "orig_keys": "image",
-                        "nearest_interp": False, "to_tensor": True}]
-
-
 @pytest.mark.parametrize("tail, refused", [
     ([{"_target_": "AsDiscreted", "argmax": True}, {"_target_": "SaveImaged", "output_dir": "out"}], None),
     ([{"_target_": "AsDiscreted", "argmax": True}, {"_target_": "KeepLargestConnectedComponentd",
@@ -409,7 +404,7 @@ def test_postprocessing_that_changes_the_labels_is_refused_by_name(tmp_path, tai
     torch.manual_seed(0)
     transforms = [{"_target_": "Orientationd", "axcodes": "RAS"}, {"_target_": "NormalizeIntensityd"}]
     root = write_bundle(tmp_path / "bundle", UNet(**UNET).eval(), UNET, transforms, (16, 16, 16),
-                        POSTPROCESSING_HEAD + tail, LABELS)
+                        SOFTMAX_INVERTD + tail, LABELS)
     if refused is None:
         assert load_model(root).load_notes == []
         return

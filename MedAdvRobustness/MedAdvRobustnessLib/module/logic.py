@@ -184,6 +184,7 @@ class RunInputs:
     activation: Optional[str]
     trust_checkpoint: bool
     device: str
+    file_ijk_to_ras: Optional[np.ndarray] = None  # the volume file's matrix as nibabel reads it (NIfTI), if any
 
 
 def read_inputs(slicer_scene, settings):
@@ -213,7 +214,13 @@ def read_inputs(slicer_scene, settings):
                              "region".format(probe.name))
     return RunInputs(volume, reference, segments, region, probe, strengths, true_class(settings),
                      network_source(settings), output_activation(settings), bool(settings.trustCheckpoint),
-                     settings.device.strip() or "cpu")
+                     settings.device.strip() or "cpu", volume_file_matrix(settings.inputVolume))
+
+
+def volume_file_matrix(volume_node):
+    """The matrix of the file the node was read from, as ``medadv run`` and the frameworks read it (or None)."""
+    from ..pipeline import nifti_voxel_to_ras, node_file
+    return nifti_voxel_to_ras(node_file(volume_node))
 
 
 def true_class(settings):
@@ -276,9 +283,11 @@ def compute(inputs, progress=None, is_cancelled=None):
     """Load the network and run the sweep (no scene access: runs in the worker process)."""
     from ..networks.models import describe, load_model
     from ..evaluation.sweep import run_sweep
+    from ..pipeline import use_file_matrix
 
     model = load_model(inputs.source, inputs.activation, trust_checkpoint=inputs.trust_checkpoint,
                        device=inputs.device)
+    use_file_matrix(model, inputs.file_ijk_to_ras)
     with model.on_grid(inputs.volume):
         report = describe(model, inputs.volume)
         for line in report.lines():

@@ -200,6 +200,13 @@ def load_case(case):
     return volume, reference
 
 
+def case_file_matrix(case):
+    """The matrix of a case's volume file as the frameworks read it (:func:`~..pipeline.nifti_voxel_to_ras`); None
+    for a held-out case or slice (made, not read) or a file that is not NIfTI."""
+    from ..pipeline import nifti_voxel_to_ras
+    return nifti_voxel_to_ras(case.get("volume"))
+
+
 def heldout_volume(index):
     """The sample deformed elastically, rotated and given a bias field (:data:`HELDOUT_RECIPE`, seed
     ``HELDOUT_SEED + index``), its labels moved with it: a (Volume, labels) pair training never saw. Made on one

@@ -20,7 +20,7 @@ from ..evaluation.records import ClassificationResult
 from ..evaluation.sweep import network_task, run_sweep
 from ..networks.models import TRUST_HINT, load_model, network_input_error
 from ..probes.attacks import AttackCancelled
-from .cases import check_one_task, heldout_slice_volume, heldout_volume, is_class_case, load_case
+from .cases import case_file_matrix, check_one_task, heldout_slice_volume, heldout_volume, is_class_case, load_case
 from .definition import study_probe
 from .fragility import cell_arrays
 from .outputs import versions
@@ -94,11 +94,13 @@ def compute_cell(task, is_cancelled=None):
     ``arrays``: what the fragility needs of its predictions (:func:`~.fragility.cell_arrays`).
     ``is_cancelled()`` (this process only) stops it at its next iteration with AttackCancelled; any other error
     says which cell failed."""
+    from ..pipeline import use_file_matrix
     start = time.time()
     try:
         with _torch_threads(max(1, int(task.get("threads", 1)))):  # the same arithmetic in every worker
             model = _cached_model(task["network"], task.get("device", "cpu"))
             volume, reference = _cached_case(task["case"])
+            use_file_matrix(model, case_file_matrix(task["case"]))  # the case's file, as medadv run reads it
             with model.on_grid(volume):
                 _check_network_kind(model, volume, task)
                 result = run_sweep(model, volume, study_probe(task["probe"]), [task["strength"]], reference,

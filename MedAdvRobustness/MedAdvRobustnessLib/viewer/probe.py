@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..networks.models import BUILTIN_MODELS
-from ..module.logic import ProbeSettings, RunInputs, WorkerRun, compute, probe_from_settings
+from ..module.logic import ProbeSettings, RunInputs, WorkerRun, compute, probe_from_settings, volume_file_matrix
 from ..scene.nodes import labels_from_node, volume_from_node
 
 DEFAULT_EPSILONS, DEFAULT_SEVERITIES = "0.01 0.02", "1 3 5"
@@ -57,7 +57,8 @@ class PageProbe(WorkerRun):
                                                              severities=strengths_text))
         volume = volume_from_node(run.volume)
         self.inputs = RunInputs(volume, scene_reference(slicer_scene.scene, volume), None, None, probe, strengths,
-                                true_class_of(run), model_source, None, False, "cpu")
+                                true_class_of(run), model_source, None, False, "cpu",
+                                volume_file_matrix(run.volume))
         super().__init__()
 
     def job(self):
