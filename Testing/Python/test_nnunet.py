@@ -5,6 +5,7 @@ volumes are crops of the MNI152 T1 stored in other voxel orders, spacings and ob
 the file with SimpleITK, medadv the volume Slicer loaded from it.
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from conftest import MEDADV, T1, rotation
+from MedAdvRobustnessLib.errors import InputError
 from MedAdvRobustnessLib.networks.models import UnsafeCheckpoint, describe, load_model
 from MedAdvRobustnessLib.networks.nnunet import NNUNetError
 from MedAdvRobustnessLib.scene.nodes import volume_from_node
@@ -263,6 +265,24 @@ def test_medadv_run_takes_an_nnunet_folder_with_folds_and_mirroring_off(tmp_path
                               "--attack", "fgsm", "--epsilon", "0.02", "--out", str(tmp_path / "other")], capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         "medadv: error: {}: no checkpoint_final.pth for fold(s) 3 (folds with one: 0, 1)".format(MODEL)]
+
+
+def test_a_bench_network_entry_chooses_folds_and_mirroring():
+    """A study's network entry takes load_model's options (folds, mirroring, skip_untwinned, trust_checkpoint):
+    left out at their defaults (the cell keys stay), passed to the model, and of the wrong type one line."""
+    from MedAdvRobustnessLib.study import cells
+    from MedAdvRobustnessLib.study.definition import _network
+    plain = _network({"name": "tiny", "source": str(MODEL), "mirroring": True})
+    assert set(plain) == {"name", "source", "hash"}
+    chosen = _network({"name": "tiny", "source": str(MODEL), "folds": [1], "mirroring": False})
+    assert chosen == dict(plain, folds=[1], mirroring=False)
+    model = cells._cached_model(chosen)
+    assert model.fold_names == ["1"] and any("mirroring off; folds 1" in step for step in model.pipeline_steps())
+    assert cells._model_key(chosen) != cells._model_key(plain)
+    for entry, message in (({"folds": "0"}, "folds must be a non-empty list"), ({"mirroring": "no"},
+                           "mirroring must be true or false"), ({"fold": [0]}, "unknown key(s) fold")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            _network(dict({"name": "tiny", "source": str(MODEL)}, **entry))
 
 
 def test_the_module_and_bench_take_the_nnunet_folder(tmp_path, slicer_scene):

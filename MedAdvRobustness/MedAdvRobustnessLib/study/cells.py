@@ -21,7 +21,7 @@ from ..evaluation.sweep import network_task, run_sweep
 from ..networks.models import TRUST_HINT, load_model, network_input_error
 from ..probes.attacks import AttackCancelled
 from .cases import case_file_matrix, check_one_task, heldout_slice_volume, heldout_volume, is_class_case, load_case
-from .definition import study_probe
+from .definition import LOAD_OPTIONS, study_probe
 from .fragility import cell_arrays
 from .outputs import versions
 
@@ -228,13 +228,16 @@ def _cached_model(network, device="cpu"):
     models, key = _cache("models"), _model_key(network) + (device,)
     if key not in models:
         models.clear()
-        models[key] = load_model(network["source"], trust_checkpoint=bool(network.get("trust_checkpoint")),
-                                 device=device)
+        options = {key: network.get(key, default) for key, default in LOAD_OPTIONS.items()}
+        if options["folds"] is not None:
+            options["folds"] = [str(fold) for fold in options["folds"]]
+        models[key] = load_model(network["source"], device=device, **options)
     return models[key]
 
 
 def _model_key(network):
-    return network["source"], network["hash"], bool(network.get("trust_checkpoint"))
+    return (network["source"], network["hash"]) + tuple(json.dumps(network.get(key, default))
+                                                        for key, default in LOAD_OPTIONS.items())
 
 
 def _cached_case(case):

@@ -116,21 +116,27 @@ def _non_empty(study, key):
     return items
 
 
-NETWORK_KEYS = ("name", "source", "trust_checkpoint")
+# load_model's options a network entry may set, with their defaults (left out of the entry, and so of the cell
+# keys, where they are the default)
+LOAD_OPTIONS = {"trust_checkpoint": False, "folds": None, "mirroring": True, "skip_untwinned": False}
+NETWORK_KEYS = ("name", "source") + tuple(LOAD_OPTIONS)
 
 
 def _network(item):
-    """``{"name", "source", "hash"}`` of a built-in name, a model folder or file (name: the folder's), with
-    ``"trust_checkpoint": true`` where the study trusts its checkpoint (see :func:`~.models.load_checkpoint`)."""
-    trust = False
+    """``{"name", "source", "hash"}`` of a built-in name, a model folder or file (name: the folder's), with the
+    :data:`LOAD_OPTIONS` the entry sets to other than their default: ``"trust_checkpoint": true`` where the study
+    trusts its checkpoint (see :func:`~.models.load_checkpoint`), an nnU-Net model's ``"folds"`` (a list) and
+    ``"mirroring": false``, a bundle's ``"skip_untwinned": true``."""
+    options = {}
     if isinstance(item, dict):
-        name, source, trust = item.get("name"), item.get("source"), item.get("trust_checkpoint", False)
+        name, source = item.get("name"), item.get("source")
         unknown = sorted(set(item) - set(NETWORK_KEYS))
-        if unknown or not isinstance(trust, bool):
-            raise InputError("study: network {!r}: {}; a network is {{\"name\": ..., \"source\": ..., "
-                             "\"trust_checkpoint\": true or false}}".format(
-                                 name or source, "unknown key(s) " + ", ".join(unknown) if unknown else
-                                 "trust_checkpoint must be true or false"))
+        if unknown:
+            raise InputError("study: network {!r}: unknown key(s) {}; a network is {{\"name\": ..., \"source\": "
+                             "..., and optionally {}}}".format(name or source, ", ".join(unknown),
+                                                              ", ".join(LOAD_OPTIONS)))
+        options = {key: item[key] for key in LOAD_OPTIONS if key in item and item[key] != LOAD_OPTIONS[key]}
+        _check_load_options(name or source, options)
     else:
         name, source = None, item
     if not source:
@@ -147,7 +153,20 @@ def _network(item):
         source = str(path.resolve())
     network = {"name": str(name or Path(source).name.replace(".json", "")), "source": source,
                "hash": hash_files(files)}
-    return dict(network, trust_checkpoint=True) if trust else network  # absent when false: the cell keys stay
+    return dict(network, **options)  # the defaults absent: the cell keys of studies without them stay
+
+
+def _check_load_options(name, options):
+    """One line for a load option of the wrong type."""
+    for key in ("trust_checkpoint", "mirroring", "skip_untwinned"):
+        if key in options and not isinstance(options[key], bool):
+            raise InputError("study: network {!r}: {} must be true or false".format(name, key))
+    folds = options.get("folds")
+    if folds is not None and (not isinstance(folds, list) or not folds
+                              or not all(isinstance(fold, (str, int)) and not isinstance(fold, bool)
+                                         for fold in folds)):
+        raise InputError("study: network {!r}: folds must be a non-empty list of fold names (\"folds\": [0, 1])".format(
+            name))
 
 
 def _model_files(path):
