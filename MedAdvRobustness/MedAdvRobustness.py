@@ -123,6 +123,9 @@ class MedAdvRobustnessParameterNode:
     networkPath: str = ""
     outputActivation: Annotated[str, Choice(OUTPUT_ACTIVATIONS)] = "auto"
     trustCheckpoint: bool = False
+    networkFolds: str = ""
+    testTimeMirroring: bool = True
+    skipUntwinned: bool = False
     probe: str = "pgd"
     probeParameters: str = "{}"
     epsilons: str = "0.005 0.01 0.02"
@@ -277,6 +280,9 @@ class MedAdvRobustnessWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.networkPathLineEdit, self.ui.networkBrowseButton, self.ui.networkPathLabel,
                        self.ui.trustCheckpointCheckBox):
             widget.visible = not builtin
+        for widget, kind in ((self.ui.networkFoldsLineEdit, "nnunet"), (self.ui.networkFoldsLabel, "nnunet"),
+                             (self.ui.testTimeMirroringCheckBox, "nnunet"), (self.ui.skipUntwinnedCheckBox, "bundle")):
+            widget.visible = parameters.networkKind == kind
         self._updateCompareForm()
         self._updateProbeForm()
         self._updateButtons()

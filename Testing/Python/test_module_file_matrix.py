@@ -72,12 +72,15 @@ def test_bench_cell_predicts_the_labels_monai_predicts_on_an_oblique_file(tie_ca
     assert share >= 0.999
 
 
-def test_module_gives_an_nnunet_model_no_file_matrix(tie_case, monkeypatch):
+def test_module_gives_an_nnunet_model_no_file_matrix_and_its_folds_and_mirroring(tie_case, monkeypatch):
     """SlicerNNUNet predicts the loaded node (written to a file): the module attacks the volume as Slicer loaded
-    it. The worker is stopped at the model's first run, to look at the model it got."""
+    it, with the folds and mirroring chosen. The worker is stopped at the model's first run, to look at the model
+    it got."""
     _, path, _ = tie_case
-    inputs = module_inputs(path, networkKind="nnunet", networkPath=str(NNUNET))
+    inputs = module_inputs(path, networkKind="nnunet", networkPath=str(NNUNET), networkFolds="1, 0",
+                           testTimeMirroring=False, skipUntwinned=True)
     assert inputs.file_ijk_to_ras is not None  # the file's matrix is read, and left out for nnU-Net
+    assert inputs.load_options == {"folds": ["1", "0"], "mirroring": False}  # a bundle's option not passed
 
     class FirstRun(Exception):
         pass
@@ -89,3 +92,11 @@ def test_module_gives_an_nnunet_model_no_file_matrix(tie_case, monkeypatch):
         module_logic.compute(inputs)
     model = stopped.value.args[0]
     assert isinstance(model, NNUNetModel) and model.file_ijk_to_ras is None
+    assert model.fold_names == ["1", "0"] and any("mirroring off" in step for step in model.pipeline_steps())
+
+
+def test_the_module_passes_skip_untwinned_to_a_bundle(tie_case):
+    root, path, _ = tie_case
+    assert module_inputs(path, networkKind="bundle", networkPath=str(root), skipUntwinned=True,
+                         networkFolds="3").load_options == {"skip_untwinned": True}
+    assert module_inputs(path, networkKind="bundle", networkPath=str(root)).load_options == {"skip_untwinned": False}

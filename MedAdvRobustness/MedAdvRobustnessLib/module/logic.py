@@ -41,6 +41,9 @@ class ProbeSettings:
     networkPath: str = ""
     outputActivation: str = "auto"
     trustCheckpoint: bool = False
+    networkFolds: str = ""  # nnU-Net: the folds to ensemble ("0 1"); empty: every fold with a checkpoint
+    testTimeMirroring: bool = True  # nnU-Net's test-time mirroring (its default: on)
+    skipUntwinned: bool = False  # a bundle's transforms without a twin left out (reported) instead of refused
     probe: str = "pgd"
     probeParameters: str = "{}"  # JSON: {probe: {parameter: value text}}; missing: the library default
     epsilons: str = "0.005 0.01 0.02"
@@ -185,6 +188,7 @@ class RunInputs:
     trust_checkpoint: bool
     device: str
     file_ijk_to_ras: Optional[np.ndarray] = None  # the volume file's matrix as nibabel reads it (NIfTI), if any
+    load_options: dict = field(default_factory=dict)  # load_model's folds, mirroring and skip_untwinned
 
 
 def read_inputs(slicer_scene, settings):
@@ -214,7 +218,20 @@ def read_inputs(slicer_scene, settings):
                              "region".format(probe.name))
     return RunInputs(volume, reference, segments, region, probe, strengths, true_class(settings),
                      network_source(settings), output_activation(settings), bool(settings.trustCheckpoint),
-                     settings.device.strip() or "cpu", volume_file_matrix(settings.inputVolume))
+                     settings.device.strip() or "cpu", volume_file_matrix(settings.inputVolume),
+                     load_options(settings))
+
+
+def load_options(settings):
+    """``load_model``'s options of the network kind, as ``--folds``, ``--no-mirroring`` and ``--skip-untwinned``
+    give them: an nnU-Net folder's folds (names separated by spaces or commas; empty: every fold) and mirroring, a
+    bundle's skip_untwinned (the widget shows each for its kind only)."""
+    if settings.networkKind == "nnunet":
+        folds = settings.networkFolds.replace(",", " ").split()
+        return {"folds": folds or None, "mirroring": bool(settings.testTimeMirroring)}
+    if settings.networkKind == "bundle":
+        return {"skip_untwinned": bool(settings.skipUntwinned)}
+    return {}
 
 
 def volume_file_matrix(volume_node):
@@ -286,7 +303,7 @@ def compute(inputs, progress=None, is_cancelled=None):
     from ..pipeline import use_file_matrix
 
     model = load_model(inputs.source, inputs.activation, trust_checkpoint=inputs.trust_checkpoint,
-                       device=inputs.device)
+                       device=inputs.device, **inputs.load_options)
     use_file_matrix(model, inputs.file_ijk_to_ras)
     with model.on_grid(inputs.volume):
         report = describe(model, inputs.volume)
