@@ -167,9 +167,6 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
                          "(reproduced are Activations, Invert, AsDiscrete by argmax or at threshold 0.5, and loading, "
                          "type and saving transforms); skip_untwinned=True (--skip-untwinned) predicts without "
                          "it".format(where, ", ".join(dropped)))
-    if dropped:
-        notes.append("postprocessing transform{} {} skipped (not reproduced; skip_untwinned): the labels may differ "
-                     "from the bundle's".format("s" if len(dropped) > 1 else "", ", ".join(dropped)))
     description.output_activation = activation
     description.labels = _labels(outputs_format, activation, where)
     description.task = _task(outputs_format.get(reader.output_key))
@@ -179,8 +176,11 @@ def _load_root(root, trust_checkpoint, where, skip_untwinned=False):
         description.notes += "; without its preprocessing transform{} {} (no twin, skipped)".format(
             "s" if len(skipped) > 1 else "", ", ".join(skipped))
     if dropped:
+        plural, listed = "s" if len(dropped) > 1 else "", ", ".join(dropped)
+        notes.append("postprocessing transform{} {} skipped (not reproduced; skip_untwinned): the labels may differ "
+                     "from the bundle's".format(plural, listed))
         description.notes += "; without its postprocessing transform{} {} (not reproduced, skipped)".format(
-            "s" if len(dropped) > 1 else "", ", ".join(dropped))
+            plural, listed)
     description.steps()  # every step can run (InputError naming it otherwise)
     model = SegmentationModel(network, description, source="MONAI bundle {}".format(where))
     model.load_notes = notes
